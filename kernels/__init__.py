@@ -1,0 +1,5 @@
+"""Triton kernels of onelayer, importable only as ``onelayer.kernels``."""
+if __name__ != "onelayer.kernels":
+    # Imported as a top-level `kernels` (repo root on sys.path): behave as if absent, so the
+    # probes of transformers/bitsandbytes for the PyPI `kernels` package see nothing.
+    raise ImportError("kernels/ is onelayer.kernels; there is no top-level `kernels` module here")
