@@ -1,0 +1,91 @@
+"""Token log-probs through a frozen lm_head without building the [T, V] logits.
+
+`chunked_logprobs` is the torch reference (CPU path, oracle of the Triton kernel
+`onelayer.kernels.fused_linear_logprobs`): it walks the tokens a chunk at a time, so only one
+chunk's [C, V] logits are alive, and its backward gives the gradient w.r.t. the hidden states
+only (lm_head is frozen in onelayer: no [V, H] weight gradient is ever allocated).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+# Default chunk: keep one chunk's fp32 logits [C, V] under 32 MiB, C = 32 MiB / (4 B * V).
+#   Qwen3 (V = 151,936):   C = 33,554,432 / 607,744 = 55 tokens
+#   Llama-2 (V = 32,000):  C = 262 tokens;   V = 32,768: C = 256 tokens
+# Peak extra memory is about two such buffers (logits + the exp() temporary of logsumexp in
+# forward; logits turned in place into their gradient in backward), so ~64 MiB whatever T is,
+# against T * V * 4 B for full logits (4096 x 151,936 fp32 = 2.3 GiB). A 55 x 4096 x 151,936
+# matmul is still ~68 GFLOP, large enough to keep a GPU or a CPU's BLAS busy.
+LOGITS_CHUNK_BYTES = 32 * 2**20
+
+
+def default_chunk_size(vocab_size: int) -> int:
+    return max(1, LOGITS_CHUNK_BYTES // (4 * vocab_size))
+
+
+def _chunk_logits(h: Tensor, weight: Tensor, bias: Tensor | None, temperature: float) -> Tensor:
+    """fp32 [C, V] logits / temperature; matmul in the hidden dtype."""
+    z = h @ weight.T if bias is None else torch.addmm(bias, h, weight.T)
+    z = z.float()
+    if temperature != 1.0:
+        z.div_(temperature)
+    return z
+
+
+class _ChunkedLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor,
+                temperature: float, chunk: int) -> Tensor:
+        t = hidden.shape[0]
+        logp = torch.empty(t, dtype=torch.float32, device=hidden.device)
+        lse = torch.empty(t, dtype=torch.float32, device=hidden.device)
+        for s in range(0, t, chunk):
+            z = _chunk_logits(hidden[s:s + chunk], weight, bias, temperature)  # [C, V] fp32
+            lse[s:s + chunk] = torch.logsumexp(z, dim=-1)
+            logp[s:s + chunk] = z.gather(1, targets[s:s + chunk, None]).squeeze(1) - lse[s:s + chunk]
+            del z
+        if ctx.needs_input_grad[0]:
+            ctx.save_for_backward(hidden, weight, bias, targets, lse)
+        ctx.temperature, ctx.chunk = temperature, chunk
+        return logp
+
+    @staticmethod
+    def backward(ctx, grad_logp: Tensor):
+        # d logp_t / d z_tv = onehot(y_t) - p_tv with z = (h W^T + b) / temperature, so
+        # d logp_t / d h_t = sum_v g_t (onehot - p)_v W_v / temperature.
+        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        temperature, chunk = ctx.temperature, ctx.chunk
+        grad_hidden = torch.empty_like(hidden)
+        g = grad_logp.float() / temperature
+        for s in range(0, hidden.shape[0], chunk):
+            e = min(s + chunk, hidden.shape[0])
+            z = _chunk_logits(hidden[s:e], weight, bias, temperature)           # [C, V] fp32
+            gz = z.sub_(lse[s:e, None]).exp_().neg_()                           # -p, in place
+            rows = torch.arange(e - s, device=z.device)
+            gz[rows, targets[s:e]] += 1.0                                        # onehot - p
+            gz.mul_(g[s:e, None])
+            grad_hidden[s:e] = gz.to(hidden.dtype) @ weight
+            del z, gz
+        return grad_hidden, None, None, None, None, None
+
+
+def chunked_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, bias: Tensor | None = None, *,
+                     temperature: float = 1.0, chunk_size: int | None = None) -> Tensor:
+    """log softmax((hidden @ weight.T + bias) / temperature)[targets], float32 [T].
+
+    hidden [T, H] (any float dtype; the matmul runs in it), weight [V, H] frozen lm_head,
+    targets [T] int64, bias [V] or None. Gradient flows to `hidden` only. chunk_size: tokens
+    per chunk (default: `default_chunk_size(V)`, see LOGITS_CHUNK_BYTES).
+    """
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"hidden {tuple(hidden.shape)} and weight {tuple(weight.shape)} must be [T, H] and [V, H]")
+    if targets.shape != hidden.shape[:1]:
+        raise ValueError(f"targets {tuple(targets.shape)} must be [T] with T = {hidden.shape[0]}")
+    if weight.dtype != hidden.dtype:
+        weight = weight.to(hidden.dtype)  # a [V, H] copy: pass matching dtypes to avoid it
+    if bias is not None and bias.dtype != hidden.dtype:
+        bias = bias.to(hidden.dtype)
+    chunk = chunk_size or default_chunk_size(weight.shape[0])
+    return _ChunkedLogprobs.apply(hidden, weight.detach(), None if bias is None else bias.detach(),
+                                  targets.long(), float(temperature), int(chunk))

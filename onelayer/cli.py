@@ -1,0 +1,103 @@
+"""The `onelayer` command: parse, build the run config, call the library."""
+from __future__ import annotations
+
+import sys
+
+import click
+
+from .errors import UserError
+
+# Options of `train`, mirrored one to one by the keys of a --config file (dashes or underscores).
+# Every default is None here, so that only what the user typed overrides the file and presets.
+TRAIN_OPTIONS = [
+    ("--model", str, "Hub id (Qwen/Qwen3-8B), local model directory, or 'demo': the packaged "
+                     "tiny arithmetic model. [default: demo]"),
+    ("--layer", str, "Layer to train: an index (negative counts from the end), 'mid' "
+                     "(floor(N/2 - 1/2)) or 'auto' (~44% of depth, where the paper's best "
+                     "layers sit). [default: mid]"),
+    ("--task", str, "Built-in task name or a dataset file. [default: arithmetic]"),
+    ("--algo", click.Choice(["grpo", "dr_grpo"]), "Algorithm preset: advantage estimator + loss "
+                     "aggregation. [default: grpo]"),
+    ("--steps", int, "RL steps (each: sample, score, update). [default: 200; demo 60]"),
+    ("--prompts-per-step", int, "Prompts per step. [default: 8; demo 16]"),
+    ("--group-size", int, "Completions per prompt, G (>= 2). [default: 8]"),
+    ("--lr", float, "AdamW learning rate of the trained layer. [default: 5e-6, the paper's; "
+                    "demo 2e-3]"),
+    ("--weight-decay", float, "AdamW weight decay. [default: 0]"),
+    ("--max-grad-norm", float, "Clip the layer's gradient to this L2 norm. [default: 1]"),
+    ("--beta", float, "Weight of the k3 KL to the original layer; 0 skips the reference pass. "
+                      "[default: 0]"),
+    ("--eps-low", float, "Lower clip range: ratio >= 1 - eps_low. [default: 0.2]"),
+    ("--eps-high", float, "Upper clip range: ratio <= 1 + eps_high (DAPO clip-higher: 0.28). "
+                          "[default: 0.2]"),
+    ("--loss-agg", click.Choice(["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"]),
+     "Loss aggregation. [default: the algorithm's: grpo seq-mean-token-mean, dr_grpo "
+     "seq-mean-token-sum-norm]"),
+    ("--max-new-tokens", int, "Longest completion. [default: 512; demo 8]"),
+    ("--temperature", float, "Sampling temperature; log-probs use logits / temperature. [default: 1]"),
+    ("--top-p", float, "Nucleus sampling threshold. [default: 1, off]"),
+    ("--top-k", int, "Top-k sampling; 0 is off. [default: 0]"),
+    ("--epochs", int, "PPO epochs over each rollout batch. [default: 1]"),
+    ("--minibatch", int, "Sequences per optimizer step; 0 = the whole batch. [default: 0]"),
+    ("--seed", int, "Seed of prompts, sampling and initialisation. [default: 0]"),
+    ("--frozen-dtype", click.Choice(["nf4", "bf16", "fp32"]), "Storage of the frozen blocks. "
+                     "[default: nf4 on GPU, fp32 on CPU]"),
+    ("--device", str, "cpu, cuda, cuda:1 ... [default: cuda when available]"),
+    ("--attn", click.Choice(["sdpa", "flash_attention_2"]), "Attention kernel; flash-attn is "
+                     "used when installed and on CUDA, torch SDPA otherwise. [default: sdpa]"),
+    ("--loss-impl", click.Choice(["auto", "torch", "triton"]), "Policy-loss implementation: "
+                     "auto = Triton on CUDA, torch elsewhere. [default: auto]"),
+    ("--eval-samples", int, "Held-out problems scored greedily before and after. [default: 256]"),
+    ("--eval-every", int, "Also score held-out accuracy every N steps; 0 = only before/after."),
+    ("--output", str, "Directory for the trained layer, its run config, metrics and reward "
+                      "plot. [default: runs/MODEL-LLAYER-TIME]"),
+    ("--metrics", str, "JSONL file with one metrics object per step. [default: OUTPUT/metrics.jsonl]"),
+]
+
+
+def _with_train_options(command):
+    for flag, kind, text in reversed(TRAIN_OPTIONS):
+        command = click.option(flag, type=kind, default=None, help=text)(command)
+    return command
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def cli():
+    """onelayer: RL post-training (GRPO) of a single transformer layer.
+
+    Run `onelayer train` with no arguments for the built-in demo: a tiny model learning
+    arithmetic on the CPU in a few minutes.
+    """
+
+
+@cli.command()
+@_with_train_options
+@click.option("--config", "config_file", type=click.Path(dir_okay=False),
+              help="TOML or YAML file whose keys mirror these options (CLI options win).")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def train(config_file, quiet, **options):
+    """Train one layer of a causal LM with GRPO; only that layer is saved.
+
+    Frozen blocks are stored in NF4 (GPU) and run without autograd before the trained
+    layer; the trained layer keeps fp32 master weights and AdamW state.
+    """
+    from .config import build_config
+    from .train import train as run
+
+    overrides = {k: v for k, v in options.items() if v is not None}
+    cfg = build_config(overrides, config_file)
+    run(cfg, progress=not quiet, echo=click.echo)
+
+
+def main(argv=None) -> None:
+    try:
+        cli.main(args=argv, prog_name="onelayer", standalone_mode=False)
+    except UserError as exc:
+        click.echo(f"onelayer: error: {exc}", err=True)
+        sys.exit(2)
+    except click.exceptions.Abort:
+        click.echo("onelayer: aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)

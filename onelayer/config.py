@@ -1,0 +1,150 @@
+"""The run configuration: one typed record, from defaults <- preset <- config file <- CLI."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+
+ALGOS = ("grpo", "dr_grpo")
+AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+
+
+@dataclass
+class TrainConfig:
+    """Defaults suit a real model (the paper's AdamW learning rate 5e-6, no KL, clip 0.2)."""
+    model: str = "demo"                # hub id, local directory, or "demo" (the packaged tiny model)
+    layer: str = "mid"                 # index, "mid" or "auto"
+    task: str = "arithmetic"
+    algo: str = "grpo"
+    steps: int = 200
+    prompts_per_step: int = 8
+    group_size: int = 8
+    lr: float = 5e-6
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    beta: float = 0.0
+    eps_low: float = 0.2
+    eps_high: float = 0.2
+    loss_agg: str | None = None        # None: the algorithm's own aggregation
+    max_new_tokens: int = 512
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0                     # 0: no top-k filtering
+    epochs: int = 1                    # PPO epochs over each rollout batch
+    minibatch: int = 0                 # sequences per optimizer step; 0: the whole batch
+    seed: int = 0
+    frozen_dtype: str | None = None    # None: nf4 on GPU, fp32 on CPU
+    device: str | None = None          # None: cuda when available
+    attn: str = "sdpa"
+    loss_impl: str = "auto"            # auto: Triton on CUDA, torch elsewhere
+    eval_samples: int = 256            # held-out problems scored greedily before and after
+    eval_every: int = 0                # also score every N steps (0: only before and after)
+    output: str | None = None          # directory for the trained layer, metrics and plot
+    metrics: str | None = None         # JSONL metrics file (default: OUTPUT/metrics.jsonl)
+
+    @property
+    def aggregation(self) -> str:
+        return self.loss_agg or ALGO_AGGREGATION[self.algo]
+
+
+ALGO_AGGREGATION = {"grpo": "seq-mean-token-mean", "dr_grpo": "seq-mean-token-sum-norm"}
+
+# The packaged demo is a 1.6M-parameter model on a 2-core CPU: larger steps, short answers.
+DEMO_PRESET = dict(steps=60, prompts_per_step=16, group_size=8, lr=2e-3, max_new_tokens=8,
+                   eval_samples=256)
+
+FIELDS = {f.name: f for f in fields(TrainConfig)}
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """Keys of a TOML or YAML file, normalised to field names (dashes become underscores)."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise UserError(f"cannot read config {path}: {exc.strerror}")
+    try:
+        if path.suffix == ".toml":
+            try:
+                import tomllib
+            except ImportError:  # Python 3.10
+                import tomli as tomllib
+            data = tomllib.loads(text)
+        elif path.suffix in (".yaml", ".yml"):
+            import yaml
+            data = yaml.safe_load(text) or {}
+        else:
+            raise UserError(f"config {path}: use a .toml, .yaml or .yml file")
+    except UserError:
+        raise
+    except Exception as exc:
+        raise UserError(f"config {path} is malformed: {str(exc).splitlines()[0]}")
+    if not isinstance(data, dict):
+        raise UserError(f"config {path}: expected a table of options at the top level")
+    return {k.replace("-", "_"): v for k, v in data.items()}
+
+
+def build_config(overrides: dict[str, Any], config_file: str | None = None) -> TrainConfig:
+    """defaults <- demo preset (when the model is the demo) <- config file <- explicit overrides."""
+    values = read_config_file(config_file) if config_file else {}
+    unknown = sorted(set(values) - set(FIELDS))
+    if unknown:
+        raise UserError(f"config {config_file}: unknown option {unknown[0]!r} "
+                        f"(known: {', '.join(FIELDS)})")
+    values.update(overrides)
+    if values.get("model", TrainConfig.model) == TrainConfig.model:
+        values = {**DEMO_PRESET, **values}
+    cfg = TrainConfig(**{k: _coerce(k, v) for k, v in values.items()})
+    validate(cfg)
+    return cfg
+
+
+def _coerce(name: str, value: Any) -> Any:
+    kind = FIELDS[name].type
+    if value is None:
+        return None
+    try:
+        if kind.startswith("int"):
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if kind.startswith("float"):
+            return float(value)
+        if kind.startswith("str"):
+            return str(value)
+    except (TypeError, ValueError):
+        pass
+    raise UserError(f"option {name}: expected {kind.split(' ')[0]}, got {value!r}")
+
+
+def validate(cfg: TrainConfig) -> None:
+    def need(ok: bool, message: str):
+        if not ok:
+            raise UserError(message)
+
+    need(cfg.algo in ALGOS, f"unknown --algo {cfg.algo!r} (choose {', '.join(ALGOS)})")
+    need(cfg.loss_agg in (None, *AGGREGATIONS),
+         f"unknown --loss-agg {cfg.loss_agg!r} (choose {', '.join(AGGREGATIONS)})")
+    need(cfg.group_size >= 2, f"--group-size must be at least 2 (got {cfg.group_size}): "
+         "group-relative advantages need several samples per prompt")
+    need(cfg.steps >= 0, "--steps must be >= 0")
+    need(cfg.prompts_per_step >= 1, "--prompts-per-step must be >= 1")
+    need(cfg.max_new_tokens >= 1, "--max-new-tokens must be >= 1")
+    need(cfg.epochs >= 1, "--epochs must be >= 1")
+    need(cfg.minibatch >= 0, "--minibatch must be >= 0")
+    need(cfg.lr > 0, "--lr must be positive")
+    need(cfg.beta >= 0, "--beta must be >= 0")
+    need(0 <= cfg.eps_low < 1 and cfg.eps_high >= 0, "--eps-low must be in [0, 1), --eps-high >= 0")
+    need(cfg.temperature > 0, "--temperature must be positive")
+    need(0 < cfg.top_p <= 1, "--top-p must be in (0, 1]")
+    need(cfg.top_k >= 0, "--top-k must be >= 0")
+    need(cfg.loss_impl in ("auto", "torch", "triton"), "--loss-impl must be auto, torch or triton")
+    need(cfg.eval_samples >= 0 and cfg.eval_every >= 0, "--eval-samples/--eval-every must be >= 0")
+
+
+def config_json(cfg: TrainConfig) -> str:
+    return json.dumps(dataclasses.asdict(cfg), indent=2)

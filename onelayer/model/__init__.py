@@ -1,0 +1,6 @@
+from .layer import TrainableLayer
+from .load import DEMO_MODEL, Policy, load_policy, resolve_layer, resolve_model_path
+from .split import Context, SplitModel
+
+__all__ = ["Context", "DEMO_MODEL", "Policy", "SplitModel", "TrainableLayer", "load_policy",
+           "resolve_layer", "resolve_model_path"]

@@ -1,0 +1,108 @@
+"""The prefix / layer / suffix split of a decoder-only causal LM at the trained layer L.
+
+    tokens -> embed -> [prefix 0..L-1] -> h_L -> [layer L] -> [suffix L+1..N-1] -> norm -> hidden
+                       frozen, run once    cached  trainable   frozen, checkpointed
+
+Nothing before L is trained, so h_L is fixed for a rollout batch: it is computed once under
+inference mode and reused by the old-log-prob pass, the reference pass and every PPO epoch.
+The blocks are the model's own Hugging Face modules, called one by one with the masks and
+rotary embeddings that the model's forward would have built.
+"""
+from __future__ import annotations
+
+from typing import Mapping, NamedTuple
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+from torch.utils.checkpoint import checkpoint
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+MASK_BUILDERS = {"full_attention": create_causal_mask,
+                 "sliding_attention": create_sliding_window_causal_mask}
+
+
+class Context(NamedTuple):
+    """What every block needs besides its input, for one batch of padded sequences."""
+    masks: dict            # attention type -> mask in the layout of the attention implementation
+    position_ids: Tensor   # [B, S] (left padding shifts positions; pads get 0)
+    rotary: tuple          # (cos, sin), each [B, S, head_dim]
+
+
+def layer_types(config) -> list[str]:
+    """Attention type of each block, as the model's own forward chooses it."""
+    if getattr(config, "layer_types", None):
+        return list(config.layer_types)
+    kind = "sliding_attention" if getattr(config, "sliding_window", None) else "full_attention"
+    return [kind] * config.num_hidden_layers
+
+
+class SplitModel:
+    """A causal LM split at `layer_index`; the blocks stay the model's own modules.
+
+    The trained block's parameters are passed in explicitly (``params``) when gradients must
+    reach the fp32 master weights, or when the reference weights are wanted; with
+    ``params=None`` the module's own (compute copy) weights are used.
+    """
+
+    def __init__(self, causal_lm: nn.Module, layer_index: int):
+        base = causal_lm.model
+        self.lm = causal_lm
+        self.config = causal_lm.config
+        self.layer_index = layer_index
+        self.embed = base.embed_tokens
+        self.blocks = base.layers
+        self.norm = base.norm
+        self.rotary_emb = base.rotary_emb
+        self.lm_head = causal_lm.lm_head
+        self.types = layer_types(self.config)
+
+    @property
+    def layer(self) -> nn.Module:
+        return self.blocks[self.layer_index]
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.blocks)
+
+    def context(self, attention_mask: Tensor, dtype: torch.dtype) -> Context:
+        """Masks, positions and rotary embeddings for a [B, S] padding mask (1 = real token)."""
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        probe = torch.empty(*attention_mask.shape, 1, dtype=dtype, device=attention_mask.device)
+        # The 4th argument is the KV cache (its keyword name changed across transformers 5.x).
+        masks = {kind: MASK_BUILDERS[kind](self.config, probe, attention_mask, None,
+                                           position_ids=position_ids)
+                 for kind in set(self.types)}
+        rotary = self.rotary_emb(probe, position_ids)
+        return Context(masks, position_ids, rotary)
+
+    def _block(self, i: int, h: Tensor, ctx: Context, params: Mapping[str, Tensor] | None = None):
+        kwargs = dict(attention_mask=ctx.masks[self.types[i]], position_ids=ctx.position_ids,
+                      position_embeddings=ctx.rotary)
+        if params is None:
+            return self.blocks[i](h, **kwargs)
+        return functional_call(self.blocks[i], dict(params), (h,), kwargs, strict=False)
+
+    def prefix(self, input_ids: Tensor, ctx: Context) -> Tensor:
+        """h_L: the input of layer L. Runs under inference mode: nothing is kept for backward."""
+        with torch.inference_mode():
+            h = self.embed(input_ids)
+            for i in range(self.layer_index):
+                h = self._block(i, h, ctx)
+        # Inference tensors cannot be saved for a later backward; one copy makes h_L an ordinary
+        # tensor that layer L may save ([B, S, H] in the compute dtype: 64 MiB at 8 x 1024 x 4096).
+        return h.clone()
+
+    def from_layer(self, h: Tensor, ctx: Context, params: Mapping[str, Tensor] | None = None,
+                   *, recompute_suffix: bool = True) -> Tensor:
+        """Layer L (with `params` if given) and the suffix from the cached h_L; returns the final
+        normed hidden states [B, S, H]. With grad enabled, the suffix blocks are recomputed in
+        backward (activation checkpointing per block) and produce input gradients only."""
+        h = self._block(self.layer_index, h, ctx, params)
+        checkpointed = recompute_suffix and torch.is_grad_enabled()
+        for i in range(self.layer_index + 1, self.num_layers):
+            if checkpointed:
+                h = checkpoint(self._block, i, h, ctx, use_reentrant=False)
+            else:
+                h = self._block(i, h, ctx)
+        return self.norm(h)

@@ -1,0 +1,287 @@
+"""Single-layer GRPO: the whole RL step in `rl_step`, the run around it in `train`.
+
+One step:  prompts -> G completions each (current policy) -> rewards -> group advantages
+           -> prefix once (h_L cached) -> old (and reference) log-probs from h_L, no grad
+           -> for each epoch and minibatch: layer L + suffix from h_L with grad, policy loss,
+              backward into layer L's fp32 master weights, AdamW step, refresh compute copy.
+"""
+from __future__ import annotations
+
+import json
+import random
+import resource
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .algos import advantages_fn, select_loss_impl
+from .checkpoint import CONFIG_FILE, LAYER_FILE, save_layer
+from .config import TrainConfig, config_json
+from .errors import UserError
+from .evaluate import greedy_accuracy, render_prompt
+from .model import Policy, load_policy
+from .rollout import Rollout, SamplingParams, generate_completions
+from .tasks import Task, load_task
+
+ADVANTAGE_MODE = {"grpo": "grpo", "dr_grpo": "dr_grpo"}
+
+
+@dataclass(frozen=True)
+class Objective:
+    """Everything about the loss that is fixed when the run is built."""
+    loss_fn: Callable
+    logprobs_fn: Callable
+    advantages_fn: Callable
+    advantage_mode: str
+    aggregation: str
+    temperature: float
+    eps_low: float
+    eps_high: float
+    beta: float
+    max_len: int
+
+
+@dataclass
+class TrainResult:
+    accuracy_before: float
+    accuracy_after: float
+    steps: int
+    seconds: float
+    output: Path
+
+
+# ---------------------------------------------------------------------------------------------
+# Log-probs from the cached h_L
+# ---------------------------------------------------------------------------------------------
+
+def completion_tokens(rollout: Rollout, rows: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """For rollout rows `rows`: (token mask [b, C] bool, targets [T], seq_ids [T]) of the
+    completion tokens, T = number of unmasked tokens, in row-major order."""
+    mask = rollout.completion_mask[rows].bool()
+    targets = rollout.completion_ids[rows][mask]
+    seq_ids = torch.arange(len(rows), device=mask.device)[:, None].expand_as(mask)[mask]
+    return mask, targets, seq_ids
+
+
+def completion_hidden(policy: Policy, h: Tensor, rollout: Rollout, rows: Tensor,
+                      params: dict | None) -> Tensor:
+    """Final hidden states [T, H] that predict the completion tokens of rows `rows`.
+
+    The state at column j predicts the token at column j + 1, so completion token c (column
+    P + c) is predicted from column P + c - 1."""
+    split = policy.split
+    ctx = split.context(rollout.attention_mask[rows], policy.compute_dtype)
+    final = split.from_layer(h[rows], ctx, params)
+    predicting = final[:, rollout.prompt_len - 1:-1]
+    return predicting[rollout.completion_mask[rows].bool()]
+
+
+@torch.no_grad()
+def frozen_logprobs(policy: Policy, h: Tensor, rollout: Rollout, objective: Objective,
+                    params: dict | None) -> Tensor:
+    """Per-token log-probs [B, C] (0 on padding) with the given layer weights, no grad."""
+    rows = torch.arange(rollout.sequences.shape[0], device=h.device)
+    mask, targets, _ = completion_tokens(rollout, rows)
+    hidden = completion_hidden(policy, h, rollout, rows, params)
+    lm_head = policy.split.lm_head
+    out = torch.zeros(mask.shape, dtype=torch.float32, device=h.device)
+    out[mask] = objective.logprobs_fn(hidden, lm_head.weight, targets, lm_head.bias,
+                                      temperature=objective.temperature)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# One RL step
+# ---------------------------------------------------------------------------------------------
+
+def rl_step(policy: Policy, optimizer: torch.optim.Optimizer, task: Task, rows: list[dict],
+            cfg: TrainConfig, objective: Objective) -> dict:
+    t0 = time.perf_counter()
+    G = cfg.group_size
+    tokenizer, lm = policy.tokenizer, policy.split.lm
+    sampling = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.top_k)
+    rollout = generate_completions(lm, tokenizer, [render_prompt(tokenizer, task, r) for r in rows],
+                                   sampling, repeat=G)
+    _sync(policy.device)
+    t_gen = time.perf_counter()
+
+    rewards = torch.tensor(task.rewards(rollout.texts, [r for r in rows for _ in range(G)]),
+                           dtype=torch.float32)
+    group_ids = torch.arange(len(rows)).repeat_interleave(G)
+    advantages = objective.advantages_fn(rewards.to(policy.device), group_ids.to(policy.device),
+                                         mode=objective.advantage_mode)
+
+    # h_L once per batch; reused by every pass below.
+    ctx = policy.split.context(rollout.attention_mask, policy.compute_dtype)
+    h = policy.split.prefix(rollout.sequences, ctx)
+    del ctx
+    old_logprobs = frozen_logprobs(policy, h, rollout, objective, params=None)
+    ref_logprobs = (frozen_logprobs(policy, h, rollout, objective, policy.layer.reference)
+                    if objective.beta > 0 else None)
+
+    batch = rollout.sequences.shape[0]
+    minibatch = cfg.minibatch or batch
+    stats = []
+    for _ in range(cfg.epochs):
+        order = torch.randperm(batch, device=h.device)
+        for start in range(0, batch, minibatch):
+            rows_mb = order[start:start + minibatch]
+            stats.append(update(policy, optimizer, h, rollout, rows_mb, advantages, old_logprobs,
+                                ref_logprobs, objective, cfg.max_grad_norm))
+    _sync(policy.device)
+    t_end = time.perf_counter()
+
+    completion_len = rollout.completion_mask.sum(1).float()
+    metrics = {k: sum(s[k] for s in stats) / len(stats) for k in stats[0]}
+    metrics.update(
+        reward_mean=rewards.mean().item(), reward_std=rewards.std().item(),
+        completion_len=completion_len.mean().item(), step_s=t_end - t0, gen_s=t_gen - t0,
+        update_s=t_end - t_gen, tokens_per_s=completion_len.sum().item() / (t_end - t0))
+    return metrics
+
+
+def update(policy: Policy, optimizer, h: Tensor, rollout: Rollout, rows: Tensor, advantages: Tensor,
+           old_logprobs: Tensor, ref_logprobs: Tensor | None, objective: Objective,
+           max_grad_norm: float) -> dict:
+    """One optimizer step on the minibatch `rows` of the rollout."""
+    mask, targets, seq_ids = completion_tokens(rollout, rows)
+    hidden = completion_hidden(policy, h, rollout, rows, policy.layer.policy_params())
+    lm_head = policy.split.lm_head
+    loss, metrics = objective.loss_fn(
+        hidden, lm_head.weight, targets, old_logprobs[rows][mask], advantages[rows][seq_ids],
+        torch.ones_like(targets, dtype=torch.float32), seq_ids,
+        None if ref_logprobs is None else ref_logprobs[rows][mask], lm_head.bias,
+        temperature=objective.temperature, eps_low=objective.eps_low, eps_high=objective.eps_high,
+        beta=objective.beta, aggregation=objective.aggregation, max_len=objective.max_len,
+        num_seqs=len(rows))
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(policy.layer.parameters(), max_grad_norm)
+    optimizer.step()
+    policy.layer.refresh_compute_copy()
+    return {"loss": loss.item(), "grad_norm": grad_norm.item(),
+            **{k: float(v) for k, v in metrics.items()}}
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------------
+
+def build_objective(cfg: TrainConfig, device: torch.device) -> Objective:
+    loss_fn, logprobs_fn = select_loss_impl(cfg.loss_impl, device)
+    return Objective(loss_fn, logprobs_fn, advantages_fn(cfg.loss_impl, device),
+                     ADVANTAGE_MODE[cfg.algo], cfg.aggregation, cfg.temperature, cfg.eps_low,
+                     cfg.eps_high, cfg.beta, cfg.max_new_tokens)
+
+
+def output_dir(cfg: TrainConfig, policy: Policy) -> Path:
+    if cfg.output:
+        path = Path(cfg.output)
+    else:
+        name = Path(cfg.model).name if cfg.model != "demo" else "demo"
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        path = Path("runs") / f"{name}-L{policy.split.layer_index}-{stamp}"
+    if path.exists() and not path.is_dir():
+        raise UserError(f"--output {path} exists and is not a directory")
+    if any((path / f).exists() for f in (LAYER_FILE, CONFIG_FILE)):
+        raise UserError(f"--output {path} already holds a trained layer; choose another directory")
+    return path
+
+
+def memory_gib(device: torch.device) -> dict:
+    if device.type == "cuda":
+        return {"peak_mem_gib": torch.cuda.max_memory_reserved(device) / 2**30}
+    return {"rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}  # KiB on Linux
+
+
+def train(cfg: TrainConfig, *, progress: bool = True, echo: Callable[[str], None] = print) -> TrainResult:
+    """Run single-layer RL as `cfg` says. All input is checked before anything is written."""
+    t_start = time.perf_counter()
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    task = load_task(cfg.task)
+    if not task.train:
+        raise UserError(f"task {cfg.task}: no training rows")
+    policy = load_policy(cfg.model, layer=cfg.layer, frozen_dtype=cfg.frozen_dtype,
+                         device=cfg.device, attn=cfg.attn, keep_reference=cfg.beta > 0)
+    out = output_dir(cfg, policy)
+    objective = build_objective(cfg, policy.device)
+    optimizer = torch.optim.AdamW(policy.layer.parameters(), lr=cfg.lr,
+                                  weight_decay=cfg.weight_decay)
+    test_rows = list(task.test[:cfg.eval_samples])
+    echo(f"onelayer: {cfg.model} ({policy.split.num_layers} layers), training layer "
+         f"{policy.split.layer_index} with {cfg.algo} on {task.name}; frozen {policy.frozen_dtype}, "
+         f"{policy.device.type}; output {out}")
+
+    def evaluate(label: str) -> float:
+        with tqdm(total=len(test_rows), desc=f"eval ({label})", disable=not progress,
+                  leave=False) as bar:
+            return greedy_accuracy(policy.split.lm, policy.tokenizer, task, test_rows,
+                                   max_new_tokens=cfg.max_new_tokens, progress=bar)
+
+    before = evaluate("before")
+    echo(f"held-out accuracy before: {before:.1%} ({len(test_rows)} problems, greedy)")
+
+    out.mkdir(parents=True, exist_ok=True)
+    metrics_path = Path(cfg.metrics) if cfg.metrics else out / "metrics.jsonl"
+    metrics_path.parent.mkdir(parents=True, exist_ok=True)
+    history = []
+    order = random.Random(cfg.seed).sample(range(len(task.train)), len(task.train))
+    with open(metrics_path, "w") as metrics_file, \
+            tqdm(range(1, cfg.steps + 1), desc="train", disable=not progress) as bar:
+        for step in bar:
+            picks = [order[((step - 1) * cfg.prompts_per_step + i) % len(order)]
+                     for i in range(cfg.prompts_per_step)]
+            row = {"step": step, **rl_step(policy, optimizer, task, [task.train[i] for i in picks],
+                                           cfg, objective), **memory_gib(policy.device)}
+            if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps:
+                row["eval_accuracy"] = evaluate(f"step {step}")
+            history.append(row)
+            metrics_file.write(json.dumps(row) + "\n")
+            metrics_file.flush()
+            bar.set_postfix(reward=f"{row['reward_mean']:.3f}", kl=f"{row['kl']:.4f}")
+
+    after = evaluate("after")
+    echo(f"held-out accuracy after:  {after:.1%} ({len(test_rows)} problems, greedy; "
+         f"{after - before:+.1%})")
+    save_layer(out, policy.layer.state_dict(), layer_index=policy.split.layer_index,
+               base_model=cfg.model, run_config=json.loads(config_json(cfg)), step=cfg.steps)
+    if history:
+        plot_rewards(history, before, after, out / "reward.png")
+    seconds = time.perf_counter() - t_start
+    echo(f"saved layer {policy.split.layer_index} to {out / LAYER_FILE} ({seconds:.0f} s in all)")
+    return TrainResult(before, after, cfg.steps, seconds, out)
+
+
+def plot_rewards(history: list[dict], before: float, after: float, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in history]
+    rewards = [r["reward_mean"] for r in history]
+    window = max(1, len(rewards) // 10)
+    smooth = [sum(rewards[max(0, i - window + 1):i + 1]) / len(rewards[max(0, i - window + 1):i + 1])
+              for i in range(len(rewards))]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(steps, rewards, alpha=0.35, label="reward (sampled)")
+    ax.plot(steps, smooth, label=f"moving mean ({window} steps)")
+    ax.axhline(before, color="grey", ls="--", lw=1, label=f"greedy held-out before {before:.0%}")
+    ax.axhline(after, color="green", ls="--", lw=1, label=f"greedy held-out after {after:.0%}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("mean reward")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

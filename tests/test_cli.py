@@ -1,0 +1,111 @@
+"""The CLI: bad input ends with one line on stderr and exit code 2, and writes nothing."""
+import subprocess
+import sys
+
+import pytest
+
+from onelayer.cli import main
+from onelayer.config import DEMO_PRESET, TrainConfig, build_config
+from onelayer.errors import UserError
+
+
+def run_cli(args, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    captured = capsys.readouterr()
+    return exit_info.value.code, captured.out, captured.err
+
+
+def bad_inputs(tiny_models, tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    malformed = tmp_path / "bad.jsonl"
+    malformed.write_text('{"question": "1+1=", "answer": "2"}\n{not json\n')
+    unknown_key = tmp_path / "unknown.toml"
+    unknown_key.write_text('steps = 3\nlearning_rate = 1e-3\n')
+    broken_toml = tmp_path / "broken.toml"
+    broken_toml.write_text('steps = = 3\n')
+    model = tiny_models["qwen3"]
+    return {
+        "unknown model path": ["--model", str(tmp_path / "no-such-model")],
+        "not a model directory": ["--model", str(tmp_path)],
+        "layer out of range": ["--model", model, "--layer", "4"],
+        "bad layer": ["--model", model, "--layer", "middle"],
+        "unknown task": ["--model", model, "--task", "no-such-task"],
+        "empty dataset": ["--model", model, "--task", str(empty)],
+        "malformed dataset": ["--model", model, "--task", str(malformed)],
+        "group size < 2": ["--model", model, "--group-size", "1"],
+        "unknown config key": ["--model", model, "--config", str(unknown_key)],
+        "malformed config": ["--model", model, "--config", str(broken_toml)],
+        "missing config": ["--model", model, "--config", str(tmp_path / "none.yaml")],
+        "unknown algorithm": ["--model", model, "--algo", "ppo"],
+    }
+
+
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(tiny_models, tmp_path, capsys):
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    for name, args in bad_inputs(tiny_models, inputs).items():
+        out = tmp_path / "out"
+        code, stdout, stderr = run_cli(["train", *args, "--output", str(out), "--quiet"], capsys)
+        assert code == 2, name
+        lines = stderr.strip().splitlines()
+        assert len(lines) == 1 or lines[0].startswith("Usage:"), (name, stderr)
+        assert "Traceback" not in stderr, name
+        assert not out.exists(), name
+
+
+def test_console_script_error_has_no_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "onelayer", "train", "--model",
+                           str(tmp_path / "missing"), "--quiet"],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"onelayer: error: model '{tmp_path / 'missing'}' is neither a model directory nor a "
+        "hub id (owner/name)"]
+
+
+def test_existing_trained_layer_is_not_overwritten(tiny_models, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "layer.safetensors").write_bytes(b"precious")
+    code, _, stderr = run_cli(["train", "--model", tiny_models["qwen3"], "--output", str(out),
+                               "--quiet"], capsys)
+    assert code == 2 and "already holds a trained layer" in stderr
+    assert (out / "layer.safetensors").read_bytes() == b"precious"
+
+
+def test_help_explains_every_option():
+    main_help = subprocess.run([sys.executable, "-m", "onelayer", "train", "--help"],
+                               capture_output=True, text=True, timeout=120)
+    assert main_help.returncode == 0
+    for field in TrainConfig.__dataclass_fields__:
+        assert "--" + field.replace("_", "-") in main_help.stdout, field
+    assert "--config" in main_help.stdout
+
+
+@pytest.mark.parametrize("suffix,text", [
+    (".toml", 'model = "M"\nlayer = 3\nlr = 1e-4\ngroup-size = 4\nloss_agg = "token-mean"\n'),
+    (".yaml", "model: M\nlayer: 3\nlr: 1.0e-4\ngroup-size: 4\nloss_agg: token-mean\n"),
+])
+def test_config_file_mirrors_options_and_cli_wins(tmp_path, suffix, text):
+    path = tmp_path / f"run{suffix}"
+    path.write_text(text)
+    cfg = build_config({"group_size": 6}, str(path))
+    assert (cfg.model, cfg.layer, cfg.lr, cfg.group_size) == ("M", "3", 1e-4, 6)
+    assert cfg.aggregation == "token-mean"
+    assert cfg.steps == TrainConfig.steps  # no demo preset for a real model
+
+
+def test_demo_preset_applies_only_to_the_demo_and_yields_to_the_user():
+    cfg = build_config({})
+    assert cfg.model == "demo" and cfg.lr == DEMO_PRESET["lr"]
+    assert build_config({"lr": 1e-5}).lr == 1e-5
+    assert build_config({"model": "Qwen/Qwen3-8B"}).lr == TrainConfig.lr
+
+
+@pytest.mark.parametrize("overrides", [{"group_size": 1}, {"eps_low": 1.5}, {"steps": "many"},
+                                       {"temperature": 0}, {"loss_agg": "sum"}])
+def test_invalid_values_are_user_errors(overrides):
+    with pytest.raises(UserError):
+        build_config(overrides)
