@@ -3,19 +3,24 @@
 Torch reference and oracle: `onelayer.algos.loss.fused_linear_policy_loss_reference`
 (= `chunked_logprobs` + `policy_loss`). Formulas in ALGORITHMS.md.
 
-Forward, one program per BLOCK_T tokens: for each vocabulary tile, z = h W^T (+ b) over H
-tiles with fp32 accumulation, divided by the temperature; an online log-sum-exp keeps the
-running max m, sum exp(z - m) and sum exp(z - m) z (entropy) per token; the target logit is
-picked as its tile passes. The epilogue turns log p into the per-token loss term c_t l_t and
-its derivative c_t dl/dlogp (c_t: aggregation weight, see `onelayer.algos.loss.token_weights`),
-plus k3 KL and clip flags for the metrics. Memory: O(T) outputs, registers of one
-[BLOCK_T, BLOCK_V] tile.
+Forward, two launches:
+1. `_lse_partial_kernel`, grid (token blocks, vocabulary splits): for each [BLOCK_T, BLOCK_V]
+   tile of its split, z = (h W^T + b) / temperature with fp32 accumulation over H tiles; an
+   online log-sum-exp keeps, per token, the running max m, sum exp(z - m) and
+   sum exp(z - m) z (for the entropy); the target logit is picked as its tile passes.
+   Splitting V keeps the GPU busy when T is small (4096 tokens = 64 token blocks < 132 SMs).
+2. `_combine_loss_kernel`, one program per BLOCK_R tokens: merges the splits into lse,
+   log p and entropy, then the loss epilogue: per-token c_t l_t and c_t dl/dlogp (c_t: the
+   aggregation weight of `onelayer.algos.loss.token_weights`), k3 KL and the clip side.
+Memory: O(splits x T) fp32 partials; logit tiles live in registers only.
 
-Backward, same grid: recompute each [BLOCK_T, BLOCK_V] logit tile, turn it into
-dL/dz = g c_t dl/dlogp (onehot - p) / temperature, and add dL/dz @ W_tile into an fp32
-[T, H] gradient buffer, one H tile at a time. Each program owns its rows of that buffer, so
-no atomics are needed. Only the hidden states get a gradient: lm_head is frozen, nothing of
-size [V, H] (or [T, V]) is allocated.
+Backward, per chunk of C tokens: `_logit_grad_kernel`, grid (token blocks, vocabulary tiles),
+recomputes each logit tile and writes dL/dz = g c_t dl/dlogp (onehot - p) / temperature into
+a [C, V] buffer in the hidden dtype; then grad_h[chunk] = dL/dz @ W by cuBLAS (torch.mm).
+C keeps that buffer near 128 MiB (see `_grad_chunk`). A fully fused backward would have to
+read-modify-write an fp32 [BLOCK_T, H] gradient once per vocabulary tile (~1,200 times for
+V = 151,936) or use atomics; the chunk buffer is cheaper and deterministic. Only the hidden
+states get a gradient: lm_head is frozen, nothing of size [V, H] is allocated.
 """
 from __future__ import annotations
 
@@ -29,83 +34,147 @@ from torch import Tensor
 from onelayer.algos.loss import token_weights
 
 
-class _Blocks(NamedTuple):
-    t: int
-    v: int
-    h: int
+class _Config(NamedTuple):
+    block_t: int
+    block_v: int
+    block_h: int
     num_warps: int
+    grad_chunk_bytes: int  # budget of the backward's [C, V] dL/dz buffer
+    max_splits: int        # vocabulary splits of the forward (an upper bound)
+    upcast: bool           # dot operands to fp32 after loading: the interpreter's tl.dot garbles
+                           # bf16 (numpy has none); same result, bf16 x bf16 products are exact in fp32
 
 
-# GPU tiles: a 64 x 128 fp32 logit tile (32 KiB of registers per program) fed by 64-wide H
-# tiles; not autotuned yet (benchmarks/bench_policy_loss.py is where to tune). Under
-# TRITON_INTERPRET=1 the smallest tiles tl.dot accepts, so tests cross several tile edges.
-_GPU_BLOCKS = _Blocks(t=64, v=128, h=64, num_warps=8)
-_CPU_BLOCKS = _Blocks(t=16, v=32, h=16, num_warps=4)
+# GPU: a 64 x 128 fp32 logit tile (32 KiB of registers per program) fed by 64-wide H tiles;
+# not autotuned yet (benchmarks/bench_policy_loss.py is where to tune). dL/dz chunk: 128 MiB
+# of bf16 = 441 tokens at V = 151,936, rounded down to 384 (a multiple of 64); the
+# [384, 151,936] x [151,936, 4096] matmul is ~480 GFLOP, plenty for cuBLAS.
+# CPU (TRITON_INTERPRET=1, tests only): the smallest tiles tl.dot accepts and tiny chunks, so
+# small test shapes cross tile, split and chunk edges.
+_GPU = _Config(block_t=64, block_v=128, block_h=64, num_warps=8, grad_chunk_bytes=128 * 2**20,
+               max_splits=64, upcast=False)
+_CPU = _Config(block_t=16, block_v=32, block_h=16, num_warps=4, grad_chunk_bytes=4096, max_splits=3,
+               upcast=True)
 
 
-def _blocks(device: torch.device) -> _Blocks:
-    return _GPU_BLOCKS if device.type == "cuda" else _CPU_BLOCKS
+def _config(device: torch.device) -> _Config:
+    return _GPU if device.type == "cuda" else _CPU
+
+
+def _num_splits(cfg: _Config, n_rows: int, n_cols: int, device: torch.device) -> int:
+    """Vocabulary splits so that token blocks x splits fills the GPU about twice."""
+    token_blocks = triton.cdiv(n_rows, cfg.block_t)
+    if device.type == "cuda":
+        want = triton.cdiv(2 * torch.cuda.get_device_properties(device).multi_processor_count, token_blocks)
+    else:
+        want = cfg.max_splits
+    return max(1, min(want, cfg.max_splits, triton.cdiv(n_cols, cfg.block_v)))
+
+
+def _grad_chunk(cfg: _Config, n_rows: int, n_cols: int, element_size: int) -> int:
+    rows = cfg.grad_chunk_bytes // (element_size * n_cols) // cfg.block_t * cfg.block_t
+    return min(max(rows, cfg.block_t), n_rows)
 
 
 @triton.jit
-def _logit_tile(h_ptr, w_ptr, b_ptr, rows, cols, n_rows, n_cols, n_hidden,
+def _logit_tile(h_ptr, w_ptr, b_ptr, rows, cols, n_rows, col_end, n_hidden,
                 stride_ht, stride_hh, stride_wv, stride_wh, inv_temp,
-                HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, BLOCK_T: tl.constexpr,
+                HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_T: tl.constexpr,
                 BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
-    """fp32 [BLOCK_T, BLOCK_V] tile of (h W^T + b) / temperature; -inf on columns >= V."""
+    """fp32 [BLOCK_T, BLOCK_V] tile of (h W^T + b) / temperature; -inf on columns >= col_end."""
     acc = tl.zeros((BLOCK_T, BLOCK_V), tl.float32)
+    # int64 row offsets: V x H passes 2^31 elements for large vocabularies (256k x 8192).
+    h_rows = h_ptr + rows.to(tl.int64)[:, None] * stride_ht
+    w_rows = w_ptr + cols.to(tl.int64)[:, None] * stride_wv
     for k in range(0, n_hidden, BLOCK_H):
         ks = k + tl.arange(0, BLOCK_H)
-        h = tl.load(h_ptr + rows[:, None] * stride_ht + ks[None, :] * stride_hh,
+        h = tl.load(h_rows + ks[None, :] * stride_hh,
                     mask=(rows[:, None] < n_rows) & (ks[None, :] < n_hidden), other=0.0)
-        w = tl.load(w_ptr + cols[:, None] * stride_wv + ks[None, :] * stride_wh,
-                    mask=(cols[:, None] < n_cols) & (ks[None, :] < n_hidden), other=0.0)
+        w = tl.load(w_rows + ks[None, :] * stride_wh,
+                    mask=(cols[:, None] < col_end) & (ks[None, :] < n_hidden), other=0.0)
+        if UPCAST:
+            h, w = h.to(tl.float32), w.to(tl.float32)
         if IEEE:
             acc = tl.dot(h, tl.trans(w), acc, input_precision="ieee")
         else:
             acc = tl.dot(h, tl.trans(w), acc)
     if HAS_BIAS:
-        acc += tl.load(b_ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32)[None, :]
-    return tl.where(cols[None, :] < n_cols, acc * inv_temp, float("-inf"))
+        acc += tl.load(b_ptr + cols, mask=cols < col_end, other=0.0).to(tl.float32)[None, :]
+    return tl.where(cols[None, :] < col_end, acc * inv_temp, float("-inf"))
 
 
 @triton.jit
-def _fused_forward_kernel(
+def _lse_partial_kernel(
     h_ptr, w_ptr, b_ptr, tgt_ptr,   # hidden [T, H], lm_head weight [V, H], bias [V], targets [T] int64
-    old_ptr, adv_ptr, coef_ptr, ref_ptr,   # [T] fp32: old log-probs, advantages, c_t, ref log-probs
-    logp_ptr, lse_ptr, ent_ptr,     # out [T] fp32: log p(target), log-sum-exp, entropy
-    term_ptr, dlogp_ptr, kl_ptr, clip_ptr,  # out [T] fp32: c_t l_t, c_t dl/dlogp, k3, -1/0/+1 clip side
-    n_rows, n_cols, n_hidden,       # T, V, H
-    stride_ht, stride_hh, stride_wv, stride_wh,
-    inv_temp, eps_low, eps_high, beta,
-    HAS_BIAS: tl.constexpr, COMPUTE_LOSS: tl.constexpr, HAS_REF: tl.constexpr, USE_KL: tl.constexpr,
-    IEEE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+    pmax_ptr, psum_ptr, pzsum_ptr, ptgt_ptr,  # out [S, T] fp32 per split: max z, sum exp(z - max),
+                                              # sum exp(z - max) z, target z (0 outside its split)
+    n_rows, n_cols, n_hidden, cols_per_split,  # T, V, H, columns per split (multiple of BLOCK_V)
+    stride_ht, stride_hh, stride_wv, stride_wh,  # element strides of hidden and weight
+    inv_temp,
+    HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
-    """Program i: tokens [i * BLOCK_T, (i + 1) * BLOCK_T). Strides are in elements."""
+    """Program (i, s): tokens [i * BLOCK_T, (i + 1) * BLOCK_T) over split s of the vocabulary."""
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    split = tl.program_id(1)
     row_ok = rows < n_rows
     tgt = tl.load(tgt_ptr + rows, mask=row_ok, other=0)
+    col_start = split * cols_per_split
+    col_end = tl.minimum(col_start + cols_per_split, n_cols)
     run_max = tl.full((BLOCK_T,), float("-inf"), tl.float32)
-    run_sum = tl.zeros((BLOCK_T,), tl.float32)   # sum exp(z - run_max)
-    run_zsum = tl.zeros((BLOCK_T,), tl.float32)  # sum exp(z - run_max) * z
+    run_sum = tl.zeros((BLOCK_T,), tl.float32)
+    run_zsum = tl.zeros((BLOCK_T,), tl.float32)
     tgt_z = tl.zeros((BLOCK_T,), tl.float32)
-    for v in range(0, n_cols, BLOCK_V):
+    for v in range(col_start, col_end, BLOCK_V):
         cols = v + tl.arange(0, BLOCK_V)
-        z = _logit_tile(h_ptr, w_ptr, b_ptr, rows, cols, n_rows, n_cols, n_hidden,
+        z = _logit_tile(h_ptr, w_ptr, b_ptr, rows, cols, n_rows, col_end, n_hidden,
                         stride_ht, stride_hh, stride_wv, stride_wh, inv_temp,
-                        HAS_BIAS, IEEE, BLOCK_T, BLOCK_V, BLOCK_H)
+                        HAS_BIAS, IEEE, UPCAST, BLOCK_T, BLOCK_V, BLOCK_H)
         new_max = tl.maximum(run_max, tl.max(z, axis=1))
         alpha = tl.exp(run_max - new_max)
         e = tl.exp(z - new_max[:, None])
+        in_split = cols[None, :] < col_end
         run_sum = run_sum * alpha + tl.sum(e, axis=1)
-        run_zsum = run_zsum * alpha + tl.sum(e * tl.where(cols[None, :] < n_cols, z, 0.0), axis=1)
+        run_zsum = run_zsum * alpha + tl.sum(e * tl.where(in_split, z, 0.0), axis=1)
         run_max = new_max
-        tgt_z += tl.sum(tl.where(cols[None, :] == tgt[:, None], z, 0.0), axis=1)
-    lse = run_max + tl.log(run_sum)
+        tgt_z += tl.sum(tl.where(in_split & (cols[None, :] == tgt[:, None]), z, 0.0), axis=1)
+    out = split * n_rows + rows
+    tl.store(pmax_ptr + out, run_max, mask=row_ok)
+    tl.store(psum_ptr + out, run_sum, mask=row_ok)
+    tl.store(pzsum_ptr + out, run_zsum, mask=row_ok)
+    tl.store(ptgt_ptr + out, tgt_z, mask=row_ok)
+
+
+@triton.jit
+def _combine_loss_kernel(
+    pmax_ptr, psum_ptr, pzsum_ptr, ptgt_ptr,  # [S, T] fp32 partials of `_lse_partial_kernel`
+    old_ptr, adv_ptr, coef_ptr, ref_ptr,      # [T] fp32: old log-probs, advantages, c_t, ref log-probs
+    logp_ptr, lse_ptr, ent_ptr,               # out [T] fp32: log p(target), log-sum-exp, entropy
+    term_ptr, dlogp_ptr, kl_ptr, clip_ptr,    # out [T] fp32: c_t l_t, c_t dl/dlogp, k3, -1/0/+1 clip side
+    n_rows, n_splits,
+    eps_low, eps_high, beta,
+    COMPUTE_LOSS: tl.constexpr, HAS_REF: tl.constexpr, USE_KL: tl.constexpr,
+    SPLITS: tl.constexpr,   # next power of two >= n_splits
+    BLOCK_R: tl.constexpr,
+):
+    """Program i: tokens [i * BLOCK_R, (i + 1) * BLOCK_R)."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < n_rows
+    ss = tl.arange(0, SPLITS)
+    ok2 = (ss[:, None] < n_splits) & row_ok[None, :]
+    at = ss[:, None] * n_rows + rows[None, :]
+    pmax = tl.load(pmax_ptr + at, mask=ok2, other=float("-inf"))
+    m = tl.where(row_ok, tl.max(pmax, axis=0), 0.0)
+    scale = tl.where(ok2, tl.exp(pmax - m[None, :]), 0.0)
+    total = tl.sum(tl.load(psum_ptr + at, mask=ok2, other=0.0) * scale, axis=0)
+    zsum = tl.sum(tl.load(pzsum_ptr + at, mask=ok2, other=0.0) * scale, axis=0)
+    tgt_z = tl.sum(tl.load(ptgt_ptr + at, mask=ok2, other=0.0), axis=0)
+    total = tl.where(row_ok, total, 1.0)
+    lse = m + tl.log(total)
     logp = tgt_z - lse
     tl.store(logp_ptr + rows, logp, mask=row_ok)
     tl.store(lse_ptr + rows, lse, mask=row_ok)
-    tl.store(ent_ptr + rows, lse - run_zsum / run_sum, mask=row_ok)
+    tl.store(ent_ptr + rows, lse - zsum / total, mask=row_ok)
     if COMPUTE_LOSS:
         old = tl.load(old_ptr + rows, mask=row_ok, other=0.0)
         adv = tl.load(adv_ptr + rows, mask=row_ok, other=0.0)
@@ -134,40 +203,30 @@ def _fused_forward_kernel(
 
 
 @triton.jit
-def _fused_backward_kernel(
-    h_ptr, w_ptr, b_ptr, tgt_ptr,   # as in the forward
-    lse_ptr, scale_ptr,             # [T] fp32: log-sum-exp, grad_output * c_t dl/dlogp
-    grad_ptr,                       # out [T, H] fp32, zero-initialised, row-major contiguous
+def _logit_grad_kernel(
+    h_ptr, w_ptr, b_ptr, tgt_ptr,   # a chunk of C tokens: hidden [C, H], weight [V, H], bias [V], targets [C]
+    lse_ptr, scale_ptr,             # [C] fp32: log-sum-exp, grad_output * c_t dl/dlogp
+    gz_ptr,                         # out [C, V] row-major, weight's dtype: dL/dz
     n_rows, n_cols, n_hidden,
     stride_ht, stride_hh, stride_wv, stride_wh,
     inv_temp,
-    HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+    HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
-    """Program i: grad rows [i * BLOCK_T, (i + 1) * BLOCK_T) += sum_v dL/dz_v W_v."""
+    """Program (i, j): the [BLOCK_T, BLOCK_V] tile (i, j) of dL/dz."""
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     row_ok = rows < n_rows
     tgt = tl.load(tgt_ptr + rows, mask=row_ok, other=0)
     lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
     scale = tl.load(scale_ptr + rows, mask=row_ok, other=0.0) * inv_temp
-    for v in range(0, n_cols, BLOCK_V):
-        cols = v + tl.arange(0, BLOCK_V)
-        z = _logit_tile(h_ptr, w_ptr, b_ptr, rows, cols, n_rows, n_cols, n_hidden,
-                        stride_ht, stride_hh, stride_wv, stride_wh, inv_temp,
-                        HAS_BIAS, IEEE, BLOCK_T, BLOCK_V, BLOCK_H)
-        onehot = tl.where(cols[None, :] == tgt[:, None], 1.0, 0.0)
-        gz = (scale[:, None] * (onehot - tl.exp(z - lse[:, None]))).to(w_ptr.dtype.element_ty)
-        for k in range(0, n_hidden, BLOCK_H):
-            ks = k + tl.arange(0, BLOCK_H)
-            w = tl.load(w_ptr + cols[:, None] * stride_wv + ks[None, :] * stride_wh,
-                        mask=(cols[:, None] < n_cols) & (ks[None, :] < n_hidden), other=0.0)
-            g_ptrs = grad_ptr + rows[:, None] * n_hidden + ks[None, :]
-            g_mask = row_ok[:, None] & (ks[None, :] < n_hidden)
-            if IEEE:
-                part = tl.dot(gz, w, input_precision="ieee")
-            else:
-                part = tl.dot(gz, w)
-            tl.store(g_ptrs, tl.load(g_ptrs, mask=g_mask, other=0.0) + part, mask=g_mask)
+    z = _logit_tile(h_ptr, w_ptr, b_ptr, rows, cols, n_rows, n_cols, n_hidden,
+                    stride_ht, stride_hh, stride_wv, stride_wh, inv_temp,
+                    HAS_BIAS, IEEE, UPCAST, BLOCK_T, BLOCK_V, BLOCK_H)
+    onehot = tl.where(cols[None, :] == tgt[:, None], 1.0, 0.0)
+    gz = scale[:, None] * (onehot - tl.exp(z - lse[:, None]))
+    tl.store(gz_ptr + rows[:, None] * n_cols + cols[None, :], gz.to(gz_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & (cols[None, :] < n_cols))
 
 
 class _ForwardOut(NamedTuple):
@@ -192,38 +251,55 @@ def fused_linear_policy_loss_forward(hidden: Tensor, weight: Tensor, bias: Tenso
                                      old: Tensor | None, adv: Tensor | None, coef: Tensor | None,
                                      ref: Tensor | None, *, temperature: float, eps_low: float = 0.2,
                                      eps_high: float = 0.2, beta: float = 0.0) -> _ForwardOut:
-    """Launcher of the forward kernel; old/adv/coef None = log-probs only (no loss epilogue)."""
+    """Launchers of the forward; coef None = log-probs only (no loss epilogue)."""
     t, h = hidden.shape
     v = weight.shape[0]
     dev = hidden.device
+    cfg = _config(dev)
+    splits = _num_splits(cfg, t, v, dev)
+    cols_per_split = triton.cdiv(triton.cdiv(v, splits), cfg.block_v) * cfg.block_v
+    splits = triton.cdiv(v, cols_per_split)  # every split non-empty
+    partials = torch.empty(4, splits, t, dtype=torch.float32, device=dev)
+    targets = targets.long().contiguous()
+    bias_arg = weight if bias is None else bias  # dummy pointer when HAS_BIAS is False
+    _lse_partial_kernel[(triton.cdiv(t, cfg.block_t), splits)](
+        hidden, weight, bias_arg, targets, *partials, t, v, h, cols_per_split,
+        hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1), 1.0 / temperature,
+        HAS_BIAS=bias is not None, IEEE=hidden.dtype == torch.float32, UPCAST=cfg.upcast,
+        BLOCK_T=cfg.block_t, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h, num_warps=cfg.num_warps)
     outs = [torch.zeros(t, dtype=torch.float32, device=dev) for _ in range(7)]
     compute_loss = coef is not None
     f32 = lambda x: outs[0] if x is None else x.detach().float().contiguous()  # noqa: E731 (dummy ptr)
-    bl = _blocks(dev)
-    _fused_forward_kernel[(triton.cdiv(t, bl.t),)](
-        hidden, weight, weight if bias is None else bias, targets.long().contiguous(),
-        f32(old), f32(adv), f32(coef), f32(ref), *outs,
-        t, v, h, hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
-        1.0 / temperature, eps_low, eps_high, beta,
-        HAS_BIAS=bias is not None, COMPUTE_LOSS=compute_loss, HAS_REF=compute_loss and ref is not None,
-        USE_KL=compute_loss and ref is not None and beta > 0, IEEE=hidden.dtype == torch.float32,
-        BLOCK_T=bl.t, BLOCK_V=bl.v, BLOCK_H=bl.h, num_warps=bl.num_warps)
+    block_r = 128
+    _combine_loss_kernel[(triton.cdiv(t, block_r),)](
+        *partials, f32(old), f32(adv), f32(coef), f32(ref), *outs, t, splits, eps_low, eps_high, beta,
+        COMPUTE_LOSS=compute_loss, HAS_REF=compute_loss and ref is not None,
+        USE_KL=compute_loss and ref is not None and beta > 0, SPLITS=triton.next_power_of_2(splits),
+        BLOCK_R=block_r, num_warps=4)
     return _ForwardOut(*outs)
 
 
 def fused_linear_policy_loss_backward(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor,
                                       lse: Tensor, scale: Tensor, *, temperature: float) -> Tensor:
-    """Launcher of the backward kernel: grad w.r.t. hidden [T, H] in hidden's dtype."""
+    """Launchers of the backward: grad w.r.t. hidden [T, H] in hidden's dtype, chunk by chunk."""
     t, h = hidden.shape
-    grad = torch.zeros(t, h, dtype=torch.float32, device=hidden.device)
-    bl = _blocks(hidden.device)
-    _fused_backward_kernel[(triton.cdiv(t, bl.t),)](
-        hidden, weight, weight if bias is None else bias, targets.long().contiguous(), lse,
-        scale.float().contiguous(), grad, t, weight.shape[0], h,
-        hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1), 1.0 / temperature,
-        HAS_BIAS=bias is not None, IEEE=hidden.dtype == torch.float32,
-        BLOCK_T=bl.t, BLOCK_V=bl.v, BLOCK_H=bl.h, num_warps=bl.num_warps)
-    return grad.to(hidden.dtype)
+    v = weight.shape[0]
+    cfg = _config(hidden.device)
+    chunk = _grad_chunk(cfg, t, v, hidden.element_size())
+    gz = torch.empty(chunk, v, dtype=hidden.dtype, device=hidden.device)  # reused by every chunk
+    grad = torch.empty_like(hidden, memory_format=torch.contiguous_format)
+    targets = targets.long().contiguous()
+    scale = scale.float().contiguous()
+    for s in range(0, t, chunk):
+        n = min(chunk, t - s)
+        part = hidden[s:s + n]
+        _logit_grad_kernel[(triton.cdiv(n, cfg.block_t), triton.cdiv(v, cfg.block_v))](
+            part, weight, weight if bias is None else bias, targets[s:s + n], lse[s:s + n], scale[s:s + n], gz,
+            n, v, h, part.stride(0), part.stride(1), weight.stride(0), weight.stride(1), 1.0 / temperature,
+            HAS_BIAS=bias is not None, IEEE=hidden.dtype == torch.float32, UPCAST=cfg.upcast,
+            BLOCK_T=cfg.block_t, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h, num_warps=cfg.num_warps)
+        torch.mm(gz[:n], weight, out=grad[s:s + n])
+    return grad
 
 
 class _LossConfig(NamedTuple):
@@ -260,9 +336,10 @@ def fused_linear_policy_loss(hidden: Tensor, weight: Tensor, targets: Tensor, ol
                              eps_high: float = 0.2, beta: float = 0.0, aggregation: str = "token-mean",
                              max_len: int | None = None, num_seqs: int | None = None
                              ) -> tuple[Tensor, dict[str, Tensor]]:
-    """(loss 0-d, metrics) = policy_loss(log_softmax(hidden @ weight.T + bias)[targets], ...)
+    """(loss 0-d, metrics) = policy_loss(log_softmax((hidden @ weight.T + bias) / temperature)[targets], ...)
     without the [T, V] logits; gradient w.r.t. hidden only. Arguments as
-    `onelayer.algos.loss.fused_linear_policy_loss_reference`.
+    `onelayer.algos.loss.fused_linear_policy_loss_reference`. CUDA tensors, or CPU tensors
+    under TRITON_INTERPRET=1 (slow: tests only).
 
     metrics (detached 0-d tensors, means over unmasked tokens): clip_low, clip_high,
     clip_ratio, kl (0 without ref_logprobs), ratio_mean, entropy.

@@ -18,11 +18,11 @@ TRAIN_OPTIONS = [
     ("--task", str, "Built-in task name or a dataset file. [default: arithmetic]"),
     ("--algo", click.Choice(["grpo", "dr_grpo"]), "Algorithm preset: advantage estimator + loss "
                      "aggregation. [default: grpo]"),
-    ("--steps", int, "RL steps (each: sample, score, update). [default: 200; demo 60]"),
+    ("--steps", int, "RL steps (each: sample, score, update). [default: 200]"),
     ("--prompts-per-step", int, "Prompts per step. [default: 8; demo 16]"),
     ("--group-size", int, "Completions per prompt, G (>= 2). [default: 8]"),
     ("--lr", float, "AdamW learning rate of the trained layer. [default: 5e-6, the paper's; "
-                    "demo 2e-3]"),
+                    "demo 1e-3]"),
     ("--weight-decay", float, "AdamW weight decay. [default: 0]"),
     ("--max-grad-norm", float, "Clip the layer's gradient to this L2 norm. [default: 1]"),
     ("--beta", float, "Weight of the k3 KL to the original layer; 0 skips the reference pass. "

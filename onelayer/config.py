@@ -54,7 +54,7 @@ class TrainConfig:
 ALGO_AGGREGATION = {"grpo": "seq-mean-token-mean", "dr_grpo": "seq-mean-token-sum-norm"}
 
 # The packaged demo is a 1.6M-parameter model on a 2-core CPU: larger steps, short answers.
-DEMO_PRESET = dict(steps=60, prompts_per_step=16, group_size=8, lr=2e-3, max_new_tokens=8,
+DEMO_PRESET = dict(steps=200, prompts_per_step=16, group_size=8, lr=1e-3, max_new_tokens=8,
                    eval_samples=256)
 
 FIELDS = {f.name: f for f in fields(TrainConfig)}

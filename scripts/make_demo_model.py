@@ -6,7 +6,16 @@ Command (from the repository root, 2 CPU threads):
 
     python scripts/make_demo_model.py            # writes onelayer/demo/
 
-Recorded run: RESULTS_PLACEHOLDER
+Recorded run: torch 2.13 CPU, transformers 5.24, 2 threads on a shared 2-core machine.
+    Parameters 1,579,904 (model.safetensors 6.3 MB, float32). Trained 800 steps of batch 128
+    (lr 2e-3, AdamW); saved the step-775 checkpoint. Held-out (arithmetic_task().test, 256
+    problems, MAX_OPERAND 999, "+" and "-"):
+      greedy exact match            0.434  (0.453 = 29/64 on the first 64; tests pin this)
+      sampled, T=1.0, pass@1 over 4  0.278
+      greedy answers ending in <eos> 100%;  sampled != greedy on 162/256 prompts
+    Wall time 228 s on a quiet machine, 531 s with other jobs on the cores (two runs,
+    bit-identical weights). Greedy accuracy by step: ~0 until step 600, 0.05 at 625, 0.19 at
+    700, 0.27 at 725, 0.46 at 750, 0.43 at 775, 0.55 at 800 (stop).
 
 What it does
 - Tokenizer: one token per character of the task ("0-9 + - * = " and space) plus "<pad>" (id 0)

@@ -2,6 +2,9 @@
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The kernel tests run Triton on CPU tensors through its interpreter, which must be chosen before
+# transformers (imported below) imports Triton.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 import torch

@@ -5,8 +5,8 @@ the process limit and the unprivileged user are in force (the child also checks 
 and refuses to run otherwise). Each hostile run must give reward 0 (or its honest partial),
 leave this process alive, leave no process behind and write nothing outside its temp dir.
 """
+import fcntl
 import os
-import resource
 import secrets
 import socket
 import tempfile
@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from onelayer.tasks.code import (Limits, code_reward, code_rewards, extract_code, run_tests,
-                                 _pids_of_uid, UID_BASE, UID_SLOTS)
+from onelayer.tasks.code import (Limits, SandboxError, code_reward, code_rewards, extract_code,
+                                 run_tests, uid_lock_dir, _pids_of_uid)
 
 ROOT = os.geteuid() == 0
 TMP = Path(tempfile.gettempdir())
@@ -24,23 +24,21 @@ INC = "def inc(x):\n    return x + 1\n"
 INC_TESTS = ["assert inc(1) == 2", "assert inc(-1) == 0", "assert inc(41) == 42"]
 
 
-def _sandbox_processes() -> list[int]:
-    """Processes working in a sandbox directory, or (root) running under a sandbox uid."""
+def _leftovers(result) -> list[int]:
+    """Processes of this run still alive: under its uid (checked while holding the uid's slot
+    lock, so no concurrent run can be using it) or working in its directory."""
     found = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
-            if "onelayer-sandbox-" in os.readlink(f"/proc/{pid}/cwd"):
+            if os.readlink(f"/proc/{pid}/cwd") == result.workdir:
                 found.append(int(pid))
         except OSError:
             pass
     if ROOT:
-        for uid in range(UID_BASE, UID_BASE + UID_SLOTS):
-            found += _pids_of_uid(uid)
+        with open(uid_lock_dir() / f"{result.enforced['uid']}.lock") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            found += _pids_of_uid(result.enforced["uid"])
     return found
-
-
-def _sandbox_dirs() -> set:
-    return set(TMP.glob("onelayer-sandbox-*"))
 
 
 @pytest.fixture(scope="module")
@@ -64,14 +62,13 @@ def verified():
 
 def hostile(program: str, tests: list[str], *, timeout: float = 1.0, expect: float = 0.0,
             outside: list[Path] = ()) -> float:
-    before = _sandbox_dirs()
     start = time.monotonic()
-    reward = code_reward(program, tests, timeout=timeout)
+    result = run_tests(extract_code(program), tests, timeout=timeout)  # what code_reward runs
     elapsed = time.monotonic() - start
-    assert reward == pytest.approx(expect)
+    assert result.fraction == pytest.approx(expect)
     assert elapsed < timeout + 8, elapsed
-    assert _sandbox_processes() == []
-    assert _sandbox_dirs() <= before
+    assert _leftovers(result) == []
+    assert not Path(result.workdir).exists()
     for path in outside:
         assert not path.exists(), path
     assert os.getpid() > 0 and sum(range(1000)) == 499500  # still here and computing
@@ -262,3 +259,11 @@ def test_limits_can_be_tightened(verified):
     result = run_tests("import resource\n", [
         "assert resource.getrlimit(resource.RLIMIT_AS) == (256 << 20, 256 << 20)"], limits=tight)
     assert result.passed == [True]
+
+
+def test_setup_failure_refuses_before_running_anything():
+    """A limit the child cannot set is a SandboxError, and the program never starts."""
+    marker = TMP / f"onelayer-ran-{secrets.token_hex(6)}"
+    with pytest.raises(SandboxError, match="refused"):
+        run_tests(f"open({str(marker)!r}, 'w')", ["pass"], limits=Limits(nofile=-5))
+    assert not marker.exists()

@@ -1,12 +1,16 @@
 """Loading tiny Qwen3, Qwen2, Llama and Mistral models in nf4, bf16 and fp32."""
+import json
+
 import bitsandbytes as bnb
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
 
-from conftest import ARCHS
+from conftest import ARCHS, make_tiny_model
 from onelayer.errors import UserError
 from onelayer.model import load_policy, resolve_layer
+from onelayer.model.load import read_layer_tensors
 
 PROMPTS = ["12+34=", "5-123456789="]
 
@@ -79,3 +83,17 @@ def test_resolve_layer_matches_the_paper_positions():
 def test_resolve_layer_rejects(layer):
     with pytest.raises(UserError):
         resolve_layer(layer, 4)
+
+
+def test_sharded_checkpoint_reads_only_the_trained_layer(tmp_path):
+    path = make_tiny_model(tmp_path / "sharded", "qwen3", seed=1)
+    AutoModelForCausalLM.from_pretrained(path).save_pretrained(path, max_shard_size="60KB")
+    index = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())
+    shards = set(index["weight_map"].values())
+    assert len(shards) > 2
+    tensors = read_layer_tensors(tmp_path / "sharded", 3)
+    lm = AutoModelForCausalLM.from_pretrained(path)
+    expected = dict(lm.model.layers[3].named_parameters())
+    assert set(tensors) == set(expected)
+    for name, t in tensors.items():
+        assert torch.equal(t, expected[name].float())

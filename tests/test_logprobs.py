@@ -70,3 +70,12 @@ def test_shape_errors():
         chunked_logprobs(torch.randn(4, 3), torch.randn(5, 2), torch.zeros(4, dtype=torch.long))
     with pytest.raises(ValueError):
         chunked_logprobs(torch.randn(4, 3), torch.randn(5, 3), torch.zeros(3, dtype=torch.long))
+
+
+def test_entropy_matches_full_softmax():
+    hidden, weight, bias, targets = _inputs(21, 9, 40, torch.float32)
+    logp, entropy = chunked_logprobs(hidden, weight, targets, bias, temperature=0.8, chunk_size=4,
+                                     with_entropy=True)
+    full = torch.log_softmax((hidden @ weight.T + bias) / 0.8, dim=-1)
+    torch.testing.assert_close(entropy, -(full.exp() * full).sum(-1))
+    torch.testing.assert_close(logp, full[torch.arange(21), targets])

@@ -55,6 +55,8 @@ def select_loss_impl(impl: str, device: torch.device | str) -> tuple[Callable, C
     (old and reference log-prob passes).
     """
     if _use_triton(impl, device):
+        # The kernels match the torch reference under TRITON_INTERPRET=1 and compile for sm_90
+        # (tests/test_kernels.py); their GPU speed is measured by benchmarks/bench_policy_loss.py.
         from onelayer.kernels import fused_linear_logprobs, fused_linear_policy_loss
         return fused_linear_policy_loss, fused_linear_logprobs
     return fused_linear_policy_loss_reference, _torch_logprobs

@@ -36,22 +36,28 @@ def _chunk_logits(h: Tensor, weight: Tensor, bias: Tensor | None, temperature: f
 class _ChunkedLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor,
-                temperature: float, chunk: int) -> Tensor:
+                temperature: float, chunk: int, with_entropy: bool) -> tuple[Tensor, Tensor]:
         t = hidden.shape[0]
         logp = torch.empty(t, dtype=torch.float32, device=hidden.device)
         lse = torch.empty(t, dtype=torch.float32, device=hidden.device)
+        entropy = torch.zeros(t, dtype=torch.float32, device=hidden.device)
         for s in range(0, t, chunk):
             z = _chunk_logits(hidden[s:s + chunk], weight, bias, temperature)  # [C, V] fp32
             lse[s:s + chunk] = torch.logsumexp(z, dim=-1)
             logp[s:s + chunk] = z.gather(1, targets[s:s + chunk, None]).squeeze(1) - lse[s:s + chunk]
+            if with_entropy:  # H = lse - sum_v p_v z_v
+                p = torch.exp(z - lse[s:s + chunk, None])
+                entropy[s:s + chunk] = lse[s:s + chunk] - (p * z).sum(-1)
+                del p
             del z
         if ctx.needs_input_grad[0]:
             ctx.save_for_backward(hidden, weight, bias, targets, lse)
         ctx.temperature, ctx.chunk = temperature, chunk
-        return logp
+        ctx.mark_non_differentiable(entropy)
+        return logp, entropy
 
     @staticmethod
-    def backward(ctx, grad_logp: Tensor):
+    def backward(ctx, grad_logp: Tensor, _grad_entropy: Tensor | None):
         # d logp_t / d z_tv = onehot(y_t) - p_tv with z = (h W^T + b) / temperature, so
         # d logp_t / d h_t = sum_v g_t (onehot - p)_v W_v / temperature.
         hidden, weight, bias, targets, lse = ctx.saved_tensors
@@ -67,16 +73,18 @@ class _ChunkedLogprobs(torch.autograd.Function):
             gz.mul_(g[s:e, None])
             grad_hidden[s:e] = gz.to(hidden.dtype) @ weight
             del z, gz
-        return grad_hidden, None, None, None, None, None
+        return grad_hidden, None, None, None, None, None, None
 
 
 def chunked_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, bias: Tensor | None = None, *,
-                     temperature: float = 1.0, chunk_size: int | None = None) -> Tensor:
+                     temperature: float = 1.0, chunk_size: int | None = None,
+                     with_entropy: bool = False) -> Tensor | tuple[Tensor, Tensor]:
     """log softmax((hidden @ weight.T + bias) / temperature)[targets], float32 [T].
 
     hidden [T, H] (any float dtype; the matmul runs in it), weight [V, H] frozen lm_head,
     targets [T] int64, bias [V] or None. Gradient flows to `hidden` only. chunk_size: tokens
-    per chunk (default: `default_chunk_size(V)`, see LOGITS_CHUNK_BYTES).
+    per chunk (default: `default_chunk_size(V)`, see LOGITS_CHUNK_BYTES). with_entropy: also
+    return the (non-differentiable) entropy [T] of each token's distribution.
     """
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"hidden {tuple(hidden.shape)} and weight {tuple(weight.shape)} must be [T, H] and [V, H]")
@@ -87,5 +95,6 @@ def chunked_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, bias: Tens
     if bias is not None and bias.dtype != hidden.dtype:
         bias = bias.to(hidden.dtype)
     chunk = chunk_size or default_chunk_size(weight.shape[0])
-    return _ChunkedLogprobs.apply(hidden, weight.detach(), None if bias is None else bias.detach(),
-                                  targets.long(), float(temperature), int(chunk))
+    logp, entropy = _ChunkedLogprobs.apply(hidden, weight.detach(), None if bias is None else bias.detach(),
+                                           targets.long(), float(temperature), int(chunk), bool(with_entropy))
+    return (logp, entropy) if with_entropy else logp

@@ -119,8 +119,13 @@ def fused_linear_policy_loss_reference(hidden: Tensor, weight: Tensor, targets: 
                                        max_len: int | None = None, num_seqs: int | None = None,
                                        chunk_size: int | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """policy_loss(chunked_logprobs(hidden, weight, targets, bias), ...): the CPU path and the
-    oracle of `onelayer.kernels.fused_linear_policy_loss`. Gradient w.r.t. hidden only."""
-    logp = chunked_logprobs(hidden, weight, targets, bias, temperature=temperature, chunk_size=chunk_size)
-    return policy_loss(logp, old_logprobs, advantages, mask, seq_ids, ref_logprobs, eps_low=eps_low,
-                       eps_high=eps_high, beta=beta, aggregation=aggregation, max_len=max_len,
-                       num_seqs=num_seqs)
+    oracle of `onelayer.kernels.fused_linear_policy_loss`. Gradient w.r.t. hidden only.
+    Metrics: those of `policy_loss` plus entropy (mean over unmasked tokens)."""
+    logp, entropy = chunked_logprobs(hidden, weight, targets, bias, temperature=temperature,
+                                     chunk_size=chunk_size, with_entropy=True)
+    loss, metrics = policy_loss(logp, old_logprobs, advantages, mask, seq_ids, ref_logprobs, eps_low=eps_low,
+                                eps_high=eps_high, beta=beta, aggregation=aggregation, max_len=max_len,
+                                num_seqs=num_seqs)
+    m = mask.float()
+    metrics["entropy"] = (entropy * m).sum() / m.sum().clamp_min(1.0)
+    return loss, metrics

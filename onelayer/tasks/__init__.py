@@ -3,15 +3,37 @@ from .base import Row, Task
 
 __all__ = ["Row", "Task", "load_task", "TASK_NAMES"]
 
-TASK_NAMES = ("arithmetic",)
+TASK_NAMES = ("arithmetic", "gsm8k", "math", "numina", "deepscaler", "mbpp", "humaneval")
 
 
 def load_task(name_or_path: str, **options) -> Task:
-    """A built-in task by name; unknown names are a UserError."""
+    """A built-in task by name, or a task from a dataset (local .jsonl/.json/.parquet file or
+    hub name "owner/name"). Bad names, files and options are a UserError.
+
+    Options for dataset tasks (None means "the default"): dataset / test_dataset (replace a
+    built-in's data, e.g. with a local copy), config, split, test_split, test_size (rows, or a
+    fraction held out of train when there is no test split), limit, seed, prompt_field,
+    answer_field, tests_field, entry_point_field, reward ("math" or "code" for a dataset),
+    chat, system_prompt, format_bonus (math), timeout and workers (code).
+    """
     from ..errors import UserError
 
+    options = {k: v for k, v in options.items() if v is not None}
     if name_or_path == "arithmetic":
         from .arithmetic import arithmetic_task
         return arithmetic_task(**options)
+    from .catalog import BUILTIN, builtin_task, dataset_task
+    from .datasets import is_local, looks_like_hub_name
+
+    try:
+        if name_or_path in BUILTIN:
+            return builtin_task(name_or_path, **options)
+        if is_local(name_or_path) or looks_like_hub_name(name_or_path):
+            return dataset_task(name_or_path, **options)
+    except TypeError as e:  # an option the builder does not take
+        if "unexpected keyword argument" not in str(e):
+            raise
+        bad = str(e).split("argument", 1)[1].strip()
+        raise UserError(f"task {name_or_path!r} takes no option {bad}") from None
     raise UserError(f"unknown task {name_or_path!r}: choose one of {', '.join(TASK_NAMES)} "
-                    "or give a dataset file")
+                    "or give a dataset file (.jsonl, .json, .parquet) or hub name (owner/name)")

@@ -38,6 +38,7 @@ def main():
         say("refused " + why)
         exit_now(97)
 
+    sys.excepthook = lambda kind, value, tb: refuse(f"{kind.__name__}: {value}")  # setup bugs
     libc = ctypes.CDLL(None, use_errno=True)
 
     def check(ret, what):
@@ -51,7 +52,8 @@ def main():
     # Namespaces. As root: a private network namespace (no interface up, not even loopback) and
     # a private mount namespace with a size-limited tmpfs as the working directory. Not root: a
     # user + network namespace where the kernel allows unprivileged ones.
-    CLONE_NEWNS, CLONE_NEWUSER, CLONE_NEWNET = 0x00020000, 0x10000000, 0x40000000
+    CLONE_NEWNS, CLONE_NEWUSER = 0x00020000, 0x10000000
+    CLONE_NEWPID, CLONE_NEWNET = 0x20000000, 0x40000000
     MS_NOSUID, MS_NODEV, MS_BIND, MS_REC, MS_PRIVATE = 2, 4, 4096, 16384, 1 << 18
     if uid is not None:
         check(libc.unshare(CLONE_NEWNET | CLONE_NEWNS), "unshare(net, mount)")
@@ -120,6 +122,7 @@ def main():
         refuse("Landlock is required but not available")
     enforced["uid"] = os.getuid()
     say("ready " + json.dumps(enforced))
+    sys.excepthook = sys.__excepthook__
 
     # Untrusted from here on. A program that raises (SystemExit included) fails every test; one
     # that calls os._exit never reaches "done" and so passes only what was reported before.

@@ -9,8 +9,9 @@ on /dev/null and a temporary working directory. Before any untrusted code runs, 
   user         when the trainer is root, a per-slot unprivileged uid (root ignores RLIMIT_NPROC
                and may signal or read anything); the slot's lock makes the uid ours alone
   namespaces   as root: new network namespace (no interface up) and mount namespace with a
-               size-limited tmpfs as the working directory; otherwise an unprivileged
-               user + network namespace where the kernel allows one
+               size-limited tmpfs as the working directory; otherwise, where the kernel
+               allows unprivileged ones, user + network + PID namespaces (the program is the
+               PID namespace's init: killing it kills all it started)
   no_new_privs setuid binaries cannot regain privileges
   Landlock     (Linux >= 5.13) writes only beneath the working directory and /dev/null; ABI >= 4:
                no TCP bind/connect; ABI >= 6: no signals or abstract sockets outside the sandbox
@@ -18,6 +19,8 @@ on /dev/null and a temporary working directory. Before any untrusted code runs, 
 
 A wall-clock deadline then kills the whole process group; as root, every process left under
 the slot's uid is killed as well (this catches programs that left the group with setsid).
+Reading files is limited only by file permissions (and, as root, by covering directories the
+sandbox user could not enter anyway, such as /root, with an empty tmpfs).
 Results travel on a private pipe as lines tagged with a random nonce, so printing "all tests
 passed", exiting early or patching the harness's module does not earn reward.
 
@@ -75,6 +78,7 @@ class RunResult:
     passed: list[bool]
     timed_out: bool = False
     enforced: dict = field(default_factory=dict)  # what the child verified (see module doc)
+    workdir: str = ""  # the (now deleted) working directory, for leak checks
 
     @property
     def fraction(self) -> float:
@@ -99,10 +103,22 @@ def code_reward(completion: str, tests: list[str], *, timeout: float = 5.0) -> f
 def code_rewards(completions: Sequence[str], tests: Sequence[list[str]], *,
                  timeout: float = 5.0, workers: int | None = None) -> list[float]:
     """code_reward over many completions, at most `workers` sandboxes at a time."""
+    return run_many([extract_code(c) for c in completions], tests, timeout=timeout,
+                    workers=workers)
+
+
+def run_many(programs: Sequence[str], tests: Sequence[list[str]], *, timeout: float = 5.0,
+             workers: int | None = None, limits: Limits = Limits()) -> list[float]:
+    """Fraction of tests passed for each program, at most `workers` sandboxes at a time.
+
+    Threads suffice: each one only waits on its sandbox process. The default (<= 8, <= CPUs)
+    keeps scoring off the critical path without oversubscribing the machine.
+    """
     workers = workers or max(1, min(8, os.cpu_count() or 1))
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sandbox") as pool:
-        return list(pool.map(lambda ct: code_reward(ct[0], ct[1], timeout=timeout),
-                             zip(completions, tests)))
+        return list(pool.map(lambda pt: run_tests(pt[0], pt[1], timeout=timeout,
+                                                  limits=limits).fraction,
+                             zip(programs, tests)))
 
 
 def run_tests(program: str, tests: Sequence[str], *, timeout: float = 5.0,
@@ -147,19 +163,22 @@ def _run(program, tests, work, uid, timeout, limits) -> RunResult:
             pass
         timed_out = _read_report(proc, nonce, timeout, lines)
     finally:
-        init = [int(x[5:]) for x in lines if x.startswith("init ") and x[5:].isdigit()]
+        # Lines before "ready" come from the trusted bootstrap; after it, only "pass" lines
+        # count, so a program that learned the nonce cannot make us kill a pid or give up.
+        ready = next((i for i, x in enumerate(lines) if x.startswith("ready ")), len(lines))
+        init = [int(x[5:]) for x in lines[:ready] if x.startswith("init ") and x[5:].isdigit()]
         _kill_all(proc, uid, init)
-    result = RunResult(passed=[False] * len(tests), timed_out=timed_out)
-    for line in lines:
-        kind, _, rest = line.partition(" ")
-        if kind == "refused":
-            raise SandboxError(f"code sandbox refused to run: {rest}")
-        if kind == "ready":
-            result.enforced = json.loads(rest)
-        elif kind == "pass" and rest.isdigit() and int(rest) < len(tests):
-            result.passed[int(rest)] = True
-    if not result.enforced:
+    for line in lines[:ready]:
+        if line.startswith("refused "):
+            raise SandboxError(f"code sandbox refused to run: {line[8:]}")
+    if ready == len(lines):
         raise SandboxError("code sandbox did not start (no ready line from the child)")
+    result = RunResult(passed=[False] * len(tests), timed_out=timed_out,
+                       enforced=json.loads(lines[ready][6:]), workdir=work)
+    for line in lines[ready + 1:]:
+        kind, _, rest = line.partition(" ")
+        if kind == "pass" and rest.isdigit() and int(rest) < len(tests):
+            result.passed[int(rest)] = True
     return result
 
 
@@ -182,9 +201,9 @@ def _read_report(proc: subprocess.Popen, nonce: str, timeout: float, lines: list
         for raw in complete:
             if raw.startswith(prefix):
                 lines.append(raw[len(prefix):].decode(errors="replace"))
-                if lines[-1].startswith("ready") and not ready:
+                if lines[-1].startswith("ready ") and not ready:
                     ready, deadline = True, time.monotonic() + timeout  # the program's clock
-                if lines[-1] in ("done",) or lines[-1].startswith("refused"):
+                elif (lines[-1] == "done") if ready else lines[-1].startswith("refused "):
                     return False
         if not readable and proc.poll() is not None:
             return False  # the main process exited; its children's writes do not count
@@ -212,11 +231,19 @@ def _kill_uid(uid: int) -> None:
     # kill(-1) from a process running as `uid` reaches all of that uid's processes at once, so a
     # fork bomb cannot outrun it the way a /proc scan followed by kills can.
     for _ in range(20):
-        if not _pids_of_uid(uid):
+        pids = _pids_of_uid(uid)
+        if not pids:
             return
-        subprocess.run(["kill", "-KILL", "-1"], user=uid, group=uid, extra_groups=[],
-                       env={"PATH": "/usr/bin:/bin"}, stdout=subprocess.DEVNULL,
-                       stderr=subprocess.DEVNULL, check=False)
+        try:
+            subprocess.run(["kill", "-KILL", "-1"], user=uid, group=uid, extra_groups=[],
+                           env={"PATH": "/usr/bin:/bin"}, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, check=False)
+        except FileNotFoundError:  # no kill(1): one by one (NPROC bounds the refills)
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
         time.sleep(0.01)
     raise SandboxError(f"processes of sandbox uid {uid} survived SIGKILL")
 
@@ -225,9 +252,9 @@ def _pids_of_uid(uid: int) -> list[int]:
     """Live (not zombie) processes whose real uid is `uid`."""
     pids = []
     for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
+        try:  # /proc/<pid> belongs to the process's effective uid: a cheap first filter
+            if not entry.isdigit() or os.stat(f"/proc/{entry}").st_uid != uid:
+                continue
             status = Path(f"/proc/{entry}/status").read_text()
         except OSError:
             continue
@@ -253,8 +280,11 @@ def _tasks_of_uid(uid: int) -> int:
 @contextmanager
 def _uid_slot() -> Iterator[int]:
     """Claim a sandbox uid no other run (in any process on this machine) is using."""
-    lock_dir = Path(tempfile.gettempdir()) / "onelayer-sandbox-locks"
+    lock_dir = uid_lock_dir()
     lock_dir.mkdir(mode=0o700, exist_ok=True)
+    st = os.lstat(lock_dir)  # in a shared /tmp: refuse a directory someone else prepared
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
+        raise SandboxError(f"{lock_dir} is not a private directory of this user")
     for uid in range(UID_BASE, UID_BASE + UID_SLOTS):
         if _is_named_user(uid):
             continue
@@ -271,6 +301,11 @@ def _uid_slot() -> Iterator[int]:
             os.close(fd)
         return
     raise SandboxError(f"all {UID_SLOTS} sandbox uids from {UID_BASE} are busy")
+
+
+def uid_lock_dir() -> Path:
+    """Where the per-uid slot locks live; holding one means no run uses that uid."""
+    return Path(tempfile.gettempdir()) / "onelayer-sandbox-locks"
 
 
 @contextmanager

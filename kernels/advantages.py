@@ -13,6 +13,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from onelayer.algos.advantages import discounted_returns, episode_returns
+
 STD_EPS = 1e-6
 _MODES = {"grpo": 0, "dr_grpo": 1, "batch": 2, "gigpo": 3}
 
@@ -173,8 +175,6 @@ def gigpo_advantages(step_rewards: Tensor, traj_ids: Tensor, step_index: Tensor,
                      anchor_ids: Tensor, *, gamma: float = 0.95, omega: float = 1.0, norm: str = "std") -> Tensor:
     """Same signature and result as `gigpo_advantages_reference`; returns run on the host
     (a Python scan over steps), the grouping and normalisation in the kernel."""
-    from onelayer.algos.advantages import discounted_returns, episode_returns
-
     ret, traj_group, step_traj = episode_returns(step_rewards, traj_ids, episode_group_ids)
     dev = step_rewards.device
     step_ret = discounted_returns(step_rewards, traj_ids, step_index, gamma=gamma)

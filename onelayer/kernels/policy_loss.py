@@ -1,0 +1,1 @@
+../../kernels/policy_loss.py
