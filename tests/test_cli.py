@@ -109,3 +109,12 @@ def test_demo_preset_applies_only_to_the_demo_and_yields_to_the_user():
 def test_invalid_values_are_user_errors(overrides):
     with pytest.raises(UserError):
         build_config(overrides)
+
+
+def test_example_configs_build():
+    from pathlib import Path
+    configs = sorted((Path(__file__).parent.parent / "configs").glob("*.toml"))
+    assert configs
+    for path in configs:
+        cfg = build_config({}, str(path))
+        assert cfg.model != "demo"
