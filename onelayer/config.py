@@ -9,7 +9,8 @@ from typing import Any
 
 from .errors import UserError
 
-ALGOS = ("grpo", "dr_grpo")
+ALGOS = ("grpo", "dr_grpo", "gigpo")
+SCALE_REWARDS = ("group", "batch", "none")
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 
 
@@ -30,6 +31,13 @@ class TrainConfig:
     eps_low: float = 0.2
     eps_high: float = 0.2
     loss_agg: str | None = None        # None: the algorithm's own aggregation
+    scale_rewards: str | None = None   # group | batch | none; None: the algorithm's own
+    dynamic_sampling: bool = False     # DAPO: drop groups whose rewards are all equal, refill
+    env: str | None = None             # multi-turn environment (built-in name or module:Class)
+    max_turns: int = 20                # per episode (multi-turn)
+    gamma: float = 0.95                # GiGPO step-return discount
+    omega: float = 1.0                 # GiGPO weight of the step-level advantage
+    adv_norm: str = "std"              # GiGPO F_norm: std or mean (divide by 1)
     max_new_tokens: int = 512
     temperature: float = 1.0
     top_p: float = 1.0
@@ -50,8 +58,15 @@ class TrainConfig:
     def aggregation(self) -> str:
         return self.loss_agg or ALGO_AGGREGATION[self.algo]
 
+    @property
+    def reward_scaling(self) -> str:
+        return self.scale_rewards or ALGO_SCALING[self.algo]
 
-ALGO_AGGREGATION = {"grpo": "seq-mean-token-mean", "dr_grpo": "seq-mean-token-sum-norm"}
+
+# The presets of --algo (ALGORITHMS.md); --loss-agg and --scale-rewards override them.
+ALGO_AGGREGATION = {"grpo": "seq-mean-token-mean", "dr_grpo": "seq-mean-token-sum-norm",
+                    "gigpo": "token-mean"}
+ALGO_SCALING = {"grpo": "group", "dr_grpo": "none", "gigpo": "group"}
 
 # The packaged demo is a 1.6M-parameter model on a 2-core CPU: larger steps, short answers.
 DEMO_PRESET = dict(steps=200, prompts_per_step=16, group_size=8, lr=1e-3, max_new_tokens=8,
@@ -108,6 +123,12 @@ def _coerce(name: str, value: Any) -> Any:
     if value is None:
         return None
     try:
+        if kind.startswith("bool"):
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in ("true", "1", "yes", "false", "0", "no"):
+                return str(value).lower() in ("true", "1", "yes")
+            raise ValueError
         if kind.startswith("int"):
             if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
                 raise ValueError
@@ -143,6 +164,13 @@ def validate(cfg: TrainConfig) -> None:
     need(0 < cfg.top_p <= 1, "--top-p must be in (0, 1]")
     need(cfg.top_k >= 0, "--top-k must be >= 0")
     need(cfg.loss_impl in ("auto", "torch", "triton"), "--loss-impl must be auto, torch or triton")
+    need(cfg.scale_rewards in (None, *SCALE_REWARDS),
+         f"unknown --scale-rewards {cfg.scale_rewards!r} (choose {', '.join(SCALE_REWARDS)})")
+    need(cfg.adv_norm in ("std", "mean"), "--adv-norm must be std or mean")
+    need(cfg.max_turns >= 1, "--max-turns must be >= 1")
+    need(0 <= cfg.gamma <= 1, "--gamma must be in [0, 1]")
+    need((cfg.algo == "gigpo") == (cfg.env is not None),
+         "--algo gigpo trains on a multi-turn --env, and an --env needs --algo gigpo")
     need(cfg.eval_samples >= 0 and cfg.eval_every >= 0, "--eval-samples/--eval-every must be >= 0")
 
 

@@ -29,7 +29,9 @@ from .model import Policy, load_policy
 from .rollout import Rollout, SamplingParams, generate_completions
 from .tasks import Task, load_task
 
-ADVANTAGE_MODE = {"grpo": "grpo", "dr_grpo": "dr_grpo"}
+# --scale-rewards -> the advantage estimator's mode (ALGORITHMS.md): divide by the group's std,
+# the batch's std, or nothing (Dr. GRPO).
+ADVANTAGE_MODE = {"group": "grpo", "batch": "batch", "none": "dr_grpo"}
 
 
 @dataclass(frozen=True)
@@ -116,7 +118,28 @@ def rl_step(policy: Policy, optimizer: torch.optim.Optimizer, task: Task, rows: 
     group_ids = torch.arange(len(rows)).repeat_interleave(G)
     advantages = objective.advantages_fn(rewards.to(policy.device), group_ids.to(policy.device),
                                          mode=objective.advantage_mode)
+    # One advantage per sequence, on every one of its tokens.
+    token_advantages = advantages[:, None].expand_as(rollout.completion_mask)
+    stats = optimize(policy, optimizer, rollout, token_advantages, cfg, objective)
 
+    _sync(policy.device)
+    t_end = time.perf_counter()
+
+    completion_len = rollout.completion_mask.sum(1).float()
+    metrics = {k: sum(s[k] for s in stats) / len(stats) for k in stats[0]}
+    metrics.update(
+        reward_mean=rewards.mean().item(), reward_std=rewards.std().item(),
+        completion_len=completion_len.mean().item(), step_s=t_end - t0, gen_s=t_gen - t0,
+        update_s=t_end - t_gen, tokens_per_s=completion_len.sum().item() / (t_end - t0))
+    return metrics
+
+
+def optimize(policy: Policy, optimizer, rollout: Rollout, token_advantages: Tensor,
+             cfg: TrainConfig, objective: Objective) -> list[dict]:
+    """PPO epochs and minibatches over one rollout batch; token_advantages [B, C].
+
+    Used by single-turn and multi-turn steps alike: a rollout's completion_mask marks the
+    tokens that carry loss (the policy's own), its attention_mask every token of context."""
     # h_L once per batch; reused by every pass below.
     ctx = policy.split.context(rollout.attention_mask, policy.compute_dtype)
     h = policy.split.prefix(rollout.sequences, ctx)
@@ -132,29 +155,20 @@ def rl_step(policy: Policy, optimizer: torch.optim.Optimizer, task: Task, rows: 
         order = torch.randperm(batch, device=h.device)
         for start in range(0, batch, minibatch):
             rows_mb = order[start:start + minibatch]
-            stats.append(update(policy, optimizer, h, rollout, rows_mb, advantages, old_logprobs,
-                                ref_logprobs, objective, cfg.max_grad_norm))
-    _sync(policy.device)
-    t_end = time.perf_counter()
-
-    completion_len = rollout.completion_mask.sum(1).float()
-    metrics = {k: sum(s[k] for s in stats) / len(stats) for k in stats[0]}
-    metrics.update(
-        reward_mean=rewards.mean().item(), reward_std=rewards.std().item(),
-        completion_len=completion_len.mean().item(), step_s=t_end - t0, gen_s=t_gen - t0,
-        update_s=t_end - t_gen, tokens_per_s=completion_len.sum().item() / (t_end - t0))
-    return metrics
+            stats.append(update(policy, optimizer, h, rollout, rows_mb, token_advantages,
+                                old_logprobs, ref_logprobs, objective, cfg.max_grad_norm))
+    return stats
 
 
-def update(policy: Policy, optimizer, h: Tensor, rollout: Rollout, rows: Tensor, advantages: Tensor,
-           old_logprobs: Tensor, ref_logprobs: Tensor | None, objective: Objective,
-           max_grad_norm: float) -> dict:
+def update(policy: Policy, optimizer, h: Tensor, rollout: Rollout, rows: Tensor,
+           token_advantages: Tensor, old_logprobs: Tensor, ref_logprobs: Tensor | None,
+           objective: Objective, max_grad_norm: float) -> dict:
     """One optimizer step on the minibatch `rows` of the rollout."""
     mask, targets, seq_ids = completion_tokens(rollout, rows)
     hidden = completion_hidden(policy, h, rollout, rows, policy.layer.policy_params())
     lm_head = policy.split.lm_head
     loss, metrics = objective.loss_fn(
-        hidden, lm_head.weight, targets, old_logprobs[rows][mask], advantages[rows][seq_ids],
+        hidden, lm_head.weight, targets, old_logprobs[rows][mask], token_advantages[rows][mask],
         torch.ones_like(targets, dtype=torch.float32), seq_ids,
         None if ref_logprobs is None else ref_logprobs[rows][mask], lm_head.bias,
         temperature=objective.temperature, eps_low=objective.eps_low, eps_high=objective.eps_high,
@@ -176,7 +190,7 @@ def update(policy: Policy, optimizer, h: Tensor, rollout: Rollout, rows: Tensor,
 def build_objective(cfg: TrainConfig, device: torch.device) -> Objective:
     loss_fn, logprobs_fn = select_loss_impl(cfg.loss_impl, device)
     return Objective(loss_fn, logprobs_fn, advantages_fn(cfg.loss_impl, device),
-                     ADVANTAGE_MODE[cfg.algo], cfg.aggregation, cfg.temperature, cfg.eps_low,
+                     ADVANTAGE_MODE[cfg.reward_scaling], cfg.aggregation, cfg.temperature, cfg.eps_low,
                      cfg.eps_high, cfg.beta, cfg.max_new_tokens)
 
 
