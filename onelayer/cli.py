@@ -16,8 +16,24 @@ TRAIN_OPTIONS = [
                      "(floor(N/2 - 1/2)) or 'auto' (~44% of depth, where the paper's best "
                      "layers sit). [default: mid]"),
     ("--task", str, "Built-in task name or a dataset file. [default: arithmetic]"),
-    ("--algo", click.Choice(["grpo", "dr_grpo"]), "Algorithm preset: advantage estimator + loss "
-                     "aggregation. [default: grpo]"),
+    ("--prompt-field", str, "Dataset field holding the prompt. [default: the task's, else "
+                            "prompt/question/problem]"),
+    ("--answer-field", str, "Dataset field holding the math answer. [default: the task's, else "
+                            "answer/solution]"),
+    ("--tests-field", str, "Dataset field holding code tests (assert lines). [default: the "
+                           "task's, else tests/test_list]"),
+    ("--entry-point-field", str, "Dataset field naming the function HumanEval-style tests call."),
+    ("--dataset-config", str, "Hub dataset configuration (subset) name."),
+    ("--split", str, "Training split of a hub dataset. [default: train]"),
+    ("--test-split", str, "Held-out split of a hub dataset. [default: the task's]"),
+    ("--test-size", float, "Rows (or a fraction < 1) held out of train when there is no test split."),
+    ("--system-prompt", str, "System prompt for chat-template (instruct) models."),
+    ("--format-bonus", float, "Math: reward added when a final answer can be extracted. [default: 0]"),
+    ("--algo", click.Choice(["grpo", "dr_grpo", "gigpo"]), "Algorithm preset: advantage "
+                     "estimator + loss aggregation + reward scaling (ALGORITHMS.md). grpo: "
+                     "group std, seq-mean-token-mean; dr_grpo: no std, seq-mean-token-sum-norm; "
+                     "gigpo: multi-turn --env, episode + step advantages, token-mean. "
+                     "[default: grpo]"),
     ("--steps", int, "RL steps (each: sample, score, update). [default: 200]"),
     ("--prompts-per-step", int, "Prompts per step. [default: 8; demo 16]"),
     ("--group-size", int, "Completions per prompt, G (>= 2). [default: 8]"),
@@ -33,6 +49,17 @@ TRAIN_OPTIONS = [
     ("--loss-agg", click.Choice(["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"]),
      "Loss aggregation. [default: the algorithm's: grpo seq-mean-token-mean, dr_grpo "
      "seq-mean-token-sum-norm]"),
+    ("--scale-rewards", click.Choice(["group", "batch", "none"]), "Divide advantages by the "
+                     "group's reward std, the batch's, or not at all. [default: the algorithm's]"),
+    ("--dynamic-sampling/--no-dynamic-sampling", None, "DAPO dynamic sampling: drop groups whose "
+                     "rewards are all equal and sample more prompts to refill the batch."),
+    ("--env", str, "Multi-turn environment for --algo gigpo: gridworld, sokoban, household, "
+                   "or package.module:Class."),
+    ("--max-turns", int, "Turns per episode (multi-turn). [default: 20]"),
+    ("--gamma", float, "GiGPO discount of step returns. [default: 0.95]"),
+    ("--omega", float, "GiGPO weight of the step-level advantage. [default: 1]"),
+    ("--adv-norm", click.Choice(["std", "mean"]), "GiGPO normalisation: divide by the std, or "
+                   "not (mean). [default: std]"),
     ("--max-new-tokens", int, "Longest completion. [default: 512; demo 8]"),
     ("--temperature", float, "Sampling temperature; log-probs use logits / temperature. [default: 1]"),
     ("--top-p", float, "Nucleus sampling threshold. [default: 1, off]"),

@@ -20,6 +20,17 @@ class TrainConfig:
     model: str = "demo"                # hub id, local directory, or "demo" (the packaged tiny model)
     layer: str = "mid"                 # index, "mid" or "auto"
     task: str = "arithmetic"
+    # Dataset tasks (onelayer.tasks.load_task): where the data is and which fields hold what.
+    prompt_field: str | None = None
+    answer_field: str | None = None
+    tests_field: str | None = None
+    entry_point_field: str | None = None
+    dataset_config: str | None = None
+    split: str | None = None
+    test_split: str | None = None
+    test_size: float | None = None    # rows held out of train (or a fraction < 1) without a test split
+    system_prompt: str | None = None
+    format_bonus: float | None = None  # math: reward for an extractable final answer
     algo: str = "grpo"
     steps: int = 200
     prompts_per_step: int = 8
@@ -168,10 +179,22 @@ def validate(cfg: TrainConfig) -> None:
          f"unknown --scale-rewards {cfg.scale_rewards!r} (choose {', '.join(SCALE_REWARDS)})")
     need(cfg.adv_norm in ("std", "mean"), "--adv-norm must be std or mean")
     need(cfg.max_turns >= 1, "--max-turns must be >= 1")
+    need(cfg.test_size is None or cfg.test_size > 0, "--test-size must be positive")
     need(0 <= cfg.gamma <= 1, "--gamma must be in [0, 1]")
     need((cfg.algo == "gigpo") == (cfg.env is not None),
          "--algo gigpo trains on a multi-turn --env, and an --env needs --algo gigpo")
     need(cfg.eval_samples >= 0 and cfg.eval_every >= 0, "--eval-samples/--eval-every must be >= 0")
+
+
+def task_options(cfg) -> dict[str, Any]:
+    """The load_task options that the user set (None means the task's default)."""
+    size = cfg.test_size
+    options = dict(prompt_field=cfg.prompt_field, answer_field=cfg.answer_field,
+                   tests_field=cfg.tests_field, entry_point_field=cfg.entry_point_field,
+                   config=cfg.dataset_config, split=cfg.split, test_split=cfg.test_split,
+                   test_size=int(size) if size is not None and size >= 1 else size,
+                   system_prompt=cfg.system_prompt, format_bonus=cfg.format_bonus)
+    return {k: v for k, v in options.items() if v is not None}
 
 
 def config_json(cfg: TrainConfig) -> str:

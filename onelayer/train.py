@@ -22,11 +22,11 @@ from tqdm.auto import tqdm
 
 from .algos import advantages_fn, select_loss_impl
 from .checkpoint import CONFIG_FILE, LAYER_FILE, save_layer
-from .config import TrainConfig, config_json
+from .config import TrainConfig, config_json, task_options
 from .errors import UserError
 from .evaluate import greedy_accuracy, render_prompt
 from .model import Policy, load_policy
-from .rollout import Rollout, SamplingParams, generate_completions
+from .rollout import Rollout, SamplingParams, concat_rollouts, generate_completions, select_rollout
 from .tasks import Task, load_task
 
 # --scale-rewards -> the advantage estimator's mode (ALGORITHMS.md): divide by the group's std,
@@ -102,35 +102,81 @@ def frozen_logprobs(policy: Policy, h: Tensor, rollout: Rollout, objective: Obje
 # One RL step
 # ---------------------------------------------------------------------------------------------
 
-def rl_step(policy: Policy, optimizer: torch.optim.Optimizer, task: Task, rows: list[dict],
-            cfg: TrainConfig, objective: Objective) -> dict:
-    t0 = time.perf_counter()
+# DAPO dynamic sampling draws at most this many batches of prompts per step to find groups
+# whose rewards differ; what it found by then is trained on.
+MAX_SAMPLING_ROUNDS = 4
+
+
+@dataclass
+class ScoredBatch:
+    """G completions per prompt, their rewards [B] and group ids [B] (consecutive rows)."""
+    rollout: Rollout
+    rewards: Tensor
+    group_ids: Tensor
+    groups_sampled: int
+
+
+def sample_and_score(policy: Policy, task: Task, rows: list[dict], cfg: TrainConfig,
+                     more_rows: Callable[[int], list[dict]] | None = None) -> ScoredBatch:
+    """Sample G completions for each row and score them. With dynamic sampling, groups whose
+    rewards are all equal (no learning signal) are dropped and `more_rows` refills the batch."""
     G = cfg.group_size
     tokenizer, lm = policy.tokenizer, policy.split.lm
     sampling = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.top_k)
-    rollout = generate_completions(lm, tokenizer, [render_prompt(tokenizer, task, r) for r in rows],
-                                   sampling, repeat=G)
+    kept, kept_rewards, sampled, wanted = [], [], 0, len(rows)
+    for round_ in range(MAX_SAMPLING_ROUNDS if cfg.dynamic_sampling and more_rows else 1):
+        if round_:
+            rows = more_rows(wanted - sum(len(r) for r in kept_rewards) // G)
+        prompts = [render_prompt(tokenizer, task, r) for r in rows]
+        rollout = generate_completions(lm, tokenizer, prompts, sampling, repeat=G)
+        rewards = torch.tensor(task.rewards(rollout.texts, [r for r in rows for _ in range(G)]),
+                               dtype=torch.float32)
+        sampled += len(rows)
+        if cfg.dynamic_sampling:
+            informative = rewards.view(-1, G).std(1) > 0
+            keep = informative.repeat_interleave(G).nonzero().squeeze(1)
+            rollout, rewards = select_rollout(rollout, keep), rewards[keep]
+        kept.append(rollout)
+        kept_rewards.append(rewards)
+        if sum(len(r) for r in kept_rewards) >= wanted * G:
+            break
+    rewards = torch.cat(kept_rewards)
+    rollout = concat_rollouts(kept, tokenizer.pad_token_id) if len(kept) > 1 else kept[0]
+    group_ids = torch.arange(len(rewards) // G).repeat_interleave(G)
+    return ScoredBatch(rollout, rewards, group_ids, sampled)
+
+
+def rl_step(policy: Policy, optimizer: torch.optim.Optimizer, task: Task, rows: list[dict],
+            cfg: TrainConfig, objective: Objective,
+            more_rows: Callable[[int], list[dict]] | None = None) -> dict:
+    t0 = time.perf_counter()
+    batch = sample_and_score(policy, task, rows, cfg, more_rows)
     _sync(policy.device)
     t_gen = time.perf_counter()
 
-    rewards = torch.tensor(task.rewards(rollout.texts, [r for r in rows for _ in range(G)]),
-                           dtype=torch.float32)
-    group_ids = torch.arange(len(rows)).repeat_interleave(G)
-    advantages = objective.advantages_fn(rewards.to(policy.device), group_ids.to(policy.device),
-                                         mode=objective.advantage_mode)
-    # One advantage per sequence, on every one of its tokens.
-    token_advantages = advantages[:, None].expand_as(rollout.completion_mask)
-    stats = optimize(policy, optimizer, rollout, token_advantages, cfg, objective)
-
+    rollout, rewards = batch.rollout, batch.rewards
+    stats = []
+    if len(rewards):
+        advantages = objective.advantages_fn(rewards.to(policy.device),
+                                             batch.group_ids.to(policy.device),
+                                             mode=objective.advantage_mode)
+        # One advantage per sequence, on every one of its tokens.
+        token_advantages = advantages[:, None].expand_as(rollout.completion_mask)
+        stats = optimize(policy, optimizer, rollout, token_advantages, cfg, objective)
     _sync(policy.device)
     t_end = time.perf_counter()
 
     completion_len = rollout.completion_mask.sum(1).float()
-    metrics = {k: sum(s[k] for s in stats) / len(stats) for k in stats[0]}
+    metrics = {k: sum(s[k] for s in stats) / len(stats) for k in stats[0]} if stats else {
+        "loss": 0.0, "kl": 0.0, "clip_ratio": 0.0}
     metrics.update(
-        reward_mean=rewards.mean().item(), reward_std=rewards.std().item(),
-        completion_len=completion_len.mean().item(), step_s=t_end - t0, gen_s=t_gen - t0,
-        update_s=t_end - t_gen, tokens_per_s=completion_len.sum().item() / (t_end - t0))
+        reward_mean=rewards.mean().item() if len(rewards) else 0.0,
+        reward_std=rewards.std().item() if len(rewards) > 1 else 0.0,
+        completion_len=completion_len.mean().item() if len(rewards) else 0.0,
+        step_s=t_end - t0, gen_s=t_gen - t0, update_s=t_end - t_gen,
+        tokens_per_s=completion_len.sum().item() / (t_end - t0))
+    if cfg.dynamic_sampling:
+        metrics.update(groups_sampled=batch.groups_sampled, groups_kept=len(rewards) // cfg.group_size)
     return metrics
 
 
@@ -219,7 +265,7 @@ def train(cfg: TrainConfig, *, progress: bool = True, echo: Callable[[str], None
     t_start = time.perf_counter()
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    task = load_task(cfg.task)
+    task = load_task(cfg.task, **task_options(cfg))
     if not task.train:
         raise UserError(f"task {cfg.task}: no training rows")
     policy = load_policy(cfg.model, layer=cfg.layer, frozen_dtype=cfg.frozen_dtype,
@@ -247,13 +293,20 @@ def train(cfg: TrainConfig, *, progress: bool = True, echo: Callable[[str], None
     metrics_path.parent.mkdir(parents=True, exist_ok=True)
     history = []
     order = random.Random(cfg.seed).sample(range(len(task.train)), len(task.train))
+    drawn = 0
+
+    def next_rows(n: int) -> list[dict]:
+        """The next n training rows of a seeded shuffle, cycling."""
+        nonlocal drawn
+        picks = [task.train[order[(drawn + i) % len(order)]] for i in range(n)]
+        drawn += n
+        return picks
+
     with open(metrics_path, "w") as metrics_file, \
             tqdm(range(1, cfg.steps + 1), desc="train", disable=not progress) as bar:
         for step in bar:
-            picks = [order[((step - 1) * cfg.prompts_per_step + i) % len(order)]
-                     for i in range(cfg.prompts_per_step)]
-            row = {"step": step, **rl_step(policy, optimizer, task, [task.train[i] for i in picks],
-                                           cfg, objective), **memory_gib(policy.device)}
+            row = {"step": step, **rl_step(policy, optimizer, task, next_rows(cfg.prompts_per_step),
+                                           cfg, objective, next_rows), **memory_gib(policy.device)}
             if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps:
                 row["eval_accuracy"] = evaluate(f"step {step}")
             history.append(row)

@@ -48,3 +48,22 @@ def test_greedy_is_deterministic_and_sampling_is_seeded(tiny_models):
     torch.manual_seed(3)
     b = generate_completions(*args, sampled, repeat=4).sequences
     assert torch.equal(a, b)
+
+
+def test_concat_rollouts_repads_and_keeps_every_token(tiny_models):
+    from onelayer.rollout import concat_rollouts, select_rollout
+    policy = load_policy(tiny_models["qwen3"], layer=1, device="cpu")
+    torch.manual_seed(1)
+    a = generate_completions(policy.split.lm, policy.tokenizer, ["1+1=", "22+333="],
+                             SamplingParams(max_new_tokens=3), repeat=2)
+    b = generate_completions(policy.split.lm, policy.tokenizer, ["123456789+1="],
+                             SamplingParams(max_new_tokens=6), repeat=2)
+    both = concat_rollouts([select_rollout(a, torch.tensor([0, 3])), b], policy.tokenizer.pad_token_id)
+    assert both.prompt_len == max(a.prompt_len, b.prompt_len)
+    assert both.texts == [a.texts[0], a.texts[3], *b.texts]
+    for row, (src, i) in enumerate([(a, 0), (a, 3), (b, 0), (b, 1)]):
+        real = both.sequences[row][both.attention_mask[row].bool()]
+        assert torch.equal(real, src.sequences[i][src.attention_mask[i].bool()])
+        n = src.completion_mask.shape[1]
+        assert torch.equal(both.completion_mask[row, :n], src.completion_mask[i])
+        assert both.completion_mask[row, n:].sum() == 0

@@ -1,3 +1,5 @@
-from .generate import Rollout, SamplingParams, completion_mask, generate_completions
+from .generate import (Rollout, SamplingParams, completion_mask, concat_rollouts,
+                       generate_completions, select_rollout)
 
-__all__ = ["Rollout", "SamplingParams", "completion_mask", "generate_completions"]
+__all__ = ["Rollout", "SamplingParams", "completion_mask", "concat_rollouts",
+           "generate_completions", "select_rollout"]

@@ -82,3 +82,28 @@ def generate_completions(lm, tokenizer, prompts: list[str], params: SamplingPara
     texts = tokenizer.batch_decode(completions * mask + tokenizer.pad_token_id * (1 - mask),
                                    skip_special_tokens=True)
     return Rollout(sequences, torch.cat([prompt_mask, mask], dim=1), mask, prompt_len, texts)
+
+
+def select_rollout(rollout: Rollout, rows: Tensor) -> Rollout:
+    """The rows `rows` of a rollout (widths unchanged)."""
+    keep = rows.tolist()
+    return Rollout(rollout.sequences[rows], rollout.attention_mask[rows],
+                   rollout.completion_mask[rows], rollout.prompt_len, [rollout.texts[i] for i in keep])
+
+
+def concat_rollouts(rollouts: list[Rollout], pad_id: int) -> Rollout:
+    """Rows of several rollouts in one: prompts re-padded on the left, completions on the right."""
+    P = max(r.prompt_len for r in rollouts)
+    C = max(r.completion_mask.shape[1] for r in rollouts)
+
+    def pad(t: Tensor, left: int, right: int, value: int) -> Tensor:
+        return torch.nn.functional.pad(t, (left, right), value=value)
+
+    sequences, attention, completion, texts = [], [], [], []
+    for r in rollouts:
+        left, right = P - r.prompt_len, C - r.completion_mask.shape[1]
+        sequences.append(pad(pad(r.sequences, 0, right, pad_id), left, 0, pad_id))
+        attention.append(pad(r.attention_mask, left, right, 0))
+        completion.append(pad(r.completion_mask, 0, right, 0))
+        texts += r.texts
+    return Rollout(torch.cat(sequences), torch.cat(attention), torch.cat(completion), P, texts)
