@@ -7,15 +7,8 @@ import click
 
 from .errors import UserError
 
-# Options of `train`, mirrored one to one by the keys of a --config file (dashes or underscores).
-# Every default is None here, so that only what the user typed overrides the file and presets.
-TRAIN_OPTIONS = [
-    ("--model", str, "Hub id (Qwen/Qwen3-8B), local model directory, or 'demo': the packaged "
-                     "tiny arithmetic model. [default: demo]"),
-    ("--layer", str, "Layer to train: an index (negative counts from the end), 'mid' "
-                     "(floor(N/2 - 1/2)) or 'auto' (~44% of depth, where the paper's best "
-                     "layers sit). [default: mid]"),
-    ("--task", str, "Built-in task name or a dataset file. [default: arithmetic]"),
+# Where a dataset task's data is and which fields hold what (train and eval).
+TASK_FIELD_OPTIONS = [
     ("--prompt-field", str, "Dataset field holding the prompt. [default: the task's, else "
                             "prompt/question/problem]"),
     ("--answer-field", str, "Dataset field holding the math answer. [default: the task's, else "
@@ -29,6 +22,18 @@ TRAIN_OPTIONS = [
     ("--test-size", float, "Rows (or a fraction < 1) held out of train when there is no test split."),
     ("--system-prompt", str, "System prompt for chat-template (instruct) models."),
     ("--format-bonus", float, "Math: reward added when a final answer can be extracted. [default: 0]"),
+]
+
+# Options of `train`, mirrored one to one by the keys of a --config file (dashes or underscores).
+# Every default is None here, so that only what the user typed overrides the file and presets.
+TRAIN_OPTIONS = [
+    ("--model", str, "Hub id (Qwen/Qwen3-8B), local model directory, or 'demo': the packaged "
+                     "tiny arithmetic model. [default: demo]"),
+    ("--layer", str, "Layer to train: an index (negative counts from the end), 'mid' "
+                     "(floor(N/2 - 1/2)) or 'auto' (~44% of depth, where the paper's best "
+                     "layers sit). [default: mid]"),
+    ("--task", str, "Built-in task name or a dataset file. [default: arithmetic]"),
+    *TASK_FIELD_OPTIONS,
     ("--algo", click.Choice(["grpo", "dr_grpo", "gigpo"]), "Algorithm preset: advantage "
                      "estimator + loss aggregation + reward scaling (ALGORITHMS.md). grpo: "
                      "group std, seq-mean-token-mean; dr_grpo: no std, seq-mean-token-sum-norm; "
@@ -82,10 +87,12 @@ TRAIN_OPTIONS = [
 ]
 
 
-def _with_train_options(command):
-    for flag, kind, text in reversed(TRAIN_OPTIONS):
-        command = click.option(flag, type=kind, default=None, help=text)(command)
-    return command
+def _with_options(options):
+    def decorate(command):
+        for flag, kind, text in reversed(options):
+            command = click.option(flag, type=kind, default=None, help=text)(command)
+        return command
+    return decorate
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -98,7 +105,7 @@ def cli():
 
 
 @cli.command()
-@_with_train_options
+@_with_options(TRAIN_OPTIONS)
 @click.option("--config", "config_file", type=click.Path(dir_okay=False),
               help="TOML or YAML file whose keys mirror these options (CLI options win).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
@@ -111,9 +118,48 @@ def train(config_file, quiet, **options):
     from .config import build_config
     from .train import train as run
 
+    _quiet_loading(quiet)
     overrides = {k: v for k, v in options.items() if v is not None}
     cfg = build_config(overrides, config_file)
     run(cfg, progress=not quiet, echo=click.echo)
+
+
+@cli.command("eval")
+@click.option("--model", help="Hub id, local directory or 'demo'. [default: the checkpoint's "
+                               "base model, else demo]")
+@click.option("--layer-checkpoint", type=click.Path(file_okay=False),
+              help="A `onelayer train` output directory: score the model with its trained layer.")
+@click.option("--task", help="Built-in task or dataset. [default: the checkpoint's, else arithmetic]")
+@click.option("--samples", type=int, help="Held-out problems to score. [default: all]")
+@click.option("--k", type=int, default=1, show_default=True,
+              help="1: greedy accuracy; K > 1: pass@K of K samples at --temperature.")
+@click.option("--temperature", type=float, default=1.0, show_default=True)
+@click.option("--max-new-tokens", type=int, help="[default: the checkpoint's run, else 512]")
+@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--frozen-dtype", type=click.Choice(["nf4", "bf16", "fp32"]))
+@click.option("--device")
+@click.option("--output", help="JSON result file. [default: CHECKPOINT/eval-TASK.json, else "
+                               "runs/eval-MODEL-TASK-TIME.json]")
+@_with_options(TASK_FIELD_OPTIONS)
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def eval_command(quiet, model, layer_checkpoint, task, samples, k, temperature, max_new_tokens,
+                 batch_size, seed, frozen_dtype, device, output, **task_fields):
+    """Score a model (optionally with a trained layer) on a task's held-out problems: a short
+    table on stdout and every completion in a JSON file. Deterministic for a fixed seed."""
+    from .evaluate import EvalConfig, run_eval
+
+    _quiet_loading(quiet)
+    cfg = EvalConfig(model, layer_checkpoint, task, samples, k, temperature, max_new_tokens,
+                     batch_size, seed, frozen_dtype, device, output,
+                     {k_: v for k_, v in task_fields.items() if v is not None})
+    run_eval(cfg, progress=not quiet, echo=click.echo)
+
+
+def _quiet_loading(quiet: bool) -> None:
+    if quiet:
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()
 
 
 def main(argv=None) -> None:

@@ -1,10 +1,24 @@
-"""Greedy held-out scoring of a policy on a task (the scorer that `train` reports before/after)."""
+"""Scoring a policy on a task's held-out rows: greedy accuracy or pass@k.
+
+A problem counts as solved when its reward is at least 1 (an exact answer, every code test
+passed; a format bonus alone never solves it). `train` reports greedy accuracy before and
+after; `onelayer eval` (and the contribution sweep) call `evaluate`.
+"""
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Sequence
 
+import torch
+
+from .checkpoint import load_layer
+from .errors import UserError
 from .rollout import SamplingParams, generate_completions
 from .tasks import Row, Task
+
+SOLVED = 1.0
 
 
 def render_prompt(tokenizer, task: Task, row: Row) -> str:
@@ -17,18 +31,139 @@ def render_prompt(tokenizer, task: Task, row: Row) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
-def greedy_accuracy(lm, tokenizer, task: Task, rows: Sequence[Row], *, max_new_tokens: int,
-                    batch_size: int = 64, progress=None) -> float:
-    """Mean reward of greedy completions over `rows` (0.0 for no rows)."""
-    if not rows:
-        return 0.0
-    params = SamplingParams(max_new_tokens=max_new_tokens, greedy=True)
-    total = 0.0
+@dataclass
+class EvalResult:
+    task: str
+    problems: int
+    k: int                      # 1 with greedy decoding: accuracy; > 1: pass@k of k samples
+    score: float                # share of problems solved (by at least one of the k samples)
+    mean_reward: float          # over every completion
+    seconds: float
+    per_problem: list[dict] = field(default_factory=list)
+
+    @property
+    def metric(self) -> str:
+        return "greedy accuracy" if self.k == 1 else f"pass@{self.k}"
+
+
+def evaluate(lm, tokenizer, task: Task, rows: Sequence[Row], *, max_new_tokens: int, k: int = 1,
+             temperature: float = 1.0, batch_size: int = 64, seed: int = 0,
+             progress=None) -> EvalResult:
+    """Greedy (k = 1) or k samples at `temperature` per row; deterministic for a fixed seed."""
+    t0 = time.perf_counter()
+    torch.manual_seed(seed)
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature,
+                            greedy=k == 1)
+    per_problem = []
     for start in range(0, len(rows), batch_size):
-        chunk = rows[start:start + batch_size]
+        chunk = list(rows[start:start + batch_size])
         rollout = generate_completions(lm, tokenizer, [render_prompt(tokenizer, task, r) for r in chunk],
-                                       params)
-        total += sum(task.rewards(rollout.texts, chunk))
+                                       params, repeat=k)
+        rewards = task.rewards(rollout.texts, [r for r in chunk for _ in range(k)])
+        for i, row in enumerate(chunk):
+            mine = rewards[i * k:(i + 1) * k]
+            per_problem.append({"prompt": task.prompt(row), "completions": rollout.texts[i * k:(i + 1) * k],
+                                "rewards": mine, "solved": max(mine) >= SOLVED})
         if progress is not None:
             progress.update(len(chunk))
-    return total / len(rows)
+    n = len(per_problem)
+    all_rewards = [r for p in per_problem for r in p["rewards"]]
+    return EvalResult(task.name, n, k, sum(p["solved"] for p in per_problem) / n if n else 0.0,
+                      sum(all_rewards) / len(all_rewards) if all_rewards else 0.0,
+                      time.perf_counter() - t0, per_problem)
+
+
+def load_trained_layer(policy, directory: str | Path) -> dict:
+    """Put a saved layer's weights into the policy (same layer index); returns its metadata."""
+    try:
+        tensors, meta = load_layer(Path(directory))
+    except (OSError, KeyError) as exc:
+        raise UserError(f"{directory}: not a onelayer layer checkpoint ({exc})")
+    if int(meta["layer_index"]) != policy.split.layer_index:
+        raise UserError(f"{directory} holds layer {meta['layer_index']}, the model was split at "
+                        f"layer {policy.split.layer_index}")
+    missing = set(policy.layer.master) ^ set(tensors)
+    if missing:
+        raise UserError(f"{directory}: weights do not match the model's layer ({sorted(missing)[:3]})")
+    with torch.no_grad():
+        for name, p in policy.layer.master.items():
+            p.copy_(tensors[name])
+    policy.layer.refresh_compute_copy()
+    return meta
+
+
+@dataclass
+class EvalConfig:
+    """`onelayer eval`'s options; None means: from the layer checkpoint's run, else the default."""
+    model: str | None = None
+    layer_checkpoint: str | None = None
+    task: str | None = None
+    samples: int | None = None          # problems scored (None: all held-out rows)
+    k: int = 1                          # 1: greedy accuracy; > 1: pass@k at `temperature`
+    temperature: float = 1.0
+    max_new_tokens: int | None = None
+    batch_size: int = 64
+    seed: int = 0
+    frozen_dtype: str | None = None
+    device: str | None = None
+    output: str | None = None           # JSON file (default: beside the checkpoint, or runs/)
+    task_fields: dict = field(default_factory=dict)
+
+
+def run_eval(cfg: EvalConfig, *, progress: bool = True, echo=print) -> EvalResult:
+    import json
+    from datetime import datetime
+
+    from tqdm.auto import tqdm
+
+    from .checkpoint import CONFIG_FILE
+    from .config import build_config, task_options
+    from .model import load_policy
+    from .tasks import load_task
+
+    trained = {}
+    if cfg.layer_checkpoint:
+        path = Path(cfg.layer_checkpoint) / CONFIG_FILE
+        if not path.is_file():
+            raise UserError(f"--layer-checkpoint {cfg.layer_checkpoint}: no {CONFIG_FILE} here")
+        trained = json.loads(path.read_text())
+    if cfg.k < 1 or cfg.batch_size < 1 or (cfg.samples is not None and cfg.samples < 1):
+        raise UserError("--k, --batch-size and --samples must be >= 1")
+    run = build_config({k: v for k, v in {**trained, "model": cfg.model or trained.get("model", "demo"),
+                                          "task": cfg.task or trained.get("task", "arithmetic"),
+                                          "max_new_tokens": cfg.max_new_tokens,
+                                          **cfg.task_fields}.items() if v is not None})
+    task = load_task(run.task, **task_options(run))
+    rows = list(task.test[:cfg.samples] if cfg.samples else task.test)
+    if not rows:
+        raise UserError(f"task {run.task}: no held-out rows to score")
+    policy = load_policy(run.model, layer=run.layer, frozen_dtype=cfg.frozen_dtype, device=cfg.device)
+    label = run.model
+    if cfg.layer_checkpoint:
+        meta = load_trained_layer(policy, cfg.layer_checkpoint)
+        label += f" + layer {meta['layer_index']} ({cfg.layer_checkpoint})"
+    with tqdm(total=len(rows), desc=f"eval {task.name}", disable=not progress) as bar:
+        result = evaluate(policy.split.lm, policy.tokenizer, task, rows, k=cfg.k,
+                          max_new_tokens=run.max_new_tokens, temperature=cfg.temperature,
+                          batch_size=cfg.batch_size, seed=cfg.seed, progress=bar)
+    output = Path(cfg.output) if cfg.output else (
+        Path(cfg.layer_checkpoint) / f"eval-{task.name}.json" if cfg.layer_checkpoint else
+        Path("runs") / f"eval-{Path(run.model).name}-{task.name}-{datetime.now():%Y%m%d-%H%M%S}.json")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    record = {"model": run.model, "layer_checkpoint": cfg.layer_checkpoint, "task": task.name,
+              "metric": result.metric, "score": result.score, "mean_reward": result.mean_reward,
+              "problems": result.problems, "k": cfg.k, "seed": cfg.seed,
+              "max_new_tokens": run.max_new_tokens, "seconds": result.seconds,
+              "per_problem": result.per_problem}
+    output.write_text(json.dumps(record, indent=1) + "\n")
+    echo(format_table([(label, task.name, result)]))
+    echo(f"wrote {output}")
+    return result
+
+
+def format_table(lines: list[tuple[str, str, EvalResult]]) -> str:
+    header = ("model", "task", "problems", "metric", "score", "mean reward")
+    body = [(m, t, str(r.problems), r.metric, f"{r.score:.1%}", f"{r.mean_reward:.3f}")
+            for m, t, r in lines]
+    widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in [header, *body])

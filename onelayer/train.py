@@ -24,7 +24,7 @@ from .algos import advantages_fn, select_loss_impl
 from .checkpoint import CONFIG_FILE, LAYER_FILE, save_layer
 from .config import TrainConfig, config_json, task_options
 from .errors import UserError
-from .evaluate import greedy_accuracy, render_prompt
+from .evaluate import evaluate as score_task, render_prompt
 from .model import Policy, load_policy
 from .rollout import Rollout, SamplingParams, concat_rollouts, generate_completions, select_rollout
 from .tasks import Task, load_task
@@ -282,8 +282,8 @@ def train(cfg: TrainConfig, *, progress: bool = True, echo: Callable[[str], None
     def evaluate(label: str) -> float:
         with tqdm(total=len(test_rows), desc=f"eval ({label})", disable=not progress,
                   leave=False) as bar:
-            return greedy_accuracy(policy.split.lm, policy.tokenizer, task, test_rows,
-                                   max_new_tokens=cfg.max_new_tokens, progress=bar)
+            return score_task(policy.split.lm, policy.tokenizer, task, test_rows,
+                              max_new_tokens=cfg.max_new_tokens, progress=bar).score
 
     before = evaluate("before")
     echo(f"held-out accuracy before: {before:.1%} ({len(test_rows)} problems, greedy)")

@@ -1,4 +1,5 @@
 """The CLI: bad input ends with one line on stderr and exit code 2, and writes nothing."""
+import json
 import subprocess
 import sys
 
@@ -10,10 +11,13 @@ from onelayer.errors import UserError
 
 
 def run_cli(args, capsys):
-    with pytest.raises(SystemExit) as exit_info:
+    try:
         main(args)
+        code = 0
+    except SystemExit as exc:
+        code = exc.code
     captured = capsys.readouterr()
-    return exit_info.value.code, captured.out, captured.err
+    return code, captured.out, captured.err
 
 
 def bad_inputs(tiny_models, tmp_path):
@@ -118,3 +122,29 @@ def test_example_configs_build():
     for path in configs:
         cfg = build_config({}, str(path))
         assert cfg.model != "demo"
+
+
+def test_train_and_eval_on_a_local_dataset_with_field_mapping(tiny_models, tmp_path, capsys):
+    data = tmp_path / "gsm8k_like.jsonl"
+    rows = [{"q": f"what is {i} plus {i}", "sol": f"{i} and {i} make {2 * i}\n#### {2 * i}"}
+            for i in range(12)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "run"
+    code, stdout, stderr = run_cli(
+        ["train", "--model", tiny_models["qwen3"], "--task", str(data), "--prompt-field", "q",
+         "--answer-field", "sol", "--test-size", "4", "--steps", "2", "--prompts-per-step", "2",
+         "--group-size", "2", "--max-new-tokens", "4", "--eval-samples", "4", "--lr", "1e-4",
+         "--output", str(out), "--quiet"], capsys)
+    assert code == 0, stderr
+    assert "held-out accuracy after" in stdout
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+    config = json.loads((out / "run_config.json").read_text())
+    assert (config["prompt_field"], config["answer_field"]) == ("q", "sol")
+    code, stdout, stderr = run_cli(["eval", "--layer-checkpoint", str(out), "--quiet"], capsys)
+    assert code == 0, stderr
+    assert "greedy accuracy" in stdout and "4" in stdout.splitlines()[1]
+
+
+def test_eval_bad_input_exits_2(tmp_path, capsys):
+    code, _, stderr = run_cli(["eval", "--layer-checkpoint", str(tmp_path), "--quiet"], capsys)
+    assert code == 2 and len(stderr.strip().splitlines()) == 1

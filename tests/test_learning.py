@@ -6,6 +6,7 @@ from safetensors.torch import load_file
 
 from onelayer.checkpoint import load_layer
 from onelayer.config import build_config
+from onelayer.evaluate import EvalConfig, run_eval
 from onelayer.model.load import DEMO_PATH
 from onelayer.train import train
 
@@ -37,3 +38,9 @@ def test_demo_run_improves_held_out_accuracy(tmp_path):
     assert set(tensors) == {k[len("model.layers.3."):] for k in original
                             if k.startswith("model.layers.3.")}
     assert any(not torch.equal(t, original[f"model.layers.3.{k}"]) for k, t in tensors.items())
+
+    # `onelayer eval` of the saved layer reproduces the accuracy the run reported.
+    scored = run_eval(EvalConfig(layer_checkpoint=str(out), samples=128), progress=False,
+                      echo=lambda _: None)
+    assert scored.score == result.accuracy_after
+    assert (out / "eval-arithmetic.json").is_file()

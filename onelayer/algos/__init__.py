@@ -27,7 +27,7 @@ from onelayer.algos.loss import (
 __all__ = [
     "AGGREGATIONS", "advantages_fn", "anchor_ids", "chunked_logprobs", "default_chunk_size",
     "discounted_returns", "episode_returns", "fused_linear_policy_loss_reference",
-    "gigpo_advantages_reference", "group_advantages_reference", "hash_observation", "policy_loss",
+    "gigpo_advantages_fn", "gigpo_advantages_reference", "group_advantages_reference", "hash_observation", "policy_loss",
     "select_loss_impl", "token_weights",
 ]
 
@@ -68,3 +68,12 @@ def advantages_fn(impl: str, device: torch.device | str) -> Callable:
         from onelayer.kernels import group_advantages
         return group_advantages
     return group_advantages_reference
+
+
+def gigpo_advantages_fn(impl: str, device: torch.device | str) -> Callable:
+    """fn(step_rewards, traj_ids, step_index, episode_group_ids, anchor_ids, *, gamma, omega,
+    norm) -> advantages [S] float32 (`gigpo_advantages_reference`); auto = triton on CUDA."""
+    if _use_triton(impl, device):
+        from onelayer.kernels import gigpo_advantages
+        return gigpo_advantages
+    return gigpo_advantages_reference

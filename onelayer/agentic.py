@@ -1,0 +1,122 @@
+"""Single-layer GiGPO on multi-turn environments: the whole step in `gigpo_step`.
+
+One step:  seeds (one task each) -> N episodes per task, played turn by turn with the current
+           policy (`rollout.multiturn`) -> per-step rewards -> GiGPO advantage per step
+           (episode-level + omega * anchor-state-level, ALGORITHMS.md) -> broadcast to that
+           step's action tokens -> `optimize` (the same PPO epochs as single-turn GRPO; only
+           action tokens carry loss, environment tokens are context).
+"""
+from __future__ import annotations
+
+import ast
+import time
+
+import torch
+from torch import Tensor
+
+from .algos import gigpo_advantages_fn
+from .config import TrainConfig
+from .model import Policy
+from .rollout import SamplingParams
+from .rollout.multiturn import Episodes, hf_actor, run_episodes
+from .tasks.envs import TextEnv, load_env
+from .train import Objective, _sync, optimize
+
+# Token cap of one trajectory (prompt + all turns) unless the model's context is shorter.
+MAX_EPISODE_TOKENS = 4096
+
+
+def parse_env_spec(spec: str) -> tuple[str, dict]:
+    """'gridworld?size=3,wall_prob=0' -> ('gridworld', {'size': 3, 'wall_prob': 0}).
+
+    Options after '?' go to the environment's constructor; values are Python literals, or
+    strings when they do not parse as one."""
+    name, _, options = spec.partition("?")
+    kwargs = {}
+    for item in filter(None, (o.strip() for o in options.split(","))):
+        key, _, value = item.partition("=")
+        try:
+            kwargs[key.strip()] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            kwargs[key.strip()] = value.strip()
+    return name, kwargs
+
+
+def make_envs(cfg: TrainConfig, count: int) -> list[TextEnv]:
+    """`count` independent instances of cfg.env, each limited to cfg.max_turns steps."""
+    name, kwargs = parse_env_spec(cfg.env)
+    return [load_env(name, max_turns=cfg.max_turns, **kwargs) for _ in range(count)]
+
+
+def episode_token_cap(policy: Policy) -> int:
+    context = getattr(policy.split.lm.config, "max_position_embeddings", None) or MAX_EPISODE_TOKENS
+    return min(MAX_EPISODE_TOKENS, context)
+
+
+def play(policy: Policy, cfg: TrainConfig, seeds: list[int], group_size: int,
+         sampling: SamplingParams) -> Episodes:
+    """group_size episodes of each seed's task, consecutive rows; group id = index of the seed."""
+    rows = [(g, s) for g, s in enumerate(seeds) for _ in range(group_size)]
+    actor = hf_actor(policy.split.lm, policy.tokenizer, sampling)
+    return run_episodes(actor, policy.tokenizer, make_envs(cfg, len(rows)), [s for _, s in rows],
+                        [g for g, _ in rows], max_new_tokens=cfg.max_new_tokens,
+                        max_turns=cfg.max_turns, max_len=episode_token_cap(policy))
+
+
+def token_advantages(episodes: Episodes, step_advantages: Tensor) -> Tensor:
+    """[B, C] float32: each step's advantage on its action tokens, 0 elsewhere."""
+    out = torch.zeros(episodes.rollout.completion_mask.shape, dtype=torch.float32)
+    for row, (start, end), adv in zip(episodes.traj_ids.tolist(), episodes.spans.tolist(),
+                                      step_advantages.tolist()):
+        out[row, start:end] = adv
+    return out
+
+
+def step_advantages(episodes: Episodes, cfg: TrainConfig, device: torch.device) -> Tensor:
+    """GiGPO advantage per step [S] (Triton kernel on CUDA, torch reference elsewhere)."""
+    fn = gigpo_advantages_fn(cfg.loss_impl, device)
+    e = episodes
+    return fn(e.step_rewards.to(device), e.traj_ids.to(device), e.step_index.to(device),
+              e.episode_group_ids.to(device), e.anchor_ids.to(device), gamma=cfg.gamma,
+              omega=cfg.omega, norm=cfg.adv_norm).cpu()
+
+
+def gigpo_step(policy: Policy, optimizer: torch.optim.Optimizer, cfg: TrainConfig,
+               objective: Objective, seeds: list[int]) -> dict:
+    """One GiGPO step on the tasks `seeds`, cfg.group_size episodes each."""
+    t0 = time.perf_counter()
+    sampling = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.top_k)
+    episodes = play(policy, cfg, seeds, cfg.group_size, sampling)
+    _sync(policy.device)
+    t_gen = time.perf_counter()
+
+    advantages = step_advantages(episodes, cfg, policy.device)
+    rollout = episodes.rollout
+    rollout.sequences = rollout.sequences.to(policy.device)
+    rollout.attention_mask = rollout.attention_mask.to(policy.device)
+    rollout.completion_mask = rollout.completion_mask.to(policy.device)
+    tokens_adv = token_advantages(episodes, advantages).to(policy.device)
+    stats = optimize(policy, optimizer, rollout, tokens_adv, cfg, objective)
+    _sync(policy.device)
+    t_end = time.perf_counter()
+
+    action_tokens = rollout.completion_mask.sum().item()
+    metrics = {k: sum(s[k] for s in stats) / len(stats) for k in stats[0]}
+    metrics.update(
+        reward_mean=episodes.returns.mean().item(), reward_std=episodes.returns.std().item(),
+        success_rate=episodes.success.float().mean().item(),
+        episode_len=episodes.turns.float().mean().item(),
+        valid_actions=episodes.valid.float().mean().item(), adv_abs_mean=advantages.abs().mean().item(),
+        seq_len=rollout.attention_mask.sum(1).float().mean().item(),
+        step_s=t_end - t0, gen_s=t_gen - t0, update_s=t_end - t_gen,
+        tokens_per_s=action_tokens / (t_end - t0))
+    return metrics
+
+
+@torch.no_grad()
+def success_rate(policy: Policy, cfg: TrainConfig, seeds: list[int], *,
+                 greedy: bool = True) -> float:
+    """Fraction of the tasks `seeds` solved, one episode each (greedy, or sampled as in training)."""
+    sampling = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.top_k,
+                              greedy=greedy)
+    return play(policy, cfg, seeds, 1, sampling).success.float().mean().item()

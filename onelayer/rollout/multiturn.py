@@ -1,0 +1,209 @@
+"""Multi-turn rollouts: N episodes per task, run in parallel batches, one token history each.
+
+Every episode keeps the exact token ids of its conversation. The environment's text is
+tokenized once, as a delta appended to the history; the policy's action tokens are kept as
+generated (never decoded and re-tokenized), so the log-probs the trainer computes later are
+those of the tokens that were sampled.
+
+Text format of one episode:
+- With a chat template: [system: env.system_prompt, user: obs_0] + generation prompt; each
+  later turn appends the template's rendering of the user message "feedback\\n\\nobs_t" (just
+  "obs_t" without feedback) and the next generation prompt, after the action's end-of-turn
+  token. The delta is cut from a full render around a sentinel assistant message, so the
+  history equals what the template would render for the whole conversation.
+- Without one (plain text):  "{system}\\n\\n{obs_0}\\n> " {action} "\\n{feedback}\\n{obs_1}\\n> " ...
+  (the feedback line only when there is feedback).
+
+One trajectory = one Rollout row: the first prompt left-padded as the prompt part, then the
+action and environment tokens, right-padded. completion_mask is 1 on action tokens only (with
+their stop token), attention_mask on every real token.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from transformers import GenerationConfig
+
+from ..algos.advantages import anchor_ids as hash_anchors
+from .generate import Rollout, SamplingParams, completion_mask, eos_token_ids
+
+# (histories, episode rows, token budgets) -> action ids per history, each at most its budget
+# and cut after its first stop token. Rows let a scripted actor (tests) look at its env.
+Actor = Callable[[list[list[int]], list[int], list[int]], list[list[int]]]
+
+SENTINEL = "<<onelayer-action-sentinel>>"
+
+
+@dataclass
+class Episodes:
+    """A batch of finished episodes: B trajectories with S steps between them in all."""
+    rollout: Rollout              # one row per trajectory
+    traj_ids: Tensor              # [S] int64  row of the step's trajectory in the rollout
+    step_index: Tensor            # [S] int64  t inside the trajectory
+    episode_group_ids: Tensor     # [S] int64  task (seed) index: one GiGPO episode group
+    observations: list[str]       # [S] s_t, the observation the action was taken in
+    anchor_ids: Tensor            # [S] int64  hash of s_t (`hash_observation`)
+    step_rewards: Tensor          # [S] float32 r_t
+    spans: Tensor                 # [S, 2] int64 [start, end) of a_t's tokens in the completion part
+    actions: list[str]            # [S] decoded action text, as passed to env.step
+    valid: Tensor                 # [S] bool   info["valid"] (True when the env does not say)
+    success: Tensor               # [B] bool
+    turns: Tensor                 # [B] int64  steps taken
+    returns: Tensor               # [B] float32 undiscounted episode return
+
+
+class TurnFormat:
+    """Token ids the environment adds to a history: the first prompt and each later turn."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.chat = bool(getattr(tokenizer, "chat_template", None))
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False).input_ids
+
+    def user_text(self, feedback: str, obs: str) -> str:
+        return f"{feedback}\n\n{obs}" if feedback else obs
+
+    def first(self, system: str, obs: str) -> list[int]:
+        if not self.chat:
+            return self.encode(f"{system}\n\n{obs}\n> ")
+        messages = [{"role": "system", "content": system}, {"role": "user", "content": obs}]
+        return self.encode(self.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=False))
+
+    def next(self, feedback: str, obs: str, last_action: list[int]) -> list[int]:
+        if not self.chat:
+            line = f"{feedback}\n" if feedback else ""
+            return self.encode(f"\n{line}{obs}\n> ")
+        messages = [{"role": "user", "content": "x"}, {"role": "assistant", "content": SENTINEL},
+                    {"role": "user", "content": self.user_text(feedback, obs)}]
+        full = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                  tokenize=False)
+        delta = full[full.index(SENTINEL) + len(SENTINEL):]
+        # The action's own stop token (e.g. <|im_end|>) is already in the history.
+        stop = self.tokenizer.decode(last_action[-1:]) if last_action else ""
+        if stop and delta.startswith(stop):
+            delta = delta[len(stop):]
+        return self.encode(delta)
+
+
+def hf_actor(lm, tokenizer, params: SamplingParams) -> Actor:
+    """Batched Hugging Face generate over left-padded histories; stops at EOS/end of turn."""
+    device = next(lm.parameters()).device
+    eos = eos_token_ids(tokenizer, lm)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+    sampling = {} if params.greedy else dict(temperature=params.temperature, top_p=params.top_p,
+                                              top_k=params.top_k)
+    config = GenerationConfig(do_sample=not params.greedy, pad_token_id=pad, eos_token_id=eos,
+                              use_cache=True, **sampling)
+
+    @torch.no_grad()
+    def act(histories: list[list[int]], rows: list[int], budgets: list[int]) -> list[list[int]]:
+        ids, mask = left_pad(histories, pad)
+        out = lm.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                          generation_config=config, max_new_tokens=max(budgets))
+        generated = out[:, ids.shape[1]:]
+        keep = completion_mask(generated, eos).sum(1).tolist()
+        return [generated[i, :min(k, b)].tolist() for i, (k, b) in enumerate(zip(keep, budgets))]
+
+    return act
+
+
+def left_pad(rows: Sequence[list[int]], pad: int) -> tuple[Tensor, Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
+        mask[i, width - len(r):] = 1
+    return ids, mask
+
+
+@dataclass
+class _Trajectory:
+    prompt: list[int]
+    tokens: list[int]             # completion part: actions and environment text
+    is_action: list[int]
+    pending: list[int]            # environment tokens to add before the next action
+    live: bool = True
+    success: bool = False
+    turns: int = 0
+
+
+def run_episodes(actor: Actor, tokenizer, envs: Sequence, seeds: Sequence[int],
+                 group_ids: Sequence[int], *, max_new_tokens: int, max_turns: int,
+                 max_len: int) -> Episodes:
+    """Play one episode in each env (env b reset with seeds[b]) until all are done.
+
+    group_ids[b] is the episode group of trajectory b (equal for equal tasks). Each turn, the
+    live episodes act in one batch. max_len caps a trajectory's tokens (first prompt included):
+    an episode whose next prompt would leave no room for one action token ends there.
+    """
+    fmt = TurnFormat(tokenizer)
+    obs = [env.reset(seed) for env, seed in zip(envs, seeds)]
+    trajs = [_Trajectory(fmt.first(env.system_prompt, o), [], [], []) for env, o in zip(envs, obs)]
+    steps: list[tuple] = []       # (row, t, observation, reward, start, end, action, valid)
+    for t in range(max_turns):
+        rows, budgets = [], []
+        for b, tr in enumerate(trajs):
+            room = max_len - len(tr.prompt) - len(tr.tokens) - len(tr.pending)
+            tr.live = tr.live and room >= 1
+            if tr.live:
+                rows.append(b)
+                budgets.append(min(max_new_tokens, room))
+        if not rows:
+            break
+        for b in rows:
+            trajs[b].tokens += trajs[b].pending
+            trajs[b].is_action += [0] * len(trajs[b].pending)
+        actions = actor([trajs[b].prompt + trajs[b].tokens for b in rows], rows, budgets)
+        for b, ids in zip(rows, actions):
+            steps.append(_play(trajs[b], envs[b], obs, b, t, ids, fmt))
+    return _collect(trajs, steps, group_ids, tokenizer)
+
+
+def _play(tr: _Trajectory, env, obs: list[str], b: int, t: int, ids: list[int],
+          fmt: TurnFormat) -> tuple:
+    """Append action `ids` to trajectory b, step its env, queue the next user turn."""
+    start = len(tr.tokens)
+    tr.tokens += ids
+    tr.is_action += [1] * len(ids)
+    text = fmt.tokenizer.decode(ids, skip_special_tokens=True)
+    state = obs[b]
+    obs[b], reward, done, info = env.step(text)
+    tr.turns += 1
+    tr.success = bool(info.get("success", False))
+    tr.live = not done
+    tr.pending = [] if done else fmt.next(info.get("feedback", ""), obs[b], ids)
+    return b, t, state, reward, start, len(tr.tokens), text, bool(info.get("valid", True))
+
+
+def _collect(trajs: list[_Trajectory], steps: list[tuple], group_ids: Sequence[int],
+             tokenizer) -> Episodes:
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    prompt_ids, prompt_mask = left_pad([tr.prompt for tr in trajs], pad)
+    width = max(1, max(len(tr.tokens) for tr in trajs))
+    comp = torch.full((len(trajs), width), pad, dtype=torch.long)
+    comp_attn = torch.zeros_like(comp)
+    comp_mask = torch.zeros_like(comp)
+    for b, tr in enumerate(trajs):
+        n = len(tr.tokens)
+        comp[b, :n] = torch.tensor(tr.tokens, dtype=torch.long)
+        comp_attn[b, :n] = 1
+        comp_mask[b, :n] = torch.tensor(tr.is_action, dtype=torch.long)
+    texts = tokenizer.batch_decode([tr.tokens for tr in trajs], skip_special_tokens=True)
+    rollout = Rollout(torch.cat([prompt_ids, comp], 1), torch.cat([prompt_mask, comp_attn], 1),
+                      comp_mask, prompt_ids.shape[1], texts)
+    row, t, state, reward, start, end, action, valid = (
+        (list(c) for c in zip(*steps)) if steps else ([] for _ in range(8)))
+    rewards = torch.tensor(reward, dtype=torch.float32)
+    long = lambda v: torch.tensor(v, dtype=torch.long)  # noqa: E731
+    returns = torch.zeros(len(trajs)).index_add_(0, long(row), rewards)
+    return Episodes(
+        rollout, long(row), long(t), long([group_ids[b] for b in row]), state, hash_anchors(state),
+        rewards, long(list(zip(start, end))).reshape(-1, 2), action, torch.tensor(valid, dtype=torch.bool),
+        torch.tensor([tr.success for tr in trajs]), long([tr.turns for tr in trajs]), returns)
