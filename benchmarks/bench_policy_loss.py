@@ -22,7 +22,8 @@ from onelayer.algos import chunked_logprobs, fused_linear_policy_loss_reference,
 from onelayer.algos.advantages import group_advantages_reference
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-DEFAULT_SHAPES = ["2048x4096x151936", "8192x4096x151936", "4096x2048x151936", "8192x4096x32000"]
+# The first is the target: 8 sequences x 4096 tokens, Qwen3-8B hidden and vocabulary.
+DEFAULT_SHAPES = ["32768x4096x151936", "8192x4096x151936", "2048x4096x151936", "8192x4096x32000"]
 LOSS_KW = dict(temperature=0.7, eps_low=0.2, eps_high=0.28, beta=0.04, aggregation="token-mean")
 
 

@@ -233,6 +233,36 @@ def test_kernel_path_allocates_no_logits(monkeypatch):
     assert probe.largest * 8 <= t * v * 4  # one [T, V] fp32 logits tensor
 
 
+def test_kernel_path_at_4096x32768_allocates_far_less_than_the_logits(monkeypatch):
+    """The issue's size, T=4096 x V=32768 (one [T, V] fp32 tensor: 512 MiB), forward + backward
+    through the Triton kernels under the interpreter. Large CPU tiles keep the interpreter to
+    seconds; the allocation pattern (outputs, split partials, one [C, V] dL/dz chunk) is the
+    GPU's. Every tensor torch allocates is seen; the largest must stay under 1/8 of [T, V]."""
+    monkeypatch.setattr(_pl, "_CPU", _pl._CPU._replace(block_t=256, block_v=2048, block_h=16,
+                                                       grad_chunk_bytes=32 * 2**20, max_splits=4))
+    t, h, v = 4096, 16, 32768
+    hidden, weight, _, targets, old, adv, mask, seq, ref = _batch(t, h, v, torch.float32, use_bias=False)
+    hidden.requires_grad_(True)
+    launch = InterpretedFunction.run
+
+    def launch_unprobed(*args, **kwargs):
+        with _disable_current_modes():
+            return launch(*args, **kwargs)
+
+    monkeypatch.setattr(InterpretedFunction, "run", launch_unprobed)
+    with _LargestAlloc() as probe:
+        loss, _ = fused_linear_policy_loss(hidden, weight, targets, old, adv, mask, seq, ref, beta=0.1)
+        loss.backward()
+    assert probe.largest * 8 <= t * v * 4, probe.largest
+    # and it is the same loss and gradient as the torch reference
+    expected_hidden = hidden.detach().clone().requires_grad_(True)
+    expected, _ = fused_linear_policy_loss_reference(expected_hidden, weight, targets, old, adv, mask,
+                                                     seq, ref, beta=0.1)
+    expected.backward()
+    torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(hidden.grad, expected_hidden.grad, rtol=1e-3, atol=1e-6)
+
+
 def test_torch_chunked_path_peak_memory_at_4096x32768():
     """Peak RSS growth of chunked forward + backward at T=4096, V=32768 (one [T, V] fp32
     tensor: 512 MiB), in a fresh process so ru_maxrss starts at the baseline; the full-logits

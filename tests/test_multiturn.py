@@ -1,0 +1,217 @@
+"""Multi-turn rollout and single-layer GiGPO: masks, per-step records, advantages, learning."""
+import random
+
+import pytest
+import torch
+from tokenizers import decoders
+from transformers import AutoModelForCausalLM
+
+from conftest import char_tokenizer, make_tiny_model
+from onelayer.agentic import gigpo_step, make_envs, parse_env_spec, success_rate, token_advantages
+from onelayer.algos import gigpo_advantages_reference
+from onelayer.config import build_config
+from onelayer.model import load_policy
+from onelayer.rollout import SamplingParams
+from onelayer.rollout.multiturn import TurnFormat, hf_actor, run_episodes
+from onelayer.tasks.envs import TextEnv
+from onelayer.tasks.envs.gridworld import GridWorld, shift
+from onelayer.train import build_objective
+
+
+def grid_tokenizer():
+    """The test character tokenizer, decoding without spaces between characters."""
+    tok = char_tokenizer()
+    tok.backend_tokenizer.decoder = decoders.Fuse()
+    return tok
+
+
+class SmallGrid(GridWorld):
+    """The gridworld's rules, with a state text the character tokenizer can read in few tokens
+    ('#', '.', capitals are unknown to it): "at 31 goal 13" + the valid-actions line."""
+    instructions = "reach g"
+
+    def __init__(self, *, size: int = 3, wall_prob: float = 0.0, **kwargs):
+        super().__init__(size=size, wall_prob=wall_prob, **kwargs)
+
+    def _describe(self) -> str:
+        (r, c), (gr, gc) = self.pos, self.goal
+        return f"at {r + 1}{c + 1} goal {gr + 1}{gc + 1}"
+
+
+class Line(TextEnv):
+    """Walk from 0 to 2: "a" steps forward, "b" stays. Reward 1 at 2. States repeat."""
+    name = "line"
+    max_turns = 3
+    instructions = "walk"
+
+    def _new_task(self, seed):
+        self.pos = 0
+
+    def _describe(self):
+        return f"at {self.pos}"
+
+    def valid_actions(self):
+        return ["a", "b"]
+
+    def _apply(self, action):
+        self.pos += action == "a"
+        return (1.0, True) if self.pos == 2 else (0.0, False)
+
+
+def scripted(tok, choose):
+    """An actor that answers choose(row, turn) + EOS for each live row, and records it."""
+    calls = []
+
+    def act(histories, rows, budgets):
+        out = [tok(choose(b, len([c for c in calls if c[0] == b])), add_special_tokens=False)
+               .input_ids + [tok.eos_token_id] for b in rows]
+        calls.extend((b, ids, h) for b, ids, h in zip(rows, out, histories))
+        return out
+
+    act.calls = calls
+    return act
+
+
+class Recording:
+    """Wraps an env and records the action texts it receives."""
+
+    def __init__(self, env):
+        self.env, self.received = env, []
+
+    def __getattr__(self, name):
+        return getattr(self.env, name)
+
+    def step(self, action):
+        self.received.append(action)
+        return self.env.step(action)
+
+
+def check_tokens(ep, calls, envs, fmt):
+    """Every row = first prompt + (env delta, action)*; mask 1 exactly on the action tokens."""
+    r = ep.rollout
+    for b, env in enumerate(envs):
+        mine = [c for c in calls if c[0] == b]
+        row = r.sequences[b][r.attention_mask[b].bool()].tolist()
+        prompt = row[:len(row) - int(r.attention_mask[b, r.prompt_len:].sum())]
+        comp, mask = r.completion_ids[b].tolist(), r.completion_mask[b].tolist()
+        steps = [s for s in range(len(ep.actions)) if ep.traj_ids[s] == b]
+        assert len(mine) == len(steps) == len(env.received)
+        expected_mask = [0] * len(comp)
+        for s, (_, ids, history), text in zip(steps, mine, env.received):
+            start, end = ep.spans[s].tolist()
+            assert comp[start:end] == ids                      # as generated, not re-tokenized
+            assert fmt.tokenizer.decode(comp[start:end], skip_special_tokens=True) == text
+            assert ep.actions[s] == text
+            assert history == prompt + comp[:start]             # the exact token history
+            expected_mask[start:end] = [1] * (end - start)
+        assert mask == expected_mask                            # env tokens never carry loss
+        assert prompt == fmt.first(env.system_prompt, ep.observations[steps[0]])
+
+
+def test_masks_and_token_history_with_a_random_model(tmp_path):
+    tok = grid_tokenizer()
+    lm = AutoModelForCausalLM.from_pretrained(make_tiny_model(tmp_path / "m", "qwen3",
+                                                              max_position_embeddings=512))
+    calls = []
+    inner = hf_actor(lm, tok, SamplingParams(6, temperature=1.0))
+
+    def actor(histories, rows, budgets):  # the real sampler, recorded
+        out = inner(histories, rows, budgets)
+        calls.extend(zip(rows, out, histories))
+        return out
+
+    torch.manual_seed(0)
+    envs = [Recording(SmallGrid(max_turns=4)) for _ in range(6)]
+    ep = run_episodes(actor, tok, envs, [0, 0, 0, 1, 1, 1], [0, 0, 0, 1, 1, 1],
+                      max_new_tokens=6, max_turns=4, max_len=512)
+    # A random model writes nonsense: invalid actions, feedback lines, some rows without EOS.
+    assert not ep.valid.all() and len(ep.actions) == 24
+    check_tokens(ep, calls, envs, TurnFormat(tok))
+
+
+def test_chat_template_history_matches_a_full_render():
+    tok = grid_tokenizer()
+    tok.chat_template = ("{% for m in messages %}{{ m['role'][0] }}={{ m['content'] }}<eos>"
+                         "{% endfor %}{% if add_generation_prompt %}a={% endif %}")
+    envs = [Recording(Line()) for _ in range(2)]
+    act = scripted(tok, lambda b, t: "ab"[(b + t) % 2] if t < 2 else "zz")
+    ep = run_episodes(act, tok, envs, [0, 0], [0, 0], max_new_tokens=4, max_turns=3, max_len=200)
+    check_tokens(ep, act.calls, envs, TurnFormat(tok))
+    for b, env in enumerate(envs):
+        messages = [{"role": "system", "content": "walk"}]
+        obs = env.reset(0)
+        for action in env.received:
+            messages += [{"role": "user", "content": obs}, {"role": "assistant", "content": action}]
+            obs, _, _, info = env.step(action)
+            if info["feedback"]:
+                obs = f"{info['feedback']}\n\n{obs}"
+        full = tok.apply_chat_template(messages, tokenize=False)
+        row = ep.rollout.sequences[b][ep.rollout.attention_mask[b].bool()].tolist()
+        assert row == tok(full, add_special_tokens=False).input_ids
+
+
+def line_episodes():
+    """Three scripted episodes of one Line task (hand-checkable, gamma = 0.5 below)."""
+    tok = grid_tokenizer()
+    script = {0: "aa", 1: "baa", 2: "bbb"}
+    envs = [Recording(Line()) for _ in range(3)]
+    act = scripted(tok, lambda b, t: script[b][t])
+    ep = run_episodes(act, tok, envs, [7, 7, 7], [0, 0, 0], max_new_tokens=4, max_turns=3,
+                      max_len=200)
+    return ep, act, envs, tok
+
+
+def test_step_records_and_gigpo_advantages_by_hand():
+    ep, act, envs, tok = line_episodes()
+    check_tokens(ep, act.calls, envs, TurnFormat(tok))
+    assert ep.traj_ids.tolist() == [0, 1, 2, 0, 1, 2, 1, 2]       # turn by turn, live rows
+    assert ep.step_index.tolist() == [0, 0, 0, 1, 1, 1, 2, 2]
+    assert ep.episode_group_ids.tolist() == [0] * 8
+    assert ep.observations == ["at 0", "at 0", "at 0", "at 1", "at 0", "at 0", "at 1", "at 0"]
+    assert ep.step_rewards.tolist() == [0, 0, 0, 1, 0, 0, 1, 0]
+    assert ep.success.tolist() == [True, True, False] and ep.turns.tolist() == [2, 3, 3]
+    assert ep.returns.tolist() == [1, 1, 0]
+
+    adv = gigpo_advantages_reference(ep.step_rewards, ep.traj_ids, ep.step_index,
+                                     ep.episode_group_ids, ep.anchor_ids, gamma=0.5, omega=1.0)
+    # Episode level: returns 1, 1, 0 -> mean 2/3, std sqrt(1/3).
+    a_ep = [(1 / 3) / 3 ** -0.5, (1 / 3) / 3 ** -0.5, (-2 / 3) / 3 ** -0.5]
+    # Step level: discounted returns at "at 0": traj0 t0 0.5; traj1 t0 0.25, t1 0.5;
+    # traj2 0, 0, 0 (six members, one state met twice in traj1 and three times in traj2).
+    # "at 1": traj0 t1 1, traj1 t2 1: all equal -> 0.
+    at0 = torch.tensor([0.5, 0.25, 0.0, 0.5, 0.0, 0.0], dtype=torch.float64)
+    a_at0 = ((at0 - at0.mean()) / (at0.std() + 1e-6)).tolist()
+    expected = [a_ep[0] + a_at0[0], a_ep[1] + a_at0[1], a_ep[2] + a_at0[2], a_ep[0],
+                a_ep[1] + a_at0[3], a_ep[2] + a_at0[4], a_ep[1], a_ep[2] + a_at0[5]]
+    assert adv.tolist() == pytest.approx(expected, abs=1e-5)
+
+
+def test_token_advantages_sit_on_action_tokens_only():
+    ep, *_ = line_episodes()
+    adv = torch.arange(1, len(ep.actions) + 1, dtype=torch.float32)   # distinct, nonzero
+    tokens = token_advantages(ep, adv)
+    expected = torch.zeros_like(tokens)
+    for s, (b, (start, end)) in enumerate(zip(ep.traj_ids.tolist(), ep.spans.tolist())):
+        assert end - start == 2                                       # "a" + EOS
+        expected[b, start:end] = adv[s]
+    assert torch.equal(tokens, expected)
+    assert torch.equal(tokens != 0, ep.rollout.completion_mask.bool())
+
+
+def test_length_cap_ends_episodes():
+    tok = grid_tokenizer()
+    envs = [Line(max_turns=50) for _ in range(2)]
+    act = scripted(tok, lambda b, t: "b")
+    ep = run_episodes(act, tok, envs, [0, 0], [0, 0], max_new_tokens=4, max_turns=50, max_len=60)
+    lengths = ep.rollout.attention_mask.sum(1)
+    assert (lengths <= 60).all() and 0 < ep.turns[0] < 50
+    assert not ep.success.any()
+
+
+def test_env_spec_options():
+    assert parse_env_spec("gridworld?size=3, wall_prob=0") == ("gridworld",
+                                                                {"size": 3, "wall_prob": 0})
+    assert parse_env_spec("pkg.mod:Env") == ("pkg.mod:Env", {})
+    cfg = build_config({"model": "x", "algo": "gigpo", "env": "gridworld?size=4", "max_turns": 7})
+    envs = make_envs(cfg, 2)
+    assert envs[0] is not envs[1] and envs[0].size == 4 and envs[0].max_turns == 7
