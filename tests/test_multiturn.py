@@ -139,10 +139,11 @@ def test_chat_template_history_matches_a_full_render():
     check_tokens(ep, act.calls, envs, TurnFormat(tok))
     for b, env in enumerate(envs):
         messages = [{"role": "system", "content": "walk"}]
-        obs = env.reset(0)
+        replay = Line()
+        obs = replay.reset(0)
         for action in env.received:
             messages += [{"role": "user", "content": obs}, {"role": "assistant", "content": action}]
-            obs, _, _, info = env.step(action)
+            obs, _, _, info = replay.step(action)
             if info["feedback"]:
                 obs = f"{info['feedback']}\n\n{obs}"
         full = tok.apply_chat_template(messages, tokenize=False)
