@@ -43,6 +43,7 @@ def bad_inputs(tiny_models, tmp_path):
         "malformed config": ["--model", model, "--config", str(broken_toml)],
         "missing config": ["--model", model, "--config", str(tmp_path / "none.yaml")],
         "unknown algorithm": ["--model", model, "--algo", "ppo"],
+        "unknown device": ["--model", model, "--device", "tpu9"],
     }
 
 

@@ -112,7 +112,14 @@ def load_policy(model: str = DEMO_MODEL, *, layer: int | str = "mid", frozen_dty
                 keep_reference: bool = False) -> Policy:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    device = torch.device(device) if device is not None else default_device()
+    try:
+        device = torch.device(device) if device is not None else default_device()
+    except RuntimeError:
+        raise UserError(f"--device {device!r} is not a device (cpu, cuda, cuda:1, ...)")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is available here")
+    if device.type == "cuda" and device.index is None:  # device_map and peak stats want an index
+        device = torch.device("cuda", torch.cuda.current_device())
     frozen_dtype = frozen_dtype or ("nf4" if device.type == "cuda" else "fp32")
     if frozen_dtype not in FROZEN_DTYPES:
         raise UserError(f"--frozen-dtype must be one of {', '.join(FROZEN_DTYPES)}")
