@@ -209,14 +209,9 @@ class _LargestAlloc(TorchDispatchMode):
         return out
 
 
-def test_kernel_path_allocates_no_logits(monkeypatch):
-    """Triton path, forward + backward, T=128, V=1024 (the interpreter is too slow at T=4096 x
-    V=32768; the torch chunked path is measured at that size below). This sees every tensor
-    torch allocates for the kernels: outputs, split partials, the backward's [C, V] dL/dz chunk
-    (C = 16 rows on CPU) and the gradient; the kernels write only into those."""
-    t, h, v = 128, 32, 1024
-    hidden, weight, bias, targets, old, adv, mask, seq, ref = _batch(t, h, v, torch.float32)
-    hidden.requires_grad_(True)
+def largest_allocation(monkeypatch) -> _LargestAlloc:
+    """A probe of torch's allocations around the kernels; the launches themselves run with it
+    off (see _LargestAlloc)."""
     launch = InterpretedFunction.run
 
     def launch_unprobed(*args, **kwargs):
@@ -224,7 +219,18 @@ def test_kernel_path_allocates_no_logits(monkeypatch):
             return launch(*args, **kwargs)
 
     monkeypatch.setattr(InterpretedFunction, "run", launch_unprobed)
-    with _LargestAlloc() as probe:
+    return _LargestAlloc()
+
+
+def test_kernel_path_allocates_no_logits(monkeypatch):
+    """Triton path, forward + backward, T=128, V=1024, with the small tiles that the other
+    kernel tests use (the issue's size follows with large tiles). This sees every tensor
+    torch allocates for the kernels: outputs, split partials, the backward's [C, V] dL/dz chunk
+    (C = 16 rows on CPU) and the gradient; the kernels write only into those."""
+    t, h, v = 128, 32, 1024
+    hidden, weight, bias, targets, old, adv, mask, seq, ref = _batch(t, h, v, torch.float32)
+    hidden.requires_grad_(True)
+    with largest_allocation(monkeypatch) as probe:
         loss, _ = fused_linear_policy_loss(hidden, weight, targets, old, adv, mask, seq, ref, bias, beta=0.1)
         loss.backward()
     chunk = _pl._grad_chunk(_pl._CPU, t, v, 4)
@@ -243,14 +249,7 @@ def test_kernel_path_at_4096x32768_allocates_far_less_than_the_logits(monkeypatc
     t, h, v = 4096, 16, 32768
     hidden, weight, _, targets, old, adv, mask, seq, ref = _batch(t, h, v, torch.float32, use_bias=False)
     hidden.requires_grad_(True)
-    launch = InterpretedFunction.run
-
-    def launch_unprobed(*args, **kwargs):
-        with _disable_current_modes():
-            return launch(*args, **kwargs)
-
-    monkeypatch.setattr(InterpretedFunction, "run", launch_unprobed)
-    with _LargestAlloc() as probe:
+    with largest_allocation(monkeypatch) as probe:
         loss, _ = fused_linear_policy_loss(hidden, weight, targets, old, adv, mask, seq, ref, beta=0.1)
         loss.backward()
     assert probe.largest * 8 <= t * v * 4, probe.largest
