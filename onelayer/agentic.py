@@ -9,6 +9,7 @@ One step:  seeds (one task each) -> N episodes per task, played turn by turn wit
 from __future__ import annotations
 
 import ast
+import random
 import time
 
 import torch
@@ -17,10 +18,11 @@ from torch import Tensor
 from .algos import gigpo_advantages_fn
 from .config import TrainConfig
 from .model import Policy
-from .rollout import SamplingParams
-from .rollout.multiturn import Episodes, hf_actor, run_episodes
+from .rollout import Rollout, SamplingParams
+from .rollout.multiturn import Episodes, TurnFormat, hf_actor, run_episodes
 from .tasks.envs import TextEnv, load_env
-from .train import Objective, _sync, optimize
+from .errors import UserError
+from .train import Job, Objective, optimize, sync_device
 
 # Token cap of one trajectory (prompt + all turns) unless the model's context is shorter.
 MAX_EPISODE_TOKENS = 4096
@@ -55,8 +57,10 @@ def episode_token_cap(policy: Policy) -> int:
 
 def play(policy: Policy, cfg: TrainConfig, seeds: list[int], group_size: int,
          sampling: SamplingParams) -> Episodes:
-    """group_size episodes of each seed's task, consecutive rows; group id = index of the seed."""
-    rows = [(g, s) for g, s in enumerate(seeds) for _ in range(group_size)]
+    """group_size episodes of each seed's task, in consecutive rows. A task (seed) is one
+    episode group, even when `seeds` names it more than once; group id = its first index."""
+    first = {s: i for i, s in reversed(list(enumerate(seeds)))}
+    rows = [(first[s], s) for s in seeds for _ in range(group_size)]
     actor = hf_actor(policy.split.lm, policy.tokenizer, sampling)
     return run_episodes(actor, policy.tokenizer, make_envs(cfg, len(rows)), [s for _, s in rows],
                         [g for g, _ in rows], max_new_tokens=cfg.max_new_tokens,
@@ -81,23 +85,25 @@ def step_advantages(episodes: Episodes, cfg: TrainConfig, device: torch.device) 
               omega=cfg.omega, norm=cfg.adv_norm).cpu()
 
 
+def to_device(rollout: Rollout, device: torch.device) -> Rollout:
+    return Rollout(rollout.sequences.to(device), rollout.attention_mask.to(device),
+                   rollout.completion_mask.to(device), rollout.prompt_len, rollout.texts)
+
+
 def gigpo_step(policy: Policy, optimizer: torch.optim.Optimizer, cfg: TrainConfig,
                objective: Objective, seeds: list[int]) -> dict:
     """One GiGPO step on the tasks `seeds`, cfg.group_size episodes each."""
     t0 = time.perf_counter()
     sampling = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.top_k)
     episodes = play(policy, cfg, seeds, cfg.group_size, sampling)
-    _sync(policy.device)
+    sync_device(policy.device)
     t_gen = time.perf_counter()
 
-    advantages = step_advantages(episodes, cfg, policy.device)
-    rollout = episodes.rollout
-    rollout.sequences = rollout.sequences.to(policy.device)
-    rollout.attention_mask = rollout.attention_mask.to(policy.device)
-    rollout.completion_mask = rollout.completion_mask.to(policy.device)
-    tokens_adv = token_advantages(episodes, advantages).to(policy.device)
+    advantages = step_advantages(episodes, cfg, policy.device)                # [S]
+    rollout = to_device(episodes.rollout, policy.device)
+    tokens_adv = token_advantages(episodes, advantages).to(policy.device)     # [B, C]
     stats = optimize(policy, optimizer, rollout, tokens_adv, cfg, objective)
-    _sync(policy.device)
+    sync_device(policy.device)
     t_end = time.perf_counter()
 
     action_tokens = rollout.completion_mask.sum().item()
@@ -106,7 +112,8 @@ def gigpo_step(policy: Policy, optimizer: torch.optim.Optimizer, cfg: TrainConfi
         reward_mean=episodes.returns.mean().item(), reward_std=episodes.returns.std().item(),
         success_rate=episodes.success.float().mean().item(),
         episode_len=episodes.turns.float().mean().item(),
-        valid_actions=episodes.valid.float().mean().item(), adv_abs_mean=advantages.abs().mean().item(),
+        valid_actions=episodes.valid.float().mean().item(),
+        adv_abs_mean=advantages.abs().mean().item(),
         seq_len=rollout.attention_mask.sum(1).float().mean().item(),
         step_s=t_end - t0, gen_s=t_gen - t0, update_s=t_end - t_gen,
         tokens_per_s=action_tokens / (t_end - t0))
@@ -116,7 +123,43 @@ def gigpo_step(policy: Policy, optimizer: torch.optim.Optimizer, cfg: TrainConfi
 @torch.no_grad()
 def success_rate(policy: Policy, cfg: TrainConfig, seeds: list[int], *,
                  greedy: bool = True) -> float:
-    """Fraction of the tasks `seeds` solved, one episode each (greedy, or sampled as in training)."""
+    """Fraction of the tasks `seeds` solved, one episode each (greedy, or sampled as in
+    training: repeat a seed to average over several sampled episodes)."""
     sampling = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.top_k,
                               greedy=greedy)
     return play(policy, cfg, seeds, 1, sampling).success.float().mean().item()
+
+
+# Held-out tasks are environment seeds from here on; training draws its seeds below it.
+HELD_OUT_SEED = 2**31
+
+
+def check_env(cfg: TrainConfig) -> None:
+    """A bad --env spec or option is a UserError before anything heavy is loaded."""
+    try:
+        make_envs(cfg, 1)[0].reset(0)
+    except UserError:
+        raise
+    except Exception as exc:
+        raise UserError(f"--env {cfg.env}: {exc}") from None
+
+
+def agentic_job(policy: Policy, optimizer: torch.optim.Optimizer, cfg: TrainConfig,
+                objective: Objective) -> Job:
+    """GiGPO on cfg.env: each step draws cfg.prompts_per_step fresh tasks (seeds); the score is
+    the greedy success rate on cfg.eval_samples held-out tasks."""
+    rng = random.Random(cfg.seed)
+    held_out = list(range(HELD_OUT_SEED, HELD_OUT_SEED + cfg.eval_samples))
+    env = make_envs(cfg, 1)[0]
+    first = TurnFormat(policy.tokenizer).first(env.system_prompt, env.reset(HELD_OUT_SEED))
+    if len(first) + cfg.max_new_tokens > episode_token_cap(policy):
+        raise UserError(f"--env {cfg.env}: the first prompt ({len(first)} tokens) and one action "
+                        f"do not fit the episode cap of {episode_token_cap(policy)} tokens "
+                        "(the model's context)")
+
+    def step() -> dict:
+        seeds = [rng.randrange(HELD_OUT_SEED) for _ in range(cfg.prompts_per_step)]
+        return gigpo_step(policy, optimizer, cfg, objective, seeds)
+
+    return Job(f"env {cfg.env}", step, lambda label: success_rate(policy, cfg, held_out),
+               "success rate", len(held_out))

@@ -133,6 +133,9 @@ def run_eval(cfg: EvalConfig, *, progress: bool = True, echo=print) -> EvalResul
                                           "task": cfg.task or trained.get("task", "arithmetic"),
                                           "max_new_tokens": cfg.max_new_tokens,
                                           **cfg.task_fields}.items() if v is not None})
+    if run.env:
+        raise UserError("eval scores single-turn tasks; a multi-turn (--env) run reports its "
+                        "held-out success rate itself (metrics.jsonl, --eval-every)")
     task = load_task(run.task, **task_options(run))
     rows = list(task.test[:cfg.samples] if cfg.samples else task.test)
     if not rows:

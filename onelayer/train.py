@@ -50,6 +50,16 @@ class Objective:
 
 
 @dataclass
+class Job:
+    """What a run trains on, chosen once: one RL step, and a held-out score."""
+    name: str
+    step: Callable[[], dict]           # one RL step -> metrics
+    score: Callable[[str], float]      # progress-bar label -> held-out score in [0, 1]
+    metric: str                        # what the score is ("accuracy", "success rate")
+    held_out: int                      # problems / tasks scored
+
+
+@dataclass
 class TrainResult:
     accuracy_before: float
     accuracy_after: float
@@ -151,7 +161,7 @@ def rl_step(policy: Policy, optimizer: torch.optim.Optimizer, task: Task, rows: 
             more_rows: Callable[[int], list[dict]] | None = None) -> dict:
     t0 = time.perf_counter()
     batch = sample_and_score(policy, task, rows, cfg, more_rows)
-    _sync(policy.device)
+    sync_device(policy.device)
     t_gen = time.perf_counter()
 
     rollout, rewards = batch.rollout, batch.rewards
@@ -163,7 +173,7 @@ def rl_step(policy: Policy, optimizer: torch.optim.Optimizer, task: Task, rows: 
         # One advantage per sequence, on every one of its tokens.
         token_advantages = advantages[:, None].expand_as(rollout.completion_mask)
         stats = optimize(policy, optimizer, rollout, token_advantages, cfg, objective)
-    _sync(policy.device)
+    sync_device(policy.device)
     t_end = time.perf_counter()
 
     completion_len = rollout.completion_mask.sum(1).float()
@@ -260,38 +270,10 @@ def memory_gib(device: torch.device) -> dict:
     return {"rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}  # KiB on Linux
 
 
-def train(cfg: TrainConfig, *, progress: bool = True, echo: Callable[[str], None] = print) -> TrainResult:
-    """Run single-layer RL as `cfg` says. All input is checked before anything is written."""
-    t_start = time.perf_counter()
-    random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
-    task = load_task(cfg.task, **task_options(cfg))
-    if not task.train:
-        raise UserError(f"task {cfg.task}: no training rows")
-    policy = load_policy(cfg.model, layer=cfg.layer, frozen_dtype=cfg.frozen_dtype,
-                         device=cfg.device, attn=cfg.attn, keep_reference=cfg.beta > 0)
-    out = output_dir(cfg, policy)
-    objective = build_objective(cfg, policy.device)
-    optimizer = torch.optim.AdamW(policy.layer.parameters(), lr=cfg.lr,
-                                  weight_decay=cfg.weight_decay)
+def task_job(task: Task, policy: Policy, optimizer, cfg: TrainConfig, objective: Objective,
+             progress: bool) -> Job:
+    """Single-turn GRPO on a task's rows; greedy accuracy on its held-out rows."""
     test_rows = list(task.test[:cfg.eval_samples])
-    echo(f"onelayer: {cfg.model} ({policy.split.num_layers} layers), training layer "
-         f"{policy.split.layer_index} with {cfg.algo} on {task.name}; frozen {policy.frozen_dtype}, "
-         f"{policy.device.type}; output {out}")
-
-    def evaluate(label: str) -> float:
-        with tqdm(total=len(test_rows), desc=f"eval ({label})", disable=not progress,
-                  leave=False) as bar:
-            return score_task(policy.split.lm, policy.tokenizer, task, test_rows,
-                              max_new_tokens=cfg.max_new_tokens, progress=bar).score
-
-    before = evaluate("before")
-    echo(f"held-out accuracy before: {before:.1%} ({len(test_rows)} problems, greedy)")
-
-    out.mkdir(parents=True, exist_ok=True)
-    metrics_path = Path(cfg.metrics) if cfg.metrics else out / "metrics.jsonl"
-    metrics_path.parent.mkdir(parents=True, exist_ok=True)
-    history = []
     order = random.Random(cfg.seed).sample(range(len(task.train)), len(task.train))
     drawn = 0
 
@@ -302,31 +284,72 @@ def train(cfg: TrainConfig, *, progress: bool = True, echo: Callable[[str], None
         drawn += n
         return picks
 
+    def score(label: str) -> float:
+        with tqdm(total=len(test_rows), desc=f"eval ({label})", disable=not progress,
+                  leave=False) as bar:
+            return score_task(policy.split.lm, policy.tokenizer, task, test_rows,
+                              max_new_tokens=cfg.max_new_tokens, progress=bar).score
+
+    return Job(task.name, lambda: rl_step(policy, optimizer, task, next_rows(cfg.prompts_per_step),
+                                          cfg, objective, next_rows),
+               score, "accuracy", len(test_rows))
+
+
+def train(cfg: TrainConfig, *, progress: bool = True, echo: Callable[[str], None] = print) -> TrainResult:
+    """Run single-layer RL as `cfg` says. All input is checked before anything is written."""
+    from .agentic import agentic_job, check_env
+
+    t_start = time.perf_counter()
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    if cfg.env:
+        check_env(cfg)
+    else:
+        task = load_task(cfg.task, **task_options(cfg))
+        if not task.train:
+            raise UserError(f"task {cfg.task}: no training rows")
+    policy = load_policy(cfg.model, layer=cfg.layer, frozen_dtype=cfg.frozen_dtype,
+                         device=cfg.device, attn=cfg.attn, keep_reference=cfg.beta > 0)
+    out = output_dir(cfg, policy)
+    objective = build_objective(cfg, policy.device)
+    optimizer = torch.optim.AdamW(policy.layer.parameters(), lr=cfg.lr,
+                                  weight_decay=cfg.weight_decay)
+    job = (agentic_job(policy, optimizer, cfg, objective) if cfg.env else
+           task_job(task, policy, optimizer, cfg, objective, progress))
+    echo(f"onelayer: {cfg.model} ({policy.split.num_layers} layers), training layer "
+         f"{policy.split.layer_index} with {cfg.algo} on {job.name}; frozen {policy.frozen_dtype}, "
+         f"{policy.device.type}; output {out}")
+    before = job.score("before")
+    echo(f"held-out {job.metric} before: {before:.1%} ({job.held_out} held out, greedy)")
+
+    out.mkdir(parents=True, exist_ok=True)
+    metrics_path = Path(cfg.metrics) if cfg.metrics else out / "metrics.jsonl"
+    metrics_path.parent.mkdir(parents=True, exist_ok=True)
+    history = []
     with open(metrics_path, "w") as metrics_file, \
             tqdm(range(1, cfg.steps + 1), desc="train", disable=not progress) as bar:
         for step in bar:
-            row = {"step": step, **rl_step(policy, optimizer, task, next_rows(cfg.prompts_per_step),
-                                           cfg, objective, next_rows), **memory_gib(policy.device)}
+            row = {"step": step, **job.step(), **memory_gib(policy.device)}
             if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps:
-                row["eval_accuracy"] = evaluate(f"step {step}")
+                row[f"eval_{job.metric.replace(' ', '_')}"] = job.score(f"step {step}")
             history.append(row)
             metrics_file.write(json.dumps(row) + "\n")
             metrics_file.flush()
             bar.set_postfix(reward=f"{row['reward_mean']:.3f}", kl=f"{row['kl']:.4f}")
 
-    after = evaluate("after")
-    echo(f"held-out accuracy after:  {after:.1%} ({len(test_rows)} problems, greedy; "
+    after = job.score("after")
+    echo(f"held-out {job.metric} after:  {after:.1%} ({job.held_out} held out, greedy; "
          f"{after - before:+.1%})")
     save_layer(out, policy.layer.state_dict(), layer_index=policy.split.layer_index,
                base_model=cfg.model, run_config=json.loads(config_json(cfg)), step=cfg.steps)
     if history:
-        plot_rewards(history, before, after, out / "reward.png")
+        plot_rewards(history, before, after, job.metric, out / "reward.png")
     seconds = time.perf_counter() - t_start
     echo(f"saved layer {policy.split.layer_index} to {out / LAYER_FILE} ({seconds:.0f} s in all)")
     return TrainResult(before, after, cfg.steps, seconds, out)
 
 
-def plot_rewards(history: list[dict], before: float, after: float, path: Path) -> None:
+def plot_rewards(history: list[dict], before: float, after: float, metric: str, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -339,8 +362,8 @@ def plot_rewards(history: list[dict], before: float, after: float, path: Path) -
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot(steps, rewards, alpha=0.35, label="reward (sampled)")
     ax.plot(steps, smooth, label=f"moving mean ({window} steps)")
-    ax.axhline(before, color="grey", ls="--", lw=1, label=f"greedy held-out before {before:.0%}")
-    ax.axhline(after, color="green", ls="--", lw=1, label=f"greedy held-out after {after:.0%}")
+    ax.axhline(before, color="grey", ls="--", lw=1, label=f"held-out {metric} before {before:.0%}")
+    ax.axhline(after, color="green", ls="--", lw=1, label=f"held-out {metric} after {after:.0%}")
     ax.set_xlabel("step")
     ax.set_ylabel("mean reward")
     ax.legend(fontsize=7)
@@ -349,6 +372,6 @@ def plot_rewards(history: list[dict], before: float, after: float, path: Path) -
     plt.close(fig)
 
 
-def _sync(device: torch.device) -> None:
+def sync_device(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -1,4 +1,5 @@
 """Multi-turn rollout and single-layer GiGPO: masks, per-step records, advantages, learning."""
+import json
 import random
 
 import pytest
@@ -14,7 +15,7 @@ from onelayer.model import load_policy
 from onelayer.rollout import SamplingParams
 from onelayer.rollout.multiturn import TurnFormat, hf_actor, run_episodes
 from onelayer.tasks.envs import TextEnv
-from onelayer.tasks.envs.gridworld import GridWorld, shift
+from onelayer.tasks.envs.gridworld import GridWorld
 from onelayer.train import build_objective
 
 
@@ -217,3 +218,84 @@ def test_env_spec_options():
     cfg = build_config({"model": "x", "algo": "gigpo", "env": "gridworld?size=4", "max_turns": 7})
     envs = make_envs(cfg, 2)
     assert envs[0] is not envs[1] and envs[0].size == 4 and envs[0].max_turns == 7
+
+
+# ---------------------------------------------------------------------------------------------
+# Learning
+# ---------------------------------------------------------------------------------------------
+
+def random_valid_actor(envs, tok, rng):
+    def act(histories, rows, budgets):
+        return [tok(rng.choice(envs[b].valid_actions()), add_special_tokens=False).input_ids
+                + [tok.eos_token_id] for b in rows]
+    return act
+
+
+def pretrain_random_mover(path, *, steps: int, max_turns: int, batch: int = 32, seed: int = 0):
+    """A tiny model taught (full-model cross-entropy on the action tokens of scripted episodes,
+    the same multi-turn format as the rollout) to answer a random valid move. It ends up
+    answering a valid move about 2 times in 3, and never heads for the goal on purpose."""
+    tok = grid_tokenizer()
+    make_tiny_model(path, "qwen3", seed=seed, max_position_embeddings=512)
+    tok.save_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    rng = random.Random(seed)
+    for _ in range(steps):
+        envs = [SmallGrid(max_turns=max_turns) for _ in range(batch)]
+        ep = run_episodes(random_valid_actor(envs, tok, rng), tok, envs,
+                          [rng.randrange(10**6) for _ in envs], list(range(batch)),
+                          max_new_tokens=8, max_turns=max_turns, max_len=512)
+        r = ep.rollout
+        logits = model(input_ids=r.sequences, attention_mask=r.attention_mask).logits
+        mask = r.completion_mask.bool()
+        loss = torch.nn.functional.cross_entropy(logits[:, r.prompt_len - 1:-1][mask],
+                                                 r.completion_ids[mask])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.save_pretrained(path)
+    return str(path)
+
+
+def test_gigpo_raises_gridworld_success(tmp_path):
+    # 3x3 gridworld, tasks (seeds) 0 and 3: goal 4 and 2 moves away, up and to the right; at
+    # most 5 turns. Measured on 2 cores (~25 s): sampled success 12.5% -> 48.4% after 15 steps
+    # (with seeds 1 and 2 for pretraining and sampling: 9.4% -> 31.3%, 26.6% -> 65.6%).
+    torch.manual_seed(0)
+    model = pretrain_random_mover(tmp_path / "mover", steps=60, max_turns=5)
+    cfg = build_config(dict(model=model, layer="3", algo="gigpo", env="test_multiturn:SmallGrid",
+                            max_turns=5, group_size=8, prompts_per_step=4, lr=3e-3, epochs=2,
+                            minibatch=16, max_new_tokens=8, device="cpu", loss_impl="torch"))
+    policy = load_policy(model, layer=cfg.layer, device="cpu")
+    objective = build_objective(cfg, policy.device)
+    optimizer = torch.optim.AdamW(policy.layer.parameters(), lr=cfg.lr)
+    tasks = [0, 3]
+    before = success_rate(policy, cfg, tasks * 32, greedy=False)
+    rows = [gigpo_step(policy, optimizer, cfg, objective, tasks * 2) for _ in range(15)]
+    after = success_rate(policy, cfg, tasks * 32, greedy=False)
+    assert after >= before + 0.15, (before, after, [r["success_rate"] for r in rows])
+    assert METRICS <= set(rows[0]) and rows[0]["episode_len"] <= 5
+
+
+METRICS = {"reward_mean", "success_rate", "episode_len", "valid_actions", "loss", "kl",
+           "step_s", "gen_s", "update_s", "tokens_per_s"}
+
+
+def test_train_runs_gigpo_end_to_end(tmp_path):
+    """`onelayer train --algo gigpo --env ...`: the run, its held-out success and its files."""
+    from onelayer.train import train
+    path = tmp_path / "model"
+    make_tiny_model(path, "qwen3", max_position_embeddings=512)
+    grid_tokenizer().save_pretrained(path)
+    cfg = build_config(dict(model=str(path), algo="gigpo", env="test_multiturn:SmallGrid",
+                            max_turns=3, steps=2, prompts_per_step=2, group_size=3,
+                            max_new_tokens=6, eval_samples=3, output=str(tmp_path / "run")))
+    lines = []
+    result = train(cfg, progress=False, echo=lines.append)
+    assert any("held-out success rate before" in line for line in lines)
+    assert 0.0 <= result.accuracy_after <= 1.0
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(METRICS <= set(r) and 1 <= r["episode_len"] <= 3 for r in rows)
+    assert (tmp_path / "run" / "layer.safetensors").is_file()

@@ -7,12 +7,14 @@ those of the tokens that were sampled.
 
 Text format of one episode:
 - With a chat template: [system: env.system_prompt, user: obs_0] + generation prompt; each
-  later turn appends the template's rendering of the user message "feedback\\n\\nobs_t" (just
-  "obs_t" without feedback) and the next generation prompt, after the action's end-of-turn
-  token. The delta is cut from a full render around a sentinel assistant message, so the
-  history equals what the template would render for the whole conversation.
-- Without one (plain text):  "{system}\\n\\n{obs_0}\\n> " {action} "\\n{feedback}\\n{obs_1}\\n> " ...
-  (the feedback line only when there is feedback).
+  later turn appends the template's rendering of the user message "feedback\\n\\nobs_t"
+  (just "obs_t" without feedback) and the next generation prompt, after the action's
+  end-of-turn token. The delta is cut from a render around a sentinel assistant message, so
+  the history equals what the template renders for the whole conversation (templates that
+  rewrite earlier turns, e.g. dropping old <think> blocks, are kept as they were generated).
+- Without one (plain text):
+      "{system}\\n\\n{obs_0}\\n> " {action} "\\n{feedback}\\n{obs_1}\\n> " {action} ...
+  (the feedback line only when there is feedback; the action's EOS stays in the history).
 
 One trajectory = one Rollout row: the first prompt left-padded as the prompt part, then the
 action and environment tokens, right-padded. completion_mask is 1 on action tokens only (with
@@ -98,14 +100,15 @@ def hf_actor(lm, tokenizer, params: SamplingParams) -> Actor:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
     sampling = {} if params.greedy else dict(temperature=params.temperature, top_p=params.top_p,
                                               top_k=params.top_k)
-    config = GenerationConfig(do_sample=not params.greedy, pad_token_id=pad, eos_token_id=eos,
-                              use_cache=True, **sampling)
+    options = dict(do_sample=not params.greedy, pad_token_id=pad, eos_token_id=eos, use_cache=True,
+                   **sampling)
 
     @torch.no_grad()
     def act(histories: list[list[int]], rows: list[int], budgets: list[int]) -> list[list[int]]:
         ids, mask = left_pad(histories, pad)
+        config = GenerationConfig(max_new_tokens=max(budgets), **options)
         out = lm.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                          generation_config=config, max_new_tokens=max(budgets))
+                          generation_config=config)
         generated = out[:, ids.shape[1]:]
         keep = completion_mask(generated, eos).sum(1).tolist()
         return [generated[i, :min(k, b)].tolist() for i, (k, b) in enumerate(zip(keep, budgets))]
@@ -205,5 +208,6 @@ def _collect(trajs: list[_Trajectory], steps: list[tuple], group_ids: Sequence[i
     returns = torch.zeros(len(trajs)).index_add_(0, long(row), rewards)
     return Episodes(
         rollout, long(row), long(t), long([group_ids[b] for b in row]), state, hash_anchors(state),
-        rewards, long(list(zip(start, end))).reshape(-1, 2), action, torch.tensor(valid, dtype=torch.bool),
+        rewards, long(list(zip(start, end))).reshape(-1, 2), action,
+        torch.tensor(valid, dtype=torch.bool),
         torch.tensor([tr.success for tr in trajs]), long([tr.turns for tr in trajs]), returns)
