@@ -146,7 +146,7 @@ def main() -> int:
         logits_mib = t * v * 4 / 2**20
         for name, fn in impls:
             try:
-                ms, peak = measure(lambda fn=fn: run_step(fn, batch), warmup=args.warmup, reps=reps)
+                ms, peak = measure(lambda fn=fn, batch=batch: run_step(fn, batch), warmup=args.warmup, reps=reps)
                 cells = f"{ms:.2f} | {peak:.0f}"
             except torch.OutOfMemoryError:
                 cells = "OOM | OOM"

@@ -39,7 +39,6 @@ import copy
 import json
 import os
 import random
-import sys
 import time
 from pathlib import Path
 

@@ -19,7 +19,6 @@ from triton.runtime.interpreter import InterpretedFunction
 if not isinstance(tl.zeros, InterpretedFunction):
     pytest.skip("triton was imported before TRITON_INTERPRET=1 was set", allow_module_level=True)
 
-import onelayer.kernels.advantages as _ga  # noqa: E402
 import onelayer.kernels.policy_loss as _pl  # noqa: E402
 from onelayer.algos import (  # noqa: E402
     anchor_ids,
