@@ -133,10 +133,10 @@ def sample_and_score(policy: Policy, task: Task, rows: list[dict], cfg: TrainCon
     G = cfg.group_size
     tokenizer, lm = policy.tokenizer, policy.split.lm
     sampling = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.top_k)
-    kept, kept_rewards, sampled, wanted = [], [], 0, len(rows)
+    kept, kept_rewards, sampled, wanted, groups_kept = [], [], 0, len(rows), 0
     for round_ in range(MAX_SAMPLING_ROUNDS if cfg.dynamic_sampling and more_rows else 1):
         if round_:
-            rows = more_rows(wanted - sum(len(r) for r in kept_rewards) // G)
+            rows = more_rows(wanted - groups_kept)
         prompts = [render_prompt(tokenizer, task, r) for r in rows]
         rollout = generate_completions(lm, tokenizer, prompts, sampling, repeat=G)
         rewards = torch.tensor(task.rewards(rollout.texts, [r for r in rows for _ in range(G)]),
@@ -148,11 +148,12 @@ def sample_and_score(policy: Policy, task: Task, rows: list[dict], cfg: TrainCon
             rollout, rewards = select_rollout(rollout, keep), rewards[keep]
         kept.append(rollout)
         kept_rewards.append(rewards)
-        if sum(len(r) for r in kept_rewards) >= wanted * G:
+        groups_kept += len(rewards) // G
+        if groups_kept >= wanted:
             break
     rewards = torch.cat(kept_rewards)
     rollout = concat_rollouts(kept, tokenizer.pad_token_id) if len(kept) > 1 else kept[0]
-    group_ids = torch.arange(len(rewards) // G).repeat_interleave(G)
+    group_ids = torch.arange(groups_kept).repeat_interleave(G)
     return ScoredBatch(rollout, rewards, group_ids, sampled)
 
 

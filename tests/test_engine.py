@@ -1,5 +1,7 @@
 """The cached-prefix engine: gradient equivalence, nothing saved in the prefix, one prefix pass
 per batch, and only layer L ever changes."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -84,6 +86,11 @@ def test_prefix_saves_nothing_for_backward(tiny_models):
     assert saved
 
 
+def varied_rewards(task):
+    """The task with a reward that differs inside a group, so that updates are not zero."""
+    return dataclasses.replace(task, reward=lambda completion, row: float(len(completion) % 2))
+
+
 def count_calls(module):
     calls = []
     module.register_forward_pre_hook(lambda *_: calls.append(1))
@@ -114,11 +121,9 @@ def test_only_layer_l_changes_and_optimizer_holds_layer_l_alone(tiny_models):
     policy = load_policy(cfg.model, layer=1, device="cpu")
     before = {n: p.detach().clone() for n, p in policy.split.lm.named_parameters()}
     before.update({n: b.detach().clone() for n, b in policy.split.lm.named_buffers()})
-    task = arithmetic_task(n_train=10, n_test=1)
+    task = varied_rewards(arithmetic_task(n_train=10, n_test=1))
     optimizer = torch.optim.AdamW(policy.layer.parameters(), lr=cfg.lr)
-    for step in range(2):
-        # Rewards that vary inside a group, so that the update is not zero.
-        task = task.__class__(**{**task.__dict__, "reward": lambda c, r: float(len(c) % 2)})
+    for _ in range(2):
         rl_step(policy, optimizer, task, task.train[:3], cfg, build_objective(cfg, policy.device))
     changed = {n for n, p in policy.split.lm.named_parameters() if not torch.equal(p, before[n])}
     changed |= {n for n, b in policy.split.lm.named_buffers() if not torch.equal(b, before[n])}
@@ -141,7 +146,7 @@ def test_compute_copy_follows_master_in_bf16(tiny_models):
     assert all(not p.requires_grad and p.dtype == torch.bfloat16 for p in own.values())
     master_before = {n: p.detach().clone() for n, p in policy.layer.master.items()}
     task = arithmetic_task(n_train=10, n_test=1)
-    task = task.__class__(**{**task.__dict__, "reward": lambda c, r: float(len(c) % 2)})
+    task = varied_rewards(task)
     optimizer = torch.optim.AdamW(policy.layer.parameters(), lr=cfg.lr)
     rl_step(policy, optimizer, task, task.train[:2], cfg, build_objective(cfg, policy.device))
     assert any(not torch.equal(p, master_before[n]) for n, p in policy.layer.master.items())
@@ -153,7 +158,7 @@ def test_triton_loss_impl_trains_like_the_torch_reference(tiny_models):
     """The trainer's calls into onelayer.kernels (the CUDA default), here under the Triton
     interpreter: one step from the same state and seed lands on the same weights."""
     task = arithmetic_task(n_train=10, n_test=1)
-    task = task.__class__(**{**task.__dict__, "reward": lambda c, r: float(len(c) % 2)})
+    task = varied_rewards(task)
     weights = {}
     for impl in ("torch", "triton"):
         cfg = build_config({"model": tiny_models["qwen3"], "group_size": 4, "prompts_per_step": 2,
