@@ -43,18 +43,58 @@ def random_checkpoint(name: str, root: str) -> str:
         return path
     device = "cuda" if torch.cuda.is_available() else "cpu"
     config = Qwen3Config(**CONFIGS[name], dtype="bfloat16")
-    with torch.device(device):
-        model = Qwen3ForCausalLM(config).to(torch.bfloat16)
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)  # no fp32 copy of 8B parameters on the way
+    try:
+        with torch.device(device):
+            model = Qwen3ForCausalLM(config)
+    finally:
+        torch.set_default_dtype(default_dtype)
     model.save_pretrained(path)
-    vocab = {f"t{i}": i for i in range(config.vocab_size)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
+    # Special tokens get names that no prompt word contains (added tokens match inside words).
+    vocab = {"<unk>": 0, "<pad>": 1, "<eos>": 2, **{f"t{i}": i for i in range(3, config.vocab_size)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0", pad_token="t1",
-                            eos_token="t2").save_pretrained(path)
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>",
+                            eos_token="<eos>").save_pretrained(path)
     del model
     if device == "cuda":
         torch.cuda.empty_cache()
     return path
+
+
+def decode_bytes(policy) -> int:
+    """Bytes a decode step must read: every frozen and trained weight but the embedding table
+    (a gather of B rows), i.e. the blocks (NF4 data + quantisation state), norms and lm_head."""
+    lm = policy.split.lm
+    embed = policy.split.embed.weight
+    tensors = {id(t): t for t in [*lm.parameters(), *lm.buffers()] if t is not embed}
+    for module in lm.modules():  # bitsandbytes keeps absmax and the nested state outside buffers
+        state = getattr(getattr(module, "weight", None), "quant_state", None)
+        if state is not None:
+            for t in (state.absmax, getattr(state.state2, "absmax", None), state.code,
+                      getattr(state.state2, "code", None)):
+                if t is not None:
+                    tensors[id(t)] = t
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def copy_bandwidth(gib: float = 2.0) -> float:
+    """Device memory bandwidth in bytes/s, read + written, of a large device-to-device copy."""
+    src = torch.empty(int(gib * 2**30), dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(10):
+        dst.copy_(src)
+    end.record()
+    torch.cuda.synchronize()
+    seconds = start.elapsed_time(end) / 1e3 / 10
+    del src, dst
+    torch.cuda.empty_cache()
+    return 2 * gib * 2**30 / seconds
 
 
 def main() -> None:
@@ -64,36 +104,53 @@ def main() -> None:
     ap.add_argument("--frozen-dtype", default=None)
     ap.add_argument("--group-size", type=int, default=8)
     ap.add_argument("--new-tokens", type=int, default=512)
+    ap.add_argument("--beta", type=float, default=0.0)
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--root", default="/tmp/onelayer-bench")
     a = ap.parse_args()
 
+    t0 = time.perf_counter()
     path = random_checkpoint(a.config, a.root)
+    checkpoint_s = time.perf_counter() - t0
+    cuda = torch.cuda.is_available()
+    bandwidth = copy_bandwidth() if cuda else None
     prompt = " ".join(f"t{(7 * j) % 1000 + 3}" for j in range(48))
     task = Task("random", train=[{"q": prompt}], test=[], prompt=lambda r: r["q"],
                 reward=lambda c, r: float(len(c) % 7))
     cfg = build_config({"model": path, "layer": a.layer, "group_size": a.group_size,
                         "prompts_per_step": 1, "max_new_tokens": a.new_tokens,
-                        "frozen_dtype": a.frozen_dtype, "lr": 1e-5})
+                        "frozen_dtype": a.frozen_dtype, "lr": 1e-5, "beta": a.beta})
     t0 = time.perf_counter()
-    policy = load_policy(path, layer=cfg.layer, frozen_dtype=cfg.frozen_dtype)
+    policy = load_policy(path, layer=cfg.layer, frozen_dtype=cfg.frozen_dtype,
+                         keep_reference=cfg.beta > 0)
     load_s = time.perf_counter() - t0
     objective = build_objective(cfg, policy.device)
     optimizer = torch.optim.AdamW(policy.layer.parameters(), lr=cfg.lr)
-    if policy.device.type == "cuda":
+    if cuda:
         torch.cuda.reset_peak_memory_stats()
     steps = [rl_step(policy, optimizer, task, [task.train[0]], cfg, objective)
              for _ in range(a.steps)]
     last = steps[-1]
+    # Generation lasts until the longest row stops: with random weights, every row runs to
+    # max_new_tokens (EOS is one token in 151,936).
+    decode_steps = a.new_tokens
     result = dict(config=a.config, layer=policy.split.layer_index, frozen=policy.frozen_dtype,
-                  group=a.group_size, new_tokens=a.new_tokens,
-                  completion_len=last["completion_len"], load_s=round(load_s, 1),
-                  step_s=[round(s["step_s"], 2) for s in steps],
+                  group=a.group_size, new_tokens=a.new_tokens, beta=a.beta,
+                  completion_len=last["completion_len"], checkpoint_s=round(checkpoint_s, 1),
+                  load_s=round(load_s, 1), step_s=[round(s["step_s"], 2) for s in steps],
                   gen_s=round(last["gen_s"], 2), update_s=round(last["update_s"], 2),
-                  device=torch.cuda.get_device_name() if policy.device.type == "cuda" else "cpu",
+                  decode_tokens_per_s=round(a.group_size * decode_steps / last["gen_s"], 1),
+                  decode_ms_per_step=round(1e3 * last["gen_s"] / decode_steps, 2),
+                  device=torch.cuda.get_device_name() if cuda else "cpu",
                   torch=torch.__version__, **{k: round(v, 2) for k, v in memory_gib(policy.device).items()})
-    if policy.device.type == "cuda":
-        result["peak_alloc_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    if cuda:
+        weight_bytes = decode_bytes(policy)
+        limit_ms = 1e3 * weight_bytes / (bandwidth / 2)   # bandwidth counts read + write
+        result.update(peak_alloc_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
+                      decode_weight_gib=round(weight_bytes / 2**30, 2),
+                      copy_bandwidth_tb_s=round(bandwidth / 1e12, 2),
+                      decode_limit_ms=round(limit_ms, 2),
+                      decode_share_of_limit=round(limit_ms / result["decode_ms_per_step"], 3))
     print("RESULT " + json.dumps(result), flush=True)
 
 

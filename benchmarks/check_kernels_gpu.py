@@ -1,0 +1,169 @@
+"""The Triton kernels against their torch references on a CUDA GPU, with the GPU tile configs.
+
+    python benchmarks/check_kernels_gpu.py
+    TRITON_INTERPRET=1 python benchmarks/check_kernels_gpu.py --smoke   # CPU: the script itself
+
+tests/test_kernels.py checks the same properties under TRITON_INTERPRET=1 on CPU tensors, where
+the kernels run with small interpreter tiles; this script runs the real GPU tiles and compiled
+code: loss value, metrics and hidden-state gradient (grad_output != 1) of the fused linear
+policy loss, the no-grad log-probs, and the advantage kernels, in fp32 and bf16, on shapes that
+are not multiples of the tiles, with masked tokens, a fully masked sequence, bias and no bias.
+Prints one line per case and a last line `KERNELS <passed>/<total> ok`; exits 1 on a mismatch.
+"""
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from onelayer.algos import (
+    anchor_ids,
+    chunked_logprobs,
+    fused_linear_policy_loss_reference,
+    gigpo_advantages_reference,
+    group_advantages_reference,
+)
+
+# Kernel vs the fp32 reference on the same (dtype-rounded) inputs; tf32 is off for the reference
+# (the kernel's fp32 dots are IEEE). bf16 rounds dL/dz to bf16 before the W matmul, so gradients
+# are compared relative to the largest reference entry (their scale depends on the aggregation).
+VALUE_TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.bfloat16: dict(atol=2e-3, rtol=2e-3)}
+GRAD_REL_TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
+SMOKE_CASES = [  # --smoke: the script's own logic on CPU under TRITON_INTERPRET=1
+    (torch.float32, (37, 45, 173), "token-mean", 0.04, 0.7, True),
+    (torch.bfloat16, (19, 17, 71), "seq-mean-token-sum-norm", 0.0, 1.0, False),
+]
+DEV = "cuda"
+CASES = [  # dtype, (T, H, V), aggregation, beta, temperature, bias
+    (torch.float32, (1000, 256, 5003), "token-mean", 0.0, 1.0, False),
+    (torch.float32, (777, 512, 32001), "seq-mean-token-mean", 0.04, 0.7, True),
+    (torch.bfloat16, (1000, 1024, 50257), "seq-mean-token-sum-norm", 0.0, 1.0, False),
+    (torch.bfloat16, (2049, 4096, 151936), "token-mean", 0.04, 0.7, False),
+    (torch.bfloat16, (333, 896, 151936), "seq-mean-token-mean", 0.1, 1.3, True),
+]
+
+
+def batch(t: int, h: int, v: int, dtype: torch.dtype, temperature: float, use_bias: bool, seed: int = 0):
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    hidden = torch.randn(t, h, device=DEV, generator=g).to(dtype)
+    weight = (torch.randn(v, h, device=DEV, generator=g) * 2 / h ** 0.5).to(dtype)
+    bias = torch.randn(v, device=DEV, generator=g).to(dtype) if use_bias else None
+    targets = torch.randint(0, v, (t,), device=DEV, generator=g)
+    with torch.no_grad():
+        base = chunked_logprobs(hidden.float(), weight.float(), targets,
+                                None if bias is None else bias.float(), temperature=temperature)
+    seq = torch.arange(t, device=DEV) * 7 // t                 # 7 sequences
+    mask = (torch.rand(t, device=DEV, generator=g) > 0.25).float()
+    mask[seq == 3] = 0.0                                          # one fully masked sequence
+    return dict(hidden=hidden, weight=weight, bias=bias, targets=targets,
+                old_logprobs=base + 0.6 * torch.randn(t, device=DEV, generator=g),
+                advantages=torch.randn(t, device=DEV, generator=g), mask=mask, seq_ids=seq,
+                ref_logprobs=base + 0.3 * torch.randn(t, device=DEV, generator=g))
+
+
+def close(a: torch.Tensor, b: torch.Tensor, tol: dict) -> tuple[bool, float]:
+    diff = (a.float() - b.float()).abs()
+    ok = bool((diff <= tol["atol"] + tol["rtol"] * b.float().abs()).all())
+    return ok, diff.max().item()
+
+
+def close_relative(a: torch.Tensor, b: torch.Tensor, tol: float) -> tuple[bool, float]:
+    """Max |a - b| relative to max |b|."""
+    rel = ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30)).item()
+    return rel <= tol, rel
+
+
+def check_loss(dtype, shape, aggregation, beta, temperature, use_bias) -> bool:
+    from onelayer.kernels import fused_linear_logprobs, fused_linear_policy_loss
+
+    b = batch(*shape, dtype, temperature, use_bias)
+    kw = dict(temperature=temperature, eps_low=0.2, eps_high=0.28, beta=beta, aggregation=aggregation,
+              max_len=64, num_seqs=7)
+    args = (b["targets"], b["old_logprobs"], b["advantages"], b["mask"], b["seq_ids"], b["ref_logprobs"])
+    grad_out = -2.5
+    h1 = b["hidden"].clone().requires_grad_(True)
+    loss, metrics = fused_linear_policy_loss(h1, b["weight"], *args, b["bias"], **kw)
+    (grad_out * loss).backward()
+    h2 = b["hidden"].float().requires_grad_(True)
+    bias = None if b["bias"] is None else b["bias"].float()
+    want, want_metrics = fused_linear_policy_loss_reference(h2, b["weight"].float(), *args, bias, **kw)
+    (grad_out * want).backward()
+    with torch.no_grad():
+        lp = fused_linear_logprobs(b["hidden"], b["weight"], b["targets"], b["bias"], temperature=temperature)
+        lp_want = chunked_logprobs(b["hidden"].float(), b["weight"].float(), b["targets"], bias,
+                                   temperature=temperature)
+    results = {"loss": close(loss, want, VALUE_TOL[dtype]),
+               "grad (rel)": close_relative(h1.grad, h2.grad, GRAD_REL_TOL[dtype]),
+               "logprobs": close(lp, lp_want, VALUE_TOL[dtype]),
+               **{f"metric {k}": close(metrics[k], want_metrics[k], VALUE_TOL[dtype])
+                  for k in ("clip_ratio", "kl", "ratio_mean", "entropy")}}
+    ok = all(r[0] for r in results.values()) and h1.grad.dtype == dtype
+    detail = ", ".join(f"{k} {d:.1e}{'' if good else ' FAIL'}" for k, (good, d) in results.items())
+    print(f"{'ok  ' if ok else 'FAIL'} policy loss {str(dtype)[6:]} T,H,V={shape} {aggregation} "
+          f"beta={beta} T={temperature} bias={use_bias}: {detail}", flush=True)
+    return ok
+
+
+def check_advantages() -> list[bool]:
+    from onelayer.kernels import gigpo_advantages, group_advantages
+
+    results = []
+    g = torch.Generator(device=DEV).manual_seed(1)
+    for n, group in [(8, 8), (1000, 8), (4099, 16), (65536, 64)][:2 if DEV == "cpu" else 4]:
+        rewards = torch.randint(0, 3, (n,), device=DEV, generator=g).float()
+        groups = torch.arange(n, device=DEV) // group
+        groups = groups[torch.randperm(n, device=DEV, generator=g)]   # rows in any order
+        for mode in ("grpo", "dr_grpo", "batch"):
+            ok, d = close(group_advantages(rewards, groups, mode),
+                          group_advantages_reference(rewards, groups, mode), dict(atol=1e-5, rtol=1e-5))
+            print(f"{'ok  ' if ok else 'FAIL'} group advantages N={n} G={group} {mode}: max diff {d:.1e}")
+            results.append(ok)
+    # GiGPO: 4 episode groups x 6 trajectories x up to 9 steps over 5 recurring observations.
+    rows = {"step_rewards": [], "traj_ids": [], "step_index": [], "episode_group_ids": []}
+    observations = []
+    gen = torch.Generator().manual_seed(2)
+    for traj in range(24):
+        for t in range(int(torch.randint(1, 10, (1,), generator=gen))):
+            rows["step_rewards"].append(float(torch.rand(1, generator=gen) < 0.3))
+            rows["traj_ids"].append(traj)
+            rows["step_index"].append(t)
+            rows["episode_group_ids"].append(traj // 6)
+            observations.append(f"room {int(torch.randint(0, 5, (1,), generator=gen))}")
+    episode = {k: torch.tensor(v, device=DEV) for k, v in rows.items()}
+    episode["anchor_ids"] = anchor_ids(observations).to(DEV)
+    for norm in ("std", "mean"):
+        ok, d = close(gigpo_advantages(**episode, gamma=0.95, omega=1.0, norm=norm),
+                      gigpo_advantages_reference(**episode, gamma=0.95, omega=1.0, norm=norm),
+                      dict(atol=1e-4, rtol=1e-4))
+        print(f"{'ok  ' if ok else 'FAIL'} gigpo advantages S={len(observations)} norm={norm}: max diff {d:.1e}")
+        results.append(ok)
+    return results
+
+
+def main() -> int:
+    global DEV
+    smoke = "--smoke" in sys.argv
+    if smoke:
+        DEV = "cpu"
+    elif not torch.cuda.is_available():
+        print("check_kernels_gpu.py needs a CUDA GPU (--smoke: CPU under TRITON_INTERPRET=1)",
+              file=sys.stderr)
+        return 2
+    else:
+        torch.backends.cuda.matmul.allow_tf32 = False   # the fp32 reference must be fp32
+        print(f"GPU: {torch.cuda.get_device_name()}  torch {torch.__version__}", flush=True)
+    results = []
+    for case in SMOKE_CASES if smoke else CASES:
+        try:
+            results.append(check_loss(*case))
+        except Exception as exc:  # a compile or launch failure is a failed check, not a stop
+            print(f"FAIL policy loss {case}: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}")
+            results.append(False)
+        torch.cuda.empty_cache()
+    results += check_advantages()
+    print(f"KERNELS {sum(results)}/{len(results)} ok", flush=True)
+    return 0 if all(results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Where onelayer stands on this GPU, in one command (under 8 minutes on an H100):
+#   1. the Triton kernels against their torch references with the GPU tiles (fp32 and bf16),
+#   2. GRPO on the Qwen3-8B config with random weights in NF4, G = 8 x 512 new tokens, beta 0,
+#      two steps: peak memory, s/step split into generation and update, decode vs its limit,
+#   3. the fused policy loss at T = 8 x 4096, V = 151,936 against chunked and eager torch,
+# then one table. Run from the repository root:
+#     bash benchmarks/gpu_check.sh
+# Wheels the machine lacks (bitsandbytes; transformers when older than our floor) are installed
+# from .whl/ when it exists (see README: "Measuring on a GPU"). Logs go to $OUT (or
+# /tmp/onelayer-gpu-check). Copy the table into benchmarks/RESULTS.md with the command.
+set -u
+cd "$(dirname "$0")/.."
+LOGS=${OUT:-/tmp/onelayer-gpu-check}
+mkdir -p "$LOGS"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/onelayer-site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/onelayer-site:$PWD${PYTHONPATH:+:$PYTHONPATH}
+else
+  export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import torch, triton, transformers, bitsandbytes as b; print('torch', torch.__version__, \
+'triton', triton.__version__, 'transformers', transformers.__version__, 'bitsandbytes', b.__version__)"
+
+# Progress bars of loading and saving are noise in a log.
+strip_bars() { grep -av -e 'it/s]' -e 's/it]' ; }
+echo "== kernels"
+timeout 120 python3 benchmarks/check_kernels_gpu.py 2>&1 | tee "$LOGS/kernels.log"
+echo "== train step (Qwen3-8B config, random weights)"
+timeout 300 python3 benchmarks/bench_train_step.py --config 8b --layer 16 2>&1 | strip_bars \
+  | tee "$LOGS/train_step.log"
+echo "== fused policy loss"
+timeout 100 python3 benchmarks/bench_policy_loss.py --shapes 32768x4096x151936 --reps 5 --warmup 1 \
+  2>&1 | tee "$LOGS/policy_loss.log"
+echo "== summary"
+python3 benchmarks/gpu_summary.py "$LOGS" | tee "$LOGS/summary.md"
