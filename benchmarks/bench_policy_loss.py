@@ -5,7 +5,7 @@
     python benchmarks/bench_policy_loss.py --shapes 4096x4096x151936 --dtype bf16 --reps 20
 
 For each shape T x H x V (tokens x hidden x vocab) it first checks the Triton loss, its
-hidden-gradient and the no-grad log-probs against the torch reference on the GPU, then times
+hidden-gradient and the no-grad log-probs against the fp32 torch reference on the GPU, then times
 forward + backward (CUDA events, median of --reps after --warmup) and measures the peak extra
 memory (torch.cuda.max_memory_allocated over the inputs). It prints a markdown table; copy it
 into benchmarks/RESULTS.md with the GPU, date and command. Nothing here runs on CPU.
@@ -80,24 +80,30 @@ def measure(fn, *, warmup: int, reps: int) -> tuple[float, float]:
 
 
 def check(batch: dict, dtype: torch.dtype) -> str:
-    """Triton vs torch reference on this GPU: max abs diff of loss, hidden-grad, log-probs."""
+    """Triton vs the fp32 torch reference on the same (dtype-rounded) inputs: max abs diff of
+    loss and log-probs, max hidden-grad diff relative to the largest entry.
+
+    The reference must run in fp32: a bf16 reference rounds its logits to bf16 (~1e-2 nats),
+    which flips the clip decision of tokens near 1 +- eps; each flip changes a whole row of the
+    gradient (measured 2026-11-27: bf16 vs fp32 reference, grad rel 0.43 at 8192 tokens)."""
     from onelayer.kernels import fused_linear_logprobs, fused_linear_policy_loss
 
-    grads, losses = [], []
-    for fn in (fused_linear_policy_loss, fused_linear_policy_loss_reference):
-        hidden = batch["hidden"].detach().requires_grad_(True)
-        loss, _ = fn(**{**batch, "hidden": hidden}, **dict(LOSS_KW))
-        loss.backward()
-        losses.append(loss.detach().float())
-        grads.append(hidden.grad.float())
+    hidden = batch["hidden"].detach().requires_grad_(True)
+    loss, _ = fused_linear_policy_loss(**{**batch, "hidden": hidden}, **dict(LOSS_KW))
+    loss.backward()
+    upcast = batch["hidden"].float().requires_grad_(True)
+    want, _ = fused_linear_policy_loss_reference(**{**batch, "hidden": upcast,
+                                                    "weight": batch["weight"].float()}, **dict(LOSS_KW))
+    want.backward()
     with torch.no_grad():
         lp = fused_linear_logprobs(batch["hidden"], batch["weight"], batch["targets"], temperature=0.7)
-        lp_ref = chunked_logprobs(batch["hidden"], batch["weight"], batch["targets"], temperature=0.7)
-    d_loss = (losses[0] - losses[1]).abs().item()
-    d_grad = ((grads[0] - grads[1]).abs().max() / grads[1].abs().max().clamp_min(1e-30)).item()
+        lp_ref = chunked_logprobs(batch["hidden"].float(), batch["weight"].float(), batch["targets"],
+                                  temperature=0.7)
+    d_loss = (loss.float() - want).abs().item()
+    d_grad = ((hidden.grad.float() - upcast.grad).abs().max() / upcast.grad.abs().max().clamp_min(1e-30)).item()
     d_lp = (lp - lp_ref).abs().max().item()
-    tol = 5e-2 if dtype != torch.float32 else 1e-3
-    ok = d_loss < tol and d_grad < tol and d_lp < 10 * tol
+    tol = 2e-2 if dtype != torch.float32 else 1e-4
+    ok = d_loss < tol and d_grad < tol and d_lp < tol
     return f"{'ok' if ok else 'MISMATCH'} (loss {d_loss:.1e}, grad rel {d_grad:.1e}, logp {d_lp:.1e})"
 
 
@@ -131,6 +137,7 @@ def main() -> int:
     shapes = ["1024x1024x32000"] if args.quick else args.shapes
     reps = 3 if args.quick else args.reps
     dtype = DTYPES[args.dtype]
+    torch.backends.cuda.matmul.allow_tf32 = False   # the check's fp32 reference must be fp32
     print(f"GPU: {torch.cuda.get_device_name()}  torch {torch.__version__}  dtype {args.dtype}  "
           f"loss {LOSS_KW}")
     print()
