@@ -1,7 +1,9 @@
 """The CLI: bad input ends with one line on stderr and exit code 2, and writes nothing."""
 import json
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -143,7 +145,21 @@ def test_train_and_eval_on_a_local_dataset_with_field_mapping(tiny_models, tmp_p
     assert (config["prompt_field"], config["answer_field"]) == ("q", "sol")
     code, stdout, stderr = run_cli(["eval", "--layer-checkpoint", str(out), "--quiet"], capsys)
     assert code == 0, stderr
-    assert "greedy accuracy" in stdout and "4" in stdout.splitlines()[1]
+    header, row, wrote = stdout.splitlines()
+    assert re.split(r"\s{2,}", header.strip()) == ["model", "task", "problems", "metric", "score",
+                                                   "mean reward"]
+    # Cells are separated by two or more spaces (single spaces occur inside the model label).
+    model, task, problems, metric, score, mean_reward = re.split(r"\s{2,}", row.strip())
+    assert model == f"{tiny_models['qwen3']} + layer 1 ({out})"   # 4 layers: mid = 1
+    assert (task, problems, metric) == (str(data), "4", "greedy accuracy")  # --test-size 4
+    assert wrote.startswith("wrote ")
+    record = json.loads(Path(wrote[len("wrote "):]).read_text())
+    assert len(record["per_problem"]) == 4
+    prompts = {p["prompt"] for p in record["per_problem"]}
+    assert len(prompts) == 4 and all(p.startswith(tuple(r["q"] for r in rows)) for p in prompts)
+    solved = sum(max(p["rewards"]) >= 1 for p in record["per_problem"]) / 4
+    rewards = [r for p in record["per_problem"] for r in p["rewards"]]
+    assert score == f"{solved:.1%}" and mean_reward == f"{sum(rewards) / len(rewards):.3f}"
 
 
 def test_eval_bad_input_exits_2(tmp_path, capsys):

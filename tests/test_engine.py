@@ -45,12 +45,12 @@ def engine_grad(policy, rollout, advantages):
 
 
 def naive_grad(policy, rollout, advantages):
-    """Full forward of the Hugging Face model (layer L's module weights are the master)."""
+    """The Hugging Face model's own full forward, given only tokens and the padding mask: it
+    builds its own positions, masks and rotary embeddings, so nothing of the engine's split
+    (least of all its position formula) is reused. Layer L's module weights are the master."""
     rows = torch.arange(rollout.sequences.shape[0])
-    am = rollout.attention_mask
-    positions = (am.cumsum(-1) - 1).clamp(min=0)
-    logits = policy.split.lm(input_ids=rollout.sequences, attention_mask=am,
-                             position_ids=positions).logits.float()
+    logits = policy.split.lm(input_ids=rollout.sequences,
+                             attention_mask=rollout.attention_mask).logits.float()
     logits = logits[:, rollout.prompt_len - 1:-1] / 0.7
     mask = rollout.completion_mask.bool()
     lp = torch.log_softmax(logits, -1).gather(-1, rollout.completion_ids[..., None])[..., 0][mask]
@@ -62,8 +62,13 @@ def naive_grad(policy, rollout, advantages):
 def test_cached_prefix_gradient_equals_naive_full_forward(tiny_models, frozen_dtype, tol):
     policy = load_policy(tiny_models["qwen3"], layer=2, frozen_dtype=frozen_dtype, device="cpu")
     assert policy.layer.shares_storage  # the HF module computes with the master weights
+    # Only layer L can get a gradient in the naive forward too: all else is frozen.
+    trainable = [n for n, p in policy.split.lm.named_parameters() if p.requires_grad]
+    assert trainable and all(n.startswith("model.layers.2.") for n in trainable)
     rollout, advantages = rollout_and_advantages(policy)
     assert rollout.completion_mask.sum() > 0
+    # The prompts differ in length: some rows are left-padded, where positions matter.
+    assert (rollout.attention_mask[:, 0] == 0).any() and (rollout.attention_mask[:, 0] == 1).any()
     ours = engine_grad(policy, rollout, advantages)
     reference = naive_grad(policy, rollout, advantages)
     total = sum(g.abs().sum() for g in reference)

@@ -4,17 +4,20 @@ import random
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from tokenizers import decoders
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from conftest import char_tokenizer, make_tiny_model
-from onelayer.agentic import gigpo_step, make_envs, parse_env_spec, success_rate, token_advantages
+from onelayer.agentic import (HELD_OUT_SEED, gigpo_step, make_envs, parse_env_spec, success_rate,
+                              token_advantages)
 from onelayer.algos import gigpo_advantages_reference
 from onelayer.config import build_config
 from onelayer.model import load_policy
 from onelayer.rollout import SamplingParams
 from onelayer.rollout.multiturn import TurnFormat, hf_actor, run_episodes
 from onelayer.tasks.envs import TextEnv
+from onelayer.tasks.envs.base import normalize_action
 from onelayer.tasks.envs.gridworld import GridWorld
 from onelayer.train import build_objective
 
@@ -288,19 +291,88 @@ METRICS = {"reward_mean", "success_rate", "episode_len", "valid_actions", "loss"
            "step_s", "gen_s", "update_s", "tokens_per_s"}
 
 
+class Length(TextEnv):
+    """Any reply is an action; it succeeds when its length in characters and the task number
+    leave the same remainder mod 3. Success depends on the model's reply and on the task, so
+    even a random model solves some tasks and not others."""
+    name = "length"
+    instructions = "say"
+
+    def _new_task(self, seed):
+        self.n = seed % 10
+
+    def _describe(self):
+        return f"task {self.n}"
+
+    def valid_actions(self):
+        return ["any"]
+
+    def parse_action(self, text):
+        return normalize_action(text)
+
+    def _apply(self, action):
+        return (1.0, True) if len(action) % 3 == self.n % 3 else (0.0, False)
+
+
+def greedy_success(model_dir, layer_dir, seeds, *, max_turns, max_new_tokens):
+    """Share of the tasks `seeds` that greedy episodes solve, played here one at a time with the
+    Hugging Face model and `generate` (no batching, no padding, no onelayer rollout or policy
+    code); `layer_dir`: a saved layer to put into the model first."""
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    lm = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    if layer_dir is not None:
+        saved = load_file(str(layer_dir / "layer.safetensors"))
+        assert not lm.load_state_dict(saved, strict=False).unexpected_keys
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False,
+                              eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    fmt, solved = TurnFormat(tok), 0
+    for seed in seeds:
+        env = Length(max_turns=max_turns)
+        obs = env.reset(seed)
+        history = fmt.first(env.system_prompt, obs)
+        for _ in range(max_turns):
+            ids = torch.tensor([history])
+            # An explicit mask: the test tokenizer maps unknown characters to the pad id, which
+            # generate would otherwise take for padding and hide.
+            with torch.no_grad():
+                out = lm.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                  generation_config=config)
+            action = out[0, len(history):].tolist()
+            if tok.eos_token_id in action:
+                action = action[:action.index(tok.eos_token_id) + 1]
+            obs, _, done, info = env.step(tok.decode(action, skip_special_tokens=True))
+            if done:
+                solved += info["success"]
+                break
+            history += action + fmt.next(info["feedback"], obs, action)
+    return solved / len(seeds)
+
+
 def test_train_runs_gigpo_end_to_end(tmp_path):
     """`onelayer train --algo gigpo --env ...`: the run, its held-out success and its files."""
     from onelayer.train import train
     path = tmp_path / "model"
     make_tiny_model(path, "qwen3", max_position_embeddings=512)
     grid_tokenizer().save_pretrained(path)
-    cfg = build_config(dict(model=str(path), algo="gigpo", env="test_multiturn:SmallGrid",
-                            max_turns=3, steps=2, prompts_per_step=2, group_size=3,
-                            max_new_tokens=6, eval_samples=3, output=str(tmp_path / "run")))
+    cfg = build_config(dict(model=str(path), algo="gigpo", env="test_multiturn:Length",
+                            max_turns=3, steps=2, prompts_per_step=2, group_size=3, lr=1e-2,
+                            max_new_tokens=6, eval_samples=8, output=str(tmp_path / "run")))
     lines = []
     result = train(cfg, progress=False, echo=lines.append)
-    assert any("held-out success rate before" in line for line in lines)
-    assert 0.0 <= result.accuracy_after <= 1.0
+    # Held-out success before and after = greedy episodes replayed independently on the
+    # held-out tasks, with the base model and with the saved layer.
+    held_out = list(range(HELD_OUT_SEED, HELD_OUT_SEED + 8))
+    before = greedy_success(path, None, held_out, max_turns=3, max_new_tokens=6)
+    after = greedy_success(path, tmp_path / "run", held_out, max_turns=3, max_new_tokens=6)
+    assert (result.accuracy_before, result.accuracy_after) == (before, after)
+    saved = load_file(str(tmp_path / "run" / "layer.safetensors"))
+    base = load_file(str(path / "model.safetensors"))
+    assert any(not torch.equal(t, base[name]) for name, t in saved.items())   # "after" is trained
+    # Measured: 5 of the 8 held-out tasks before training, a value that the wrong policy or
+    # the wrong tasks would change.
+    assert 0 < before < 1, before
+    assert any(line.startswith(f"held-out success rate before: {before:.1%}") for line in lines)
+    assert any(line.startswith(f"held-out success rate after:  {after:.1%}") for line in lines)
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
     assert all(METRICS <= set(r) and 1 <= r["episode_len"] <= 3 for r in rows)
