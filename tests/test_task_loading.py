@@ -113,6 +113,15 @@ def test_unknown_names_and_options(tmp_path):
                                "humaneval"}
 
 
+def test_test_split_of_a_single_file_is_refused(tmp_path):
+    # A file has one split: its "test split" would be its own training rows.
+    path = write_jsonl(tmp_path / "d.jsonl", QA)
+    with pytest.raises(UserError, match="single file with one split"):
+        load_task(path, test_split="test")
+    task = load_task(path, test_size=2)
+    assert not {r["prompt"] for r in task.test} & {r["prompt"] for r in task.train}
+
+
 def test_unreachable_hub_name_is_a_user_error():
     start = time.monotonic()
     with pytest.raises(UserError, match="could not load dataset"):

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Sequence
 
 from ..errors import UserError
 from .base import Row, Task
-from .datasets import number_unit, read_rows, select_rows
+from .datasets import is_local, number_unit, read_rows, select_rows
 
 MATH_INSTRUCTION = "Solve the problem step by step, then give the final answer in \\boxed{}."
 CODE_INSTRUCTION = "Write a Python solution in a single ```python code block."
@@ -81,6 +82,11 @@ def builtin_task(name: str, **options) -> Task:
 def dataset_task(source: str, *, reward: str | None = None, config: str | None = None,
                  split: str = "train", test_split: str | None = None, **options) -> Task:
     """A task from any dataset; the reward kind is `reward` or guessed from the fields."""
+    if test_split and is_local(source) and not Path(source).is_dir():
+        # A single file has one split: reading it again as the "test split" would score the
+        # model on its own training rows.
+        raise UserError(f"--test-split {test_split}: {source} is a single file with one split; "
+                        "hold rows out with --test-size instead")
     first = read_rows(source, config=config, split=split)[0][1]
     kind = reward or ("code" if options.get("tests_field") or
                       any(k in first for k in ("test_list", "tests")) else "math")
