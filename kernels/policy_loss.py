@@ -5,7 +5,8 @@ Torch reference and oracle: `onelayer.algos.loss.fused_linear_policy_loss_refere
 
 Forward, two launches:
 1. `_lse_partial_kernel`, grid (token blocks, vocabulary splits): for each [BLOCK_T, BLOCK_V]
-   tile of its split, z = (h W^T + b) / temperature with fp32 accumulation over H tiles; an
+   tile of its split, z = softcap(scale (h W^T + b)) / temperature with fp32 accumulation over
+   H tiles (scale and soft-cap: the model's own logit transform, `LogitTransform`); an
    online log-sum-exp keeps, per token, the running max m, sum exp(z - m) and
    sum exp(z - m) z (for the entropy); the target logit is picked as its tile passes.
    Splitting V keeps the GPU busy when T is small (4096 tokens = 64 token blocks < 132 SMs).
@@ -15,8 +16,9 @@ Forward, two launches:
 Memory: O(splits x T) fp32 partials; logit tiles live in registers only.
 
 Backward, per chunk of C tokens: `_logit_grad_kernel`, grid (token blocks, vocabulary tiles),
-recomputes each logit tile and writes dL/dz = g c_t dl/dlogp (onehot - p) / temperature into
-a [C, V] buffer in the hidden dtype; then grad_h[chunk] = dL/dz @ W by cuBLAS (torch.mm).
+recomputes each logit tile and writes dL/du = g c_t dl/dlogp (onehot - p) (1 - tanh^2) scale /
+temperature (u = h W^T + b; the tanh factor only with a soft-cap) into a [C, V] buffer in the
+hidden dtype; then grad_h[chunk] = dL/du @ W by cuBLAS (torch.mm).
 C keeps that buffer near 128 MiB (see `_grad_chunk`). A fully fused backward would have to
 read-modify-write an fp32 [BLOCK_T, H] gradient once per vocabulary tile (~1,200 times for
 V = 151,936) or use atomics; the chunk buffer is cheaper and deterministic. Only the hidden
@@ -77,11 +79,21 @@ def _grad_chunk(cfg: _Config, n_rows: int, n_cols: int, element_size: int) -> in
 
 
 @triton.jit
+def _tanh(x):
+    # tanh from one exp of a non-positive argument (no overflow); tl has no tanh of its own on
+    # every backend, and libdevice does not run under the interpreter. Absolute error ~1e-7.
+    e = tl.exp(-2.0 * tl.abs(x))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
 def _logit_tile(h_ptr, w_ptr, b_ptr, rows, cols, n_rows, col_end, n_hidden,
-                stride_ht, stride_hh, stride_wv, stride_wh, inv_temp,
-                HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_T: tl.constexpr,
-                BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
-    """fp32 [BLOCK_T, BLOCK_V] tile of (h W^T + b) / temperature; -inf on columns >= col_end."""
+                stride_ht, stride_hh, stride_wv, stride_wh, logit_scale, softcap,
+                HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+                BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
+    """fp32 [BLOCK_T, BLOCK_V] tile of the model's logits softcap(scale (h W^T + b)), before the
+    temperature; -inf on columns >= col_end."""
     acc = tl.zeros((BLOCK_T, BLOCK_V), tl.float32)
     # int64 row offsets: V x H passes 2^31 elements for large vocabularies (256k x 8192).
     h_rows = h_ptr + rows.to(tl.int64)[:, None] * stride_ht
@@ -100,7 +112,10 @@ def _logit_tile(h_ptr, w_ptr, b_ptr, rows, cols, n_rows, col_end, n_hidden,
             acc = tl.dot(h, tl.trans(w), acc)
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols, mask=cols < col_end, other=0.0).to(tl.float32)[None, :]
-    return tl.where(cols[None, :] < col_end, acc * inv_temp, float("-inf"))
+    acc = acc * logit_scale
+    if SOFTCAP:
+        acc = softcap * _tanh(acc / softcap)
+    return tl.where(cols[None, :] < col_end, acc, float("-inf"))
 
 
 @triton.jit
@@ -110,8 +125,8 @@ def _lse_partial_kernel(
                                               # sum exp(z - max) z, target z (0 outside its split)
     n_rows, n_cols, n_hidden, cols_per_split,  # T, V, H, columns per split (multiple of BLOCK_V)
     stride_ht, stride_hh, stride_wv, stride_wh,  # element strides of hidden and weight
-    inv_temp,
-    HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    logit_scale, softcap, inv_temp,              # logit transform; softcap read if SOFTCAP
+    HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     """Program (i, s): tokens [i * BLOCK_T, (i + 1) * BLOCK_T) over split s of the vocabulary."""
@@ -128,8 +143,8 @@ def _lse_partial_kernel(
     for v in range(col_start, col_end, BLOCK_V):
         cols = v + tl.arange(0, BLOCK_V)
         z = _logit_tile(h_ptr, w_ptr, b_ptr, rows, cols, n_rows, col_end, n_hidden,
-                        stride_ht, stride_hh, stride_wv, stride_wh, inv_temp,
-                        HAS_BIAS, IEEE, UPCAST, BLOCK_T, BLOCK_V, BLOCK_H)
+                        stride_ht, stride_hh, stride_wv, stride_wh, logit_scale, softcap,
+                        HAS_BIAS, SOFTCAP, IEEE, UPCAST, BLOCK_T, BLOCK_V, BLOCK_H) * inv_temp
         new_max = tl.maximum(run_max, tl.max(z, axis=1))
         alpha = tl.exp(run_max - new_max)
         e = tl.exp(z - new_max[:, None])
@@ -206,27 +221,46 @@ def _combine_loss_kernel(
 def _logit_grad_kernel(
     h_ptr, w_ptr, b_ptr, tgt_ptr,   # a chunk of C tokens: hidden [C, H], weight [V, H], bias [V], targets [C]
     lse_ptr, scale_ptr,             # [C] fp32: log-sum-exp, grad_output * c_t dl/dlogp
-    gz_ptr,                         # out [C, V] row-major, weight's dtype: dL/dz
+    gz_ptr,                         # out [C, V] row-major, weight's dtype: dL/du, u = h W^T + b
     n_rows, n_cols, n_hidden,
     stride_ht, stride_hh, stride_wv, stride_wh,
-    inv_temp,
-    HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    logit_scale, softcap, inv_temp,
+    HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
-    """Program (i, j): the [BLOCK_T, BLOCK_V] tile (i, j) of dL/dz."""
+    """Program (i, j): the [BLOCK_T, BLOCK_V] tile (i, j) of dL/du."""
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     row_ok = rows < n_rows
     tgt = tl.load(tgt_ptr + rows, mask=row_ok, other=0)
     lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
-    scale = tl.load(scale_ptr + rows, mask=row_ok, other=0.0) * inv_temp
-    z = _logit_tile(h_ptr, w_ptr, b_ptr, rows, cols, n_rows, n_cols, n_hidden,
-                    stride_ht, stride_hh, stride_wv, stride_wh, inv_temp,
-                    HAS_BIAS, IEEE, UPCAST, BLOCK_T, BLOCK_V, BLOCK_H)
+    g = tl.load(scale_ptr + rows, mask=row_ok, other=0.0) * (logit_scale * inv_temp)
+    zc = _logit_tile(h_ptr, w_ptr, b_ptr, rows, cols, n_rows, n_cols, n_hidden,
+                     stride_ht, stride_hh, stride_wv, stride_wh, logit_scale, softcap,
+                     HAS_BIAS, SOFTCAP, IEEE, UPCAST, BLOCK_T, BLOCK_V, BLOCK_H)
     onehot = tl.where(cols[None, :] == tgt[:, None], 1.0, 0.0)
-    gz = scale[:, None] * (onehot - tl.exp(z - lse[:, None]))
+    gz = g[:, None] * (onehot - tl.exp(zc * inv_temp - lse[:, None]))
+    if SOFTCAP:  # d cap tanh(u / cap) / du = 1 - tanh^2, tanh = zc / cap (-inf past V: not stored)
+        tanh = tl.where(cols[None, :] < n_cols, zc / softcap, 0.0)
+        gz = gz * (1.0 - tanh * tanh)
     tl.store(gz_ptr + rows[:, None] * n_cols + cols[None, :], gz.to(gz_ptr.dtype.element_ty),
              mask=row_ok[:, None] & (cols[None, :] < n_cols))
+
+
+class _Logits(NamedTuple):
+    """z = softcap(logit_scale (h W^T + b)) / temperature; no cap when softcap is None."""
+    logit_scale: float = 1.0
+    softcap: float | None = None
+    temperature: float = 1.0
+
+    def kernel_args(self) -> tuple[float, float, float]:
+        """(logit_scale, softcap, 1 / temperature) for the kernels; a dummy cap of 1 when there
+        is none (SOFTCAP=False: never read)."""
+        return self.logit_scale, 1.0 if self.softcap is None else self.softcap, 1.0 / self.temperature
+
+
+def _logits(temperature: float, logit_scale: float, softcap: float | None) -> _Logits:
+    return _Logits(float(logit_scale), None if softcap is None else float(softcap), float(temperature))
 
 
 class _ForwardOut(NamedTuple):
@@ -249,7 +283,7 @@ def _common_args(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> tuple[T
 
 def fused_linear_policy_loss_forward(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor,
                                      old: Tensor | None, adv: Tensor | None, coef: Tensor | None,
-                                     ref: Tensor | None, *, temperature: float, eps_low: float = 0.2,
+                                     ref: Tensor | None, *, logits: _Logits, eps_low: float = 0.2,
                                      eps_high: float = 0.2, beta: float = 0.0) -> _ForwardOut:
     """Launchers of the forward; coef None = log-probs only (no loss epilogue)."""
     t, h = hidden.shape
@@ -264,8 +298,9 @@ def fused_linear_policy_loss_forward(hidden: Tensor, weight: Tensor, bias: Tenso
     bias_arg = weight if bias is None else bias  # dummy pointer when HAS_BIAS is False
     _lse_partial_kernel[(triton.cdiv(t, cfg.block_t), splits)](
         hidden, weight, bias_arg, targets, *partials, t, v, h, cols_per_split,
-        hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1), 1.0 / temperature,
-        HAS_BIAS=bias is not None, IEEE=hidden.dtype == torch.float32, UPCAST=cfg.upcast,
+        hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1), *logits.kernel_args(),
+        HAS_BIAS=bias is not None, SOFTCAP=logits.softcap is not None,
+        IEEE=hidden.dtype == torch.float32, UPCAST=cfg.upcast,
         BLOCK_T=cfg.block_t, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h, num_warps=cfg.num_warps)
     outs = [torch.zeros(t, dtype=torch.float32, device=dev) for _ in range(7)]
     compute_loss = coef is not None
@@ -280,7 +315,7 @@ def fused_linear_policy_loss_forward(hidden: Tensor, weight: Tensor, bias: Tenso
 
 
 def fused_linear_policy_loss_backward(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor,
-                                      lse: Tensor, scale: Tensor, *, temperature: float) -> Tensor:
+                                      lse: Tensor, scale: Tensor, *, logits: _Logits) -> Tensor:
     """Launchers of the backward: grad w.r.t. hidden [T, H] in hidden's dtype, chunk by chunk."""
     t, h = hidden.shape
     v = weight.shape[0]
@@ -295,15 +330,16 @@ def fused_linear_policy_loss_backward(hidden: Tensor, weight: Tensor, bias: Tens
         part = hidden[s:s + n]
         _logit_grad_kernel[(triton.cdiv(n, cfg.block_t), triton.cdiv(v, cfg.block_v))](
             part, weight, weight if bias is None else bias, targets[s:s + n], lse[s:s + n], scale[s:s + n], gz,
-            n, v, h, part.stride(0), part.stride(1), weight.stride(0), weight.stride(1), 1.0 / temperature,
-            HAS_BIAS=bias is not None, IEEE=hidden.dtype == torch.float32, UPCAST=cfg.upcast,
+            n, v, h, part.stride(0), part.stride(1), weight.stride(0), weight.stride(1), *logits.kernel_args(),
+            HAS_BIAS=bias is not None, SOFTCAP=logits.softcap is not None,
+            IEEE=hidden.dtype == torch.float32, UPCAST=cfg.upcast,
             BLOCK_T=cfg.block_t, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h, num_warps=cfg.num_warps)
         torch.mm(gz[:n], weight, out=grad[s:s + n])
     return grad
 
 
 class _LossConfig(NamedTuple):
-    temperature: float
+    logits: _Logits
     eps_low: float
     eps_high: float
     beta: float
@@ -313,10 +349,10 @@ class _FusedLinearPolicyLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, old, adv, coef, ref, cfg: _LossConfig):
         out = fused_linear_policy_loss_forward(hidden, weight, bias, targets, old, adv, coef, ref,
-                                               temperature=cfg.temperature, eps_low=cfg.eps_low,
+                                               logits=cfg.logits, eps_low=cfg.eps_low,
                                                eps_high=cfg.eps_high, beta=cfg.beta)
         ctx.save_for_backward(hidden, weight, bias, targets, out.lse, out.dlogp)
-        ctx.temperature = cfg.temperature
+        ctx.logits = cfg.logits
         loss = out.term.sum()
         ctx.mark_non_differentiable(out.logp, out.entropy, out.kl, out.clip)
         return loss, out.logp, out.entropy, out.kl, out.clip
@@ -326,17 +362,18 @@ class _FusedLinearPolicyLoss(torch.autograd.Function):
         hidden, weight, bias, targets, lse, dlogp = ctx.saved_tensors
         # grad_loss stays a device tensor: no host sync.
         grad = fused_linear_policy_loss_backward(hidden, weight, bias, targets, lse, dlogp * grad_loss,
-                                                 temperature=ctx.temperature)
+                                                 logits=ctx.logits)
         return grad, None, None, None, None, None, None, None, None
 
 
 def fused_linear_policy_loss(hidden: Tensor, weight: Tensor, targets: Tensor, old_logprobs: Tensor,
                              advantages: Tensor, mask: Tensor, seq_ids: Tensor, ref_logprobs: Tensor | None = None,
-                             bias: Tensor | None = None, *, temperature: float = 1.0, eps_low: float = 0.2,
-                             eps_high: float = 0.2, beta: float = 0.0, aggregation: str = "token-mean",
-                             max_len: int | None = None, num_seqs: int | None = None
-                             ) -> tuple[Tensor, dict[str, Tensor]]:
-    """(loss 0-d, metrics) = policy_loss(log_softmax((hidden @ weight.T + bias) / temperature)[targets], ...)
+                             bias: Tensor | None = None, *, temperature: float = 1.0, logit_scale: float = 1.0,
+                             softcap: float | None = None, eps_low: float = 0.2, eps_high: float = 0.2,
+                             beta: float = 0.0, aggregation: str = "token-mean", max_len: int | None = None,
+                             num_seqs: int | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    """(loss 0-d, metrics) = policy_loss(log_softmax(z)[targets], ...) with
+    z = softcap(logit_scale (hidden @ weight.T + bias)) / temperature, softcap(u) = cap tanh(u / cap),
     without the [T, V] logits; gradient w.r.t. hidden only. Arguments as
     `onelayer.algos.loss.fused_linear_policy_loss_reference`. CUDA tensors, or CPU tensors
     under TRITON_INTERPRET=1 (slow: tests only).
@@ -346,7 +383,7 @@ def fused_linear_policy_loss(hidden: Tensor, weight: Tensor, targets: Tensor, ol
     """
     hidden, weight, bias = _common_args(hidden, weight, bias)
     coef = token_weights(mask, seq_ids, aggregation=aggregation, max_len=max_len, num_seqs=num_seqs)
-    cfg = _LossConfig(float(temperature), float(eps_low), float(eps_high), float(beta))
+    cfg = _LossConfig(_logits(temperature, logit_scale, softcap), float(eps_low), float(eps_high), float(beta))
     loss, logp, entropy, kl, clip = _FusedLinearPolicyLoss.apply(
         hidden, weight, bias, targets, old_logprobs, advantages, coef, ref_logprobs, cfg)
     with torch.no_grad():
@@ -361,10 +398,11 @@ def fused_linear_policy_loss(hidden: Tensor, weight: Tensor, targets: Tensor, ol
 
 
 def fused_linear_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, bias: Tensor | None = None, *,
-                          temperature: float = 1.0) -> Tensor:
-    """log softmax((hidden @ weight.T + bias) / temperature)[targets], fp32 [T], no grad
-    (old and reference log-prob passes)."""
+                          temperature: float = 1.0, logit_scale: float = 1.0,
+                          softcap: float | None = None) -> Tensor:
+    """log softmax(softcap(logit_scale (hidden @ weight.T + bias)) / temperature)[targets], fp32 [T],
+    no grad (old and reference log-prob passes)."""
     hidden, weight, bias = _common_args(hidden, weight, bias)
     with torch.no_grad():
         return fused_linear_policy_loss_forward(hidden.detach(), weight, bias, targets, None, None, None, None,
-                                                temperature=temperature).logp
+                                                logits=_logits(temperature, logit_scale, softcap)).logp

@@ -75,8 +75,9 @@ TRAIN_OPTIONS = [
     ("--frozen-dtype", click.Choice(["nf4", "bf16", "fp32"]), "Storage of the frozen blocks. "
                      "[default: nf4 on GPU, fp32 on CPU]"),
     ("--device", str, "cpu, cuda, cuda:1 ... [default: cuda when available]"),
-    ("--attn", click.Choice(["sdpa", "flash_attention_2"]), "Attention kernel; flash-attn is "
-                     "used when installed and on CUDA, torch SDPA otherwise. [default: sdpa]"),
+    ("--attn", click.Choice(["sdpa", "eager", "flash_attention_2"]), "Attention kernel: sdpa, eager, or "
+                     "flash_attention_2 (when installed, on CUDA; SDPA otherwise); eager where the model "
+                     "needs it (Gemma2). [default: sdpa]"),
     ("--loss-impl", click.Choice(["auto", "torch", "triton"]), "Policy-loss implementation: "
                      "auto = Triton on CUDA, torch elsewhere. [default: auto]"),
     ("--eval-samples", int, "Held-out problems scored greedily before and after. [default: 256]"),

@@ -104,7 +104,8 @@ def frozen_logprobs(policy: Policy, h: Tensor, rollout: Rollout, objective: Obje
     lm_head = policy.split.lm_head
     out = torch.zeros(mask.shape, dtype=torch.float32, device=h.device)
     out[mask] = objective.logprobs_fn(hidden, lm_head.weight, targets, lm_head.bias,
-                                      temperature=objective.temperature)
+                                      temperature=objective.temperature,
+                                      logit_scale=policy.split.logits.scale, softcap=policy.split.logits.softcap)
     return out
 
 
@@ -228,7 +229,8 @@ def update(policy: Policy, optimizer, h: Tensor, rollout: Rollout, rows: Tensor,
         hidden, lm_head.weight, targets, old_logprobs[rows][mask], token_advantages[rows][mask],
         torch.ones_like(targets, dtype=torch.float32), seq_ids,
         None if ref_logprobs is None else ref_logprobs[rows][mask], lm_head.bias,
-        temperature=objective.temperature, eps_low=objective.eps_low, eps_high=objective.eps_high,
+        temperature=objective.temperature, logit_scale=policy.split.logits.scale,
+        softcap=policy.split.logits.softcap, eps_low=objective.eps_low, eps_high=objective.eps_high,
         beta=objective.beta, aggregation=objective.aggregation, max_len=objective.max_len,
         num_seqs=len(rows))
     optimizer.zero_grad(set_to_none=True)

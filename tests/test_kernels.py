@@ -42,7 +42,7 @@ GRAD_TOL = {torch.float32: dict(atol=2e-5, rtol=2e-4), torch.bfloat16: dict(atol
 AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 
 
-def _batch(t, h, v, dtype, *, seed=0, use_bias=True, ref=True, temperature=1.0):
+def _batch(t, h, v, dtype, *, seed=0, use_bias=True, ref=True, temperature=1.0, logits=None):
     g = torch.Generator().manual_seed(seed)
     hidden = torch.randn(t, h, generator=g).to(dtype)
     weight = (torch.randn(v, h, generator=g) * 2 / h ** 0.5).to(dtype)
@@ -50,7 +50,7 @@ def _batch(t, h, v, dtype, *, seed=0, use_bias=True, ref=True, temperature=1.0):
     targets = torch.randint(0, v, (t,), generator=g)
     with torch.no_grad():
         base = chunked_logprobs(hidden.float(), weight.float(), targets, None if bias is None else bias.float(),
-                                temperature=temperature)
+                                temperature=temperature, **(logits or {}))
     old = base + 0.6 * torch.randn(t, generator=g)  # ratios spread across both clip edges
     seq = torch.arange(t) * 5 // t                  # 5 sequences
     mask = (torch.rand(t, generator=g) > 0.25).float()
@@ -60,22 +60,32 @@ def _batch(t, h, v, dtype, *, seed=0, use_bias=True, ref=True, temperature=1.0):
     return hidden, weight, bias, targets, old, adv, mask, seq, reflp
 
 
-CASES = [  # dtype, (T, H, V), aggregation, beta, ref, temperature, eps_high, bias
-    (torch.float32, (37, 45, 173), "token-mean", 0.0, False, 1.0, 0.2, False),
-    (torch.float32, (37, 45, 173), "seq-mean-token-mean", 0.1, True, 0.7, 0.28, True),
-    (torch.float32, (32, 32, 64), "seq-mean-token-sum-norm", 0.0, True, 1.0, 0.2, True),
-    (torch.bfloat16, (37, 45, 173), "token-mean", 0.04, True, 0.7, 0.28, True),
-    (torch.bfloat16, (32, 32, 64), "seq-mean-token-mean", 0.0, False, 1.0, 0.2, False),
-    (torch.bfloat16, (19, 17, 71), "seq-mean-token-sum-norm", 0.5, True, 1.3, 0.28, True),
+# The model's own logit transform: Granite-like scaling, and soft-caps small enough that tanh
+# saturates on these logits (|z| ~ 2), so that its gradient factor matters.
+GRANITE = dict(logit_scale=0.125)
+CAPPED = dict(softcap=0.8)
+SCALED_CAPPED = dict(logit_scale=3.0, softcap=1.5)
+
+CASES = [  # dtype, (T, H, V), aggregation, beta, ref, temperature, eps_high, bias, logit transform
+    (torch.float32, (37, 45, 173), "token-mean", 0.0, False, 1.0, 0.2, False, {}),
+    (torch.float32, (37, 45, 173), "seq-mean-token-mean", 0.1, True, 0.7, 0.28, True, {}),
+    (torch.float32, (32, 32, 64), "seq-mean-token-sum-norm", 0.0, True, 1.0, 0.2, True, {}),
+    (torch.float32, (37, 45, 173), "token-mean", 0.1, True, 0.7, 0.28, True, CAPPED),
+    (torch.float32, (19, 17, 71), "seq-mean-token-mean", 0.0, True, 1.0, 0.2, False, GRANITE),
+    (torch.bfloat16, (37, 45, 173), "token-mean", 0.04, True, 0.7, 0.28, True, {}),
+    (torch.bfloat16, (32, 32, 64), "seq-mean-token-mean", 0.0, False, 1.0, 0.2, False, {}),
+    (torch.bfloat16, (19, 17, 71), "seq-mean-token-sum-norm", 0.5, True, 1.3, 0.28, True, {}),
+    (torch.bfloat16, (37, 45, 173), "seq-mean-token-mean", 0.04, True, 1.3, 0.28, True, SCALED_CAPPED),
 ]
 
 
-@pytest.mark.parametrize("dtype, shape, aggregation, beta, use_ref, temperature, eps_high, use_bias", CASES)
-def test_fused_loss_matches_reference(dtype, shape, aggregation, beta, use_ref, temperature, eps_high, use_bias):
+@pytest.mark.parametrize("dtype, shape, aggregation, beta, use_ref, temperature, eps_high, use_bias, logits", CASES)
+def test_fused_loss_matches_reference(dtype, shape, aggregation, beta, use_ref, temperature, eps_high, use_bias,
+                                      logits):
     hidden, weight, bias, targets, old, adv, mask, seq, ref = _batch(*shape, dtype, use_bias=use_bias, ref=use_ref,
-                                                                     temperature=temperature)
+                                                                     temperature=temperature, logits=logits)
     kw = dict(temperature=temperature, eps_low=0.2, eps_high=eps_high, beta=beta, aggregation=aggregation,
-              max_len=11)
+              max_len=11, **logits)
     grad_out = -2.5  # != 1 on purpose
     h1 = hidden.clone().requires_grad_(True)
     loss, m = fused_linear_policy_loss(h1, weight, targets, old, adv, mask, seq, ref, bias, **kw)
@@ -119,11 +129,12 @@ def test_fused_loss_empty_mask(aggregation):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fused_logprobs_matches_reference(dtype):
+@pytest.mark.parametrize("logits", [{}, GRANITE, CAPPED, SCALED_CAPPED])
+def test_fused_logprobs_matches_reference(dtype, logits):
     hidden, weight, bias, targets, *_ = _batch(33, 40, 150, dtype)
-    got = fused_linear_logprobs(hidden.requires_grad_(True), weight, targets, bias, temperature=0.6)
+    got = fused_linear_logprobs(hidden.requires_grad_(True), weight, targets, bias, temperature=0.6, **logits)
     assert got.dtype == torch.float32 and not got.requires_grad
-    want = chunked_logprobs(hidden.float(), weight.float(), targets, bias.float(), temperature=0.6)
+    want = chunked_logprobs(hidden.float(), weight.float(), targets, bias.float(), temperature=0.6, **logits)
     torch.testing.assert_close(got, want, **VALUE_TOL[dtype])
 
 

@@ -9,9 +9,11 @@ TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.float64: dict(atol=1e-6,
        torch.bfloat16: dict(atol=3e-2, rtol=3e-2)}
 
 
-def _full(hidden, weight, targets, bias, temperature):
-    z = hidden @ weight.T if bias is None else hidden @ weight.T + bias
-    return torch.log_softmax(z.float() / temperature, dim=-1)[torch.arange(len(targets)), targets]
+def _full(hidden, weight, targets, bias, temperature, scale=1.0, softcap=None):
+    z = (hidden @ weight.T if bias is None else hidden @ weight.T + bias).float() * scale
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    return torch.log_softmax(z / temperature, dim=-1)[torch.arange(len(targets)), targets]
 
 
 def _inputs(t, h, v, dtype, seed=0):
@@ -24,17 +26,22 @@ def _inputs(t, h, v, dtype, seed=0):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("t, h, v, chunk", [(37, 19, 101, 5), (64, 32, 256, None), (3, 8, 423, 1), (5, 7, 11, 1000)])
-@pytest.mark.parametrize("use_bias, temperature", [(False, 1.0), (True, 0.6)])
-def test_values_and_grads_match_full_logits(dtype, t, h, v, chunk, use_bias, temperature):
+# Logit scales and caps of real families: Granite 1/8, Cohere 1/16, Gemma2 cap 30 (small caps
+# here so that tanh saturates on these logits and its gradient factor matters).
+@pytest.mark.parametrize("use_bias, temperature, scale, softcap", [
+    (False, 1.0, 1.0, None), (True, 0.6, 1.0, None), (True, 0.6, 0.125, None), (False, 1.3, 1.0, 0.5),
+    (True, 0.7, 4.0, 2.0)])
+def test_values_and_grads_match_full_logits(dtype, t, h, v, chunk, use_bias, temperature, scale, softcap):
     hidden, weight, bias, targets = _inputs(t, h, v, dtype)
     bias = bias if use_bias else None
     grad_out = torch.randn(t, generator=torch.Generator().manual_seed(1))  # != 1 on purpose
     h1 = hidden.clone().requires_grad_(True)
-    lp = chunked_logprobs(h1, weight, targets, bias, temperature=temperature, chunk_size=chunk)
+    lp = chunked_logprobs(h1, weight, targets, bias, temperature=temperature, logit_scale=scale,
+                          softcap=softcap, chunk_size=chunk)
     assert lp.dtype == torch.float32 and lp.shape == (t,)
     lp.backward(grad_out)
     h2 = hidden.clone().requires_grad_(True)
-    want = _full(h2, weight, targets, bias, temperature)
+    want = _full(h2, weight, targets, bias, temperature, scale, softcap)
     want.backward(grad_out)
     torch.testing.assert_close(lp, want.float(), **TOL[dtype])
     assert h1.grad.dtype == dtype

@@ -42,17 +42,19 @@ def _use_triton(impl: str, device: torch.device | str) -> bool:
     return impl == "triton"  # "triton" on CPU runs under TRITON_INTERPRET=1 (tests only: slow)
 
 
-def _torch_logprobs(hidden, weight, targets, bias=None, *, temperature: float = 1.0):
+def _torch_logprobs(hidden, weight, targets, bias=None, *, temperature: float = 1.0,
+                    logit_scale: float = 1.0, softcap: float | None = None):
     with torch.no_grad():
-        return chunked_logprobs(hidden, weight, targets, bias, temperature=temperature)
+        return chunked_logprobs(hidden, weight, targets, bias, temperature=temperature,
+                                logit_scale=logit_scale, softcap=softcap)
 
 
 def select_loss_impl(impl: str, device: torch.device | str) -> tuple[Callable, Callable]:
     """(loss_fn, logprobs_fn) for impl in {"auto", "torch", "triton"}; auto = triton on CUDA.
 
     loss_fn has the signature of `fused_linear_policy_loss_reference` (minus chunk_size);
-    logprobs_fn(hidden, weight, targets, bias=None, *, temperature) -> [T] float32, no grad
-    (old and reference log-prob passes).
+    logprobs_fn(hidden, weight, targets, bias=None, *, temperature, logit_scale, softcap)
+    -> [T] float32, no grad (old and reference log-prob passes).
     """
     if _use_triton(impl, device):
         # The kernels match the torch reference under TRITON_INTERPRET=1 and compile for sm_90

@@ -114,15 +114,18 @@ def policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask
 def fused_linear_policy_loss_reference(hidden: Tensor, weight: Tensor, targets: Tensor, old_logprobs: Tensor,
                                        advantages: Tensor, mask: Tensor, seq_ids: Tensor,
                                        ref_logprobs: Tensor | None = None, bias: Tensor | None = None, *,
-                                       temperature: float = 1.0, eps_low: float = 0.2, eps_high: float = 0.2,
+                                       temperature: float = 1.0, logit_scale: float = 1.0,
+                                       softcap: float | None = None, eps_low: float = 0.2, eps_high: float = 0.2,
                                        beta: float = 0.0, aggregation: str = "token-mean",
                                        max_len: int | None = None, num_seqs: int | None = None,
                                        chunk_size: int | None = None) -> tuple[Tensor, dict[str, Tensor]]:
-    """policy_loss(chunked_logprobs(hidden, weight, targets, bias), ...): the CPU path and the
-    oracle of `onelayer.kernels.fused_linear_policy_loss`. Gradient w.r.t. hidden only.
+    """policy_loss(chunked_logprobs(hidden, weight, targets, bias, ...), ...): the CPU path and
+    the oracle of `onelayer.kernels.fused_linear_policy_loss`. Gradient w.r.t. hidden only.
+    logit_scale, softcap: the model's own logit transform (see `chunked_logprobs`).
     Metrics: those of `policy_loss` plus entropy (mean over unmasked tokens)."""
     logp, entropy = chunked_logprobs(hidden, weight, targets, bias, temperature=temperature,
-                                     chunk_size=chunk_size, with_entropy=True)
+                                     logit_scale=logit_scale, softcap=softcap, chunk_size=chunk_size,
+                                     with_entropy=True)
     loss, metrics = policy_loss(logp, old_logprobs, advantages, mask, seq_ids, ref_logprobs, eps_low=eps_low,
                                 eps_high=eps_high, beta=beta, aggregation=aggregation, max_len=max_len,
                                 num_seqs=num_seqs)

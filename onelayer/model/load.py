@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import torch
 from safetensors import safe_open
 
 from ..errors import UserError
+from .arch import attention_for, check_split, model_class, split_scalings
 from .layer import TrainableLayer
 from .split import SplitModel
 
@@ -87,7 +89,8 @@ def compute_dtype_for(frozen_dtype: str, device: torch.device) -> torch.dtype:
 
 
 def read_layer_tensors(path: Path, layer_index: int) -> dict[str, torch.Tensor]:
-    """Block `layer_index`'s tensors from the safetensors shards, keyed by name inside the block."""
+    """Block `layer_index`'s tensors from the safetensors shards, keyed by name inside the block
+    (buffers too, if the checkpoint stored any: see `layer_parameters`)."""
     prefix = f"model.layers.{layer_index}."
     index_file = path / "model.safetensors.index.json"
     if index_file.is_file():
@@ -107,10 +110,31 @@ def read_layer_tensors(path: Path, layer_index: int) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def layer_parameters(block: torch.nn.Module, tensors: dict[str, torch.Tensor], name: str,
+                     layer_index: int) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors that are parameters of the block: those alone are trained.
+    Other tensors stored under the block (rotary `inv_freq` buffers of older checkpoints) are
+    ignored with a warning; a parameter the checkpoint lacks refuses the model."""
+    params = dict(block.named_parameters())
+    missing = sorted(set(params) - set(tensors))
+    if missing:
+        raise UserError(f"{name}: this architecture is not supported: block {layer_index}'s parameters "
+                        f"{', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''} are not stored under "
+                        "those names in the checkpoint")
+    extra = sorted(set(tensors) - set(params))
+    if extra:
+        logging.getLogger("onelayer").warning(
+            "ignoring %d tensor(s) stored under model.layers.%d. that are not parameters of the block: %s",
+            len(extra), layer_index, ", ".join(extra))
+    return {n: tensors[n] for n in params}
+
+
 def load_policy(model: str = DEMO_MODEL, *, layer: int | str = "mid", frozen_dtype: str | None = None,
                 device: str | torch.device | None = None, attn: str = "sdpa",
                 keep_reference: bool = False) -> Policy:
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    """Load `model` for training block `layer`; refuses (UserError) what the split cannot train
+    exactly (see `onelayer.model.arch`)."""
+    from transformers import AutoConfig, AutoTokenizer
 
     try:
         device = torch.device(device) if device is not None else default_device()
@@ -132,50 +156,79 @@ def load_policy(model: str = DEMO_MODEL, *, layer: int | str = "mid", frozen_dty
     if not num_layers:
         raise UserError(f"{model}: not a decoder-only model with blocks at model.layers")
     index = resolve_layer(layer, num_layers)
-    attn = _attention_implementation(attn, device)
+    cls = model_class(config)
+    attn = attention_for(attn, cls, config, device)
     dtype = compute_dtype_for(frozen_dtype, device)
 
-    kwargs = dict(dtype=dtype, attn_implementation=attn)
+    lm = _load_frozen(cls, path, index, frozen_dtype, dtype, attn, device)
+    _check_layout(lm, config.model_type)
+    embed_scale, logits = split_scalings(config)
+    split = SplitModel(lm, index, embed_scale=embed_scale, logits=logits)
+    master = layer_parameters(split.layer, read_layer_tensors(path, index), config.model_type, index)
     if frozen_dtype == "nf4":
-        from transformers import BitsAndBytesConfig
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=dtype,
-            # The trained block stays a plain nn.Linear block; its weights are replaced below.
-            llm_int8_skip_modules=["lm_head", f"model.layers.{index}"])
-        kwargs["device_map"] = {"": device}
-    _quiet_bitsandbytes()
-    lm = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    if frozen_dtype != "nf4":
-        lm = lm.to(device)
-    else:
-        _single_nf4_path(lm)
-    lm.eval()  # no dropout anywhere: log-probs must be those of the sampling policy
-    lm.requires_grad_(False)
-    if not hasattr(getattr(lm, "model", None), "layers"):
-        raise UserError(f"{model}: blocks are not at model.layers; this architecture is not supported")
-
-    split = SplitModel(lm, index)
-    trainable = TrainableLayer(split.layer, read_layer_tensors(path, index), dtype,
-                               keep_reference=keep_reference)
+        _check_quantized(lm, index, config.model_type)
+    trainable = TrainableLayer(split.layer, master, dtype, keep_reference=keep_reference)
+    check_split(split, dtype)
     tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return Policy(split, trainable, tokenizer, path, model, device, dtype, frozen_dtype)
 
 
-def _attention_implementation(attn: str, device: torch.device) -> str:
-    if attn not in ("sdpa", "flash_attention_2", "eager"):
-        raise UserError(f"--attn must be sdpa or flash_attention_2, not {attn!r}")
-    if attn == "flash_attention_2":
-        try:
-            import flash_attn  # noqa: F401
-        except ImportError:
-            attn = "sdpa"
-            logging.getLogger("onelayer").warning("flash-attn is not installed: using torch SDPA")
-        if device.type != "cuda":
-            attn = "sdpa"
-    return attn
+def _load_frozen(cls: type, path: Path, index: int, frozen_dtype: str, dtype: torch.dtype, attn: str,
+                 device: torch.device):
+    """The model with every block but `index` (and lm_head) in `frozen_dtype`, frozen, eval mode."""
+    kwargs = dict(dtype=dtype, attn_implementation=attn)
+    if frozen_dtype == "nf4":
+        from transformers import BitsAndBytesConfig
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype, llm_int8_skip_modules=["lm_head", _skip_pattern(index)])
+        kwargs["device_map"] = {"": device}
+    _quiet_bitsandbytes()
+    lm = cls.from_pretrained(path, **kwargs)
+    if frozen_dtype != "nf4":
+        lm = lm.to(device)
+    else:
+        _single_nf4_path(lm)
+    lm.eval()  # no dropout anywhere: log-probs must be those of the sampling policy
+    lm.requires_grad_(False)
+    return lm
+
+
+def _skip_pattern(index: int) -> str:
+    """The trained block's modules, for bitsandbytes' skip list: an escaped regex ending in a dot.
+    transformers 5.20 tries each entry with re.match as a bare prefix, so "model.layers.1" also
+    skipped blocks 10-19; 5.24 adds a module boundary but still reads the entry as a regex
+    ("." matches any character). The escaped dot form matches block `index` alone under both;
+    `_check_quantized` verifies it after every load."""
+    return re.escape(f"model.layers.{index}.")
+
+
+def _check_layout(lm, name: str) -> None:
+    base = getattr(lm, "model", None)
+    if any(getattr(base, a, None) is None for a in ("embed_tokens", "layers", "norm", "rotary_emb")):
+        raise UserError(f"{name}: this architecture is not supported: it does not keep model.embed_tokens, "
+                        "model.layers, model.norm and model.rotary_emb")
+
+
+def _check_quantized(lm, index: int, name: str) -> None:
+    """Block `index` holds no 4-bit linear and every other block holds its weight matrices in
+    4-bit linears only: one frozen network whichever layer is trained (a layer sweep compares
+    like with like), and the memory the design counts on."""
+    import bitsandbytes as bnb
+    for i, block in enumerate(lm.model.layers):
+        linears = [m for m in block.modules() if isinstance(m, torch.nn.Linear)]
+        nf4 = [m for m in linears if isinstance(m, bnb.nn.Linear4bit)]
+        if (i == index and nf4) or (i != index and len(nf4) != len(linears)):
+            raise RuntimeError(f"internal error: block {i} has {len(nf4)} of {len(linears)} linears in NF4 "
+                               f"while training block {index} (bitsandbytes skip list {_skip_pattern(index)!r})")
+        if i != index:
+            packed = {id(p) for m in nf4 for p in m.parameters()}
+            loose = [n for n, p in block.named_parameters() if p.dim() >= 2 and id(p) not in packed]
+            if loose:
+                raise UserError(f"{name}: block {i}'s weights {', '.join(loose[:3])} are not linear layers, "
+                                "which NF4 cannot hold; use --frozen-dtype bf16")
 
 
 def _single_nf4_path(lm) -> None:

@@ -6,11 +6,16 @@
 Nothing before L is trained, so h_L is fixed for a rollout batch: it is computed once under
 inference mode and reused by the old-log-prob pass, the reference pass and every PPO epoch.
 The blocks are the model's own Hugging Face modules, called one by one with the masks and
-rotary embeddings that the model's forward would have built.
+rotary embeddings that the model's forward would have built. What some families do outside
+their blocks (an embedding multiplier, logit scaling, final logit soft-capping) is applied
+here and in the loss (`LogitTransform`); `onelayer.model.arch` chooses it and proves at load
+that the split reproduces the model's own forward.
 """
 from __future__ import annotations
 
 from typing import Mapping, NamedTuple
+
+import inspect
 
 import torch
 from torch import Tensor, nn
@@ -22,11 +27,28 @@ MASK_BUILDERS = {"full_attention": create_causal_mask,
                  "sliding_attention": create_sliding_window_causal_mask}
 
 
+class LogitTransform(NamedTuple):
+    """What the model does to lm_head's output before the softmax: z = softcap(scale * z),
+    softcap(z) = cap * tanh(z / cap) (no cap when None); the sampling temperature comes after."""
+    scale: float = 1.0
+    softcap: float | None = None
+
+
 class Context(NamedTuple):
     """What every block needs besides its input, for one batch of padded sequences."""
     masks: dict            # attention type -> mask in the layout of the attention implementation
     position_ids: Tensor   # [B, S] (left padding shifts positions; pads get 0)
-    rotary: tuple          # (cos, sin), each [B, S, head_dim]
+    rotary: dict           # attention type -> (cos, sin), each [B, S, head_dim]
+
+
+def positions(attention_mask: Tensor) -> Tensor:
+    """Position ids [B, S] of a left-padded batch, as Hugging Face `generate` (the sampler)
+    computes them: the first real token of every row is at 0, pads at 0. The model's plain
+    forward without position_ids would number pads too (0..S-1), which shifts a padded row's
+    positions by its pad count; rotary attention depends only on position differences, so
+    both give the same log-probs up to rounding, and the sampler's numbering is the one the
+    trained log-probs must match."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 def layer_types(config) -> list[str]:
@@ -45,7 +67,8 @@ class SplitModel:
     ``params=None`` the module's own (compute copy) weights are used.
     """
 
-    def __init__(self, causal_lm: nn.Module, layer_index: int):
+    def __init__(self, causal_lm: nn.Module, layer_index: int, *, embed_scale: float = 1.0,
+                 logits: LogitTransform = LogitTransform()):
         base = causal_lm.model
         self.lm = causal_lm
         self.config = causal_lm.config
@@ -56,6 +79,10 @@ class SplitModel:
         self.rotary_emb = base.rotary_emb
         self.lm_head = causal_lm.lm_head
         self.types = layer_types(self.config)
+        self.embed_scale = embed_scale   # Granite multiplies the embeddings in its model forward
+        self.logits = logits             # applied by the loss, after lm_head
+        # Gemma3 and Olmo3 keep one rotary table per attention type (local and global bases).
+        self.rotary_per_type = "layer_type" in inspect.signature(self.rotary_emb.forward).parameters
 
     @property
     def layer(self) -> nn.Module:
@@ -67,18 +94,22 @@ class SplitModel:
 
     def context(self, attention_mask: Tensor, dtype: torch.dtype) -> Context:
         """Masks, positions and rotary embeddings for a [B, S] padding mask (1 = real token)."""
-        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        position_ids = positions(attention_mask)
         probe = torch.empty(*attention_mask.shape, 1, dtype=dtype, device=attention_mask.device)
         # The 4th argument is the KV cache (its keyword name changed across transformers 5.x).
         masks = {kind: MASK_BUILDERS[kind](self.config, probe, attention_mask, None,
                                            position_ids=position_ids)
                  for kind in set(self.types)}
-        rotary = self.rotary_emb(probe, position_ids)
+        if self.rotary_per_type:
+            rotary = {kind: self.rotary_emb(probe, position_ids, kind) for kind in set(self.types)}
+        else:
+            rotary = dict.fromkeys(set(self.types), self.rotary_emb(probe, position_ids))
         return Context(masks, position_ids, rotary)
 
     def _block(self, i: int, h: Tensor, ctx: Context, params: Mapping[str, Tensor] | None = None):
-        kwargs = dict(attention_mask=ctx.masks[self.types[i]], position_ids=ctx.position_ids,
-                      position_embeddings=ctx.rotary)
+        kind = self.types[i]
+        kwargs = dict(attention_mask=ctx.masks[kind], position_ids=ctx.position_ids,
+                      position_embeddings=ctx.rotary[kind])
         if params is None:
             return self.blocks[i](h, **kwargs)
         return functional_call(self.blocks[i], dict(params), (h,), kwargs, strict=False)
@@ -87,6 +118,8 @@ class SplitModel:
         """h_L: the input of layer L. Runs under inference mode: nothing is kept for backward."""
         with torch.inference_mode():
             h = self.embed(input_ids)
+            if self.embed_scale != 1.0:
+                h = h * self.embed_scale
             for i in range(self.layer_index):
                 h = self._block(i, h, ctx)
         # Inference tensors cannot be saved for a later backward; one copy makes h_L an ordinary
