@@ -23,7 +23,8 @@ from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 from onelayer.config import build_config
 from onelayer.model import load_policy
 from onelayer.tasks import Task
-from onelayer.train import build_objective, memory_gib, rl_step
+from onelayer.train import memory_gib, rl_step
+from onelayer.update import build_objective
 
 CONFIGS = {
     # Qwen/Qwen3-8B config.json values

@@ -1,7 +1,7 @@
 """Fused lm_head + log-softmax + clipped policy loss, never building the [T, V] logits.
 
 Torch reference and oracle: `onelayer.algos.loss.fused_linear_policy_loss_reference`
-(= `chunked_logprobs` + `policy_loss`). Formulas in ALGORITHMS.md.
+(= `chunked_logprobs` + `policy_loss`). Formulas in docs/algorithms.md.
 
 Forward, two launches:
 1. `_lse_partial_kernel`, grid (token blocks, vocabulary splits): for each [BLOCK_T, BLOCK_V]
@@ -371,7 +371,8 @@ def fused_linear_policy_loss(hidden: Tensor, weight: Tensor, targets: Tensor, ol
                              bias: Tensor | None = None, *, temperature: float = 1.0, logit_scale: float = 1.0,
                              softcap: float | None = None, eps_low: float = 0.2, eps_high: float = 0.2,
                              beta: float = 0.0, aggregation: str = "token-mean", max_len: int | None = None,
-                             num_seqs: int | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+                             num_seqs: int | None = None, num_tokens: Tensor | float | None = None
+                             ) -> tuple[Tensor, dict[str, Tensor]]:
     """(loss 0-d, metrics) = policy_loss(log_softmax(z)[targets], ...) with
     z = softcap(logit_scale (hidden @ weight.T + bias)) / temperature, softcap(u) = cap tanh(u / cap),
     without the [T, V] logits; gradient w.r.t. hidden only. Arguments as
@@ -382,7 +383,8 @@ def fused_linear_policy_loss(hidden: Tensor, weight: Tensor, targets: Tensor, ol
     clip_ratio, kl (0 without ref_logprobs), ratio_mean, entropy.
     """
     hidden, weight, bias = _common_args(hidden, weight, bias)
-    coef = token_weights(mask, seq_ids, aggregation=aggregation, max_len=max_len, num_seqs=num_seqs)
+    coef = token_weights(mask, seq_ids, aggregation=aggregation, max_len=max_len, num_seqs=num_seqs,
+                         num_tokens=num_tokens)
     cfg = _LossConfig(_logits(temperature, logit_scale, softcap), float(eps_low), float(eps_high), float(beta))
     loss, logp, entropy, kl, clip = _FusedLinearPolicyLoss.apply(
         hidden, weight, bias, targets, old_logprobs, advantages, coef, ref_logprobs, cfg)

@@ -22,7 +22,7 @@ from .rollout import Rollout, SamplingParams
 from .rollout.multiturn import Episodes, TurnFormat, hf_actor, run_episodes
 from .tasks.envs import TextEnv, load_env
 from .errors import UserError
-from .train import Job, Objective, optimize, sync_device
+from .update import Job, Objective, optimize, schedule, sync_device
 
 # Token cap of one trajectory (prompt + all turns) unless the model's context is shorter.
 MAX_EPISODE_TOKENS = 4096
@@ -102,7 +102,7 @@ def gigpo_step(policy: Policy, optimizer: torch.optim.Optimizer, cfg: TrainConfi
     advantages = step_advantages(episodes, cfg, policy.device)                # [S]
     rollout = to_device(episodes.rollout, policy.device)
     tokens_adv = token_advantages(episodes, advantages).to(policy.device)     # [B, C]
-    stats = optimize(policy, optimizer, rollout, tokens_adv, cfg, objective)
+    stats = optimize(policy, optimizer, rollout, tokens_adv, schedule(cfg), objective)
     sync_device(policy.device)
     t_end = time.perf_counter()
 

@@ -71,6 +71,9 @@ TRAIN_OPTIONS = [
     ("--top-k", int, "Top-k sampling; 0 is off. [default: 0]"),
     ("--epochs", int, "PPO epochs over each rollout batch. [default: 1]"),
     ("--minibatch", int, "Sequences per optimizer step; 0 = the whole batch. [default: 0]"),
+    ("--micro-batch", int, "Sequences per forward/backward pass (also the prefix and log-prob "
+                           "passes); gradients accumulate over the minibatch, so the update is "
+                           "the same, in less memory. 0 = the whole minibatch. [default: 0]"),
     ("--seed", int, "Seed of prompts, sampling and initialisation. [default: 0]"),
     ("--frozen-dtype", click.Choice(["nf4", "bf16", "fp32"]), "Storage of the frozen blocks. "
                      "[default: nf4 on GPU, fp32 on CPU]"),

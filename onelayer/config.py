@@ -55,6 +55,7 @@ class TrainConfig:
     top_k: int = 0                     # 0: no top-k filtering
     epochs: int = 1                    # PPO epochs over each rollout batch
     minibatch: int = 0                 # sequences per optimizer step; 0: the whole batch
+    micro_batch: int = 0               # sequences per forward/backward (exact); 0: the minibatch
     seed: int = 0
     frozen_dtype: str | None = None    # None: nf4 on GPU, fp32 on CPU
     device: str | None = None          # None: cuda when available
@@ -168,6 +169,7 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.max_new_tokens >= 1, "--max-new-tokens must be >= 1")
     need(cfg.epochs >= 1, "--epochs must be >= 1")
     need(cfg.minibatch >= 0, "--minibatch must be >= 0")
+    need(cfg.micro_batch >= 0, "--micro-batch must be >= 0")
     need(cfg.lr > 0, "--lr must be positive")
     need(cfg.beta >= 0, "--beta must be >= 0")
     need(0 <= cfg.eps_low < 1 and cfg.eps_high >= 0, "--eps-low must be in [0, 1), --eps-high >= 0")

@@ -20,7 +20,6 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .algos import advantages_fn, select_loss_impl
 from .checkpoint import CONFIG_FILE, LAYER_FILE, save_layer
 from .config import TrainConfig, config_json, task_options
 from .errors import UserError
@@ -28,36 +27,7 @@ from .evaluate import evaluate as score_task, render_prompt
 from .model import Policy, load_policy
 from .rollout import Rollout, SamplingParams, concat_rollouts, generate_completions, select_rollout
 from .tasks import Task, load_task
-
-# --scale-rewards -> the advantage estimator's mode (ALGORITHMS.md): divide by the group's std,
-# the batch's std, or nothing (Dr. GRPO).
-ADVANTAGE_MODE = {"group": "grpo", "batch": "batch", "none": "dr_grpo"}
-
-
-@dataclass(frozen=True)
-class Objective:
-    """Everything about the loss that is fixed when the run is built."""
-    loss_fn: Callable
-    logprobs_fn: Callable
-    advantages_fn: Callable
-    advantage_mode: str
-    aggregation: str
-    temperature: float
-    eps_low: float
-    eps_high: float
-    beta: float
-    max_len: int
-
-
-@dataclass
-class Job:
-    """What a run trains on, chosen once: one RL step, and a held-out score."""
-    name: str
-    step: Callable[[], dict]           # one RL step -> metrics
-    score: Callable[[str], float]      # progress-bar label -> held-out score in [0, 1]
-    metric: str                        # what the score is ("accuracy", "success rate")
-    held_out: int                      # problems / tasks scored
-
+from .update import Job, Objective, build_objective, optimize, schedule, sync_device
 
 @dataclass
 class TrainResult:
@@ -66,47 +36,6 @@ class TrainResult:
     steps: int
     seconds: float
     output: Path
-
-
-# ---------------------------------------------------------------------------------------------
-# Log-probs from the cached h_L
-# ---------------------------------------------------------------------------------------------
-
-def completion_tokens(rollout: Rollout, rows: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """For rollout rows `rows`: (token mask [b, C] bool, targets [T], seq_ids [T]) of the
-    completion tokens, T = number of unmasked tokens, in row-major order."""
-    mask = rollout.completion_mask[rows].bool()
-    targets = rollout.completion_ids[rows][mask]
-    seq_ids = torch.arange(len(rows), device=mask.device)[:, None].expand_as(mask)[mask]
-    return mask, targets, seq_ids
-
-
-def completion_hidden(policy: Policy, h: Tensor, rollout: Rollout, rows: Tensor,
-                      params: dict | None) -> Tensor:
-    """Final hidden states [T, H] that predict the completion tokens of rows `rows`.
-
-    The state at column j predicts the token at column j + 1, so completion token c (column
-    P + c) is predicted from column P + c - 1."""
-    split = policy.split
-    ctx = split.context(rollout.attention_mask[rows], policy.compute_dtype)
-    final = split.from_layer(h[rows], ctx, params)
-    predicting = final[:, rollout.prompt_len - 1:-1]
-    return predicting[rollout.completion_mask[rows].bool()]
-
-
-@torch.no_grad()
-def frozen_logprobs(policy: Policy, h: Tensor, rollout: Rollout, objective: Objective,
-                    params: dict | None) -> Tensor:
-    """Per-token log-probs [B, C] (0 on padding) with the given layer weights, no grad."""
-    rows = torch.arange(rollout.sequences.shape[0], device=h.device)
-    mask, targets, _ = completion_tokens(rollout, rows)
-    hidden = completion_hidden(policy, h, rollout, rows, params)
-    lm_head = policy.split.lm_head
-    out = torch.zeros(mask.shape, dtype=torch.float32, device=h.device)
-    out[mask] = objective.logprobs_fn(hidden, lm_head.weight, targets, lm_head.bias,
-                                      temperature=objective.temperature,
-                                      logit_scale=policy.split.logits.scale, softcap=policy.split.logits.softcap)
-    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -174,7 +103,7 @@ def rl_step(policy: Policy, optimizer: torch.optim.Optimizer, task: Task, rows: 
                                              mode=objective.advantage_mode)
         # One advantage per sequence, on every one of its tokens.
         token_advantages = advantages[:, None].expand_as(rollout.completion_mask)
-        stats = optimize(policy, optimizer, rollout, token_advantages, cfg, objective)
+        stats = optimize(policy, optimizer, rollout, token_advantages, schedule(cfg), objective)
     sync_device(policy.device)
     t_end = time.perf_counter()
 
@@ -192,66 +121,9 @@ def rl_step(policy: Policy, optimizer: torch.optim.Optimizer, task: Task, rows: 
     return metrics
 
 
-def optimize(policy: Policy, optimizer, rollout: Rollout, token_advantages: Tensor,
-             cfg: TrainConfig, objective: Objective) -> list[dict]:
-    """PPO epochs and minibatches over one rollout batch; token_advantages [B, C].
-
-    Used by single-turn and multi-turn steps alike: a rollout's completion_mask marks the
-    tokens that carry loss (the policy's own), its attention_mask every token of context."""
-    # h_L once per batch; reused by every pass below.
-    ctx = policy.split.context(rollout.attention_mask, policy.compute_dtype)
-    h = policy.split.prefix(rollout.sequences, ctx)
-    del ctx
-    old_logprobs = frozen_logprobs(policy, h, rollout, objective, params=None)
-    ref_logprobs = (frozen_logprobs(policy, h, rollout, objective, policy.layer.reference)
-                    if objective.beta > 0 else None)
-
-    batch = rollout.sequences.shape[0]
-    minibatch = cfg.minibatch or batch
-    stats = []
-    for _ in range(cfg.epochs):
-        order = torch.randperm(batch, device=h.device)
-        for start in range(0, batch, minibatch):
-            rows_mb = order[start:start + minibatch]
-            stats.append(update(policy, optimizer, h, rollout, rows_mb, token_advantages,
-                                old_logprobs, ref_logprobs, objective, cfg.max_grad_norm))
-    return stats
-
-
-def update(policy: Policy, optimizer, h: Tensor, rollout: Rollout, rows: Tensor,
-           token_advantages: Tensor, old_logprobs: Tensor, ref_logprobs: Tensor | None,
-           objective: Objective, max_grad_norm: float) -> dict:
-    """One optimizer step on the minibatch `rows` of the rollout."""
-    mask, targets, seq_ids = completion_tokens(rollout, rows)
-    hidden = completion_hidden(policy, h, rollout, rows, policy.layer.policy_params())
-    lm_head = policy.split.lm_head
-    loss, metrics = objective.loss_fn(
-        hidden, lm_head.weight, targets, old_logprobs[rows][mask], token_advantages[rows][mask],
-        torch.ones_like(targets, dtype=torch.float32), seq_ids,
-        None if ref_logprobs is None else ref_logprobs[rows][mask], lm_head.bias,
-        temperature=objective.temperature, logit_scale=policy.split.logits.scale,
-        softcap=policy.split.logits.softcap, eps_low=objective.eps_low, eps_high=objective.eps_high,
-        beta=objective.beta, aggregation=objective.aggregation, max_len=objective.max_len,
-        num_seqs=len(rows))
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    grad_norm = torch.nn.utils.clip_grad_norm_(policy.layer.parameters(), max_grad_norm)
-    optimizer.step()
-    policy.layer.refresh_compute_copy()
-    return {"loss": loss.item(), "grad_norm": grad_norm.item(),
-            **{k: float(v) for k, v in metrics.items()}}
-
-
 # ---------------------------------------------------------------------------------------------
 # The run
 # ---------------------------------------------------------------------------------------------
-
-def build_objective(cfg: TrainConfig, device: torch.device) -> Objective:
-    loss_fn, logprobs_fn = select_loss_impl(cfg.loss_impl, device)
-    return Objective(loss_fn, logprobs_fn, advantages_fn(cfg.loss_impl, device),
-                     ADVANTAGE_MODE[cfg.reward_scaling], cfg.aggregation, cfg.temperature, cfg.eps_low,
-                     cfg.eps_high, cfg.beta, cfg.max_new_tokens)
-
 
 def output_dir(cfg: TrainConfig, policy: Policy) -> Path:
     if cfg.output:
@@ -373,8 +245,3 @@ def plot_rewards(history: list[dict], before: float, after: float, metric: str, 
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-def sync_device(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)

@@ -11,8 +11,8 @@ from onelayer.algos import chunked_logprobs
 from onelayer.config import build_config
 from onelayer.model import load_policy
 from onelayer.rollout import Rollout
-from onelayer.train import (build_objective, completion_hidden, completion_tokens, frozen_logprobs,
-                            optimize)
+from onelayer.update import (build_objective, completion_hidden, completion_tokens, frozen_logprobs,
+                             optimize, schedule)
 from test_engine import loss_from_logprobs, rollout_and_advantages
 
 LAYER = 2
@@ -119,7 +119,7 @@ def test_tied_embeddings_load_score_and_train_only_layer_l(tied_model, frozen_dt
     embedding = split.embed.weight.detach().clone()
     optimizer = torch.optim.AdamW(policy.layer.parameters(), lr=cfg.lr)
     token_adv = advantages[:, None].expand_as(rollout.completion_mask)
-    optimize(policy, optimizer, rollout, token_adv, cfg, objective)
+    optimize(policy, optimizer, rollout, token_adv, schedule(cfg), objective)
     changed = {n for n, p in split.lm.named_parameters() if not torch.equal(p, before[n])}
     assert changed and all(n.startswith(f"model.layers.{LAYER}.") for n in changed)
     assert torch.equal(split.embed.weight, embedding) and split.lm_head.weight is split.embed.weight
@@ -205,7 +205,7 @@ def test_dr_grpo_update_with_an_uneven_last_minibatch(tiny_models, monkeypatch):
     optimizer = torch.optim.AdamW(policy.layer.parameters(), lr=cfg.lr,
                                   weight_decay=cfg.weight_decay, **adam)
     token_adv = advantages[:, None].expand_as(rollout.completion_mask)
-    stats = optimize(policy, optimizer, rollout, token_adv, cfg, objective)
+    stats = optimize(policy, optimizer, rollout, token_adv, schedule(cfg), objective)
     monkeypatch.undo()
     assert len(stats) == 2 and len(orders) == 1
 

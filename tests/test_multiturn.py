@@ -19,7 +19,7 @@ from onelayer.rollout.multiturn import TurnFormat, hf_actor, run_episodes
 from onelayer.tasks.envs import TextEnv
 from onelayer.tasks.envs.base import normalize_action
 from onelayer.tasks.envs.gridworld import GridWorld
-from onelayer.train import build_objective
+from onelayer.update import build_objective
 
 
 def grid_tokenizer():

@@ -7,7 +7,8 @@ import torch
 from onelayer.config import build_config
 from onelayer.model import load_policy
 from onelayer.tasks import Task
-from onelayer.train import build_objective, sample_and_score
+from onelayer.train import sample_and_score
+from onelayer.update import build_objective
 
 REWARDS = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0])
 GROUPS = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])

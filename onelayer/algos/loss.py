@@ -13,7 +13,9 @@ which sequence each token belongs to, `mask[T]` is 1 on completion (action) toke
     seq-mean-token-sum-norm  L = sum m l / (S * max_len)
 
 Every aggregation is a weighted token sum L = sum_t c_t l_t; `token_weights` computes c_t
-once, and both this reference and the Triton kernel use it.
+once, and both this reference and the Triton kernel use it. With micro-batching, the tokens of
+one minibatch arrive in several calls: `num_seqs` (S) and `num_tokens` (sum m) are then the
+minibatch's, so that the micro-batches' losses add up to the minibatch's loss exactly.
 """
 from __future__ import annotations
 
@@ -27,23 +29,28 @@ from onelayer.algos.logprobs import chunked_logprobs
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 
 
-def _token_mean(mask: Tensor, seq_ids: Tensor, num_seqs: int, max_len: int | None) -> Tensor:
-    return mask / mask.sum().clamp_min(1.0)
+def _token_mean(mask: Tensor, seq_ids: Tensor, num_seqs: int, max_len: int | None,
+                num_tokens: Tensor | float | None) -> Tensor:
+    total = mask.sum() if num_tokens is None else torch.as_tensor(num_tokens, dtype=mask.dtype,
+                                                                  device=mask.device)
+    return mask / total.clamp_min(1.0)
 
 
-def _seq_mean_token_mean(mask: Tensor, seq_ids: Tensor, num_seqs: int, max_len: int | None) -> Tensor:
+def _seq_mean_token_mean(mask: Tensor, seq_ids: Tensor, num_seqs: int, max_len: int | None,
+                         num_tokens: Tensor | float | None) -> Tensor:
     per_seq = torch.zeros(num_seqs, dtype=mask.dtype, device=mask.device).index_add_(0, seq_ids, mask)
     # A sequence without unmasked tokens counts in S and adds 0 (its c_t are all 0).
     return mask / (per_seq.clamp_min(1.0)[seq_ids] * num_seqs)
 
 
-def _seq_mean_token_sum_norm(mask: Tensor, seq_ids: Tensor, num_seqs: int, max_len: int | None) -> Tensor:
+def _seq_mean_token_sum_norm(mask: Tensor, seq_ids: Tensor, num_seqs: int, max_len: int | None,
+                             num_tokens: Tensor | float | None) -> Tensor:
     if max_len is None or max_len <= 0:
         raise ValueError("aggregation 'seq-mean-token-sum-norm' needs max_len (max new tokens) > 0")
     return mask / float(num_seqs * max_len)
 
 
-_WEIGHTS: dict[str, Callable[[Tensor, Tensor, int, int | None], Tensor]] = {
+_WEIGHTS: dict[str, Callable[..., Tensor]] = {
     "token-mean": _token_mean,
     "seq-mean-token-mean": _seq_mean_token_mean,
     "seq-mean-token-sum-norm": _seq_mean_token_sum_norm,
@@ -51,10 +58,12 @@ _WEIGHTS: dict[str, Callable[[Tensor, Tensor, int, int | None], Tensor]] = {
 
 
 def token_weights(mask: Tensor, seq_ids: Tensor, *, aggregation: str = "token-mean",
-                  max_len: int | None = None, num_seqs: int | None = None) -> Tensor:
+                  max_len: int | None = None, num_seqs: int | None = None,
+                  num_tokens: Tensor | float | None = None) -> Tensor:
     """c_t float32 [T] with L = sum_t c_t l_t for the given aggregation (0 on masked tokens).
 
     S = num_seqs if given, else max(seq_ids) + 1 (a host sync: pass num_seqs in the hot path).
+    num_tokens: token-mean's denominator if given (a minibatch's unmasked tokens), else sum m.
     """
     try:
         weights = _WEIGHTS[aggregation]
@@ -62,7 +71,7 @@ def token_weights(mask: Tensor, seq_ids: Tensor, *, aggregation: str = "token-me
         raise ValueError(f"unknown aggregation {aggregation!r}; expected one of {AGGREGATIONS}") from None
     if num_seqs is None:
         num_seqs = int(seq_ids.max()) + 1 if seq_ids.numel() else 1
-    return weights(mask.float(), seq_ids.long(), max(int(num_seqs), 1), max_len)
+    return weights(mask.float(), seq_ids.long(), max(int(num_seqs), 1), max_len, num_tokens)
 
 
 def _clip_metrics(ratio: Tensor, adv: Tensor, mask: Tensor, kl: Tensor | None,
@@ -83,14 +92,16 @@ def _clip_metrics(ratio: Tensor, adv: Tensor, mask: Tensor, kl: Tensor | None,
 def policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor,
                 seq_ids: Tensor, ref_logprobs: Tensor | None = None, *, eps_low: float = 0.2,
                 eps_high: float = 0.2, beta: float = 0.0, aggregation: str = "token-mean",
-                max_len: int | None = None, num_seqs: int | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+                max_len: int | None = None, num_seqs: int | None = None,
+                num_tokens: Tensor | float | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """(loss 0-d, metrics) of the clipped surrogate + beta * k3 KL; all inputs [T].
 
     metrics (detached 0-d tensors): clip_low, clip_high, clip_ratio (shares of unmasked tokens),
     kl (mean k3 over unmasked tokens, 0 without ref_logprobs), ratio_mean.
     The KL term enters the loss only when beta > 0 and ref_logprobs is given.
     """
-    c = token_weights(mask, seq_ids, aggregation=aggregation, max_len=max_len, num_seqs=num_seqs)
+    c = token_weights(mask, seq_ids, aggregation=aggregation, max_len=max_len, num_seqs=num_seqs,
+                      num_tokens=num_tokens)
     logp = logprobs.float()
     adv = advantages.float()
     # Padding tokens may hold any log-probs (even inf); zero their log-ratios so that neither
@@ -118,6 +129,7 @@ def fused_linear_policy_loss_reference(hidden: Tensor, weight: Tensor, targets: 
                                        softcap: float | None = None, eps_low: float = 0.2, eps_high: float = 0.2,
                                        beta: float = 0.0, aggregation: str = "token-mean",
                                        max_len: int | None = None, num_seqs: int | None = None,
+                                       num_tokens: Tensor | float | None = None,
                                        chunk_size: int | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """policy_loss(chunked_logprobs(hidden, weight, targets, bias, ...), ...): the CPU path and
     the oracle of `onelayer.kernels.fused_linear_policy_loss`. Gradient w.r.t. hidden only.
@@ -128,7 +140,7 @@ def fused_linear_policy_loss_reference(hidden: Tensor, weight: Tensor, targets: 
                                      with_entropy=True)
     loss, metrics = policy_loss(logp, old_logprobs, advantages, mask, seq_ids, ref_logprobs, eps_low=eps_low,
                                 eps_high=eps_high, beta=beta, aggregation=aggregation, max_len=max_len,
-                                num_seqs=num_seqs)
+                                num_seqs=num_seqs, num_tokens=num_tokens)
     m = mask.float()
     metrics["entropy"] = (entropy * m).sum() / m.sum().clamp_min(1.0)
     return loss, metrics

@@ -1,0 +1,215 @@
+"""The PPO update over one rollout batch, shared by single-turn (train.py) and multi-turn
+(agentic.py) steps; neither of them is imported here.
+
+    rollout [B, P + C] -> h_L cache [B, S, H] (prefix, micro-batch by micro-batch, no grad)
+        -> old (and reference) log-probs [B, C] from h_L, micro-batch by micro-batch, no grad
+        -> for each epoch and minibatch: for each micro-batch, layer L + suffix from h_L with
+           grad, fused policy loss, backward (gradients accumulate on the fp32 master)
+           -> clip, one AdamW step, refresh the compute copy
+
+Micro-batching is exact: the aggregation's normaliser (the minibatch's sequence count S and,
+for token-mean, its unmasked token count) is the minibatch's, handed to every micro-batch, so
+the micro-batches' losses and gradients add up to those of the whole minibatch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+from torch import Tensor
+
+from .algos import advantages_fn, select_loss_impl
+from .config import TrainConfig
+from .model import Policy
+from .rollout import Rollout
+
+# --scale-rewards -> the advantage estimator's mode (docs/algorithms.md): divide by the
+# group's std, the batch's std, or nothing (Dr. GRPO).
+ADVANTAGE_MODE = {"group": "grpo", "batch": "batch", "none": "dr_grpo"}
+
+
+@dataclass(frozen=True)
+class Objective:
+    """Everything about the loss that is fixed when the run is built."""
+    loss_fn: Callable
+    logprobs_fn: Callable
+    advantages_fn: Callable
+    advantage_mode: str
+    aggregation: str
+    temperature: float
+    eps_low: float
+    eps_high: float
+    beta: float
+    max_len: int
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """How one rollout batch is cut up for the update."""
+    epochs: int = 1
+    minibatch: int = 0         # sequences per optimizer step; 0: the whole batch
+    micro_batch: int = 0       # sequences per forward/backward; 0: the whole minibatch
+    max_grad_norm: float = 1.0
+
+
+@dataclass
+class Job:
+    """What a run trains on, chosen once: one RL step, and a held-out score."""
+    name: str
+    step: Callable[[], dict]           # one RL step -> metrics
+    score: Callable[[str], float]      # progress-bar label -> held-out score in [0, 1]
+    metric: str                        # what the score is ("accuracy", "success rate")
+    held_out: int                      # problems / tasks scored
+
+
+def build_objective(cfg: TrainConfig, device: torch.device) -> Objective:
+    loss_fn, logprobs_fn = select_loss_impl(cfg.loss_impl, device)
+    return Objective(loss_fn, logprobs_fn, advantages_fn(cfg.loss_impl, device),
+                     ADVANTAGE_MODE[cfg.reward_scaling], cfg.aggregation, cfg.temperature, cfg.eps_low,
+                     cfg.eps_high, cfg.beta, cfg.max_new_tokens)
+
+
+def schedule(cfg: TrainConfig) -> Schedule:
+    return Schedule(cfg.epochs, cfg.minibatch, cfg.micro_batch, cfg.max_grad_norm)
+
+
+def micro_batches(rows: Tensor, size: int) -> Iterator[Tensor]:
+    """`rows` in consecutive pieces of at most `size` (0: one piece)."""
+    size = size or len(rows)
+    for start in range(0, len(rows), size):
+        yield rows[start:start + size]
+
+
+# ---------------------------------------------------------------------------------------------
+# h_L and log-probs from it
+# ---------------------------------------------------------------------------------------------
+
+def prefix_cache(policy: Policy, rollout: Rollout, micro_batch: int) -> Tensor:
+    """h_L [B, S, H] in the compute dtype: the prefix run once, micro-batch by micro-batch, into
+    one preallocated tensor (an ordinary tensor: layer L may save it for backward)."""
+    split = policy.split
+    batch, length = rollout.sequences.shape
+    h = torch.empty(batch, length, split.embed.embedding_dim, dtype=policy.compute_dtype,
+                    device=rollout.sequences.device)
+    for rows in micro_batches(torch.arange(batch), micro_batch):
+        part = slice(int(rows[0]), int(rows[-1]) + 1)
+        ctx = split.context(rollout.attention_mask[part], policy.compute_dtype)
+        h[part] = split.prefix(rollout.sequences[part], ctx)
+    return h
+
+
+def completion_tokens(rollout: Rollout, rows: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """For rollout rows `rows`: (token mask [b, C] bool, targets [T], seq_ids [T]) of the
+    completion tokens, T = number of unmasked tokens, in row-major order."""
+    mask = rollout.completion_mask[rows].bool()
+    targets = rollout.completion_ids[rows][mask]
+    seq_ids = torch.arange(len(rows), device=mask.device)[:, None].expand_as(mask)[mask]
+    return mask, targets, seq_ids
+
+
+def completion_hidden(policy: Policy, h: Tensor, rollout: Rollout, rows: Tensor,
+                      params: dict | None) -> Tensor:
+    """Final hidden states [T, H] that predict the completion tokens of rows `rows`.
+
+    The state at column j predicts the token at column j + 1, so completion token c (column
+    P + c) is predicted from column P + c - 1."""
+    split = policy.split
+    ctx = split.context(rollout.attention_mask[rows], policy.compute_dtype)
+    final = split.from_layer(h[rows], ctx, params)
+    predicting = final[:, rollout.prompt_len - 1:-1]
+    return predicting[rollout.completion_mask[rows].bool()]
+
+
+@torch.no_grad()
+def frozen_logprobs(policy: Policy, h: Tensor, rollout: Rollout, objective: Objective,
+                    params: dict | None, micro_batch: int = 0) -> Tensor:
+    """Per-token log-probs [B, C] (0 on padding) with the given layer weights, no grad."""
+    lm_head, logits = policy.split.lm_head, policy.split.logits
+    out = torch.zeros(rollout.completion_mask.shape, dtype=torch.float32, device=h.device)
+    for rows in micro_batches(torch.arange(len(out), device=h.device), micro_batch):
+        mask, targets, _ = completion_tokens(rollout, rows)
+        hidden = completion_hidden(policy, h, rollout, rows, params)
+        part = torch.zeros(mask.shape, dtype=torch.float32, device=h.device)
+        part[mask] = objective.logprobs_fn(hidden, lm_head.weight, targets, lm_head.bias,
+                                           temperature=objective.temperature,
+                                           logit_scale=logits.scale, softcap=logits.softcap)
+        out[rows] = part
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Epochs, minibatches, micro-batches
+# ---------------------------------------------------------------------------------------------
+
+def optimize(policy: Policy, optimizer, rollout: Rollout, token_advantages: Tensor,
+             plan: Schedule, objective: Objective,
+             generator: torch.Generator | None = None) -> list[dict]:
+    """PPO epochs and minibatches over one rollout batch; token_advantages [B, C]. Returns one
+    metrics dict per optimizer step.
+
+    A rollout's completion_mask marks the tokens that carry loss (the policy's own), its
+    attention_mask every token of context. generator draws the minibatch order (None:
+    torch's global stream)."""
+    h = prefix_cache(policy, rollout, plan.micro_batch)      # once per batch, reused below
+    old_logprobs = frozen_logprobs(policy, h, rollout, objective, None, plan.micro_batch)
+    ref_logprobs = (frozen_logprobs(policy, h, rollout, objective, policy.layer.reference,
+                                    plan.micro_batch) if objective.beta > 0 else None)
+    batch = rollout.sequences.shape[0]
+    minibatch = plan.minibatch or batch
+    stats = []
+    for _ in range(plan.epochs):
+        order = torch.randperm(batch, device=h.device, generator=generator)
+        for start in range(0, batch, minibatch):
+            rows = order[start:start + minibatch]
+            stats.append(update(policy, optimizer, h, rollout, rows, token_advantages,
+                                old_logprobs, ref_logprobs, objective, plan))
+    return stats
+
+
+def update(policy: Policy, optimizer, h: Tensor, rollout: Rollout, rows: Tensor,
+           token_advantages: Tensor, old_logprobs: Tensor, ref_logprobs: Tensor | None,
+           objective: Objective, plan: Schedule) -> dict:
+    """One optimizer step on the minibatch `rows`, its gradient accumulated micro-batch by
+    micro-batch."""
+    num_tokens = rollout.completion_mask[rows].sum()   # the minibatch's normalisers (no sync)
+    optimizer.zero_grad(set_to_none=True)
+    loss, weighted = 0.0, {}
+    for part in micro_batches(rows, plan.micro_batch):
+        part_loss, metrics = micro_batch_loss(policy, h, rollout, part, token_advantages,
+                                              old_logprobs, ref_logprobs, objective,
+                                              num_seqs=len(rows), num_tokens=num_tokens)
+        part_loss.backward()
+        loss += part_loss.detach()
+        # Metrics are means over a micro-batch's tokens: weigh them by its share of the tokens.
+        share = rollout.completion_mask[part].sum() / num_tokens.clamp_min(1)
+        for k, v in metrics.items():
+            weighted[k] = weighted.get(k, 0.0) + v * share
+    grad_norm = torch.nn.utils.clip_grad_norm_(policy.layer.parameters(), plan.max_grad_norm)
+    optimizer.step()
+    policy.layer.refresh_compute_copy()
+    return {"loss": float(loss), "grad_norm": grad_norm.item(),
+            **{k: float(v) for k, v in weighted.items()}}
+
+
+def micro_batch_loss(policy: Policy, h: Tensor, rollout: Rollout, rows: Tensor,
+                     token_advantages: Tensor, old_logprobs: Tensor, ref_logprobs: Tensor | None,
+                     objective: Objective, *, num_seqs: int, num_tokens: Tensor
+                     ) -> tuple[Tensor, dict]:
+    """The loss of rows `rows` as their share of the minibatch's loss (its normalisers)."""
+    mask, targets, seq_ids = completion_tokens(rollout, rows)
+    hidden = completion_hidden(policy, h, rollout, rows, policy.layer.policy_params())
+    lm_head, logits = policy.split.lm_head, policy.split.logits
+    return objective.loss_fn(
+        hidden, lm_head.weight, targets, old_logprobs[rows][mask], token_advantages[rows][mask],
+        torch.ones_like(targets, dtype=torch.float32), seq_ids,
+        None if ref_logprobs is None else ref_logprobs[rows][mask], lm_head.bias,
+        temperature=objective.temperature, logit_scale=logits.scale, softcap=logits.softcap,
+        eps_low=objective.eps_low, eps_high=objective.eps_high, beta=objective.beta,
+        aggregation=objective.aggregation, max_len=objective.max_len, num_seqs=num_seqs,
+        num_tokens=num_tokens)
+
+
+def sync_device(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
