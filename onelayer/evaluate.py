@@ -129,10 +129,12 @@ def run_eval(cfg: EvalConfig, *, progress: bool = True, echo=print) -> EvalResul
         trained = json.loads(path.read_text())
     if cfg.k < 1 or cfg.batch_size < 1 or (cfg.samples is not None and cfg.samples < 1):
         raise UserError("--k, --batch-size and --samples must be >= 1")
-    run = build_config({k: v for k, v in {**trained, "model": cfg.model or trained.get("model", "demo"),
-                                          "task": cfg.task or trained.get("task", "arithmetic"),
-                                          "max_new_tokens": cfg.max_new_tokens,
-                                          **cfg.task_fields}.items() if v is not None})
+    # What the user typed wins; the rest comes from the trained run, then the defaults.
+    typed = {k: v for k, v in {"model": cfg.model, "task": cfg.task,
+                               "max_new_tokens": cfg.max_new_tokens, **cfg.task_fields}.items()
+             if v is not None}
+    run = build_config({k: v for k, v in {"model": "demo", "task": "arithmetic", **trained,
+                                          **typed}.items() if v is not None})
     if run.env:
         raise UserError("eval scores single-turn tasks; a multi-turn (--env) run reports its "
                         "held-out success rate itself (metrics.jsonl, --eval-every)")
