@@ -22,7 +22,7 @@ from .rollout import Rollout, SamplingParams
 from .rollout.multiturn import Episodes, TurnFormat, hf_actor, run_episodes
 from .tasks.envs import TextEnv, load_env
 from .errors import UserError
-from .update import Job, Objective, optimize, schedule, sync_device
+from .update import Job, Objective, optimize, sampling_params, schedule, sync_device
 
 # Token cap of one trajectory (prompt + all turns) unless the model's context is shorter.
 MAX_EPISODE_TOKENS = 4096
@@ -55,16 +55,22 @@ def episode_token_cap(policy: Policy) -> int:
     return min(MAX_EPISODE_TOKENS, context)
 
 
+def turn_format(policy: Policy, cfg: TrainConfig) -> TurnFormat:
+    return TurnFormat(policy.tokenizer, chat=cfg.chat, template_kwargs=cfg.chat_template_kwargs,
+                      stop=tuple(cfg.stop))
+
+
 def play(policy: Policy, cfg: TrainConfig, seeds: list[int], group_size: int,
-         sampling: SamplingParams) -> Episodes:
+         sampling: SamplingParams, generator: torch.Generator | None = None) -> Episodes:
     """group_size episodes of each seed's task, in consecutive rows. A task (seed) is one
     episode group, even when `seeds` names it more than once; group id = its first index."""
     first = {s: i for i, s in reversed(list(enumerate(seeds)))}
     rows = [(first[s], s) for s in seeds for _ in range(group_size)]
-    actor = hf_actor(policy.split.lm, policy.tokenizer, sampling)
+    actor = hf_actor(policy.split.lm, policy.tokenizer, sampling, generator)
     return run_episodes(actor, policy.tokenizer, make_envs(cfg, len(rows)), [s for _, s in rows],
                         [g for g, _ in rows], max_new_tokens=cfg.max_new_tokens,
-                        max_turns=cfg.max_turns, max_len=episode_token_cap(policy))
+                        max_turns=cfg.max_turns, max_len=episode_token_cap(policy),
+                        fmt=turn_format(policy, cfg))
 
 
 def token_advantages(episodes: Episodes, step_advantages: Tensor) -> Tensor:
@@ -91,18 +97,19 @@ def to_device(rollout: Rollout, device: torch.device) -> Rollout:
 
 
 def gigpo_step(policy: Policy, optimizer: torch.optim.Optimizer, cfg: TrainConfig,
-               objective: Objective, seeds: list[int]) -> dict:
-    """One GiGPO step on the tasks `seeds`, cfg.group_size episodes each."""
+               objective: Objective, seeds: list[int],
+               generator: torch.Generator | None = None) -> dict:
+    """One GiGPO step on the tasks `seeds`, cfg.group_size episodes each; generator: the run's
+    random stream for sampling and minibatch order (None: torch's global one)."""
     t0 = time.perf_counter()
-    sampling = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.top_k)
-    episodes = play(policy, cfg, seeds, cfg.group_size, sampling)
+    episodes = play(policy, cfg, seeds, cfg.group_size, sampling_params(cfg), generator)
     sync_device(policy.device)
     t_gen = time.perf_counter()
 
     advantages = step_advantages(episodes, cfg, policy.device)                # [S]
     rollout = to_device(episodes.rollout, policy.device)
     tokens_adv = token_advantages(episodes, advantages).to(policy.device)     # [B, C]
-    stats = optimize(policy, optimizer, rollout, tokens_adv, schedule(cfg), objective)
+    stats = optimize(policy, optimizer, rollout, tokens_adv, schedule(cfg), objective, generator)
     sync_device(policy.device)
     t_end = time.perf_counter()
 
@@ -121,13 +128,12 @@ def gigpo_step(policy: Policy, optimizer: torch.optim.Optimizer, cfg: TrainConfi
 
 
 @torch.no_grad()
-def success_rate(policy: Policy, cfg: TrainConfig, seeds: list[int], *,
-                 greedy: bool = True) -> float:
+def success_rate(policy: Policy, cfg: TrainConfig, seeds: list[int], *, greedy: bool = True,
+                 generator: torch.Generator | None = None) -> float:
     """Fraction of the tasks `seeds` solved, one episode each (greedy, or sampled as in
-    training: repeat a seed to average over several sampled episodes)."""
-    sampling = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.top_k,
-                              greedy=greedy)
-    return play(policy, cfg, seeds, 1, sampling).success.float().mean().item()
+    training from `generator`: repeat a seed to average over several sampled episodes)."""
+    sampling = sampling_params(cfg, greedy=greedy)
+    return play(policy, cfg, seeds, 1, sampling, generator).success.float().mean().item()
 
 
 # Held-out tasks are environment seeds from here on; training draws its seeds below it.
@@ -145,13 +151,14 @@ def check_env(cfg: TrainConfig) -> None:
 
 
 def agentic_job(policy: Policy, optimizer: torch.optim.Optimizer, cfg: TrainConfig,
-                objective: Objective) -> Job:
+                objective: Objective, generator: torch.Generator) -> Job:
     """GiGPO on cfg.env: each step draws cfg.prompts_per_step fresh tasks (seeds); the score is
-    the greedy success rate on cfg.eval_samples held-out tasks."""
+    the greedy success rate on cfg.eval_samples held-out tasks. generator: the run's random
+    stream (greedy scoring draws nothing from it)."""
     rng = random.Random(cfg.seed)
     held_out = list(range(HELD_OUT_SEED, HELD_OUT_SEED + cfg.eval_samples))
     env = make_envs(cfg, 1)[0]
-    first = TurnFormat(policy.tokenizer).first(env.system_prompt, env.reset(HELD_OUT_SEED))
+    first = turn_format(policy, cfg).first(env.system_prompt, env.reset(HELD_OUT_SEED))
     if len(first) + cfg.max_new_tokens > episode_token_cap(policy):
         raise UserError(f"--env {cfg.env}: the first prompt ({len(first)} tokens) and one action "
                         f"do not fit the episode cap of {episode_token_cap(policy)} tokens "
@@ -159,7 +166,7 @@ def agentic_job(policy: Policy, optimizer: torch.optim.Optimizer, cfg: TrainConf
 
     def step() -> dict:
         seeds = [rng.randrange(HELD_OUT_SEED) for _ in range(cfg.prompts_per_step)]
-        return gigpo_step(policy, optimizer, cfg, objective, seeds)
+        return gigpo_step(policy, optimizer, cfg, objective, seeds, generator)
 
     return Job(f"env {cfg.env}", step, lambda label: success_rate(policy, cfg, held_out),
                "success rate", len(held_out))

@@ -24,6 +24,19 @@ TASK_FIELD_OPTIONS = [
     ("--format-bonus", float, "Math: reward added when a final answer can be extracted. [default: 0]"),
 ]
 
+# How prompts are written and where completions stop (train and eval).
+PROMPT_OPTIONS = [
+    ("--chat/--no-chat", None, "Wrap prompts in the model's chat template, or give plain text. "
+                     "[default: the template for math and code tasks when the tokenizer has one]"),
+    ("--chat-template-kwargs", str, "JSON object of chat-template variables, e.g. "
+                     "'{\"enable_thinking\": false}' for Qwen3 (thinking is on by default)."),
+    ("--stop", str, "Stop string (repeatable): a completion ends right after it, the stop "
+                    "included. EOS and the chat template's end-of-turn token always stop. "
+                    "In bash, $'\\n\\nQuestion:' types newlines.", {"multiple": True}),
+    ("--max-prompt-tokens", int, "Drop prompts longer than this (counted, never cut); "
+                                 "0 = no limit. [default: 0]"),
+]
+
 # Options of `train`, mirrored one to one by the keys of a --config file (dashes or underscores).
 # Every default is None here, so that only what the user typed overrides the file and presets.
 TRAIN_OPTIONS = [
@@ -69,6 +82,10 @@ TRAIN_OPTIONS = [
     ("--temperature", float, "Sampling temperature; log-probs use logits / temperature. [default: 1]"),
     ("--top-p", float, "Nucleus sampling threshold. [default: 1, off]"),
     ("--top-k", int, "Top-k sampling; 0 is off. [default: 0]"),
+    *PROMPT_OPTIONS,
+    ("--mask-truncated/--no-mask-truncated", None, "Completions cut at --max-new-tokens "
+                     "carry no loss (DAPO's overlong filtering); their rewards still count in "
+                     "the group."),
     ("--epochs", int, "PPO epochs over each rollout batch. [default: 1]"),
     ("--minibatch", int, "Sequences per optimizer step; 0 = the whole batch. [default: 0]"),
     ("--micro-batch", int, "Sequences per forward/backward pass (also the prefix and log-prob "
@@ -93,10 +110,16 @@ TRAIN_OPTIONS = [
 
 def _with_options(options):
     def decorate(command):
-        for flag, kind, text in reversed(options):
-            command = click.option(flag, type=kind, default=None, help=text)(command)
+        for flag, kind, text, *extra in reversed(options):
+            option = click.option(flag, type=kind, default=None, help=text, **dict(*extra))
+            command = option(command)
         return command
     return decorate
+
+
+def _given(options: dict) -> dict:
+    """The options the user typed (a repeatable option left out comes as an empty tuple)."""
+    return {k: v for k, v in options.items() if v is not None and v != ()}
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -123,8 +146,7 @@ def train(config_file, quiet, **options):
     from .train import train as run
 
     _quiet_loading(quiet)
-    overrides = {k: v for k, v in options.items() if v is not None}
-    cfg = build_config(overrides, config_file)
+    cfg = build_config(_given(options), config_file)
     run(cfg, progress=not quiet, echo=click.echo)
 
 
@@ -145,18 +167,18 @@ def train(config_file, quiet, **options):
 @click.option("--device")
 @click.option("--output", help="JSON result file. [default: CHECKPOINT/eval-TASK.json, else "
                                "runs/eval-MODEL-TASK-TIME.json]")
-@_with_options(TASK_FIELD_OPTIONS)
+@_with_options(TASK_FIELD_OPTIONS + PROMPT_OPTIONS)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def eval_command(quiet, model, layer_checkpoint, task, samples, k, temperature, max_new_tokens,
-                 batch_size, seed, frozen_dtype, device, output, **task_fields):
+                 batch_size, seed, frozen_dtype, device, output, **run_options):
     """Score a model (optionally with a trained layer) on a task's held-out problems: a short
-    table on stdout and every completion in a JSON file. Deterministic for a fixed seed."""
+    table on stdout and every completion in a JSON file. Deterministic for a fixed seed.
+    Task and prompt options default to the checkpoint's run."""
     from .evaluate import EvalConfig, run_eval
 
     _quiet_loading(quiet)
     cfg = EvalConfig(model, layer_checkpoint, task, samples, k, temperature, max_new_tokens,
-                     batch_size, seed, frozen_dtype, device, output,
-                     {k_: v for k_, v in task_fields.items() if v is not None})
+                     batch_size, seed, frozen_dtype, device, output, _given(run_options))
     run_eval(cfg, progress=not quiet, echo=click.echo)
 
 

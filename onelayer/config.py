@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +53,11 @@ class TrainConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0                     # 0: no top-k filtering
+    chat: bool | None = None           # chat template: True always, False never, None the task's
+    chat_template_kwargs: dict = field(default_factory=dict)  # e.g. {"enable_thinking": False}
+    stop: list[str] = field(default_factory=list)  # a completion ends after any of these strings
+    max_prompt_tokens: int = 0         # longer prompts are dropped (0: no limit)
+    mask_truncated: bool = False       # completions cut at max_new_tokens carry no loss
     epochs: int = 1                    # PPO epochs over each rollout batch
     minibatch: int = 0                 # sequences per optimizer step; 0: the whole batch
     micro_batch: int = 0               # sequences per forward/backward (exact); 0: the minibatch
@@ -149,9 +154,29 @@ def _coerce(name: str, value: Any) -> Any:
             return float(value)
         if kind.startswith("str"):
             return str(value)
+        if kind == "dict":
+            return _json_object(name, value)
+        if kind == "list[str]":
+            values = [value] if isinstance(value, str) else list(value)
+            if all(isinstance(v, str) for v in values):
+                return values
     except (TypeError, ValueError):
         pass
     raise UserError(f"option {name}: expected {kind.split(' ')[0]}, got {value!r}")
+
+
+def _json_object(name: str, value: Any) -> dict:
+    """A table from a config file, or a JSON object typed on the command line."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            pass
+    if not isinstance(value, dict):
+        flag = "--" + name.replace("_", "-")
+        raise UserError(f"{flag} must be a JSON object, e.g. '{{\"enable_thinking\": false}}' "
+                        f"(got {value!r})")
+    return value
 
 
 def validate(cfg: TrainConfig) -> None:
@@ -186,6 +211,10 @@ def validate(cfg: TrainConfig) -> None:
     need((cfg.algo == "gigpo") == (cfg.env is not None),
          "--algo gigpo trains on a multi-turn --env, and an --env needs --algo gigpo")
     need(cfg.eval_samples >= 0 and cfg.eval_every >= 0, "--eval-samples/--eval-every must be >= 0")
+    need(all(cfg.stop), "--stop: a stop string cannot be empty")
+    need(cfg.max_prompt_tokens >= 0, "--max-prompt-tokens must be >= 0 (0: no limit)")
+    need(not (cfg.env and (cfg.max_prompt_tokens or cfg.mask_truncated)),
+         "--max-prompt-tokens and --mask-truncated apply to single-turn tasks, not to an --env")
 
 
 def task_options(cfg) -> dict[str, Any]:

@@ -15,20 +15,11 @@ import torch
 
 from .checkpoint import load_layer
 from .errors import UserError
+from .prompting import PromptStyle, check_style, prompt_fits, render_prompt
 from .rollout import SamplingParams, generate_completions
 from .tasks import Row, Task
 
 SOLVED = 1.0
-
-
-def render_prompt(tokenizer, task: Task, row: Row) -> str:
-    """The task's prompt text, wrapped in the model's chat template for instruct-style tasks."""
-    text = task.prompt(row)
-    if not (task.chat and getattr(tokenizer, "chat_template", None)):
-        return text
-    messages = ([{"role": "system", "content": task.system_prompt}] if task.system_prompt else [])
-    messages.append({"role": "user", "content": text})
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
 @dataclass
@@ -48,17 +39,22 @@ class EvalResult:
 
 def evaluate(lm, tokenizer, task: Task, rows: Sequence[Row], *, max_new_tokens: int, k: int = 1,
              temperature: float = 1.0, batch_size: int = 64, seed: int = 0,
+             style: PromptStyle = PromptStyle(), stop: tuple[str, ...] = (),
              progress=None) -> EvalResult:
-    """Greedy (k = 1) or k samples at `temperature` per row; deterministic for a fixed seed."""
+    """Greedy (k = 1) or k samples at `temperature` per row; deterministic for a fixed seed.
+
+    Samples come from a generator of its own, seeded with `seed`: an eval in the middle of a
+    run leaves the training run's random stream where it was."""
     t0 = time.perf_counter()
-    torch.manual_seed(seed)
+    generator = torch.Generator(next(lm.parameters()).device).manual_seed(seed)
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature,
-                            greedy=k == 1)
+                            greedy=k == 1, stop=stop)
     per_problem = []
     for start in range(0, len(rows), batch_size):
         chunk = list(rows[start:start + batch_size])
-        rollout = generate_completions(lm, tokenizer, [render_prompt(tokenizer, task, r) for r in chunk],
-                                       params, repeat=k)
+        prompts = [render_prompt(tokenizer, task, r, style) for r in chunk]
+        rollout = generate_completions(lm, tokenizer, prompts, params, repeat=k,
+                                       generator=generator)
         rewards = task.rewards(rollout.texts, [r for r in chunk for _ in range(k)])
         for i, row in enumerate(chunk):
             mine = rewards[i * k:(i + 1) * k]
@@ -71,6 +67,18 @@ def evaluate(lm, tokenizer, task: Task, rows: Sequence[Row], *, max_new_tokens: 
     return EvalResult(task.name, n, k, sum(p["solved"] for p in per_problem) / n if n else 0.0,
                       sum(all_rewards) / len(all_rewards) if all_rewards else 0.0,
                       time.perf_counter() - t0, per_problem)
+
+
+def drop_long_prompts(tokenizer, task: Task, style: PromptStyle, rows: list[Row],
+                      max_tokens: int) -> tuple[list[Row], int]:
+    """(the rows whose prompt fits max_tokens, how many were dropped); a UserError when none
+    fits."""
+    fits = prompt_fits(tokenizer, task, style, max_tokens)
+    kept = [r for r in rows if fits(r)]
+    if rows and not kept:
+        raise UserError(f"no held-out prompt of task {task.name} fits --max-prompt-tokens "
+                        f"{max_tokens}")
+    return kept, len(rows) - len(kept)
 
 
 def load_trained_layer(policy, directory: str | Path) -> dict:
@@ -107,7 +115,7 @@ class EvalConfig:
     frozen_dtype: str | None = None
     device: str | None = None
     output: str | None = None           # JSON file (default: beside the checkpoint, or runs/)
-    task_fields: dict = field(default_factory=dict)
+    run_options: dict = field(default_factory=dict)  # task fields, prompt and stop options
 
 
 def run_eval(cfg: EvalConfig, *, progress: bool = True, echo=print) -> EvalResult:
@@ -129,10 +137,12 @@ def run_eval(cfg: EvalConfig, *, progress: bool = True, echo=print) -> EvalResul
         trained = json.loads(path.read_text())
     if cfg.k < 1 or cfg.batch_size < 1 or (cfg.samples is not None and cfg.samples < 1):
         raise UserError("--k, --batch-size and --samples must be >= 1")
-    run = build_config({k: v for k, v in {**trained, "model": cfg.model or trained.get("model", "demo"),
-                                          "task": cfg.task or trained.get("task", "arithmetic"),
-                                          "max_new_tokens": cfg.max_new_tokens,
-                                          **cfg.task_fields}.items() if v is not None})
+    # What the user typed wins; the rest comes from the trained run, then the defaults.
+    typed = {k: v for k, v in {"model": cfg.model, "task": cfg.task,
+                               "max_new_tokens": cfg.max_new_tokens, **cfg.run_options}.items()
+             if v is not None}
+    run = build_config({k: v for k, v in {"model": "demo", "task": "arithmetic", **trained,
+                                          **typed}.items() if v is not None})
     if run.env:
         raise UserError("eval scores single-turn tasks; a multi-turn (--env) run reports its "
                         "held-out success rate itself (metrics.jsonl, --eval-every)")
@@ -141,6 +151,12 @@ def run_eval(cfg: EvalConfig, *, progress: bool = True, echo=print) -> EvalResul
     if not rows:
         raise UserError(f"task {run.task}: no held-out rows to score")
     policy = load_policy(run.model, layer=run.layer, frozen_dtype=cfg.frozen_dtype, device=cfg.device)
+    style = PromptStyle(run.chat, run.chat_template_kwargs)
+    check_style(policy.tokenizer, style, run.model)
+    rows, dropped = drop_long_prompts(policy.tokenizer, task, style, rows, run.max_prompt_tokens)
+    if dropped:
+        echo(f"dropped {dropped} of {len(rows) + dropped} held-out problems longer than "
+             f"--max-prompt-tokens {run.max_prompt_tokens}")
     label = run.model
     if cfg.layer_checkpoint:
         meta = load_trained_layer(policy, cfg.layer_checkpoint)
@@ -148,14 +164,15 @@ def run_eval(cfg: EvalConfig, *, progress: bool = True, echo=print) -> EvalResul
     with tqdm(total=len(rows), desc=f"eval {task.name}", disable=not progress) as bar:
         result = evaluate(policy.split.lm, policy.tokenizer, task, rows, k=cfg.k,
                           max_new_tokens=run.max_new_tokens, temperature=cfg.temperature,
-                          batch_size=cfg.batch_size, seed=cfg.seed, progress=bar)
+                          batch_size=cfg.batch_size, seed=cfg.seed, style=style,
+                          stop=tuple(run.stop), progress=bar)
     output = Path(cfg.output) if cfg.output else (
         Path(cfg.layer_checkpoint) / f"eval-{task.name}.json" if cfg.layer_checkpoint else
         Path("runs") / f"eval-{Path(run.model).name}-{task.name}-{datetime.now():%Y%m%d-%H%M%S}.json")
     output.parent.mkdir(parents=True, exist_ok=True)
     record = {"model": run.model, "layer_checkpoint": cfg.layer_checkpoint, "task": task.name,
               "metric": result.metric, "score": result.score, "mean_reward": result.mean_reward,
-              "problems": result.problems, "k": cfg.k, "seed": cfg.seed,
+              "problems": result.problems, "prompts_dropped": dropped, "k": cfg.k, "seed": cfg.seed,
               "max_new_tokens": run.max_new_tokens, "seconds": result.seconds,
               "per_problem": result.per_problem}
     output.write_text(json.dumps(record, indent=1) + "\n")

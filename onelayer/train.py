@@ -7,6 +7,7 @@ One step:  prompts -> G completions each (current policy) -> rewards -> group ad
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import resource
@@ -23,11 +24,12 @@ from tqdm.auto import tqdm
 from .checkpoint import CONFIG_FILE, LAYER_FILE, save_layer
 from .config import TrainConfig, config_json, task_options
 from .errors import UserError
-from .evaluate import evaluate as score_task, render_prompt
+from .evaluate import drop_long_prompts, evaluate as score_task
 from .model import Policy, load_policy
-from .rollout import Rollout, SamplingParams, concat_rollouts, generate_completions, select_rollout
+from .prompting import PromptStyle, check_style, prompt_fits, render_prompt
+from .rollout import Rollout, concat_rollouts, generate_completions, select_rollout
 from .tasks import Task, load_task
-from .update import Job, Objective, build_objective, optimize, schedule, sync_device
+from .update import Job, Objective, build_objective, optimize, sampling_params, schedule, sync_device
 
 @dataclass
 class TrainResult:
@@ -41,6 +43,10 @@ class TrainResult:
 # ---------------------------------------------------------------------------------------------
 # One RL step
 # ---------------------------------------------------------------------------------------------
+
+def prompt_style(cfg: TrainConfig) -> PromptStyle:
+    return PromptStyle(cfg.chat, cfg.chat_template_kwargs)
+
 
 # DAPO dynamic sampling draws at most this many batches of prompts per step to find groups
 # whose rewards differ; what it found by then is trained on.
@@ -57,18 +63,21 @@ class ScoredBatch:
 
 
 def sample_and_score(policy: Policy, task: Task, rows: list[dict], cfg: TrainConfig,
-                     more_rows: Callable[[int], list[dict]] | None = None) -> ScoredBatch:
+                     more_rows: Callable[[int], list[dict]] | None = None, *,
+                     generator: torch.Generator | None = None) -> ScoredBatch:
     """Sample G completions for each row and score them. With dynamic sampling, groups whose
-    rewards are all equal (no learning signal) are dropped and `more_rows` refills the batch."""
+    rewards are all equal (no learning signal) are dropped and `more_rows` refills the batch.
+    generator: the run's random stream (None: torch's global one)."""
     G = cfg.group_size
     tokenizer, lm = policy.tokenizer, policy.split.lm
-    sampling = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.top_k)
+    sampling, style = sampling_params(cfg), prompt_style(cfg)
     kept, kept_rewards, sampled, wanted, groups_kept = [], [], 0, len(rows), 0
     for round_ in range(MAX_SAMPLING_ROUNDS if cfg.dynamic_sampling and more_rows else 1):
         if round_:
             rows = more_rows(wanted - groups_kept)
-        prompts = [render_prompt(tokenizer, task, r) for r in rows]
-        rollout = generate_completions(lm, tokenizer, prompts, sampling, repeat=G)
+        prompts = [render_prompt(tokenizer, task, r, style) for r in rows]
+        rollout = generate_completions(lm, tokenizer, prompts, sampling, repeat=G,
+                                       generator=generator)
         rewards = torch.tensor(task.rewards(rollout.texts, [r for r in rows for _ in range(G)]),
                                dtype=torch.float32)
         sampled += len(rows)
@@ -87,23 +96,33 @@ def sample_and_score(policy: Policy, task: Task, rows: list[dict], cfg: TrainCon
     return ScoredBatch(rollout, rewards, group_ids, sampled)
 
 
+def without_truncated(rollout: Rollout) -> Rollout:
+    """The rollout with no loss on completions cut at max_new_tokens (DAPO's overlong
+    filtering); they stay in the batch, and their rewards in their group's statistics."""
+    keep = (~rollout.truncated).long()[:, None]
+    return dataclasses.replace(rollout, completion_mask=rollout.completion_mask * keep)
+
+
 def rl_step(policy: Policy, optimizer: torch.optim.Optimizer, task: Task, rows: list[dict],
             cfg: TrainConfig, objective: Objective,
-            more_rows: Callable[[int], list[dict]] | None = None) -> dict:
+            more_rows: Callable[[int], list[dict]] | None = None, *,
+            generator: torch.Generator | None = None) -> dict:
     t0 = time.perf_counter()
-    batch = sample_and_score(policy, task, rows, cfg, more_rows)
+    batch = sample_and_score(policy, task, rows, cfg, more_rows, generator=generator)
     sync_device(policy.device)
     t_gen = time.perf_counter()
 
     rollout, rewards = batch.rollout, batch.rewards
+    trained = without_truncated(rollout) if cfg.mask_truncated else rollout
     stats = []
-    if len(rewards):
+    if trained.completion_mask.any():
         advantages = objective.advantages_fn(rewards.to(policy.device),
                                              batch.group_ids.to(policy.device),
                                              mode=objective.advantage_mode)
         # One advantage per sequence, on every one of its tokens.
-        token_advantages = advantages[:, None].expand_as(rollout.completion_mask)
-        stats = optimize(policy, optimizer, rollout, token_advantages, schedule(cfg), objective)
+        token_advantages = advantages[:, None].expand_as(trained.completion_mask)
+        stats = optimize(policy, optimizer, trained, token_advantages, schedule(cfg), objective,
+                         generator)
     sync_device(policy.device)
     t_end = time.perf_counter()
 
@@ -114,6 +133,7 @@ def rl_step(policy: Policy, optimizer: torch.optim.Optimizer, task: Task, rows: 
         reward_mean=rewards.mean().item() if len(rewards) else 0.0,
         reward_std=rewards.std().item() if len(rewards) > 1 else 0.0,
         completion_len=completion_len.mean().item() if len(rewards) else 0.0,
+        truncated=rollout.truncated.float().mean().item() if len(rewards) else 0.0,
         step_s=t_end - t0, gen_s=t_gen - t0, update_s=t_end - t_gen,
         tokens_per_s=completion_len.sum().item() / (t_end - t0))
     if cfg.dynamic_sampling:
@@ -145,29 +165,59 @@ def memory_gib(device: torch.device) -> dict:
     return {"rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}  # KiB on Linux
 
 
-def task_job(task: Task, policy: Policy, optimizer, cfg: TrainConfig, objective: Objective,
-             progress: bool) -> Job:
-    """Single-turn GRPO on a task's rows; greedy accuracy on its held-out rows."""
-    test_rows = list(task.test[:cfg.eval_samples])
-    order = random.Random(cfg.seed).sample(range(len(task.train)), len(task.train))
-    drawn = 0
+class TrainingRows:
+    """A task's training rows in a seeded shuffle, cycling. Rows whose prompt is longer than
+    --max-prompt-tokens are skipped and counted in `dropped` (each row is measured once)."""
 
-    def next_rows(n: int) -> list[dict]:
-        """The next n training rows of a seeded shuffle, cycling."""
-        nonlocal drawn
-        picks = [task.train[order[(drawn + i) % len(order)]] for i in range(n)]
-        drawn += n
+    def __init__(self, rows, seed: int, fits: Callable[[dict], bool]):
+        self.rows, self.fits = rows, fits
+        self.order = random.Random(seed).sample(range(len(rows)), len(rows))
+        self.drawn = 0
+        self.dropped = 0
+        self.fit: dict[int, bool] = {}
+
+    def take(self, n: int) -> list[dict]:
+        """The next n rows that fit (the caller has checked that at least one does)."""
+        picks = []
+        while len(picks) < n:
+            i = self.order[self.drawn % len(self.order)]
+            self.drawn += 1
+            if i not in self.fit:
+                self.fit[i] = self.fits(self.rows[i])
+            if self.fit[i]:
+                picks.append(self.rows[i])
+            else:
+                self.dropped += 1
         return picks
+
+
+def task_job(task: Task, policy: Policy, optimizer, cfg: TrainConfig, objective: Objective,
+             generator: torch.Generator, progress: bool) -> Job:
+    """Single-turn GRPO on a task's rows; greedy accuracy on its held-out rows."""
+    style = prompt_style(cfg)
+    fits = prompt_fits(policy.tokenizer, task, style, cfg.max_prompt_tokens)
+    if not any(fits(row) for row in task.train):
+        raise UserError(f"no training prompt of task {task.name} fits --max-prompt-tokens "
+                        f"{cfg.max_prompt_tokens}")
+    test_rows, test_dropped = drop_long_prompts(policy.tokenizer, task, style,
+                                                list(task.test[:cfg.eval_samples]),
+                                                cfg.max_prompt_tokens)
+    rows = TrainingRows(task.train, cfg.seed, fits)
+
+    def step() -> dict:
+        dropped = rows.dropped
+        metrics = rl_step(policy, optimizer, task, rows.take(cfg.prompts_per_step), cfg,
+                          objective, rows.take, generator=generator)
+        return {**metrics, "prompts_dropped": rows.dropped - dropped}
 
     def score(label: str) -> float:
         with tqdm(total=len(test_rows), desc=f"eval ({label})", disable=not progress,
                   leave=False) as bar:
             return score_task(policy.split.lm, policy.tokenizer, task, test_rows,
-                              max_new_tokens=cfg.max_new_tokens, progress=bar).score
+                              max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, style=style,
+                              stop=tuple(cfg.stop), progress=bar).score
 
-    return Job(task.name, lambda: rl_step(policy, optimizer, task, next_rows(cfg.prompts_per_step),
-                                          cfg, objective, next_rows),
-               score, "accuracy", len(test_rows))
+    return Job(task.name, step, score, "accuracy", len(test_rows), test_dropped)
 
 
 def train(cfg: TrainConfig, *, progress: bool = True, echo: Callable[[str], None] = print) -> TrainResult:
@@ -185,15 +235,22 @@ def train(cfg: TrainConfig, *, progress: bool = True, echo: Callable[[str], None
             raise UserError(f"task {cfg.task}: no training rows")
     policy = load_policy(cfg.model, layer=cfg.layer, frozen_dtype=cfg.frozen_dtype,
                          device=cfg.device, attn=cfg.attn, keep_reference=cfg.beta > 0)
+    check_style(policy.tokenizer, prompt_style(cfg), cfg.model)
     out = output_dir(cfg, policy)
     objective = build_objective(cfg, policy.device)
     optimizer = torch.optim.AdamW(policy.layer.parameters(), lr=cfg.lr,
                                   weight_decay=cfg.weight_decay)
-    job = (agentic_job(policy, optimizer, cfg, objective) if cfg.env else
-           task_job(task, policy, optimizer, cfg, objective, progress))
+    # The run's own random stream: sampling and minibatch order. Evals draw from generators of
+    # their own, so scoring held-out rows never shifts what training samples.
+    generator = torch.Generator(policy.device).manual_seed(cfg.seed)
+    job = (agentic_job(policy, optimizer, cfg, objective, generator) if cfg.env else
+           task_job(task, policy, optimizer, cfg, objective, generator, progress))
     echo(f"onelayer: {cfg.model} ({policy.split.num_layers} layers), training layer "
          f"{policy.split.layer_index} with {cfg.algo} on {job.name}; frozen {policy.frozen_dtype}, "
          f"{policy.device.type}; output {out}")
+    if job.held_out_dropped:
+        echo(f"dropped {job.held_out_dropped} held-out prompts longer than --max-prompt-tokens "
+             f"{cfg.max_prompt_tokens}")
     before = job.score("before")
     echo(f"held-out {job.metric} before: {before:.1%} ({job.held_out} held out, greedy)")
 
@@ -215,6 +272,10 @@ def train(cfg: TrainConfig, *, progress: bool = True, echo: Callable[[str], None
     after = job.score("after")
     echo(f"held-out {job.metric} after:  {after:.1%} ({job.held_out} held out, greedy; "
          f"{after - before:+.1%})")
+    dropped = sum(row.get("prompts_dropped", 0) for row in history)
+    if dropped:
+        echo(f"dropped {dropped} training prompts longer than --max-prompt-tokens "
+             f"{cfg.max_prompt_tokens} (prompts_dropped in the metrics)")
     save_layer(out, policy.layer.state_dict(), layer_index=policy.split.layer_index,
                base_model=cfg.model, run_config=json.loads(config_json(cfg)), step=cfg.steps)
     if history:

@@ -22,7 +22,7 @@ from torch import Tensor
 from .algos import advantages_fn, select_loss_impl
 from .config import TrainConfig
 from .model import Policy
-from .rollout import Rollout
+from .rollout import Rollout, SamplingParams
 
 # --scale-rewards -> the advantage estimator's mode (docs/algorithms.md): divide by the
 # group's std, the batch's std, or nothing (Dr. GRPO).
@@ -61,6 +61,7 @@ class Job:
     score: Callable[[str], float]      # progress-bar label -> held-out score in [0, 1]
     metric: str                        # what the score is ("accuracy", "success rate")
     held_out: int                      # problems / tasks scored
+    held_out_dropped: int = 0          # held-out prompts longer than --max-prompt-tokens
 
 
 def build_objective(cfg: TrainConfig, device: torch.device) -> Objective:
@@ -72,6 +73,11 @@ def build_objective(cfg: TrainConfig, device: torch.device) -> Objective:
 
 def schedule(cfg: TrainConfig) -> Schedule:
     return Schedule(cfg.epochs, cfg.minibatch, cfg.micro_batch, cfg.max_grad_norm)
+
+
+def sampling_params(cfg: TrainConfig, *, greedy: bool = False) -> SamplingParams:
+    return SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.top_k,
+                          greedy=greedy, stop=tuple(cfg.stop))
 
 
 def micro_batches(rows: Tensor, size: int) -> Iterator[Tensor]:

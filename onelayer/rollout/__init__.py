@@ -1,5 +1,5 @@
-from .generate import (Rollout, SamplingParams, completion_mask, concat_rollouts,
-                       generate_completions, select_rollout)
+from .generate import (Rollout, SamplingParams, concat_rollouts, generate_completions,
+                       select_rollout)
 
-__all__ = ["Rollout", "SamplingParams", "completion_mask", "concat_rollouts",
-           "generate_completions", "select_rollout"]
+__all__ = ["Rollout", "SamplingParams", "concat_rollouts", "generate_completions",
+           "select_rollout"]

@@ -22,15 +22,15 @@ their stop token), attention_mask on every real token.
 """
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from transformers import GenerationConfig
 
 from ..algos.advantages import anchor_ids as hash_anchors
-from .generate import Rollout, SamplingParams, completion_mask, eos_token_ids
+from .generate import Rollout, SamplingParams, StopStrings, cut_at_stop, sample, stop_token_ids
 
 # (histories, episode rows, token budgets) -> action ids per history, each at most its budget
 # and cut after its first stop token. Rows let a scripted actor (tests) look at its env.
@@ -58,14 +58,28 @@ class Episodes:
 
 
 class TurnFormat:
-    """Token ids the environment adds to a history: the first prompt and each later turn."""
+    """Token ids the environment adds to a history (the first prompt and each later turn), and
+    the text an action's ids stand for.
 
-    def __init__(self, tokenizer):
+    chat: None uses the chat template when the tokenizer has one; template_kwargs go to the
+    template (e.g. enable_thinking=False); an action's text ends at its first stop string."""
+
+    def __init__(self, tokenizer, *, chat: bool | None = None, template_kwargs: dict | None = None,
+                 stop: tuple[str, ...] = ()):
         self.tokenizer = tokenizer
-        self.chat = bool(getattr(tokenizer, "chat_template", None))
+        self.chat = bool(getattr(tokenizer, "chat_template", None)) if chat is None else chat
+        self.template_kwargs = template_kwargs or {}
+        self.stop = stop
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False).input_ids
+
+    def render(self, messages: list[dict]) -> str:
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                  tokenize=False, **self.template_kwargs)
+
+    def action_text(self, ids: list[int]) -> str:
+        return cut_at_stop(self.tokenizer.decode(ids, skip_special_tokens=True), self.stop)
 
     def user_text(self, feedback: str, obs: str) -> str:
         return f"{feedback}\n\n{obs}" if feedback else obs
@@ -74,8 +88,7 @@ class TurnFormat:
         if not self.chat:
             return self.encode(f"{system}\n\n{obs}\n> ")
         messages = [{"role": "system", "content": system}, {"role": "user", "content": obs}]
-        return self.encode(self.tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=False))
+        return self.encode(self.render(messages))
 
     def next(self, feedback: str, obs: str, last_action: list[int]) -> list[int]:
         if not self.chat:
@@ -83,8 +96,7 @@ class TurnFormat:
             return self.encode(f"\n{line}{obs}\n> ")
         messages = [{"role": "user", "content": "x"}, {"role": "assistant", "content": SENTINEL},
                     {"role": "user", "content": self.user_text(feedback, obs)}]
-        full = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
-                                                  tokenize=False)
+        full = self.render(messages)
         delta = full[full.index(SENTINEL) + len(SENTINEL):]
         # The action's own stop token (e.g. <|im_end|>) is already in the history.
         stop = self.tokenizer.decode(last_action[-1:]) if last_action else ""
@@ -93,25 +105,22 @@ class TurnFormat:
         return self.encode(delta)
 
 
-def hf_actor(lm, tokenizer, params: SamplingParams) -> Actor:
-    """Batched Hugging Face generate over left-padded histories; stops at EOS/end of turn."""
+def hf_actor(lm, tokenizer, params: SamplingParams,
+             generator: torch.Generator | None = None) -> Actor:
+    """onelayer's sampler over left-padded histories of a Hugging Face model; an action stops
+    at EOS, the end-of-turn token or a stop string of `params`, or at its row's budget."""
     device = next(lm.parameters()).device
-    eos = eos_token_ids(tokenizer, lm)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
-    sampling = {} if params.greedy else dict(temperature=params.temperature, top_p=params.top_p,
-                                              top_k=params.top_k)
-    options = dict(do_sample=not params.greedy, pad_token_id=pad, eos_token_id=eos, use_cache=True,
-                   **sampling)
+    stop_ids = stop_token_ids(tokenizer, lm)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
+    stop_strings = StopStrings(tokenizer, params.stop)
 
-    @torch.no_grad()
     def act(histories: list[list[int]], rows: list[int], budgets: list[int]) -> list[list[int]]:
         ids, mask = left_pad(histories, pad)
-        config = GenerationConfig(max_new_tokens=max(budgets), **options)
-        out = lm.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                          generation_config=config)
-        generated = out[:, ids.shape[1]:]
-        keep = completion_mask(generated, eos).sum(1).tolist()
-        return [generated[i, :min(k, b)].tolist() for i, (k, b) in enumerate(zip(keep, budgets))]
+        out = sample(lm, ids.to(device), mask.to(device),
+                     dataclasses.replace(params, max_new_tokens=max(budgets)), stop_ids=stop_ids,
+                     stop_strings=stop_strings, pad_id=pad, generator=generator)
+        keep = out.mask.sum(1).tolist()
+        return [out.tokens[i, :min(k, b)].tolist() for i, (k, b) in enumerate(zip(keep, budgets))]
 
     return act
 
@@ -139,14 +148,15 @@ class _Trajectory:
 
 def run_episodes(actor: Actor, tokenizer, envs: Sequence, seeds: Sequence[int],
                  group_ids: Sequence[int], *, max_new_tokens: int, max_turns: int,
-                 max_len: int) -> Episodes:
+                 max_len: int, fmt: TurnFormat | None = None) -> Episodes:
     """Play one episode in each env (env b reset with seeds[b]) until all are done.
 
     group_ids[b] is the episode group of trajectory b (equal for equal tasks). Each turn, the
     live episodes act in one batch. max_len caps a trajectory's tokens (first prompt included):
     an episode whose next prompt would leave no room for one action token ends there.
+    fmt: the text format (default: TurnFormat(tokenizer)).
     """
-    fmt = TurnFormat(tokenizer)
+    fmt = fmt or TurnFormat(tokenizer)
     obs = [env.reset(seed) for env, seed in zip(envs, seeds)]
     trajs = [_Trajectory(fmt.first(env.system_prompt, o), [], [], []) for env, o in zip(envs, obs)]
     steps: list[tuple] = []       # (row, t, observation, reward, start, end, action, valid)
@@ -175,7 +185,7 @@ def _play(tr: _Trajectory, env, obs: list[str], b: int, t: int, ids: list[int],
     start = len(tr.tokens)
     tr.tokens += ids
     tr.is_action += [1] * len(ids)
-    text = fmt.tokenizer.decode(ids, skip_special_tokens=True)
+    text = fmt.action_text(ids)
     state = obs[b]
     obs[b], reward, done, info = env.step(text)
     tr.turns += 1
