@@ -18,6 +18,7 @@ tokens before it, so left padding shifts nothing. The loop is `prefill`, then on
 """
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass
 
@@ -194,9 +195,11 @@ def pick_tokens(logits: Tensor, params: SamplingParams,
 # The decode loop
 # ---------------------------------------------------------------------------------------------
 
-def _cache_kwarg(lm) -> str:
+@functools.cache
+def _cache_kwarg(model_class: type) -> str:
     # transformers 5.2x renamed `past_key_values` to `cache` (the old name warns until 5.40).
-    return "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
+    parameters = inspect.signature(model_class.forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
 
 
 def prefill(lm, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, DynamicCache]:
@@ -204,7 +207,7 @@ def prefill(lm, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Dyna
     cache = DynamicCache(config=lm.config)
     positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     out = lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
-             use_cache=True, logits_to_keep=1, **{_cache_kwarg(lm): cache})
+             use_cache=True, logits_to_keep=1, **{_cache_kwarg(type(lm)): cache})
     return out.logits[:, -1], cache
 
 
@@ -214,7 +217,7 @@ def decode_step(lm, tokens: Tensor, cache: DynamicCache, attention_mask: Tensor,
     cache and the new column) -> the next logits [B, V]."""
     out = lm(input_ids=tokens[:, None], attention_mask=attention_mask,
              position_ids=positions[:, None], use_cache=True, logits_to_keep=1,
-             **{_cache_kwarg(lm): cache})
+             **{_cache_kwarg(type(lm)): cache})
     return out.logits[:, -1]
 
 
