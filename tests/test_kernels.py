@@ -335,10 +335,11 @@ _COMPILE_SCRIPT = textwrap.dedent("""
 
     blocks = dict(BLOCK_T=64, BLOCK_V=128, BLOCK_H=64, UPCAST=False)
     jobs = [
-        (pl._lse_partial_kernel, dict(HAS_BIAS=True, IEEE=False, **blocks), "bf16"),
-        (pl._lse_partial_kernel, dict(HAS_BIAS=False, IEEE=True, **blocks), "fp32"),
+        (pl._lse_partial_kernel, dict(HAS_BIAS=True, SOFTCAP=True, IEEE=False, **blocks), "bf16"),
+        (pl._lse_partial_kernel, dict(HAS_BIAS=False, SOFTCAP=False, IEEE=True, **blocks), "fp32"),
         (pl._combine_loss_kernel, dict(COMPUTE_LOSS=True, HAS_REF=True, USE_KL=True, SPLITS=4, BLOCK_R=128), "fp32"),
-        (pl._logit_grad_kernel, dict(HAS_BIAS=True, IEEE=False, **blocks), "bf16"),
+        (pl._logit_grad_kernel, dict(HAS_BIAS=True, SOFTCAP=True, IEEE=False, **blocks), "bf16"),
+        (pl._logit_grad_kernel, dict(HAS_BIAS=False, SOFTCAP=False, IEEE=True, **blocks), "fp32"),
         (ga._group_advantages_kernel, dict(MODE=3, NORM_STD=True, EPS=1e-6, BLOCK=64), "fp32"),
         (ga._group_advantages_kernel, dict(MODE=2, NORM_STD=False, EPS=1e-6, BLOCK=64), "fp32"),
     ]
@@ -354,4 +355,4 @@ def test_kernels_compile_for_sm90():
     env.pop("TRITON_INTERPRET", None)
     res = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], capture_output=True, text=True, env=env,
                          timeout=300, cwd=os.path.dirname(os.path.abspath(__file__)))
-    assert res.returncode == 0 and "compiled 6" in res.stdout, res.stderr[-4000:]
+    assert res.returncode == 0 and "compiled 7" in res.stdout, res.stderr[-4000:]
