@@ -133,9 +133,10 @@ nf4_matmul_kernel(const T* __restrict__ x, int64_t stride_xm, const uint8_t* __r
         const int64_t n = n0 + c;
         const uint4 q = __ldg(reinterpret_cast<const uint4*>(packed + n * (K / 2) + k / 2));
         const int64_t blk = n * blocks_per_row + k / blocksize;
+        // Rounded after the product and after the sum, as bitsandbytes computes it (no FMA).
         const float scale = nested
-            ? __ldg(sc.code2 + __ldg(static_cast<const uint8_t*>(sc.absmax) + blk)) * __ldg(sc.absmax2 + blk / 256)
-                  + offset
+            ? __fadd_rn(__fmul_rn(__ldg(sc.code2 + __ldg(static_cast<const uint8_t*>(sc.absmax) + blk)),
+                                  __ldg(sc.absmax2 + blk / 256)), offset)
             : __ldg(static_cast<const float*>(sc.absmax) + blk);
         const uint32_t words[4] = {q.x, q.y, q.z, q.w};
 #pragma unroll

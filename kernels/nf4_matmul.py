@@ -106,7 +106,6 @@ def _nf4_matmul_kernel(
     w_rows = packed_ptr + cols.to(tl.int64)[:, None] * (K // 2)
     x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_xm
     blk_rows = cols.to(tl.int64) * (K // BLOCKSIZE)
-    dtype: tl.constexpr = x_ptr.dtype.element_ty
     if NESTED:
         offset = tl.load(offset_ptr)
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
@@ -120,8 +119,8 @@ def _nf4_matmul_kernel(
             scale = tl.load(code2_ptr + a8) * tl.load(absmax2_ptr + blk // 256, mask=col_ok, other=0.0) + offset
         else:
             scale = tl.load(absmax_ptr + blk, mask=col_ok, other=0.0)
-        w_even = _round(tl.load(code_ptr + (q >> 4).to(tl.int32)) * scale[:, None], dtype, UPCAST)
-        w_odd = _round(tl.load(code_ptr + (q & 0xF).to(tl.int32)) * scale[:, None], dtype, UPCAST)
+        w_even = _round(tl.load(code_ptr + (q >> 4).to(tl.int32)) * scale[:, None], x_ptr.dtype.element_ty, UPCAST)
+        w_odd = _round(tl.load(code_ptr + (q & 0xF).to(tl.int32)) * scale[:, None], x_ptr.dtype.element_ty, UPCAST)
         x_even = tl.load(x_rows + (k0 + 2 * half)[None, :], mask=row_ok[:, None], other=0.0)
         x_odd = tl.load(x_rows + (k0 + 2 * half + 1)[None, :], mask=row_ok[:, None], other=0.0)
         if UPCAST:
@@ -140,7 +139,7 @@ def _nf4_matmul_kernel(
     else:
         if HAS_BIAS:
             acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptr + at, _round(acc, dtype, UPCAST), mask=ok)
+        tl.store(out_ptr + at, _round(acc, x_ptr.dtype.element_ty, UPCAST), mask=ok)
 
 
 @triton.jit
@@ -191,7 +190,9 @@ def nf4_matmul_triton(x: Tensor, w: NF4Weight, bias: Tensor | None = None, *, sp
         w.offset if nested else w.code, w.code, bias_arg, target, m, n, k, x.stride(0), k_per_split,
         NESTED=nested, HAS_BIAS=bias is not None, SPLIT=splits > 1, IEEE=x.dtype == torch.float32,
         UPCAST=cfg.upcast, BLOCKSIZE=w.blocksize, BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        # code2 * absmax2 + offset rounded twice, as bitsandbytes computes it: no fused multiply-add.
+        enable_fp_fusion=False)
     if splits > 1:
         block = 1024
         _sum_splits_kernel[(triton.cdiv(m * n, block),)](target, bias_arg, out, m * n, n, splits,

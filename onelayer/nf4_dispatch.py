@@ -79,7 +79,7 @@ def build_native(build_dir: str | None = None) -> tuple[ModuleType | None, str]:
     os.makedirs(build_dir, exist_ok=True)
     try:
         ext = cpp_extension.load(name="onelayer_nf4_matmul", sources=[str(CSRC / s) for s in SOURCES],
-                                 extra_cuda_cflags=["-O3", "--use_fast_math"], build_directory=build_dir)
+                                 extra_cuda_cflags=["-O3"], build_directory=build_dir)
     except Exception as exc:  # a compiler error is printed above by cpp_extension
         last = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
         return None, f"the CUDA C++ build failed ({last})"
