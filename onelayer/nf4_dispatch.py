@@ -80,9 +80,10 @@ def build_native(build_dir: str | None = None) -> tuple[ModuleType | None, str]:
     try:
         ext = cpp_extension.load(name="onelayer_nf4_matmul", sources=[str(CSRC / s) for s in SOURCES],
                                  extra_cuda_cflags=["-O3"], build_directory=build_dir)
-    except Exception as exc:  # a compiler error is printed above by cpp_extension
-        last = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
-        return None, f"the CUDA C++ build failed ({last})"
+    except Exception as exc:  # cpp_extension puts the compiler's output in the message
+        log.debug("NF4 matmul: CUDA C++ build:\n%s", exc)
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        return None, f"the CUDA C++ build failed ({first})"
     return ext, ""
 
 

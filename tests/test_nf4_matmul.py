@@ -170,7 +170,7 @@ def test_native_loader_says_why_not(monkeypatch, tmp_path):
 
     def failing_load(**kwargs):
         assert [p.split("/")[-1] for p in kwargs["sources"]] == ["nf4_matmul.cpp", "nf4_matmul.cu"]
-        raise RuntimeError("Error building extension 'onelayer_nf4_matmul'")
+        raise RuntimeError("Error building extension 'onelayer_nf4_matmul'\nnf4_matmul.cu(1): error\nninja: stopped")
     monkeypatch.setattr(cpp_extension, "load", failing_load)
     ext, why = dispatch.build_native(str(tmp_path))
     assert ext is None and why == "the CUDA C++ build failed (Error building extension 'onelayer_nf4_matmul')"
