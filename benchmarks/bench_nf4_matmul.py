@@ -1,5 +1,6 @@
 """NF4 small-batch matmul on one GPU: bitsandbytes vs the Triton kernel vs the CUDA C++ kernel
-vs a dense bf16 matmul, at decode row counts and the Qwen3-8B projection shapes.
+vs what the dispatch picks (nf4_linear) vs a dense bf16 matmul, at decode row counts and the
+Qwen3-8B projection shapes.
 
     python benchmarks/bench_nf4_matmul.py            # checks, then the timing table (< 60 s
                                                      # once the CUDA C++ kernel is built)
@@ -13,8 +14,9 @@ output is poisoned with NaN first, so an unwritten element fails. Then each (sha
 timed as the median over replays of a CUDA graph that calls the op once on each of enough
 weight copies to overflow the L2 cache (decode reads every weight from DRAM: 252 different
 matrices a step), so launch gaps and cache hits stay out of the figure. GB/s counts the bytes
-of the weight (4-bit codes + scales; bf16 for the dense column). Copy the table into
-benchmarks/RESULTS.md with the GPU, date and command.
+of the weight (4-bit codes + scales; bf16 for the dense column). The last lines name the
+fastest matmul over a decoder layer for each M: onelayer.nf4_dispatch.ROUTES is that table.
+Copy the tables into benchmarks/RESULTS.md with the GPU, date and command.
 """
 from __future__ import annotations
 
@@ -144,6 +146,7 @@ def time_per_call(calls: list[Callable[[], object]], device: str, reps: int) -> 
 def bench_shape(name: str, k: int, n: int, rows: tuple[int, ...], fns: dict[str, Callable], device: str,
                 reps: int, dtype: torch.dtype) -> dict[tuple[str, int], float]:
     from onelayer.nf4 import nf4_weight
+    from onelayer.nf4_dispatch import nf4_linear
     one = make_linear(n, k, bias=False, nested=True, blocksize=64, dtype=dtype, device=device)
     nbytes = weight_bytes(nf4_weight(one.weight))
     copies = max(2, math.ceil(L2_FLUSH_BYTES / nbytes)) if device == "cuda" else 2
@@ -156,7 +159,8 @@ def bench_shape(name: str, k: int, n: int, rows: tuple[int, ...], fns: dict[str,
     for m in rows:
         x = torch.randn(m, k, device=device).to(dtype)
         with torch.no_grad():
-            cases = {"bnb": [lambda lin=lin: lin(x) for lin in lins]}
+            cases = {"bnb": [lambda lin=lin: lin(x) for lin in lins],
+                     "auto": [lambda lin=lin: nf4_linear(x, lin.weight) for lin in lins]}
             cases.update({nm: [lambda w=w, fn=fn: fn(x, w, None) for w in ws] for nm, fn in fns.items()})
             cases["dense bf16"] = [lambda d=d: torch.nn.functional.linear(x, d) for d in dense]
             for impl, calls in cases.items():
@@ -167,7 +171,7 @@ def bench_shape(name: str, k: int, n: int, rows: tuple[int, ...], fns: dict[str,
     dense_bytes = 2 * n * k
     for m in rows:
         cells = []
-        for impl in ("bnb", "triton", "cuda", "dense bf16"):
+        for impl in ("bnb", "triton", "cuda", "auto", "dense bf16"):
             t = ms.get((impl, m))
             b = dense_bytes if impl == "dense bf16" else nbytes
             cells.append("-" if t is None else f"{t * 1e3:.1f} us, {b / t / 1e6:.0f} GB/s")
@@ -178,34 +182,33 @@ def bench_shape(name: str, k: int, n: int, rows: tuple[int, ...], fns: dict[str,
 
 
 def tune(device: str, reps: int, dtype: torch.dtype) -> None:
-    """Time Triton tile variants (BLOCK_N, warps, stages, split-K cap) on every shape and M."""
+    """Time Triton tile variants (BLOCK_N, warps, stages) on every shape and M: one Qwen3-8B
+    layer's sum."""
     import onelayer.kernels.nf4_matmul as nf4mod
     from onelayer.nf4 import nf4_weight
-    base = nf4mod._GPU
-    variants = [base._replace(block_n=bn, num_warps=wp, num_stages=st, max_splits=sp)
-                for bn, wp, st, sp in [(32, 4, 4, 16), (128, 4, 4, 16), (128, 8, 3, 16), (64, 4, 2, 16),
-                                       (64, 8, 4, 16), (64, 4, 4, 1), (32, 2, 3, 16)]]
-    print("\n| Triton variant (block_n, warps, stages, max_splits) | " + " | ".join(f"M={m}" for m in ROWS)
-          + " | layer us (sum over M of a Qwen3-8B layer) |")
-    print("|---|" + "---|" * (len(ROWS) + 1))
     weights = {}
     for name, (k, n, _) in SHAPES.items():
         copies = max(2, math.ceil(L2_FLUSH_BYTES / (n * k // 2)))
         weights[name] = [nf4_weight(make_linear(n, k, bias=False, nested=True, blocksize=64, dtype=dtype,
                                                 device=device, seed=i).weight) for i in range(copies)]
+
+    def layer_row(label: str, fn: Callable) -> None:
+        per_m = []
+        for m in ROWS:
+            layer = 0.0
+            for name, (k, n, count) in SHAPES.items():
+                x = torch.randn(m, k, device=device).to(dtype)
+                layer += count * time_per_call([lambda w=w: fn(x, w) for w in weights[name]], device, reps)
+            per_m.append(layer)
+        print(f"| {label} | " + " | ".join(f"{t * 1e3:.1f}" for t in per_m) + f" | {sum(per_m) * 1e3:.0f} |")
+
+    print("\n| variant: layer us | " + " | ".join(f"M={m}" for m in ROWS) + " | sum |")
+    print("|---|" + "---|" * (len(ROWS) + 1))
+    base = nf4mod._GPU
     try:
-        for v in variants:
-            nf4mod._GPU = v
-            per_m = []
-            for m in ROWS:
-                layer = 0.0
-                for name, (k, n, count) in SHAPES.items():
-                    x = torch.randn(m, k, device=device).to(dtype)
-                    calls = [lambda w=w: nf4mod.nf4_matmul_triton(x, w) for w in weights[name]]
-                    layer += count * time_per_call(calls, device, reps)
-                per_m.append(layer)
-            label = f"{v.block_n}, {v.num_warps}, {v.num_stages}, {v.max_splits}"
-            print(f"| {label} | " + " | ".join(f"{t * 1e3:.1f}" for t in per_m) + f" | {sum(per_m) * 1e3:.0f} |")
+        for bn, wp, st in [(64, 4, 1), (128, 4, 1), (128, 8, 1), (256, 4, 1), (256, 8, 1), (64, 4, 2)]:
+            nf4mod._GPU = base._replace(block_n=bn, num_warps=wp, num_stages=st)
+            layer_row(f"triton BLOCK_N {bn}, {wp} warps, {st} stages", nf4mod.nf4_matmul_triton)
     finally:
         nf4mod._GPU = base
 
@@ -234,21 +237,21 @@ def main() -> int:
     rows = (1, 3) if args.smoke else ROWS
     how = "median of CUDA-graph replays over L2-flushing weight copies" if device == "cuda" else "host clock"
     print(f"\nus per call ({how}), GB/s of weight bytes\n")
-    print("| shape (K->N) | M | bnb | triton | cuda | dense bf16 | fastest NF4 |")
-    print("|---|---|---|---|---|---|---|")
+    print("| shape (K->N) | M | bnb | triton | cuda | auto (nf4_linear) | dense bf16 | fastest NF4 |")
+    print("|---|---|---|---|---|---|---|---|")
     layer = {}
     for sname, (k, n, count) in shapes.items():
         for key, t in bench_shape(sname, k, n, rows, fns, device, args.reps, dtype).items():
             layer[key] = layer.get(key, 0.0) + count * t
     print("\nOne Qwen3-8B decoder layer's 7 projections (us; x 36 layers = a decode step's linears)\n")
-    impls = [i for i in ("bnb", "triton", "cuda", "dense bf16") if any((i, m) in layer for m in rows)]
+    impls = [i for i in ("bnb", "triton", "cuda", "auto", "dense bf16") if any((i, m) in layer for m in rows)]
     print("| M | " + " | ".join(impls) + " |")
     print("|---|" + "---|" * len(impls))
     for m in rows:
         print(f"| {m} | " + " | ".join(f"{layer[(i, m)] * 1e3:.1f}" if (i, m) in layer else "-" for i in impls) + " |")
-    if "cuda" in impls:
-        wins = [m for m in rows if layer.get(("cuda", m), math.inf) < layer.get(("triton", m), math.inf)]
-        print(f"\nCUDA C++ faster than Triton over a layer at M = {wins}")
+    kernels = [i for i in ("bnb", "triton", "cuda") if i in impls]
+    best = {m: min(kernels, key=lambda i: layer.get((i, m), math.inf)) for m in rows}
+    print(f"\nfastest over a layer, by M: {best}  (onelayer.nf4_dispatch.ROUTES should say the same)")
     if args.tune and device == "cuda":
         tune(device, args.reps, dtype)
     print(f"\nwall {time.perf_counter() - t0:.0f} s")

@@ -6,20 +6,22 @@
 // Needs only the CUDA runtime headers: the torch binding is csrc/nf4_matmul.cpp, so CI can
 // compile this file with a pip-installed nvcc and no CUDA build of torch.
 //
-// A block of 128 threads owns NC adjacent output columns (NC weight rows of K/2 bytes each)
-// and all M rows of a row tile. Thread t reads, from each of its NC weight rows, 16 bytes =
-// 32 weights at k = 32 (t + 128 i): 2 KiB contiguous per row per block step, every weight byte
-// read once per launch (K = 4096: one step). 32 consecutive weights lie in one quantisation
-// block (blocksize >= 32, K % blocksize == 0), so the double-quantised absmax is undone once
-// per 32 weights. The 32 x NC weights are kept rounded to x's dtype in packed pairs; then for
-// each of up to MT rows of x the thread loads the same 32 columns of x (x is small: L1/L2)
-// and accumulates NC fp32 sums. Sharing each x load among NC weight rows keeps the L1 traffic
-// for x below the DRAM traffic for W up to M ~ 8 (bf16). Splitting K over the whole block
-// (not one warp a column) gives N / NC blocks: 256 for the k/v projections (N = 1024), enough
-// for 132 SMs. Sums: warp shuffles, then shared memory across the 4 warps. Rows of x beyond
-// MT are grid.y: another pass over W (from L2 when it fits). FMA on CUDA cores costs about
-// 3 M N K / 3e13 s on an H100, so from M ~ 4-8 the tensor cores of the Triton kernel should
-// win; the dispatch keeps whichever measures faster.
+// A block of THREADS threads owns NC adjacent output columns (NC weight rows of K/2 bytes
+// each) and the MT rows of x of its row tile. Thread t reads, from each of its NC weight rows,
+// 16 bytes = 32 weights at k = 32 (t + THREADS i): contiguous rows, every weight byte read
+// once per launch. 32 consecutive weights lie in one quantisation block (blocksize >= 32,
+// K % blocksize == 0), so the double-quantised absmax is undone once per 32 weights. The
+// 32 x NC weights are kept rounded to x's dtype in packed pairs; then for each row of x the
+// thread loads the same 32 columns of x (x is small: L1/L2) and accumulates NC fp32 sums:
+// each x load serves NC weight rows. Splitting K over the block (not one warp a column)
+// gives N / NC blocks, 256 for the k/v projections (N = 1024). Sums: warp shuffles, then
+// shared memory across the warps. Rows of x beyond MT are grid.y: another pass over W.
+//
+// Measured on an H100 (2026-11-27, benchmarks/bench_nf4_matmul.py --tune, one Qwen3-8B
+// layer's 7 projections, bf16): NC = 4 with 64 threads a block was the fastest of
+// (NC, threads) in {(4, 128), (4, 64), (8, 128), (2, 128), (8, 64)} at M = 2..4 (229 us at
+// M = 4 against bitsandbytes' 273); FMA on CUDA cores loses to the tensor cores of the Triton
+// kernel from M = 8 (381 vs 268 us) and to bitsandbytes at M = 1 (162 vs 114 us).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -27,14 +29,13 @@
 
 namespace {
 
-constexpr int kThreads = 128;
-
-// Per dtype: weights rounded to the dtype and kept as packed pairs (Pair), kCols columns a
-// warp (fp32 pairs take twice the registers), and 32 values of x from 16-byte loads.
+// Per dtype: weights rounded to the dtype and kept as packed pairs (Pair), the block shape
+// (kCols columns, kThreads threads; fp32 pairs take twice the registers), 32 values of x from
+// 16-byte loads.
 template <typename T> struct Io;
 template <> struct Io<float> {
   using Pair = float2;
-  static constexpr int kCols = 2;
+  static constexpr int kCols = 2, kThreads = 128;
   static __device__ Pair pack(float a, float b) { return make_float2(a, b); }
   static __device__ float2 unpack(Pair p) { return p; }
   static __device__ float load(float v) { return v; }
@@ -50,7 +51,7 @@ template <> struct Io<float> {
 };
 template <> struct Io<__nv_bfloat16> {
   using Pair = __nv_bfloat162;
-  static constexpr int kCols = 4;
+  static constexpr int kCols = 4, kThreads = 64;
   static __device__ Pair pack(float a, float b) { return __floats2bfloat162_rn(a, b); }
   static __device__ float2 unpack(Pair p) { return __bfloat1622float2(p); }
   static __device__ float load(__nv_bfloat16 v) { return __bfloat162float(v); }
@@ -71,7 +72,7 @@ template <> struct Io<__nv_bfloat16> {
 };
 template <> struct Io<__half> {
   using Pair = __half2;
-  static constexpr int kCols = 4;
+  static constexpr int kCols = 4, kThreads = 64;
   static __device__ Pair pack(float a, float b) { return __floats2half2_rn(a, b); }
   static __device__ float2 unpack(Pair p) { return __half22float2(p); }
   static __device__ float load(__half v) { return __half2float(v); }
@@ -98,17 +99,16 @@ struct Scales {
   const float* offset;    // nested: fp32 [1]
 };
 
-template <typename T, int MT>
-__global__ void __launch_bounds__(kThreads)
+template <typename T, int MT, int NC, int THREADS>
+__global__ void __launch_bounds__(THREADS)
 nf4_matmul_kernel(const T* __restrict__ x, int64_t stride_xm, const uint8_t* __restrict__ packed,
                   Scales sc, const float* __restrict__ code, const T* __restrict__ bias,
                   T* __restrict__ out, int M, int N, int K, int blocksize) {
-  constexpr int NC = Io<T>::kCols;
   static_assert(NC * MT <= 32, "one lane per output of the block");
   // pair[b] = the two weights of byte b before scaling: (code[b >> 4], code[b & 15]).
   __shared__ float2 pair[256];
-  __shared__ float partial[kThreads / 32][NC * MT];
-  for (int b = threadIdx.x; b < 256; b += kThreads) pair[b] = make_float2(code[b >> 4], code[b & 15]);
+  __shared__ float partial[THREADS / 32][NC * MT];
+  for (int b = threadIdx.x; b < 256; b += THREADS) pair[b] = make_float2(code[b >> 4], code[b & 15]);
   __syncthreads();
 
   const int n0 = blockIdx.x * NC;
@@ -125,7 +125,7 @@ nf4_matmul_kernel(const T* __restrict__ x, int64_t stride_xm, const uint8_t* __r
 #pragma unroll
     for (int m = 0; m < MT; ++m) acc[c][m] = 0.f;
 
-  for (int k = threadIdx.x * 32; k < K; k += kThreads * 32) {
+  for (int k = threadIdx.x * 32; k < K; k += THREADS * 32) {
     typename Io<T>::Pair w[NC][16];  // W[n0 + c, k .. k + 31], rounded to T
 #pragma unroll
     for (int c = 0; c < NC; ++c) {
@@ -180,17 +180,17 @@ nf4_matmul_kernel(const T* __restrict__ x, int64_t stride_xm, const uint8_t* __r
   if (threadIdx.x < NC * MT && c < cols && m < rows) {
     float v = 0.f;
 #pragma unroll
-    for (int w = 0; w < kThreads / 32; ++w) v += partial[w][threadIdx.x];
+    for (int w = 0; w < THREADS / 32; ++w) v += partial[w][threadIdx.x];
     if (bias != nullptr) v += Io<T>::load(bias[n0 + c]);
     out[static_cast<int64_t>(m0 + m) * N + n0 + c] = Io<T>::store(v);
   }
 }
 
-template <typename T, int MT>
-cudaError_t launch_mt(const void* x, int64_t stride_xm, const uint8_t* packed, Scales sc, const float* code,
-                      const void* bias, void* out, int M, int N, int K, int blocksize, cudaStream_t stream) {
-  dim3 grid((N + Io<T>::kCols - 1) / Io<T>::kCols, (M + MT - 1) / MT);
-  nf4_matmul_kernel<T, MT><<<grid, kThreads, 0, stream>>>(
+template <typename T, int MT, int NC, int THREADS>
+cudaError_t launch_tile(const void* x, int64_t stride_xm, const uint8_t* packed, Scales sc, const float* code,
+                        const void* bias, void* out, int M, int N, int K, int blocksize, cudaStream_t stream) {
+  dim3 grid((N + NC - 1) / NC, (M + MT - 1) / MT);
+  nf4_matmul_kernel<T, MT, NC, THREADS><<<grid, THREADS, 0, stream>>>(
       static_cast<const T*>(x), stride_xm, packed, sc, code, static_cast<const T*>(bias), static_cast<T*>(out),
       M, N, K, blocksize);
   return cudaGetLastError();
@@ -200,10 +200,11 @@ template <typename T>
 cudaError_t launch(const void* x, int64_t stride_xm, const uint8_t* packed, Scales sc, const float* code,
                    const void* bias, void* out, int M, int N, int K, int blocksize, cudaStream_t stream) {
   // The smallest row tile that holds M (one pass over W), up to 8 rows a pass.
-  if (M <= 1) return launch_mt<T, 1>(x, stride_xm, packed, sc, code, bias, out, M, N, K, blocksize, stream);
-  if (M <= 2) return launch_mt<T, 2>(x, stride_xm, packed, sc, code, bias, out, M, N, K, blocksize, stream);
-  if (M <= 4) return launch_mt<T, 4>(x, stride_xm, packed, sc, code, bias, out, M, N, K, blocksize, stream);
-  return launch_mt<T, 8>(x, stride_xm, packed, sc, code, bias, out, M, N, K, blocksize, stream);
+  constexpr int NC = Io<T>::kCols, TH = Io<T>::kThreads;
+  if (M <= 1) return launch_tile<T, 1, NC, TH>(x, stride_xm, packed, sc, code, bias, out, M, N, K, blocksize, stream);
+  if (M <= 2) return launch_tile<T, 2, NC, TH>(x, stride_xm, packed, sc, code, bias, out, M, N, K, blocksize, stream);
+  if (M <= 4) return launch_tile<T, 4, NC, TH>(x, stride_xm, packed, sc, code, bias, out, M, N, K, blocksize, stream);
+  return launch_tile<T, 8, NC, TH>(x, stride_xm, packed, sc, code, bias, out, M, N, K, blocksize, stream);
 }
 
 }  // namespace

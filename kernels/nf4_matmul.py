@@ -17,6 +17,14 @@ least 16 rows, so M is padded to BLOCK_M >= 16 with masked (zero) rows; the tens
 FLOPs to spare. When N / BLOCK_N programs cannot fill the GPU (k/v projections: N = 1024) K is
 split, each split writes an fp32 partial and a second small kernel sums them, adds the bias
 and rounds.
+
+Measured on an H100 (2026-11-27, benchmarks/bench_nf4_matmul.py --tune, one Qwen3-8B layer's
+7 projections): BLOCK_N = 256 with 8 warps is the fastest of the tiles tried (255 us at M = 1,
+268 at M = 8, 290 at M = 16; BLOCK_N = 64 / 4 warps: 290, 325, 376), and num_stages must
+stay 1: with 2 or more Triton pipelines the NF4 table lookups (gathers) through cp.async and
+shared memory, and the kernel runs 6-8x slower (2,139 us at M = 1). The lookups are what is
+left between this kernel (~400 GB/s) and the bandwidth: per weight one load from the 16-entry
+table.
 """
 from __future__ import annotations
 
@@ -40,10 +48,9 @@ class _Config(NamedTuple):
                       # rounding done on the bits (it truncates fp32 -> bf16 casts)
 
 
-# GPU: starting points, to be replaced by what benchmarks/bench_nf4_matmul.py --tune measures.
-# CPU (TRITON_INTERPRET=1, tests only): small tiles and up to 3 splits so that small test shapes
-# cross tile and split edges.
-_GPU = _Config(block_n=64, block_k=64, num_warps=4, num_stages=4, max_splits=16, upcast=False)
+# GPU: measured (module docstring). CPU (TRITON_INTERPRET=1, tests only): small tiles and up
+# to 3 splits so that small test shapes cross tile and split edges.
+_GPU = _Config(block_n=256, block_k=64, num_warps=8, num_stages=1, max_splits=16, upcast=False)
 _CPU = _Config(block_n=16, block_k=64, num_warps=4, num_stages=1, max_splits=3, upcast=True)
 
 
@@ -90,7 +97,9 @@ def _nf4_matmul_kernel(
     bias_ptr,                   # [N] in x's dtype (HAS_BIAS)
     out_ptr,                    # SPLIT: fp32 [S, M, N] partials; else [M, N] in x's dtype
     M, N, K, stride_xm,
-    k_per_split,                # columns of K per split, a multiple of BLOCK_K
+    row_bytes,                  # K // 2, an argument of its own so that Triton sees it divisible
+                                # by 16 and loads the weight bytes 16 at a time
+    bytes_per_split,            # weight bytes of a row per split, a multiple of BLOCK_K // 2
     NESTED: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr,
     UPCAST: tl.constexpr, BLOCKSIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -103,16 +112,17 @@ def _nf4_matmul_kernel(
     row_ok = rows < M
     col_ok = cols < N
     # int64: N * K / 2 bytes pass 2^31 for large weights (vocab x hidden).
-    w_rows = packed_ptr + cols.to(tl.int64)[:, None] * (K // 2)
+    w_rows = packed_ptr + cols.to(tl.int64)[:, None] * row_bytes
     x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_xm
     blk_rows = cols.to(tl.int64) * (K // BLOCKSIZE)
     if NESTED:
         offset = tl.load(offset_ptr)
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    k_start = pid_s * k_per_split
-    k_end = tl.minimum(k_start + k_per_split, K)
-    for k0 in range(k_start, k_end, BLOCK_K):
-        q = tl.load(w_rows + (k0 // 2 + half)[None, :], mask=col_ok[:, None], other=0)
+    b_start = pid_s * bytes_per_split
+    b_end = tl.minimum(b_start + bytes_per_split, row_bytes)
+    for b0 in range(b_start, b_end, BLOCK_K // 2):  # b0: byte of the row, k0 = 2 b0 its first column
+        q = tl.load(w_rows + (b0 + half)[None, :], mask=col_ok[:, None], other=0)
+        k0 = 2 * b0
         blk = blk_rows + k0 // BLOCKSIZE  # one quantisation block per tile row (BLOCK_K | BLOCKSIZE)
         if NESTED:
             a8 = tl.load(absmax_ptr + blk, mask=col_ok, other=0).to(tl.int32)
@@ -187,7 +197,7 @@ def nf4_matmul_triton(x: Tensor, w: NF4Weight, bias: Tensor | None = None, *, sp
     nested = w.nested
     _nf4_matmul_kernel[(grid_n, splits, grid_m)](
         x, w.packed, w.absmax, w.absmax2 if nested else w.absmax, w.code2 if nested else w.code,
-        w.offset if nested else w.code, w.code, bias_arg, target, m, n, k, x.stride(0), k_per_split,
+        w.offset if nested else w.code, w.code, bias_arg, target, m, n, k, x.stride(0), k // 2, k_per_split // 2,
         NESTED=nested, HAS_BIAS=bias is not None, SPLIT=splits > 1, IEEE=x.dtype == torch.float32,
         UPCAST=cfg.upcast, BLOCKSIZE=w.blocksize, BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,

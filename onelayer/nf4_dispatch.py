@@ -1,9 +1,10 @@
 """Which NF4 matmul runs, and swapping it into the bitsandbytes Linear4bit modules of a model.
 
-    rows of x (M)        CUDA input                                  CPU input
-    <= NATIVE_MAX_ROWS   CUDA C++ kernel (csrc/), else Triton        bitsandbytes
-    <= MAX_ROWS          Triton kernel (kernels/nf4_matmul.py)       bitsandbytes
-    larger (prefill)     bitsandbytes (dequantise + cuBLAS)          bitsandbytes
+    rows of x (M)   CUDA input (ROUTES, measured)                      CPU input
+    1-2             bitsandbytes (its fused 4-bit GEMV)                bitsandbytes
+    3-4             CUDA C++ kernel (csrc/), else the Triton kernel    bitsandbytes
+    5-16            Triton kernel (kernels/nf4_matmul.py)              bitsandbytes
+    more            bitsandbytes                                       bitsandbytes
 
 Inputs that need a gradient always take bitsandbytes' path (the kernels have no backward).
 The CUDA C++ kernel is compiled at first use with torch.utils.cpp_extension where a CUDA
@@ -23,8 +24,6 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
-from typing import NamedTuple
-
 import torch
 from torch import Tensor
 
@@ -33,11 +32,14 @@ from onelayer.nf4 import NF4Weight, nf4_weight
 
 log = logging.getLogger("onelayer")
 
-# Decode rows up to which each kernel is the default: placeholders until measured on a GPU by
-# benchmarks/bench_nf4_matmul.py (the CUDA kernel accumulates on CUDA cores, the Triton one
-# on tensor cores; above MAX_ROWS bitsandbytes' dequantise + cuBLAS reads W at full speed).
-NATIVE_MAX_ROWS = 4
-MAX_ROWS = 64
+# Rows up to which each matmul is the fastest for CUDA inputs; more rows than the last entry:
+# bitsandbytes. Measured on an H100 (2026-11-27, benchmarks/bench_nf4_matmul.py --tune), bf16,
+# one Qwen3-8B decoder layer's 7 projections, us (bitsandbytes 0.50.2 / CUDA C++ / Triton):
+#   M = 1: 114 / 162 / 255    M = 2: 169 / 182 / 260    M = 4: 273 / 229 / 260
+#   M = 8: 353 / 381 / 268    M = 16: 356 / 679 / 290   M = 32: 358 / 1324 / 416
+#   M = 64: 435 / 2567 / 825
+ROUTES = ((2, "bnb"), (4, "cuda"), (16, "triton"))
+MAX_ROWS = 64  # prefer="triton" / "native": rows up to this take that kernel
 
 CSRC = Path(__file__).resolve().parent / "csrc"  # links to the repository's csrc/ files
 SOURCES = ("nf4_matmul.cpp", "nf4_matmul.cu")
@@ -98,30 +100,38 @@ def nf4_matmul_native(ext: ModuleType, x: Tensor, w: NF4Weight, bias: Tensor | N
     return ext.nf4_matmul(x, w.packed, w.absmax, w.absmax2, w.code2, w.offset, w.code, bias, w.shape[0], w.blocksize)
 
 
-class Backends(NamedTuple):
-    small: Matmul           # rows <= small_rows
-    small_rows: int
-    medium: Matmul          # small_rows < rows <= max_rows
-    max_rows: int
+Routes = tuple[tuple[int, "Matmul | None"], ...]  # (rows up to, matmul or None = bitsandbytes)
 
 
-def choose_backends(device: torch.device, *, max_rows: int = MAX_ROWS, prefer: str = "auto") -> Backends:
-    """The kernels for CUDA inputs of `device` (prefer "auto" | "triton" | "native"). Builds
-    the CUDA C++ extension on first use; without it, logs once why Triton runs instead."""
+def choose_routes(device: torch.device, *, prefer: str = "auto") -> Routes:
+    """The matmul for each row count of inputs on `device`: "auto" follows ROUTES (CUDA C++
+    rows go to Triton where the extension cannot be built, with one log line saying why);
+    "triton" / "native" send rows up to MAX_ROWS to that kernel. Builds the CUDA C++
+    extension on first use."""
     if prefer not in ("auto", "triton", "native"):
         raise ValueError(f"prefer must be auto, triton or native, not {prefer!r}")
     if prefer == "triton" or device.type != "cuda":
-        return Backends(nf4_matmul_triton, 0, nf4_matmul_triton, max_rows)
+        return ((MAX_ROWS, nf4_matmul_triton),)
     ext, why = native_extension()
     if ext is None:
         _log_fallback(why)
         if prefer == "native":
             raise RuntimeError(f"the CUDA C++ NF4 kernel is not available: {why}")
-        return Backends(nf4_matmul_triton, 0, nf4_matmul_triton, max_rows)
-    native = functools.partial(nf4_matmul_native, ext)
+    native = nf4_matmul_triton if ext is None else functools.partial(nf4_matmul_native, ext)
     if prefer == "native":
-        return Backends(native, max_rows, native, max_rows)
-    return Backends(native, NATIVE_MAX_ROWS, nf4_matmul_triton, max_rows)
+        return ((MAX_ROWS, native),)
+    kernels = {"bnb": None, "cuda": native, "triton": nf4_matmul_triton}
+    return tuple((rows, kernels[name]) for rows, name in ROUTES)
+
+
+_auto_routes = functools.cache(choose_routes)  # nf4_linear: chosen once per device
+
+
+def _route(routes: Routes, rows: int) -> Matmul | None:
+    for limit, matmul in routes:
+        if rows <= limit:
+            return matmul
+    return None
 
 
 @functools.cache
@@ -129,9 +139,9 @@ def _log_fallback(why: str) -> None:
     log.warning("NF4 matmul: using the Triton kernel, not the CUDA C++ one: %s", why)
 
 
-def _fast_forward(module, backends: Backends, cpu: bool) -> Callable[[Tensor], Tensor] | None:
-    """A forward for one Linear4bit that sends small no-grad inputs to the kernels, or None
-    if the kernels cannot read its weight. `cpu`: CPU inputs too (TRITON_INTERPRET=1, tests)."""
+def _fast_forward(module, routes: Routes, cpu: bool) -> Callable[[Tensor], Tensor] | None:
+    """A forward for one Linear4bit that sends no-grad inputs to the kernel of their row count,
+    or None if the kernels cannot read its weight. `cpu`: CPU inputs too (TRITON_INTERPRET=1)."""
     try:
         w = nf4_weight(module.weight)
     except ValueError:
@@ -141,38 +151,36 @@ def _fast_forward(module, backends: Backends, cpu: bool) -> Callable[[Tensor], T
     n, k = w.shape
     fallback = module.forward  # bitsandbytes' forward, or a hook's wrapper around it
     bias = module.bias
-    small, small_rows, medium, max_rows = backends
 
     def forward(x: Tensor) -> Tensor:
         rows = x.numel() // k
-        if rows > max_rows or rows == 0 or not (x.is_cuda or cpu) or (x.requires_grad and torch.is_grad_enabled()):
+        matmul = _route(routes, rows)
+        if matmul is None or rows == 0 or not (x.is_cuda or cpu) or (x.requires_grad and torch.is_grad_enabled()):
             return fallback(x)
         # As Linear4bit: compute in its compute_dtype when set, return in x's dtype.
         compute = module.compute_dtype if module.compute_type_is_set and module.compute_dtype else x.dtype
-        x2 = x.reshape(rows, k).to(compute)
         b = bias if bias is None or bias.dtype == compute else bias.to(compute)
-        out = (small if rows <= small_rows else medium)(x2, w, b)
+        out = matmul(x.reshape(rows, k).to(compute), w, b)
         return out.reshape(*x.shape[:-1], n).to(x.dtype)
 
     return forward
 
 
 @contextmanager
-def nf4_kernels(model: torch.nn.Module, *, max_rows: int = MAX_ROWS, prefer: str = "auto",
-                cpu: bool = False) -> Iterator[int]:
+def nf4_kernels(model: torch.nn.Module, *, prefer: str = "auto", cpu: bool = False) -> Iterator[int]:
     """Inside the block, every bitsandbytes NF4 Linear4bit of `model` whose weight the kernels
-    can read multiplies CUDA inputs of at most `max_rows` rows (batch x new tokens: decode)
-    with the NF4 kernels; other inputs keep bitsandbytes' forward. Yields how many modules
-    were switched; leaving the block restores every forward. Enter it after the model is on
-    its device (the kernels hold the weight's tensors as they are at entry)."""
+    can read multiplies no-grad CUDA inputs with the matmul `choose_routes` gives their row
+    count (batch x new tokens; decode: the batch); other inputs keep bitsandbytes' forward.
+    Yields how many modules were switched; leaving the block restores every forward. Enter it
+    after the model is on its device (the kernels hold the weight's tensors as they are)."""
     import bitsandbytes as bnb
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    backends = choose_backends(device, max_rows=max_rows, prefer=prefer)
+    routes = choose_routes(device, prefer=prefer)
     saved: list[tuple[torch.nn.Module, object]] = []
     for module in model.modules():
         if not isinstance(module, bnb.nn.Linear4bit):
             continue
-        forward = _fast_forward(module, backends, cpu)
+        forward = _fast_forward(module, routes, cpu)
         if forward is not None:
             saved.append((module, module.__dict__.get("forward")))
             module.forward = forward
@@ -186,20 +194,19 @@ def nf4_kernels(model: torch.nn.Module, *, max_rows: int = MAX_ROWS, prefer: str
                 module.forward = previous
 
 
-def nf4_linear(x: Tensor, weight, bias: Tensor | None = None, *, max_rows: int = MAX_ROWS) -> Tensor:
-    """x [..., K] @ W^T (+ bias) for a bitsandbytes NF4 `Params4bit` W: the kernels for CUDA
-    inputs of at most max_rows rows (and no grad), bitsandbytes' matmul_4bit otherwise."""
+def nf4_linear(x: Tensor, weight, bias: Tensor | None = None) -> Tensor:
+    """x [..., K] @ W^T (+ bias) for a bitsandbytes NF4 `Params4bit` W: the matmul of
+    `choose_routes` for no-grad CUDA inputs, bitsandbytes' matmul_4bit otherwise."""
     import bitsandbytes as bnb
     k = x.shape[-1]
     rows = x.numel() // k
-    if x.is_cuda and 0 < rows <= max_rows and not (x.requires_grad and torch.is_grad_enabled()):
+    if x.is_cuda and rows > 0 and not (x.requires_grad and torch.is_grad_enabled()):
+        matmul = _route(_auto_routes(x.device), rows)
         try:
-            w = nf4_weight(weight)
+            w = nf4_weight(weight) if matmul is not None else None
         except ValueError:
             w = None
         if w is not None and supports(w) is None:
-            small, small_rows, medium, _ = choose_backends(x.device, max_rows=max_rows)
             b = bias if bias is None or bias.dtype == x.dtype else bias.to(x.dtype)
-            out = (small if rows <= small_rows else medium)(x.reshape(rows, k), w, b)
-            return out.reshape(*x.shape[:-1], w.shape[0])
+            return matmul(x.reshape(rows, k), w, b).reshape(*x.shape[:-1], w.shape[0])
     return bnb.matmul_4bit(x, weight, bias=bias, quant_state=weight.quant_state)

@@ -181,23 +181,23 @@ def test_sources_are_packaged_links():
         assert (dispatch.CSRC / name).is_file()
 
 
-def test_backends_fall_back_to_triton_with_one_log_line(monkeypatch, caplog):
+def test_routes_fall_back_to_triton_with_one_log_line(monkeypatch, caplog):
     cuda = torch.device("cuda")
     monkeypatch.setattr(dispatch, "native_extension", lambda: (None, "nvcc not found (reason)"))
     dispatch._log_fallback.cache_clear()
     with caplog.at_level(logging.WARNING, logger="onelayer"):
         for _ in range(3):
-            b = dispatch.choose_backends(cuda)
-    assert b.small is nf4_matmul_triton and b.medium is nf4_matmul_triton and b.max_rows == dispatch.MAX_ROWS
+            routes = dispatch.choose_routes(cuda)
+    assert routes == ((2, None), (4, nf4_matmul_triton), (16, nf4_matmul_triton))
     lines = [r.getMessage() for r in caplog.records if r.name == "onelayer"]
     assert lines == ["NF4 matmul: using the Triton kernel, not the CUDA C++ one: nvcc not found (reason)"]
     with pytest.raises(RuntimeError, match="nvcc not found"):
-        dispatch.choose_backends(cuda, prefer="native")
+        dispatch.choose_routes(cuda, prefer="native")
     with pytest.raises(ValueError, match="prefer"):
-        dispatch.choose_backends(cuda, prefer="cublas")
+        dispatch.choose_routes(cuda, prefer="cublas")
 
 
-def test_backends_with_the_native_kernel(monkeypatch):
+def test_routes_follow_the_measured_table(monkeypatch):
     calls = []
 
     class FakeExt:
@@ -206,13 +206,15 @@ def test_backends_with_the_native_kernel(monkeypatch):
             calls.append(args)
             return "native"
     monkeypatch.setattr(dispatch, "native_extension", lambda: (FakeExt, ""))
-    b = dispatch.choose_backends(torch.device("cuda"))
-    assert b.small_rows == dispatch.NATIVE_MAX_ROWS and b.medium is nf4_matmul_triton
+    routes = dispatch.choose_routes(torch.device("cuda"))
+    picked = [dispatch._route(routes, m) for m in (1, 2, 3, 4, 5, 16, 17, 64)]
+    assert picked[:2] == [None, None] and picked[4:6] == [nf4_matmul_triton] * 2 and picked[6:] == [None, None]
     w = nf4_weight(linear4bit(21, 128).weight)
-    assert b.small(torch.zeros(1, 128), w, None) == "native"
+    assert picked[2](torch.zeros(3, 128), w, None) == "native" and picked[3] is picked[2]
     assert calls[0][1] is w.packed and calls[0][-2:] == (21, 64)  # n, blocksize
-    assert dispatch.choose_backends(torch.device("cuda"), prefer="triton").small is nf4_matmul_triton
-    assert dispatch.choose_backends(torch.device("cpu")).small is nf4_matmul_triton
+    assert dispatch.choose_routes(torch.device("cuda"), prefer="native")[0][0] == dispatch.MAX_ROWS
+    assert dispatch.choose_routes(torch.device("cuda"), prefer="triton") == ((dispatch.MAX_ROWS, nf4_matmul_triton),)
+    assert dispatch.choose_routes(torch.device("cpu")) == ((dispatch.MAX_ROWS, nf4_matmul_triton),)
 
 
 def test_nf4_linear_on_cpu_is_bitsandbytes():
@@ -248,12 +250,12 @@ def test_nf4_kernels_swaps_and_restores_forwards():
     spy_calls = []
     original = net.up.forward
     net.up.forward = lambda t: spy_calls.append(t.shape) or original(t)  # a hook's wrapper, say
-    with torch.no_grad(), dispatch.nf4_kernels(net, prefer="triton", cpu=True, max_rows=8) as switched:
+    with torch.no_grad(), dispatch.nf4_kernels(net, prefer="triton", cpu=True) as switched:
         assert switched == 3  # up, odd, down; not skip
         got = net(x)
         assert spy_calls == []             # 6 rows: the kernel, not the previous forward
-        net(torch.randn(9, 128))           # 9 rows > max_rows: the previous forward
-        assert spy_calls == [(9, 128)]
+        net.up(torch.randn(65, 128))       # 65 rows > MAX_ROWS: the previous forward
+        assert spy_calls == [(65, 128)]
     torch.testing.assert_close(got, want, **TOL[torch.float32])
     assert net.up.forward.__name__ == "<lambda>"  # the wrapper is back
     for name in ("odd", "skip", "down"):
