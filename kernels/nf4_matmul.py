@@ -182,6 +182,8 @@ def nf4_matmul_triton(x: Tensor, w: NF4Weight, bias: Tensor | None = None, *, sp
     if x.stride(1) != 1:
         x = x.contiguous()
     m = x.shape[0]
+    if m == 0:
+        return x.new_empty(0, n)
     cfg = _config(x.device)
     block_k = min(cfg.block_k, w.blocksize)
     block_m = max(16, min(64, triton.next_power_of_2(m)))

@@ -19,7 +19,6 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -33,11 +32,11 @@ from onelayer.nf4 import NF4Weight, nf4_weight
 log = logging.getLogger("onelayer")
 
 # Rows up to which each matmul is the fastest for CUDA inputs; more rows than the last entry:
-# bitsandbytes. Measured on an H100 (2026-11-27, benchmarks/bench_nf4_matmul.py --tune), bf16,
+# bitsandbytes. Measured on an H100 (2026-11-27, `python benchmarks/bench_nf4_matmul.py`), bf16,
 # one Qwen3-8B decoder layer's 7 projections, us (bitsandbytes 0.50.2 / CUDA C++ / Triton):
-#   M = 1: 114 / 162 / 255    M = 2: 169 / 182 / 260    M = 4: 273 / 229 / 260
-#   M = 8: 353 / 381 / 268    M = 16: 356 / 679 / 290   M = 32: 358 / 1324 / 416
-#   M = 64: 435 / 2567 / 825
+#   M = 1: 114 / 158 / 258    M = 2: 171 / 177 / 259    M = 4: 273 / 222 / 262
+#   M = 8: 354 / 406 / 271    M = 16: 355 / 658 / 288   M = 32: 356 / 1283 / 413
+#   M = 64: 434 / 2482 / 819
 ROUTES = ((2, "bnb"), (4, "cuda"), (16, "triton"))
 MAX_ROWS = 64  # prefer="triton" / "native": rows up to this take that kernel
 
@@ -47,26 +46,9 @@ SOURCES = ("nf4_matmul.cpp", "nf4_matmul.cu")
 Matmul = Callable[[Tensor, NF4Weight, "Tensor | None"], Tensor]
 
 
-def find_nvcc() -> str | None:
-    """nvcc of $CUDA_HOME, else on PATH, else of the pip package nvidia-cuda-nvcc."""
-    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
-    if home and os.access(os.path.join(home, "bin", "nvcc"), os.X_OK):
-        return os.path.join(home, "bin", "nvcc")
-    if found := shutil.which("nvcc"):
-        return found
-    try:
-        import nvidia
-    except ImportError:
-        return None
-    for root in nvidia.__path__:
-        for candidate in sorted(Path(root).glob("cu*/bin/nvcc")):
-            return str(candidate)
-    return None
-
-
 def build_native(build_dir: str | None = None) -> tuple[ModuleType | None, str]:
     """(the compiled CUDA C++ extension, "") or (None, why it is not available). Compiles at
-    the first call on a machine (about a minute), then loads from the build directory."""
+    the first call on a machine (~30 s on 16 cores), then loads from the build directory."""
     if not torch.cuda.is_available():
         return None, "no CUDA device"
     from torch.utils import cpp_extension

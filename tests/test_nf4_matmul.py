@@ -5,7 +5,10 @@ fallbacks, swapping the kernels into Linear4bit modules, and a compile check of 
 On a GPU the kernels are checked and timed by benchmarks/bench_nf4_matmul.py.
 """
 import logging
+import os
+import shutil
 import subprocess
+from pathlib import Path
 
 import bitsandbytes as bnb
 import pytest
@@ -149,6 +152,20 @@ def test_triton_strided_input_and_bad_shapes():
         nf4_matmul_triton(torch.randn(3, 130), nf4_weight(linear4bit(40, 130).weight))
 
 
+@interpreted
+def test_triton_allocates_no_dequantised_weight(monkeypatch):
+    """Every tensor torch allocates around the kernel (the launches themselves run unprobed):
+    the output and the split-K partials, nothing of the weight's size."""
+    from test_kernels import largest_allocation
+    m, n, k = 3, 300, 512
+    w = nf4_weight(linear4bit(n, k).weight)
+    x = torch.randn(m, k).to(torch.bfloat16)
+    with largest_allocation(monkeypatch) as probe:
+        nf4_matmul_triton(x, w)
+    assert 0 < probe.largest <= 3 * m * n * 4  # at most 3 splits (CPU tiles) of fp32 [M, N]
+    assert probe.largest * 16 < n * k * 2      # a bf16 copy of W
+
+
 # ---------------------------------------------------------------------------------------------
 # Dispatch: the CUDA C++ loader's reasons, backend choice, the one log line
 # ---------------------------------------------------------------------------------------------
@@ -282,8 +299,22 @@ def test_nf4_kernels_keeps_bitsandbytes_for_gradients_and_cpu():
 # ---------------------------------------------------------------------------------------------
 # CI compile check of the CUDA source (no GPU needed; skipped where no nvcc is installed)
 # ---------------------------------------------------------------------------------------------
+def find_nvcc() -> str | None:
+    """nvcc of $CUDA_HOME, else on PATH, else of the pip package nvidia-cuda-nvcc (.ci/run)."""
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if home and os.access(os.path.join(home, "bin", "nvcc"), os.X_OK):
+        return os.path.join(home, "bin", "nvcc")
+    if found := shutil.which("nvcc"):
+        return found
+    try:
+        import nvidia
+    except ImportError:
+        return None
+    return next((str(p) for root in nvidia.__path__ for p in sorted(Path(root).glob("cu*/bin/nvcc"))), None)
+
+
 def test_cuda_source_compiles_for_ampere_ada_hopper(tmp_path):
-    nvcc = dispatch.find_nvcc()
+    nvcc = find_nvcc()
     if nvcc is None:
         pytest.skip("no nvcc (pip install nvidia-cuda-nvcc nvidia-cuda-cccl)")
     archs = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in (80, 89, 90)]
