@@ -1,0 +1,226 @@
+// x [M, K] @ W^T for a frozen NF4 weight W [N, K] at small M (decode), dequantising W in
+// registers. Same semantics as onelayer.nf4.nf4_linear_reference: W = code[nibble] * scale in
+// fp32, rounded to x's dtype; products and sums in fp32; + bias; one rounding at the end.
+// Layout of the packed weight and the double-quantised scales: onelayer/nf4.py.
+//
+// Needs only the CUDA runtime headers: the torch binding is csrc/nf4_matmul.cpp, so CI can
+// compile this file with a pip-installed nvcc and no CUDA build of torch.
+//
+// A block of THREADS threads owns NC adjacent output columns (NC weight rows of K/2 bytes
+// each) and the MT rows of x of its row tile. Thread t reads, from each of its NC weight rows,
+// 16 bytes = 32 weights at k = 32 (t + THREADS i): contiguous rows, every weight byte read
+// once per launch. 32 consecutive weights lie in one quantisation block (blocksize >= 32,
+// K % blocksize == 0), so the double-quantised absmax is undone once per 32 weights. The
+// 32 x NC weights are kept rounded to x's dtype in packed pairs; then for each row of x the
+// thread loads the same 32 columns of x (x is small: L1/L2) and accumulates NC fp32 sums:
+// each x load serves NC weight rows. Splitting K over the block (not one warp a column)
+// gives N / NC blocks, 256 for the k/v projections (N = 1024). Sums: warp shuffles, then
+// shared memory across the warps. Rows of x beyond MT are grid.y: another pass over W.
+//
+// Measured on an H100 (2026-11-27, benchmarks/bench_nf4_matmul.py --tune, one Qwen3-8B
+// layer's 7 projections, bf16): NC = 4 with 64 threads a block was the fastest of
+// (NC, threads) in {(4, 128), (4, 64), (8, 128), (2, 128), (8, 64)} at M = 2..4 (229 us at
+// M = 4 against bitsandbytes' 273); FMA on CUDA cores loses to the tensor cores of the Triton
+// kernel from M = 8 (406 vs 271 us) and to bitsandbytes' GEMV at M = 1 (158 vs 114 us).
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+namespace {
+
+// Per dtype: weights rounded to the dtype and kept as packed pairs (Pair), the block shape
+// (kCols columns, kThreads threads; fp32 pairs take twice the registers), 32 values of x from
+// 16-byte loads.
+template <typename T> struct Io;
+template <> struct Io<float> {
+  using Pair = float2;
+  static constexpr int kCols = 2, kThreads = 128;
+  static __device__ Pair pack(float a, float b) { return make_float2(a, b); }
+  static __device__ float2 unpack(Pair p) { return p; }
+  static __device__ float load(float v) { return v; }
+  static __device__ float store(float v) { return v; }
+  static __device__ void load32(const float* p, float* out) {
+    const float4* v = reinterpret_cast<const float4*>(p);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      const float4 f = __ldg(v + i);
+      out[4 * i] = f.x; out[4 * i + 1] = f.y; out[4 * i + 2] = f.z; out[4 * i + 3] = f.w;
+    }
+  }
+};
+template <> struct Io<__nv_bfloat16> {
+  using Pair = __nv_bfloat162;
+  static constexpr int kCols = 4, kThreads = 64;
+  static __device__ Pair pack(float a, float b) { return __floats2bfloat162_rn(a, b); }
+  static __device__ float2 unpack(Pair p) { return __bfloat1622float2(p); }
+  static __device__ float load(__nv_bfloat16 v) { return __bfloat162float(v); }
+  static __device__ __nv_bfloat16 store(float v) { return __float2bfloat16_rn(v); }
+  static __device__ void load32(const __nv_bfloat16* p, float* out) {
+    const uint4* v = reinterpret_cast<const uint4*>(p);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      uint4 u = __ldg(v + i);
+      const Pair* h = reinterpret_cast<const Pair*>(&u);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const float2 f = unpack(h[j]);
+        out[8 * i + 2 * j] = f.x; out[8 * i + 2 * j + 1] = f.y;
+      }
+    }
+  }
+};
+template <> struct Io<__half> {
+  using Pair = __half2;
+  static constexpr int kCols = 4, kThreads = 64;
+  static __device__ Pair pack(float a, float b) { return __floats2half2_rn(a, b); }
+  static __device__ float2 unpack(Pair p) { return __half22float2(p); }
+  static __device__ float load(__half v) { return __half2float(v); }
+  static __device__ __half store(float v) { return __float2half_rn(v); }
+  static __device__ void load32(const __half* p, float* out) {
+    const uint4* v = reinterpret_cast<const uint4*>(p);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      uint4 u = __ldg(v + i);
+      const Pair* h = reinterpret_cast<const Pair*>(&u);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const float2 f = unpack(h[j]);
+        out[8 * i + 2 * j] = f.x; out[8 * i + 2 * j + 1] = f.y;
+      }
+    }
+  }
+};
+
+struct Scales {
+  const void* absmax;     // nested: uint8 [blocks] codes into code2; else fp32 [blocks]
+  const float* absmax2;   // nested: fp32 [ceil(blocks / 256)]; nullptr when not nested
+  const float* code2;     // nested: fp32 [256]
+  const float* offset;    // nested: fp32 [1]
+};
+
+template <typename T, int MT, int NC, int THREADS>
+__global__ void __launch_bounds__(THREADS)
+nf4_matmul_kernel(const T* __restrict__ x, int64_t stride_xm, const uint8_t* __restrict__ packed,
+                  Scales sc, const float* __restrict__ code, const T* __restrict__ bias,
+                  T* __restrict__ out, int M, int N, int K, int blocksize) {
+  static_assert(NC * MT <= 32, "one lane per output of the block");
+  // pair[b] = the two weights of byte b before scaling: (code[b >> 4], code[b & 15]).
+  __shared__ float2 pair[256];
+  __shared__ float partial[THREADS / 32][NC * MT];
+  for (int b = threadIdx.x; b < 256; b += THREADS) pair[b] = make_float2(code[b >> 4], code[b & 15]);
+  __syncthreads();
+
+  const int n0 = blockIdx.x * NC;
+  const int m0 = blockIdx.y * MT;
+  const int cols = min(NC, N - n0);
+  const int rows = min(MT, M - m0);
+  const bool nested = sc.absmax2 != nullptr;
+  const float offset = nested ? __ldg(sc.offset) : 0.f;
+  const int blocks_per_row = K / blocksize;
+
+  float acc[NC][MT];
+#pragma unroll
+  for (int c = 0; c < NC; ++c)
+#pragma unroll
+    for (int m = 0; m < MT; ++m) acc[c][m] = 0.f;
+
+  for (int k = threadIdx.x * 32; k < K; k += THREADS * 32) {
+    typename Io<T>::Pair w[NC][16];  // W[n0 + c, k .. k + 31], rounded to T
+#pragma unroll
+    for (int c = 0; c < NC; ++c) {
+      if (c < cols) {
+        const int64_t n = n0 + c;
+        const uint4 q = __ldg(reinterpret_cast<const uint4*>(packed + n * (K / 2) + k / 2));
+        const int64_t blk = n * blocks_per_row + k / blocksize;
+        // Rounded after the product and after the sum, as bitsandbytes computes it (no FMA).
+        const float scale = nested
+            ? __fadd_rn(__fmul_rn(__ldg(sc.code2 + __ldg(static_cast<const uint8_t*>(sc.absmax) + blk)),
+                                  __ldg(sc.absmax2 + blk / 256)), offset)
+            : __ldg(static_cast<const float*>(sc.absmax) + blk);
+        const uint32_t words[4] = {q.x, q.y, q.z, q.w};
+#pragma unroll
+        for (int j = 0; j < 16; ++j) {  // byte j of the 16: weights k + 2j (high nibble), k + 2j + 1
+          const float2 p = pair[(words[j / 4] >> (8 * (j % 4))) & 0xFF];
+          w[c][j] = Io<T>::pack(p.x * scale, p.y * scale);
+        }
+      } else {
+#pragma unroll
+        for (int j = 0; j < 16; ++j) w[c][j] = Io<T>::pack(0.f, 0.f);
+      }
+    }
+#pragma unroll
+    for (int m = 0; m < MT; ++m) {
+      if (m < rows) {
+        float xv[32];
+        Io<T>::load32(x + (m0 + m) * stride_xm + k, xv);
+#pragma unroll
+        for (int c = 0; c < NC; ++c) {
+#pragma unroll
+          for (int j = 0; j < 16; ++j) {
+            const float2 f = Io<T>::unpack(w[c][j]);
+            acc[c][m] = fmaf(xv[2 * j + 1], f.y, fmaf(xv[2 * j], f.x, acc[c][m]));
+          }
+        }
+      }
+    }
+  }
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int c = 0; c < NC; ++c)
+#pragma unroll
+    for (int m = 0; m < MT; ++m) {
+      float v = acc[c][m];
+#pragma unroll
+      for (int s = 16; s > 0; s >>= 1) v += __shfl_xor_sync(0xffffffffu, v, s);
+      if (lane == c * MT + m) partial[warp][lane] = v;
+    }
+  __syncthreads();
+  const int c = threadIdx.x / MT, m = threadIdx.x % MT;  // thread c * MT + m writes out[m0 + m, n0 + c]
+  if (threadIdx.x < NC * MT && c < cols && m < rows) {
+    float v = 0.f;
+#pragma unroll
+    for (int w = 0; w < THREADS / 32; ++w) v += partial[w][threadIdx.x];
+    if (bias != nullptr) v += Io<T>::load(bias[n0 + c]);
+    out[static_cast<int64_t>(m0 + m) * N + n0 + c] = Io<T>::store(v);
+  }
+}
+
+template <typename T, int MT, int NC, int THREADS>
+cudaError_t launch_tile(const void* x, int64_t stride_xm, const uint8_t* packed, Scales sc, const float* code,
+                        const void* bias, void* out, int M, int N, int K, int blocksize, cudaStream_t stream) {
+  dim3 grid((N + NC - 1) / NC, (M + MT - 1) / MT);
+  nf4_matmul_kernel<T, MT, NC, THREADS><<<grid, THREADS, 0, stream>>>(
+      static_cast<const T*>(x), stride_xm, packed, sc, code, static_cast<const T*>(bias), static_cast<T*>(out),
+      M, N, K, blocksize);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t launch(const void* x, int64_t stride_xm, const uint8_t* packed, Scales sc, const float* code,
+                   const void* bias, void* out, int M, int N, int K, int blocksize, cudaStream_t stream) {
+  // The smallest row tile that holds M (one pass over W), up to 8 rows a pass.
+  constexpr int NC = Io<T>::kCols, TH = Io<T>::kThreads;
+  if (M <= 1) return launch_tile<T, 1, NC, TH>(x, stride_xm, packed, sc, code, bias, out, M, N, K, blocksize, stream);
+  if (M <= 2) return launch_tile<T, 2, NC, TH>(x, stride_xm, packed, sc, code, bias, out, M, N, K, blocksize, stream);
+  if (M <= 4) return launch_tile<T, 4, NC, TH>(x, stride_xm, packed, sc, code, bias, out, M, N, K, blocksize, stream);
+  return launch_tile<T, 8, NC, TH>(x, stride_xm, packed, sc, code, bias, out, M, N, K, blocksize, stream);
+}
+
+}  // namespace
+
+// dtype: 0 fp32, 1 fp16, 2 bf16. Pointers are device pointers; x rows and `packed` must be
+// 16-byte aligned, K % 32 == 0, K % blocksize == 0, blocksize >= 32 (the binding checks).
+// absmax2 == nullptr selects plain fp32 absmax. bias may be nullptr. out is [M, N] contiguous.
+extern "C" cudaError_t onelayer_nf4_matmul(int dtype, const void* x, int64_t stride_xm, const uint8_t* packed,
+                                           const void* absmax, const float* absmax2, const float* code2,
+                                           const float* offset, const float* code, const void* bias, void* out,
+                                           int M, int N, int K, int blocksize, cudaStream_t stream) {
+  const Scales sc{absmax, absmax2, code2, offset};
+  switch (dtype) {
+    case 0: return launch<float>(x, stride_xm, packed, sc, code, bias, out, M, N, K, blocksize, stream);
+    case 1: return launch<__half>(x, stride_xm, packed, sc, code, bias, out, M, N, K, blocksize, stream);
+    case 2: return launch<__nv_bfloat16>(x, stride_xm, packed, sc, code, bias, out, M, N, K, blocksize, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}

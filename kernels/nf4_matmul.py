@@ -1,0 +1,213 @@
+"""x @ W^T for a frozen NF4 weight at small batch (decode: M = batch rows, 1..64), reading the
+4-bit weight once and dequantising it in registers: no bf16 copy of W is ever written.
+
+Torch reference and oracle: `onelayer.nf4.nf4_linear_reference` (layout and semantics there).
+Dispatch between this kernel, the CUDA C++ one (csrc/) and bitsandbytes: `onelayer.nf4_dispatch`.
+
+Why the tiles are what they are. Decode is weight-read bound: at M = 8, a [4096 x 4096] NF4
+weight is 8.4 MB and 0.27 GFLOP, i.e. 32 FLOP per byte against ~330 for an H100 (990 TFLOP/s
+over 3 TB/s). So each program owns a BLOCK_N slice of the outputs and streams its weight rows
+exactly once, for all M rows of x at once (x is at most 64 x 12288 bf16 = 1.5 MiB and stays
+in L2). A [BLOCK_N, BLOCK_K] weight tile is BLOCK_N x BLOCK_K / 2 bytes; its byte j of row n
+holds W[n, k0 + 2j] (high nibble) and W[n, k0 + 2j + 1] (low nibble), so the two nibble tiles
+are multiplied with the even and the odd columns of x: no interleave of the weight in
+registers. BLOCK_K divides the quantisation block (64), so a tile row has one scale: the
+double-quantised absmax is undone once per row and tile, not per element. tl.dot needs at
+least 16 rows, so M is padded to BLOCK_M >= 16 with masked (zero) rows; the tensor cores have
+FLOPs to spare. When N / BLOCK_N programs cannot fill the GPU (k/v projections: N = 1024) K is
+split, each split writes an fp32 partial and a second small kernel sums them, adds the bias
+and rounds.
+
+Measured on an H100 (2026-11-27, benchmarks/bench_nf4_matmul.py --tune, one Qwen3-8B layer's
+7 projections): BLOCK_N = 256 with 8 warps is the fastest of the tiles tried (255 us at M = 1,
+268 at M = 8, 290 at M = 16; BLOCK_N = 64 / 4 warps: 290, 325, 376), and num_stages must
+stay 1: with 2 or more Triton pipelines the NF4 table lookups (gathers) through cp.async and
+shared memory, and the kernel runs 6-8x slower (2,139 us at M = 1). The lookups are what is
+left between this kernel (~400 GB/s) and the bandwidth: per weight one load from the 16-entry
+table.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from onelayer.nf4 import NF4Weight
+
+
+class _Config(NamedTuple):
+    block_n: int
+    block_k: int      # upper bound; the launch uses min(block_k, blocksize)
+    num_warps: int
+    num_stages: int
+    max_splits: int   # split-K upper bound
+    upcast: bool      # interpreter: dot operands to fp32 (its tl.dot garbles bf16) and bf16
+                      # rounding done on the bits (it truncates fp32 -> bf16 casts)
+
+
+# GPU: measured (module docstring). CPU (TRITON_INTERPRET=1, tests only): small tiles and up
+# to 3 splits so that small test shapes cross tile and split edges.
+_GPU = _Config(block_n=256, block_k=64, num_warps=8, num_stages=1, max_splits=16, upcast=False)
+_CPU = _Config(block_n=16, block_k=64, num_warps=4, num_stages=1, max_splits=3, upcast=True)
+
+
+def _config(device: torch.device) -> _Config:
+    return _GPU if device.type == "cuda" else _CPU
+
+
+def supports(w: NF4Weight) -> str | None:
+    """None if the kernels can read this weight, else why not."""
+    n, k = w.shape
+    if w.blocksize < 32 or k % w.blocksize:
+        return f"K = {k} is not a multiple of the blocksize {w.blocksize} (>= 32)"
+    return None
+
+
+def _num_splits(cfg: _Config, n_programs: int, k_tiles: int, device: torch.device) -> int:
+    """K splits so that programs x splits covers the GPU about twice, >= 4 K tiles a split."""
+    if device.type == "cuda":
+        want = triton.cdiv(2 * torch.cuda.get_device_properties(device).multi_processor_count, n_programs)
+    else:
+        want = cfg.max_splits
+    return max(1, min(want, cfg.max_splits, k_tiles // 4 if device.type == "cuda" else k_tiles))
+
+
+@triton.jit
+def _round(v, dtype: tl.constexpr, BY_BITS: tl.constexpr):
+    """fp32 v rounded to nearest even in dtype. The interpreter truncates fp32 -> bf16 casts,
+    so there (BY_BITS) bf16 is rounded on the bits first; the cast of the result is exact."""
+    if BY_BITS and dtype == tl.bfloat16:
+        bits = v.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        v = bits.to(tl.float32, bitcast=True)
+    return v.to(dtype)
+
+
+@triton.jit
+def _nf4_matmul_kernel(
+    x_ptr,                      # [M, K] activations, unit column stride
+    packed_ptr,                 # uint8 [N * K / 2]: W [N, K] row-major, high nibble first
+    absmax_ptr,                 # NESTED: uint8 [N * K / BLOCKSIZE] codes into code2; else fp32 scales
+    absmax2_ptr, code2_ptr,     # NESTED: fp32 [ceil(blocks / 256)], fp32 [256]
+    offset_ptr,                 # NESTED: fp32 [1]
+    code_ptr,                   # fp32 [16]: the NF4 values
+    bias_ptr,                   # [N] in x's dtype (HAS_BIAS)
+    out_ptr,                    # SPLIT: fp32 [S, M, N] partials; else [M, N] in x's dtype
+    M, N, K, stride_xm,
+    row_bytes,                  # K // 2, an argument of its own so that Triton sees it divisible
+                                # by 16 and loads the weight bytes 16 at a time
+    bytes_per_split,            # weight bytes of a row per split, a multiple of BLOCK_K // 2
+    NESTED: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr,
+    UPCAST: tl.constexpr, BLOCKSIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Program (j, s, i): out[i*BLOCK_M : +BLOCK_M, j*BLOCK_N : +BLOCK_N] over split s of K."""
+    pid_n, pid_s, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    half = tl.arange(0, BLOCK_K // 2)
+    row_ok = rows < M
+    col_ok = cols < N
+    # int64: N * K / 2 bytes pass 2^31 for large weights (vocab x hidden).
+    w_rows = packed_ptr + cols.to(tl.int64)[:, None] * row_bytes
+    x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_xm
+    blk_rows = cols.to(tl.int64) * (K // BLOCKSIZE)
+    if NESTED:
+        offset = tl.load(offset_ptr)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    b_start = pid_s * bytes_per_split
+    b_end = tl.minimum(b_start + bytes_per_split, row_bytes)
+    for b0 in range(b_start, b_end, BLOCK_K // 2):  # b0: byte of the row, k0 = 2 b0 its first column
+        q = tl.load(w_rows + (b0 + half)[None, :], mask=col_ok[:, None], other=0)
+        k0 = 2 * b0
+        blk = blk_rows + k0 // BLOCKSIZE  # one quantisation block per tile row (BLOCK_K | BLOCKSIZE)
+        if NESTED:
+            a8 = tl.load(absmax_ptr + blk, mask=col_ok, other=0).to(tl.int32)
+            scale = tl.load(code2_ptr + a8) * tl.load(absmax2_ptr + blk // 256, mask=col_ok, other=0.0) + offset
+        else:
+            scale = tl.load(absmax_ptr + blk, mask=col_ok, other=0.0)
+        w_even = _round(tl.load(code_ptr + (q >> 4).to(tl.int32)) * scale[:, None], x_ptr.dtype.element_ty, UPCAST)
+        w_odd = _round(tl.load(code_ptr + (q & 0xF).to(tl.int32)) * scale[:, None], x_ptr.dtype.element_ty, UPCAST)
+        x_even = tl.load(x_rows + (k0 + 2 * half)[None, :], mask=row_ok[:, None], other=0.0)
+        x_odd = tl.load(x_rows + (k0 + 2 * half + 1)[None, :], mask=row_ok[:, None], other=0.0)
+        if UPCAST:
+            w_even, w_odd = w_even.to(tl.float32), w_odd.to(tl.float32)
+            x_even, x_odd = x_even.to(tl.float32), x_odd.to(tl.float32)
+        if IEEE:
+            acc = tl.dot(x_even, tl.trans(w_even), acc, input_precision="ieee")
+            acc = tl.dot(x_odd, tl.trans(w_odd), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(x_even, tl.trans(w_even), acc)
+            acc = tl.dot(x_odd, tl.trans(w_odd), acc)
+    at = rows[:, None] * N + cols[None, :]
+    ok = row_ok[:, None] & col_ok[None, :]
+    if SPLIT:
+        tl.store(out_ptr + pid_s * M * N + at, acc, mask=ok)
+    else:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + at, _round(acc, x_ptr.dtype.element_ty, UPCAST), mask=ok)
+
+
+@triton.jit
+def _sum_splits_kernel(
+    part_ptr,      # fp32 [S, M * N] partials of `_nf4_matmul_kernel`
+    bias_ptr,      # [N] (HAS_BIAS)
+    out_ptr,       # [M * N] in x's dtype
+    MN, N, S,
+    HAS_BIAS: tl.constexpr, BY_BITS: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Program i: out elements [i * BLOCK, (i + 1) * BLOCK) = sum over splits (+ bias), rounded."""
+    idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = idx < MN
+    acc = tl.zeros((BLOCK,), tl.float32)
+    for s in range(S):
+        acc += tl.load(part_ptr + s * MN + idx, mask=ok, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + idx % N, mask=ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + idx, _round(acc, out_ptr.dtype.element_ty, BY_BITS), mask=ok)
+
+
+def nf4_matmul_triton(x: Tensor, w: NF4Weight, bias: Tensor | None = None, *, splits: int | None = None) -> Tensor:
+    """x [M, K] @ W^T (+ bias) -> [M, N] in x's dtype, as `nf4_linear_reference`. CUDA tensors,
+    or CPU tensors under TRITON_INTERPRET=1 (tests). `splits` overrides the split-K heuristic."""
+    n, k = w.shape
+    if x.dim() != 2 or x.shape[1] != k:
+        raise ValueError(f"x {tuple(x.shape)} must be [M, {k}] for a [{n}, {k}] weight")
+    if why := supports(w):
+        raise ValueError(why)
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    m = x.shape[0]
+    if m == 0:
+        return x.new_empty(0, n)
+    cfg = _config(x.device)
+    block_k = min(cfg.block_k, w.blocksize)
+    block_m = max(16, min(64, triton.next_power_of_2(m)))
+    grid_n, grid_m = triton.cdiv(n, cfg.block_n), triton.cdiv(m, block_m)
+    k_tiles = k // block_k
+    if splits is None:
+        splits = _num_splits(cfg, grid_n * grid_m, k_tiles, x.device)
+    k_per_split = triton.cdiv(k_tiles, splits) * block_k
+    splits = triton.cdiv(k, k_per_split)  # every split non-empty
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    target = out if splits == 1 else torch.empty(splits, m, n, dtype=torch.float32, device=x.device)
+    bias_arg = out if bias is None else bias  # dummy pointer when HAS_BIAS is False
+    nested = w.nested
+    _nf4_matmul_kernel[(grid_n, splits, grid_m)](
+        x, w.packed, w.absmax, w.absmax2 if nested else w.absmax, w.code2 if nested else w.code,
+        w.offset if nested else w.code, w.code, bias_arg, target, m, n, k, x.stride(0), k // 2, k_per_split // 2,
+        NESTED=nested, HAS_BIAS=bias is not None, SPLIT=splits > 1, IEEE=x.dtype == torch.float32,
+        UPCAST=cfg.upcast, BLOCKSIZE=w.blocksize, BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        # code2 * absmax2 + offset rounded twice, as bitsandbytes computes it: no fused multiply-add.
+        enable_fp_fusion=False)
+    if splits > 1:
+        block = 1024
+        _sum_splits_kernel[(triton.cdiv(m * n, block),)](target, bias_arg, out, m * n, n, splits,
+                                                       HAS_BIAS=bias is not None, BY_BITS=cfg.upcast, BLOCK=block,
+                                                       num_warps=4)
+    return out

@@ -1,0 +1,1 @@
+../../kernels/nf4_matmul.py

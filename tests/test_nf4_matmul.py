@@ -1,0 +1,325 @@
+"""NF4 small-batch matmul: the layout bitsandbytes writes, the torch reference against
+bitsandbytes, the Triton kernel (interpreter) against the reference, the dispatch and its
+fallbacks, swapping the kernels into Linear4bit modules, and a compile check of csrc/.
+
+On a GPU the kernels are checked and timed by benchmarks/bench_nf4_matmul.py.
+"""
+import logging
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import bitsandbytes as bnb
+import pytest
+import torch
+import triton.language as tl
+from bitsandbytes import functional as bnbf
+from triton.runtime.interpreter import InterpretedFunction
+
+import onelayer.nf4_dispatch as dispatch
+from onelayer.kernels.nf4_matmul import nf4_matmul_triton, supports
+from onelayer.nf4 import block_scales, dequantize_nf4_reference, nf4_linear_reference, nf4_weight
+
+interpreted = pytest.mark.skipif(not isinstance(tl.zeros, InterpretedFunction),
+                                 reason="triton was imported before TRITON_INTERPRET=1 was set")
+# fp32: sums in another order; bf16 / fp16: the output may round the other way (1 ulp).
+TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=1e-2, rtol=8e-3),
+       torch.float16: dict(atol=1e-3, rtol=1e-3)}
+
+
+def linear4bit(n: int, k: int, *, bias: bool = True, nested: bool = True, blocksize: int = 64,
+               dtype: torch.dtype = torch.float32, weight: torch.Tensor | None = None, seed: int = 0):
+    """A bitsandbytes NF4 Linear4bit [k -> n] quantised on the CPU."""
+    g = torch.Generator().manual_seed(seed)
+    lin = bnb.nn.Linear4bit(k, n, bias=bias, compress_statistics=nested, quant_type="nf4", compute_dtype=dtype)
+    w = torch.randn(n, k, generator=g) / k ** 0.5 if weight is None else weight
+    lin.weight = bnb.nn.Params4bit(w.to(dtype), requires_grad=False, compress_statistics=nested,
+                                   quant_type="nf4", blocksize=blocksize, module=lin)
+    if bias:
+        lin.bias = torch.nn.Parameter(torch.randn(n, generator=g).to(dtype), requires_grad=False)
+    lin = lin.to("cpu")  # quantises
+    # Keep the row-major layout: on AVX512-BF16 CPUs bitsandbytes repacks at the first no-grad call.
+    lin.support_avx512bf16_for_cpu = False
+    return lin
+
+
+# ---------------------------------------------------------------------------------------------
+# Layout and reference
+# ---------------------------------------------------------------------------------------------
+def test_packed_layout_is_row_major_high_nibble_first():
+    n, k, bs = 7, 96, 32
+    g = torch.Generator().manual_seed(1)
+    codes = torch.randint(0, 16, (n * k,), generator=g)
+    codes[::bs] = 15  # code 15 is +1.0: each block's absmax is then exactly its scale
+    scales = torch.rand(n * k // bs, generator=g) + 0.5
+    table = bnbf.get_4bit_type("nf4", device="cpu")
+    weight = (table[codes] * scales.repeat_interleave(bs)).reshape(n, k)
+    lin = linear4bit(n, k, nested=False, blocksize=bs, weight=weight)
+    packed = lin.weight.data
+    assert packed.dtype == torch.uint8 and packed.shape == (n * k // 2, 1)
+    flat = packed.reshape(-1)
+    assert torch.equal(flat >> 4, codes[0::2].to(torch.uint8))   # element 2i: high nibble of byte i
+    assert torch.equal(flat & 0xF, codes[1::2].to(torch.uint8))  # element 2i + 1: low nibble
+    torch.testing.assert_close(lin.weight.quant_state.absmax, scales, atol=0, rtol=0)
+
+
+def test_double_quantised_state_shapes():
+    n, k = 77, 320  # 385 blocks of 64: two second-level blocks of 256, the last one partial
+    lin = linear4bit(n, k)
+    qs, w = lin.weight.quant_state, nf4_weight(lin.weight)
+    assert qs.nested and qs.blocksize == 64 and qs.state2.blocksize == 256
+    assert w.absmax.dtype == torch.uint8 and w.absmax.shape == (385,)
+    assert w.absmax2.shape == (2,) and w.code2.shape == (256,) and w.offset.shape == (1,)
+    assert w.code.shape == (16,) and w.packed.shape == (n * k // 2,) and w.shape == (n, k)
+    # The scales undo the 8-bit step: close to each block's true absmax (the 8-bit error is small).
+    true = linear4bit(n, k, nested=False).weight.quant_state.absmax
+    torch.testing.assert_close(block_scales(w), true, atol=2e-3, rtol=2e-2)
+
+
+@pytest.mark.parametrize("n, k, nested, blocksize, dtype", [
+    (77, 320, True, 64, torch.float32),
+    (37, 192, True, 64, torch.bfloat16),
+    (40, 130, True, 64, torch.float32),    # K not a multiple of the blocksize: blocks straddle rows
+    (5, 96, False, 32, torch.float32),
+    (33, 128, True, 128, torch.float16),
+])
+def test_reference_matches_bitsandbytes(n, k, nested, blocksize, dtype):
+    lin = linear4bit(n, k, nested=nested, blocksize=blocksize, dtype=dtype)
+    w = nf4_weight(lin.weight)
+    assert torch.equal(dequantize_nf4_reference(w, dtype), bnbf.dequantize_4bit(lin.weight.data, lin.weight.quant_state))
+    x = torch.randn(3, 2, k).to(dtype)
+    with torch.no_grad():
+        want = lin(x)
+    got = nf4_linear_reference(x, w, lin.bias)
+    assert got.dtype == dtype and got.shape == (3, 2, n)
+    torch.testing.assert_close(got, want, **TOL[dtype])
+
+
+def test_nf4_weight_rejects_what_the_kernels_cannot_read():
+    lin = bnb.nn.Linear4bit(64, 8, quant_type="fp4").to("cpu")
+    with pytest.raises(ValueError, match="nf4"):
+        nf4_weight(lin.weight)
+    with pytest.raises(ValueError, match="quant_state"):
+        nf4_weight(bnb.nn.Linear4bit(64, 8, quant_type="nf4").weight)  # not quantised yet
+    assert "multiple" in supports(nf4_weight(linear4bit(40, 130).weight))
+    assert supports(nf4_weight(linear4bit(40, 128).weight)) is None
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton kernel (interpreter; CPU tiles BLOCK_N = 16, BLOCK_K = 64, up to 3 K splits)
+# ---------------------------------------------------------------------------------------------
+@interpreted
+@pytest.mark.parametrize("m", [1, 3, 17])
+@pytest.mark.parametrize("n, k", [(37, 192), (77, 320)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("use_bias", [True, False])
+def test_triton_matches_reference(m, n, k, dtype, use_bias):
+    lin = linear4bit(n, k, bias=use_bias, seed=m)
+    w = nf4_weight(lin.weight)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(k)).to(dtype)
+    bias = lin.bias.to(dtype) if use_bias else None
+    got = nf4_matmul_triton(x, w, bias)
+    assert got.dtype == dtype and got.shape == (m, n)
+    torch.testing.assert_close(got, nf4_linear_reference(x, w, bias), **TOL[dtype])
+
+
+@interpreted
+@pytest.mark.parametrize("m, n, k, nested, blocksize, dtype, splits", [
+    (65, 21, 128, True, 64, torch.bfloat16, None),  # two row blocks of 64
+    (2, 50, 256, False, 32, torch.float32, None),   # plain fp32 absmax, BLOCK_K = blocksize = 32
+    (5, 19, 256, True, 128, torch.float16, None),   # blocksize 128: two K tiles a block
+    (4, 37, 192, True, 64, torch.bfloat16, 1),      # no split: bias and rounding in the main kernel
+])
+def test_triton_other_layouts(m, n, k, nested, blocksize, dtype, splits):
+    lin = linear4bit(n, k, nested=nested, blocksize=blocksize)
+    w = nf4_weight(lin.weight)
+    x = torch.randn(m, k).to(dtype)
+    bias = lin.bias.to(dtype)
+    got = nf4_matmul_triton(x, w, bias, splits=splits)
+    torch.testing.assert_close(got, nf4_linear_reference(x, w, bias), **TOL[dtype])
+
+
+@interpreted
+def test_triton_strided_input_and_bad_shapes():
+    lin = linear4bit(21, 128)
+    w = nf4_weight(lin.weight)
+    x = torch.randn(128, 3).T  # column stride 3
+    torch.testing.assert_close(nf4_matmul_triton(x, w), nf4_linear_reference(x, w), **TOL[torch.float32])
+    with pytest.raises(ValueError, match="must be"):
+        nf4_matmul_triton(torch.randn(3, 64), w)
+    with pytest.raises(ValueError, match="multiple"):
+        nf4_matmul_triton(torch.randn(3, 130), nf4_weight(linear4bit(40, 130).weight))
+
+
+@interpreted
+def test_triton_allocates_no_dequantised_weight(monkeypatch):
+    """Every tensor torch allocates around the kernel (the launches themselves run unprobed):
+    the output and the split-K partials, nothing of the weight's size."""
+    from test_kernels import largest_allocation
+    m, n, k = 3, 300, 512
+    w = nf4_weight(linear4bit(n, k).weight)
+    x = torch.randn(m, k).to(torch.bfloat16)
+    with largest_allocation(monkeypatch) as probe:
+        nf4_matmul_triton(x, w)
+    assert 0 < probe.largest <= 3 * m * n * 4  # at most 3 splits (CPU tiles) of fp32 [M, N]
+    assert probe.largest * 16 < n * k * 2      # a bf16 copy of W
+
+
+# ---------------------------------------------------------------------------------------------
+# Dispatch: the CUDA C++ loader's reasons, backend choice, the one log line
+# ---------------------------------------------------------------------------------------------
+def test_native_loader_says_why_not(monkeypatch, tmp_path):
+    from torch.utils import cpp_extension
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert dispatch.build_native(str(tmp_path)) == (None, "no CUDA device")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", None)
+    ext, why = dispatch.build_native(str(tmp_path))
+    assert ext is None and "nvcc not found" in why
+    fake_home = tmp_path / "cuda"
+    (fake_home / "bin").mkdir(parents=True)
+    (fake_home / "bin" / "nvcc").touch()
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", str(fake_home))
+    monkeypatch.setattr(cpp_extension, "is_ninja_available", lambda: False)
+    assert "ninja" in dispatch.build_native(str(tmp_path))[1]
+    monkeypatch.setattr(cpp_extension, "is_ninja_available", lambda: True)
+
+    def failing_load(**kwargs):
+        assert [p.split("/")[-1] for p in kwargs["sources"]] == ["nf4_matmul.cpp", "nf4_matmul.cu"]
+        raise RuntimeError("Error building extension 'onelayer_nf4_matmul'\nnf4_matmul.cu(1): error\nninja: stopped")
+    monkeypatch.setattr(cpp_extension, "load", failing_load)
+    ext, why = dispatch.build_native(str(tmp_path))
+    assert ext is None and why == "the CUDA C++ build failed (Error building extension 'onelayer_nf4_matmul')"
+
+
+def test_sources_are_packaged_links():
+    for name in dispatch.SOURCES:
+        assert (dispatch.CSRC / name).is_file()
+
+
+def test_routes_fall_back_to_triton_with_one_log_line(monkeypatch, caplog):
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(dispatch, "native_extension", lambda: (None, "nvcc not found (reason)"))
+    dispatch._log_fallback.cache_clear()
+    with caplog.at_level(logging.WARNING, logger="onelayer"):
+        for _ in range(3):
+            routes = dispatch.choose_routes(cuda)
+    assert routes == ((2, None), (4, nf4_matmul_triton), (16, nf4_matmul_triton))
+    lines = [r.getMessage() for r in caplog.records if r.name == "onelayer"]
+    assert lines == ["NF4 matmul: using the Triton kernel, not the CUDA C++ one: nvcc not found (reason)"]
+    with pytest.raises(RuntimeError, match="nvcc not found"):
+        dispatch.choose_routes(cuda, prefer="native")
+    with pytest.raises(ValueError, match="prefer"):
+        dispatch.choose_routes(cuda, prefer="cublas")
+
+
+def test_routes_follow_the_measured_table(monkeypatch):
+    calls = []
+
+    class FakeExt:
+        @staticmethod
+        def nf4_matmul(*args):
+            calls.append(args)
+            return "native"
+    monkeypatch.setattr(dispatch, "native_extension", lambda: (FakeExt, ""))
+    routes = dispatch.choose_routes(torch.device("cuda"))
+    picked = [dispatch._route(routes, m) for m in (1, 2, 3, 4, 5, 16, 17, 64)]
+    assert picked[:2] == [None, None] and picked[4:6] == [nf4_matmul_triton] * 2 and picked[6:] == [None, None]
+    w = nf4_weight(linear4bit(21, 128).weight)
+    assert picked[2](torch.zeros(3, 128), w, None) == "native" and picked[3] is picked[2]
+    assert calls[0][1] is w.packed and calls[0][-2:] == (21, 64)  # n, blocksize
+    assert dispatch.choose_routes(torch.device("cuda"), prefer="native")[0][0] == dispatch.MAX_ROWS
+    assert dispatch.choose_routes(torch.device("cuda"), prefer="triton") == ((dispatch.MAX_ROWS, nf4_matmul_triton),)
+    assert dispatch.choose_routes(torch.device("cpu")) == ((dispatch.MAX_ROWS, nf4_matmul_triton),)
+
+
+def test_nf4_linear_on_cpu_is_bitsandbytes():
+    lin = linear4bit(21, 128)
+    x = torch.randn(2, 3, 128)
+    want = bnb.matmul_4bit(x, lin.weight, bias=lin.bias, quant_state=lin.weight.quant_state)
+    assert torch.equal(dispatch.nf4_linear(x, lin.weight, lin.bias), want)
+
+
+# ---------------------------------------------------------------------------------------------
+# Swapping the kernels into a model's Linear4bit modules
+# ---------------------------------------------------------------------------------------------
+class _Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up = linear4bit(192, 128, seed=1)
+        self.odd = linear4bit(13, 192, seed=2)           # N = 13: less than one tile
+        self.skip = linear4bit(24, 130, seed=3)          # K = 130: the kernels cannot read it
+        self.down = linear4bit(130, 192, bias=False, seed=4)
+        self.plain = torch.nn.Linear(130, 8)
+
+    def forward(self, x):
+        h = torch.relu(self.up(x))
+        return self.plain(self.down(h)) + self.odd(h).sum(-1, keepdim=True) + self.skip(self.down(h)).mean()
+
+
+@interpreted
+def test_nf4_kernels_swaps_and_restores_forwards():
+    net = _Net()
+    x = torch.randn(2, 3, 128)  # 6 rows
+    with torch.no_grad():
+        want = net(x)
+    spy_calls = []
+    original = net.up.forward
+    net.up.forward = lambda t: spy_calls.append(t.shape) or original(t)  # a hook's wrapper, say
+    with torch.no_grad(), dispatch.nf4_kernels(net, prefer="triton", cpu=True) as switched:
+        assert switched == 3  # up, odd, down; not skip
+        got = net(x)
+        assert spy_calls == []             # 6 rows: the kernel, not the previous forward
+        net.up(torch.randn(65, 128))       # 65 rows > MAX_ROWS: the previous forward
+        assert spy_calls == [(65, 128)]
+    torch.testing.assert_close(got, want, **TOL[torch.float32])
+    assert net.up.forward.__name__ == "<lambda>"  # the wrapper is back
+    for name in ("odd", "skip", "down"):
+        assert "forward" not in getattr(net, name).__dict__
+    del net.up.forward
+    with torch.no_grad():
+        assert torch.equal(net(x), want)
+
+
+@interpreted
+def test_nf4_kernels_keeps_bitsandbytes_for_gradients_and_cpu():
+    net = _Net()
+    x = torch.randn(4, 128, requires_grad=True)
+    with torch.no_grad():
+        want = net(x)
+    with dispatch.nf4_kernels(net, prefer="triton", cpu=True):
+        net(x).sum().backward()  # the kernels have no backward: bitsandbytes' path runs
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    with torch.no_grad(), dispatch.nf4_kernels(net, prefer="triton") as switched:  # cpu=False
+        assert switched == 3
+        assert torch.equal(net(x), want)
+
+
+# ---------------------------------------------------------------------------------------------
+# CI compile check of the CUDA source (no GPU needed; skipped where no nvcc is installed)
+# ---------------------------------------------------------------------------------------------
+def find_nvcc() -> str | None:
+    """nvcc of $CUDA_HOME, else on PATH, else of the pip package nvidia-cuda-nvcc (.ci/run)."""
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if home and os.access(os.path.join(home, "bin", "nvcc"), os.X_OK):
+        return os.path.join(home, "bin", "nvcc")
+    if found := shutil.which("nvcc"):
+        return found
+    try:
+        import nvidia
+    except ImportError:
+        return None
+    return next((str(p) for root in nvidia.__path__ for p in sorted(Path(root).glob("cu*/bin/nvcc"))), None)
+
+
+def test_cuda_source_compiles_for_ampere_ada_hopper(tmp_path):
+    nvcc = find_nvcc()
+    if nvcc is None:
+        pytest.skip("no nvcc (pip install nvidia-cuda-nvcc nvidia-cuda-cccl)")
+    archs = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in (80, 89, 90)]
+    obj = tmp_path / "nf4_matmul.o"
+    run = subprocess.run([nvcc, "-c", str(dispatch.CSRC / "nf4_matmul.cu"), "-o", str(obj), "-std=c++17", "-O3",
+                          *archs], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert obj.stat().st_size > 0
