@@ -12,8 +12,8 @@ import pytest
 
 from onelayer.cli import main
 from onelayer.errors import UserError
-from onelayer.memory import (GiB, ModelDims, Workload, choose_batches, largest_fit, nf4_bytes, parse_size,
-                             plan_all, plan_command, plan_full, plan_onelayer, plan_qlora)
+from onelayer.memory import (GiB, ModelDims, Workload, batches_for_run, choose_batches, largest_fit, nf4_bytes,
+                             parse_size, plan_all, plan_command, plan_full, plan_onelayer, plan_qlora)
 
 ROOT = Path(__file__).resolve().parent.parent
 QWEN3_8B = dict(model_type="qwen3", vocab_size=151936, hidden_size=4096, intermediate_size=12288,
@@ -103,6 +103,17 @@ def test_choose_batches_picks_the_largest_that_fit_or_says_what_to_change():
         choose_batches(DIMS, Workload(new_tokens=40000), budget)
     with pytest.raises(UserError, match="weights and layer state alone"):
         choose_batches(DIMS, w, 4 * GiB)
+
+
+def test_a_train_config_gets_its_batches_before_loading_weights(tmp_path):
+    from onelayer.config import build_config
+
+    (tmp_path / "config.json").write_text(json.dumps(QWEN3_8B))  # no weights: nothing else is read
+    cfg = build_config({"model": str(tmp_path)}, str(ROOT / "configs" / "qwen3-8b.toml"))
+    choice = batches_for_run(cfg, 22 * GiB, prompt_tokens=256)
+    assert choice.plan.reserved <= 22 * GiB and choice.plan.trainable_params == DIMS.block_params
+    with pytest.raises(UserError, match="--max-new-tokens"):
+        batches_for_run(build_config({"model": str(tmp_path), "max_new_tokens": 30000}), 22 * GiB, prompt_tokens=256)
 
 
 def test_the_8b_prediction_is_within_10_percent_of_the_h100_measurement():

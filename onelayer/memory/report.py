@@ -9,17 +9,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UserError
-from .methods import choose_batches, largest_fit, plan_all
+from .methods import BatchChoice, choose_batches, largest_fit, plan_all
 from .parts import GiB, ModelDims, Plan, Workload
 
 # A CUDA context (driver, kernels) takes memory that torch does not count: ~0.5 GiB with
 # torch 2.11 on an H100. `--gpu-memory` is the card's size; tensors get the rest.
 CUDA_CONTEXT = GiB // 2
-
-# ---------------------------------------------------------------------------------------------
-# The `plan` command
-# ---------------------------------------------------------------------------------------------
-
 SIZE_UNITS = {"": GiB, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
               "kib": 2**10, "mib": 2**20, "gib": GiB, "tib": 2**40}
 
@@ -69,10 +64,19 @@ def workload_from_config(cfg, dims: ModelDims, *, prompt_tokens: int, micro_batc
     loss = "triton" if cfg.loss_impl == "triton" or (cfg.loss_impl == "auto" and device == "cuda") else "torch"
     return Workload(prompts=cfg.prompts_per_step, group_size=cfg.group_size, prompt_tokens=prompt_tokens,
                     new_tokens=cfg.max_new_tokens, layer=resolve_layer(cfg.layer, dims.layers),
+                    # the run's own micro-batch sizes, once TrainConfig has them
                     micro_batch=micro_batch or getattr(cfg, "micro_batch", 0) or 0,
-                    generation_batch=generation_batch, minibatch=cfg.minibatch, beta=cfg.beta, frozen=frozen,
-                    compute=compute, device=device, loss_impl=loss, temperature=cfg.temperature,
-                    top_p=cfg.top_p, top_k=cfg.top_k)
+                    generation_batch=generation_batch or getattr(cfg, "generation_batch", 0) or 0,
+                    minibatch=cfg.minibatch, beta=cfg.beta, frozen=frozen, compute=compute, device=device,
+                    loss_impl=loss, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k)
+
+
+def batches_for_run(cfg, budget: int, *, prompt_tokens: int) -> BatchChoice:
+    """For `onelayer train --max-memory`, before any weight is loaded: the largest micro-batch and
+    generation batch whose step fits `budget` bytes (reserved), or a UserError that names the
+    knob to change and by how much."""
+    dims = ModelDims.from_config(read_model_config(cfg.model), cfg.model)
+    return choose_batches(dims, workload_from_config(cfg, dims, prompt_tokens=prompt_tokens), budget)
 
 
 @dataclass(frozen=True)
