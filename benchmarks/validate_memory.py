@@ -29,6 +29,7 @@ import gc
 import json
 import math
 import os
+import sys
 import tempfile
 import weakref
 from dataclasses import dataclass
@@ -40,7 +41,7 @@ from torch.utils._pytree import tree_leaves
 from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
 import onelayer.train as engine
-from onelayer.config import build_config
+from onelayer.config import TrainConfig, build_config
 from onelayer.memory import ModelDims, Workload, plan_onelayer
 from onelayer.model import load_policy
 from onelayer.tasks import Task
@@ -128,27 +129,35 @@ def resident_tensors(policy, optimizer) -> list[torch.Tensor]:
     return tensors
 
 
+# (module, function, stage): the engine's functions that begin each stage. The PPO update
+# moves to onelayer.update with micro-batching; whichever module holds it is labelled.
+STAGE_STARTS = [("onelayer.train", "sample_and_score", "generate"), ("onelayer.train", "optimize", "log-probs"),
+                ("onelayer.train", "update", "update"), ("onelayer.update", "update", "update")]
+
+
 @contextlib.contextmanager
 def phase_labels(tracker: LiveBytes, optimizer):
-    """Names the engine's phases on the tracker, so a table can say where the peak was."""
-    wrapped = {"sample_and_score": "generate", "optimize": "log-probs", "update": "update"}
-    originals = {name: getattr(engine, name) for name in wrapped if hasattr(engine, name)}
-
-    def labelled(fn, label):
-        def run(*args, **kwargs):
-            tracker.phase = label
-            return fn(*args, **kwargs)
-        return run
-
-    for name, fn in originals.items():
-        setattr(engine, name, labelled(fn, wrapped[name]))
+    """Names the engine's stages on the tracker while they run."""
+    patched = []
+    for module_name, name, label in STAGE_STARTS:
+        module = sys.modules.get(module_name)
+        if module is not None and hasattr(module, name):
+            patched.append((module, name, getattr(module, name)))
+            setattr(module, name, _labelled(getattr(module, name), tracker, label))
     hook = optimizer.register_step_pre_hook(lambda *_: setattr(tracker, "phase", "optimizer"))
     try:
         yield
     finally:
         hook.remove()
-        for name, fn in originals.items():
-            setattr(engine, name, fn)
+        for module, name, fn in patched:
+            setattr(module, name, fn)
+
+
+def _labelled(fn, tracker: LiveBytes, label: str):
+    def run(*args, **kwargs):
+        tracker.phase = label
+        return fn(*args, **kwargs)
+    return run
 
 
 @dataclass(frozen=True)
@@ -245,7 +254,7 @@ def _measure(case: Case, root: str) -> Result:
                "prompts_per_step": case.prompts, "max_new_tokens": case.new_tokens,
                "frozen_dtype": case.frozen, "lr": 1e-4, "beta": case.beta, "device": "cuda" if cuda else "cpu"}
     if case.micro_batch:
-        options["micro_batch"] = case.micro_batch  # an unknown option until micro-batching lands
+        options["micro_batch"] = case.micro_batch
     cfg = build_config(options)
     objective = engine.build_objective(cfg, torch.device(cfg.device))
     policy, optimizer = _loaded(cfg)
@@ -305,8 +314,11 @@ def _cuda_peaks(step) -> tuple[dict[str, int], dict]:
     return {"step": torch.cuda.max_memory_allocated(), "reserved": torch.cuda.max_memory_reserved()}, metrics
 
 
+# Micro-batch cases run once the engine has micro-batching (TrainConfig.micro_batch).
+MICRO_BATCHING = "micro_batch" in {f.name for f in dataclasses.fields(TrainConfig)}
 QUICK = [Case("narrow", "fp32", 4, 8, prompt_tokens=128), Case("narrow", "nf4", 4, 32, padded=False),
-         Case("wide", "fp32", 4, 16, beta=0.1)]
+         Case("wide", "fp32", 4, 16, beta=0.1),
+         *([Case("narrow", "fp32", 8, 64, micro_batch=4)] if MICRO_BATCHING else [])]
 
 FULL = [
     *QUICK, Case("narrow", "fp32", 8, 16, prompt_tokens=160), Case("narrow", "nf4", 4, 64, padded=False),
@@ -315,6 +327,9 @@ FULL = [
     Case("narrow", "fp32", 8, 64, layer=0, beta=0.1), Case("narrow", "nf4", 8, 96),
     Case("narrow", "nf4", 16, 160, padded=False), Case("narrow", "nf4", 8, 32, prompt_tokens=256),
     Case("wide", "fp32", 16, 64), Case("wide", "nf4", 8, 128), Case("wide", "nf4", 16, 192, layer=1, beta=0.1),
+    *([Case("narrow", "nf4", 8, 32, prompt_tokens=128, micro_batch=3), Case("wide", "fp32", 8, 32, beta=0.1,
+                                                                            micro_batch=8)]
+      if MICRO_BATCHING else []),
 ]
 
 # The workload of benchmarks/RESULTS.md's first GPU figures (1 prompt of 48 tokens x 8 x 512,
