@@ -70,7 +70,7 @@ def test_memory_grows_with_tokens_and_group_size():
 
 
 def test_tied_embeddings_are_counted_once():
-    tied = dataclasses.replace(DIMS, tied=True)
+    tied = ModelDims.from_config(dict(QWEN3_8B, tie_word_embeddings=True))
     w = Workload()
     untied_part, tied_part = (next(p for p in plan_onelayer(d, w).phases[0].parts if p.name.startswith("embeddings"))
                               for d in (DIMS, tied))

@@ -12,8 +12,8 @@ DTYPE_BYTES = {"fp32": 4, "bf16": 2}
 FROZEN_DTYPES = ("nf4", "bf16", "fp32")
 # Reserved minus allocated, as a fraction of the bytes allocated within a step (activations,
 # caches, transients; not the weights and optimizer state, which are allocated once and never
-# fragment). H100, Qwen3-8B NF4, 8 x 512: 12.38 - 11.14 GiB over ~2.9 GiB allocated per step
-# = 0.43; TRL's anchors give 0.4-0.7 for QLoRA and one-layer bf16.
+# fragment). H100, Qwen3-8B NF4, 8 x 512: 12.38 - 11.14 GiB over the ~3.0 GiB allocated within
+# the step at its peak = 0.42; TRL's anchors give 0.4-0.7 for QLoRA and one-layer bf16.
 SLACK = 0.45
 LORA_RANK = 16
 # Streaming multiprocessors of the GPU the Triton loss sizes its vocabulary splits for (H100 SXM).
@@ -238,7 +238,7 @@ def frozen_block_bytes(dims: ModelDims, frozen: str, c: int) -> int:
     return linear + dims.block_small_params * (c if frozen == "nf4" else DTYPE_BYTES[frozen])
 
 
-def attention_saved(dims: ModelDims, c: int, seq: int, masked: bool) -> int:
+def _attention_saved(dims: ModelDims, c: int, seq: int, masked: bool) -> int:
     """Bytes per token that SDPA keeps for backward (CPU flash, CUDA flash / memory-efficient):
     q after rotary, k, v, the output and an fp32 log-sum-exp per head. With a padding mask,
     transformers repeats k and v to every head (the GQA path needs no mask) and SDPA keeps the
@@ -269,7 +269,7 @@ def saved_per_token(dims: ModelDims, c: int, seq: int, masked: bool, kind: str) 
     qk = (4 * (q + k) + 4 * (dims.heads + dims.kv_heads) + (c * (q + k) if weights else 0)
           if dims.qk_norm else 0)
     mlp = (4 if weights else 3) * c * i
-    total = norm_in + qk + attention_saved(dims, c, seq, masked) + norm_post + mlp
+    total = norm_in + qk + _attention_saved(dims, c, seq, masked) + norm_post + mlp
     if kind == "lora":  # adapter A of every linear keeps its input; B keeps A's output
         total += c * (2 * h + i) + c * LORA_RANK * 7
     return total
@@ -316,7 +316,7 @@ def dequant_part(dims: ModelDims, w: Workload) -> list[Part]:
     return [Part("NF4 weight dequantised for a matmul", largest_weight(dims) * w.c, "activations")]
 
 
-def sampler_part(dims: ModelDims, w: Workload, rows: int) -> Part:
+def _sampler_part(dims: ModelDims, w: Workload, rows: int) -> Part:
     """Per decode step: the last position's logits (compute dtype), their fp32 copy, and the
     softmax probabilities, twice (the last step's stay referenced until the new ones replace
     them); temperature, top-k and top-p add [rows, V] buffers (top-p sorts: fp32 values, int64
@@ -326,7 +326,7 @@ def sampler_part(dims: ModelDims, w: Workload, rows: int) -> Part:
     return Part("decode logits and sampler", rows * dims.vocab * per_vocab, "activations")
 
 
-def kv_parts(dims: ModelDims, w: Workload, rows: int, tokens: int) -> list[Part]:
+def _kv_parts(dims: ModelDims, w: Workload, rows: int, tokens: int) -> list[Part]:
     per_token = dims.layers * 2 * dims.kv_dim * w.c
     return [Part(f"rollout KV cache ({rows} rows)", rows * tokens * per_token, "kv"),
             # DynamicCache appends by torch.cat: the old and new copies of one layer's keys
@@ -335,12 +335,12 @@ def kv_parts(dims: ModelDims, w: Workload, rows: int, tokens: int) -> list[Part]
 
 def generation_phases(dims: ModelDims, w: Workload, steady: list[Part]) -> list[Phase]:
     rows, prompt = w.gen_rows, w.prompt_tokens
-    prefill = Phase("prefill", (*steady, kv_parts(dims, w, rows, prompt)[0],
+    prefill = Phase("prefill", (*steady, _kv_parts(dims, w, rows, prompt)[0],
                                 Part(f"prefill: one block's activations ({rows} x {prompt} tokens)",
                                      rows * prompt * forward_per_token(dims, w.c, prompt, w.padded), "activations"),
                                 context_part(dims, w, rows, prompt, "prefill"), *dequant_part(dims, w)))
-    decode = Phase("decode", (*steady, *kv_parts(dims, w, rows, w.seq - 1),
-                              sampler_part(dims, w, rows), *dequant_part(dims, w)))
+    decode = Phase("decode", (*steady, *_kv_parts(dims, w, rows, w.seq - 1),
+                              _sampler_part(dims, w, rows), *dequant_part(dims, w)))
     return [prefill, decode]
 
 
