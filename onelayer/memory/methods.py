@@ -1,0 +1,244 @@
+"""Plans of a step: onelayer, and QLoRA and full-parameter RL as TRL runs them; what fits."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from ..errors import UserError
+from .parts import (GiB, LORA_RANK, ModelDims, Part, Phase, Plan, Workload, block_backward_per_token, context_part,
+                    dequant_part, forward_per_token, frozen_block_bytes, generation_phases, largest_weight,
+                    loss_parts, norm_per_token, rollout_part, saved_per_token)
+
+# ---------------------------------------------------------------------------------------------
+# onelayer
+# ---------------------------------------------------------------------------------------------
+
+def _onelayer_state(dims: ModelDims, w: Workload) -> tuple[list[Part], Part, int]:
+    """(steady parts without the gradient, the fp32 gradient, trainable params)."""
+    c, n = w.c, dims.block_params
+    embeddings = dims.vocab * dims.hidden * (1 if dims.tied else 2)
+    frozen = Part(f"frozen blocks, {w.frozen} ({dims.layers - 1} x {dims.block_params / 1e6:.0f} M)",
+                  (dims.layers - 1) * frozen_block_bytes(dims, w.frozen, c), "weights", True)
+    parts = [frozen,
+             Part("embeddings + lm_head" + (" (tied)" if dims.tied else "") + f" ({w.compute})",
+                  (embeddings + dims.hidden) * c, "weights", True),
+             Part(f"layer {w.layer}: fp32 master weights", 4 * n, "state", True),
+             Part(f"layer {w.layer}: AdamW m + v (fp32)", 8 * n, "state", True)]
+    if c != 4:
+        parts.append(Part(f"layer {w.layer}: {w.compute} compute copy", c * n, "state", True))
+    if w.beta > 0:
+        parts.append(Part(f"reference layer ({w.compute})", c * n, "state", True))
+    return parts, Part(f"layer {w.layer}: gradient (fp32)", 4 * n, "state", True), n
+
+
+def _logprob_phase(dims: ModelDims, w: Workload, steady: list[Part], cache: Part) -> Phase:
+    """Prefix pass (inference mode, into the h_L cache) and the old / reference log-prob passes,
+    a micro-batch at a time. The largest of three moments: a block's forward beside the micro-
+    batch's copy of h_L rows; the final norm's output beside the completion states [T, H] it
+    selects; those states beside the log-prob buffers."""
+    mb, tok, tokens, c, h = w.mb, w.mb * w.seq, w.mb * w.new_tokens, w.c, dims.hidden
+    rows_copy = tok * h * c
+    moments = {"blocks": rows_copy + tok * max(forward_per_token(dims, c, w.seq, w.padded), norm_per_token(dims, c)),
+               "head": rows_copy + tokens * h * c,
+               "log-probs": tokens * h * c + loss_parts(dims, w, tokens, "logprobs")[0].bytes}
+    label = max(moments, key=moments.get)
+    return Phase("log-probs", (*steady, cache, rollout_part(w), context_part(dims, w, mb, w.seq, "micro-batch"),
+                               Part(f"pass working set (largest moment: {label})", moments[label], "activations"),
+                               *dequant_part(dims, w)))
+
+
+def plan_onelayer(dims: ModelDims, w: Workload) -> Plan:
+    w.check(dims)
+    c, mb, tok, tokens = w.c, w.mb, w.mb * w.seq, w.mb * w.new_tokens
+    state, grad, n = _onelayer_state(dims, w)
+    suffix = dims.layers - 1 - w.layer
+    cache = Part(f"h_L cache ({w.rows} x {w.seq} x {dims.hidden}, {w.compute})",
+                 w.rows * w.seq * dims.hidden * c, "activations")
+    # h_L, the rollout and the completion states (a local of the update until it returns) stay
+    # to the optimizer step; every update moment also keeps layer L's saved activations, the
+    # differentiable compute-dtype cast of its weights, the masks and rotary tables
+    # (checkpointing keeps its arguments).
+    kept = [cache, rollout_part(w),
+            Part(f"completion hidden states ({tokens} x {dims.hidden})", tokens * dims.hidden * c, "activations")]
+    base = [*kept, context_part(dims, w, mb, w.seq, "micro-batch"),
+            Part(f"layer {w.layer}: saved activations ({tok} tokens)",
+                 tok * saved_per_token(dims, c, w.seq, w.padded, "trained"), "activations")]
+    if c != 4:
+        base.append(Part(f"layer {w.layer}: {w.compute} cast of the master for autograd", c * n, "state"))
+    checkpointed = Part(f"checkpointed suffix inputs ({suffix} blocks)", suffix * tok * dims.hidden * c,
+                        "activations")
+    norm_saved = Part("final norm: saved fp32 input", tok * (4 * dims.hidden + 4), "activations")
+    block_grads = Part("block backward gradients", tok * block_backward_per_token(dims, c), "activations")
+    # The forward ends with the micro-batch's h_L rows and the final norm's output beside the
+    # states it selects, or with the loss's forward buffers.
+    head = max(2 * tok * dims.hidden * c, loss_parts(dims, w, tokens, "forward")[0].bytes)
+    # The engine zeroes gradients after the forward: the last step's are still alive in it.
+    # With several micro-batches per minibatch, the accumulated ones are alive in backward too.
+    grad_in_backward = [grad] if mb < w.minibatch_rows else []
+    phases = [*generation_phases(dims, w, [*state, grad]),
+              _logprob_phase(dims, w, [*state, grad], cache),
+              Phase("update: forward", (*state, grad, *base, checkpointed, norm_saved,
+                                        Part("head: h_L rows + norm output, or loss buffers", head, "activations"))),
+              Phase("update: loss bwd", (*state, *grad_in_backward, *base, checkpointed, norm_saved,
+                                         *loss_parts(dims, w, tokens, "backward")))]
+    if suffix:
+        phases.append(Phase("update: suffix bwd", (
+            *state, *grad_in_backward, *base, checkpointed, block_grads, *dequant_part(dims, w),
+            Part("suffix block recomputed: saved activations",
+                 tok * saved_per_token(dims, c, w.seq, w.padded, "frozen"), "activations"))))
+    phases.append(Phase("update: layer bwd", (*state, grad, *base, block_grads,
+                                              Part(f"a weight gradient in {w.compute}", largest_weight(dims) * c,
+                                                   "activations"))))
+    phases.append(Phase("optimizer", (*state, grad, *kept, _adamw_part(dims, w))))
+    return Plan(f"onelayer (layer {w.layer}, {w.frozen} frozen)", n, tuple(phases), w.device)
+
+
+def _adamw_part(dims: ModelDims, w: Workload) -> Part:
+    """torch AdamW. CUDA: the foreach path makes sqrt(v) for all the layer's parameters at once
+    (fp32). CPU: the single-tensor loop makes sqrt(v) and the denominator per tensor and keeps
+    the previous tensor's denominator until the next replaces it (3 of the largest matrix)."""
+    size = 4 * dims.block_params if w.device == "cuda" else 3 * 4 * largest_weight(dims)
+    return Part("AdamW temporaries", size, "activations")
+
+
+# ---------------------------------------------------------------------------------------------
+# TRL's QLoRA and full-parameter GRPO (the anchors of BENCHMARKS.md)
+# ---------------------------------------------------------------------------------------------
+
+def _trl_loss_parts(dims: ModelDims, w: Workload, tokens: int, weight_grad: bool) -> list[Part]:
+    """TRL 1.16's fused LM head (trl.kernels.ChunkedLogProbFunction): a [min(T, 4096), 32768]
+    logit tile in the compute dtype, the hidden-state gradient accumulated in fp32, and for a
+    trained lm_head an fp32 [V, H] weight gradient before its cast. No [B, T, V] logits."""
+    parts = [Part("fused LM head: logit tile", min(tokens, 4096) * min(dims.vocab, 32768) * w.c, "activations"),
+             Part("fused LM head: hidden states + fp32 gradient", tokens * dims.hidden * (w.c + 4), "activations")]
+    if weight_grad:
+        parts.append(Part("fused LM head: fp32 lm_head gradient", 4 * dims.vocab * dims.hidden, "activations"))
+    return parts
+
+
+def _trl_plan(dims: ModelDims, w: Workload, method: str, state: list[Part], grads: Part,
+              trainable: int, block_kind: str, checkpointing: bool) -> Plan:
+    c, tok, tokens = w.c, w.mb * w.seq, w.mb * w.new_tokens
+    saved = Part(f"saved activations, {'one block' if checkpointing else f'{dims.layers} blocks'}",
+                 tok * saved_per_token(dims, c, w.seq, w.padded, block_kind) * (1 if checkpointing else dims.layers),
+                 "activations")
+    common = [context_part(dims, w, w.mb, w.seq, "batch"),
+              Part("final norm: saved fp32 input", tok * (4 * dims.hidden + 4), "activations")]
+    if checkpointing:
+        common.append(Part(f"checkpointed block inputs ({dims.layers} blocks)",
+                           dims.layers * tok * dims.hidden * c, "activations"))
+    full = block_kind == "full"
+    phases = [*generation_phases(dims, w, state),
+              Phase("loss bwd", (*state, *common, *([] if checkpointing else [saved]),
+                                 *_trl_loss_parts(dims, w, tokens, weight_grad=full)))]
+    # The last block's backward (recomputed when checkpointing); with every weight trained, the
+    # gradients exist by the optimizer step, when activations are gone.
+    phases.append(Phase("block bwd", (*state, *common, saved,
+                                      Part("block backward gradients", tok * block_backward_per_token(dims, c),
+                                           "activations"),
+                                      *(dequant_part(dims, w) if block_kind == "lora" else []))))
+    phases.append(Phase("optimizer", (*state, grads)))
+    return Plan(method, trainable, tuple(phases), w.device)
+
+
+def plan_qlora(dims: ModelDims, w: Workload) -> Plan:
+    """PEFT LoRA r16 on the 7 linears of every block over an NF4 base (embeddings and lm_head in
+    bf16), adapters in fp32, fused AdamW, gradient checkpointing on every block."""
+    w.check(dims)
+    lora = dims.layers * LORA_RANK * sum(o + i for o, i in dims.linears())
+    embeddings = dims.vocab * dims.hidden * (1 if dims.tied else 2)
+    state = [Part(f"NF4 blocks ({dims.layers} x {dims.block_params / 1e6:.0f} M)",
+                  dims.layers * frozen_block_bytes(dims, "nf4", w.c), "weights", True),
+             Part(f"embeddings + lm_head ({w.compute})", (embeddings + dims.hidden) * w.c, "weights", True),
+             Part(f"LoRA adapters r{LORA_RANK} (fp32) + AdamW m + v", 12 * lora, "state", True)]
+    grads = Part("LoRA gradients (fp32)", 4 * lora, "state", True)
+    return _trl_plan(dims, w, f"QLoRA r{LORA_RANK} all-linear (TRL 1.16, checkpointing)", state, grads, lora,
+                     "lora", checkpointing=True)
+
+
+def plan_full(dims: ModelDims, w: Workload, *, checkpointing: bool) -> Plan:
+    """Every parameter trained in bf16 with AdamW states in bf16 (TRL's default for a bf16 model);
+    a bf16 reference model when beta > 0."""
+    w.check(dims)
+    n = dims.params
+    state = [Part(f"weights ({w.compute})", n * w.c, "weights", True),
+             Part(f"AdamW m + v ({w.compute})", 2 * n * w.c, "state", True)]
+    if w.beta > 0:
+        state.append(Part(f"reference model ({w.compute})", n * w.c, "weights", True))
+    grads = Part(f"gradients ({w.compute})", n * w.c, "state", True)
+    label = f"full-parameter {w.compute} AdamW (TRL 1.16, {'checkpointing' if checkpointing else 'no checkpointing'})"
+    return _trl_plan(dims, w, label, state, grads, n, "full", checkpointing)
+
+
+def plan_all(dims: ModelDims, w: Workload) -> list[Plan]:
+    """onelayer as configured; QLoRA and full-parameter RL on the same workload in the compute
+    dtype on CUDA (how TRL runs them)."""
+    trl = dataclasses.replace(w, compute="bf16", device="cuda")
+    return [plan_onelayer(dims, w), plan_qlora(dims, trl),
+            plan_full(dims, trl, checkpointing=True), plan_full(dims, trl, checkpointing=False)]
+
+
+# ---------------------------------------------------------------------------------------------
+# What fits
+# ---------------------------------------------------------------------------------------------
+
+def largest_fit(dims: ModelDims, w: Workload, budget: int, knob: str, limit: int) -> int:
+    """Largest value <= limit of `knob` (new_tokens or group_size) for which onelayer's peak
+    reserved memory fits `budget`; 0 when even 1 does not. Memory grows with either knob, so an
+    exponential search brackets the answer and a binary search finds it."""
+    def fits(value: int) -> bool:
+        return plan_onelayer(dims, dataclasses.replace(w, **{knob: value})).fits(budget)
+
+    if limit < 1 or not fits(1):
+        return 0
+    good, bad = 1, 2
+    while bad <= limit and fits(bad):
+        good, bad = bad, bad * 2
+    bad = min(bad, limit + 1)
+    while bad - good > 1:
+        mid = (good + bad) // 2
+        good, bad = (mid, bad) if fits(mid) else (good, mid)
+    return good
+
+
+@dataclass(frozen=True)
+class BatchChoice:
+    """Sequences per forward/backward and rows per generate call that fit a budget."""
+    micro_batch: int
+    generation_batch: int
+    plan: Plan
+
+    def describe(self, budget: int) -> str:
+        return (f"micro-batch {self.micro_batch}, generation batch {self.generation_batch}: peak "
+                f"{self.plan.reserved / GiB:.1f} GiB reserved of {budget / GiB:.1f} GiB")
+
+
+def choose_batches(dims: ModelDims, w: Workload, budget: int) -> BatchChoice:
+    """The largest micro-batch and generation batch whose step fits `budget` bytes (reserved).
+
+    Generation batch sizes only the prefill and decode phases, the micro-batch only the others,
+    so each is the largest that fits with the other at 1. A step that cannot fit at 1 and 1
+    raises UserError naming the knob to change and by how much, before any weight is loaded."""
+    def fit(knob: str, limit: int) -> int:
+        trial = dataclasses.replace(w, micro_batch=1, generation_batch=1)
+        return largest_fit(dims, trial, budget, knob, limit)
+
+    micro, generation = fit("micro_batch", w.minibatch_rows), fit("generation_batch", w.rows)
+    if micro and generation:
+        chosen = dataclasses.replace(w, micro_batch=micro, generation_batch=generation)
+        return BatchChoice(micro, generation, plan_onelayer(dims, chosen))
+    raise UserError(_what_to_change(dims, dataclasses.replace(w, micro_batch=1, generation_batch=1), budget))
+
+
+def _what_to_change(dims: ModelDims, w: Workload, budget: int) -> str:
+    """One line: the knob that makes a step fit, with the value that does."""
+    plan = plan_onelayer(dims, w)
+    need = f"{plan.reserved / GiB:.1f} GiB needed, {budget / GiB:.1f} GiB available"
+    tokens = largest_fit(dims, w, budget, "new_tokens", w.new_tokens - 1)
+    if tokens:
+        return f"{need} even one sequence at a time: lower --max-new-tokens from {w.new_tokens} to {tokens}"
+    steady = sum(p.bytes for p in plan.phases[0].parts if p.steady)
+    if w.frozen != "nf4":
+        return f"{need}: weights and layer state alone take {steady / GiB:.1f} GiB; use --frozen-dtype nf4"
+    return (f"{need}: weights and layer state alone take {steady / GiB:.1f} GiB; use a smaller model or a "
+            f"GPU with more memory")
