@@ -90,7 +90,14 @@ TRAIN_OPTIONS = [
     ("--minibatch", int, "Sequences per optimizer step; 0 = the whole batch. [default: 0]"),
     ("--micro-batch", int, "Sequences per forward/backward pass (also the prefix and log-prob "
                            "passes); gradients accumulate over the minibatch, so the update is "
-                           "the same, in less memory. 0 = the whole minibatch. [default: 0]"),
+                           "the same, in less memory. 0 = the whole minibatch. [default: 0, "
+                           "or the memory plan's choice on CUDA]"),
+    ("--generation-batch", int, "Rows per generate call (whole groups of --group-size); also the "
+                                "eval batch. 0 = all rows at once. [default: 0, or the memory "
+                                "plan's choice on CUDA]"),
+    ("--max-memory", str, "GPU memory budget, e.g. 22GiB: the memory plan (`onelayer plan`) "
+                          "chooses --micro-batch and --generation-batch to fit it before any "
+                          "weight is loaded. [default: the device's free memory on CUDA]"),
     ("--seed", int, "Seed of prompts, sampling and initialisation. [default: 0]"),
     ("--frozen-dtype", click.Choice(["nf4", "bf16", "fp32"]), "Storage of the frozen blocks. "
                      "[default: nf4 on GPU, fp32 on CPU]"),

@@ -61,6 +61,8 @@ class TrainConfig:
     epochs: int = 1                    # PPO epochs over each rollout batch
     minibatch: int = 0                 # sequences per optimizer step; 0: the whole batch
     micro_batch: int = 0               # sequences per forward/backward (exact); 0: the minibatch
+    generation_batch: int = 0          # rows per generate call (whole groups); 0: all at once
+    max_memory: str | None = None      # GPU budget, e.g. "22GiB"; None: the device's free memory
     seed: int = 0
     frozen_dtype: str | None = None    # None: nf4 on GPU, fp32 on CPU
     device: str | None = None          # None: cuda when available
@@ -195,6 +197,7 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.epochs >= 1, "--epochs must be >= 1")
     need(cfg.minibatch >= 0, "--minibatch must be >= 0")
     need(cfg.micro_batch >= 0, "--micro-batch must be >= 0")
+    need(cfg.generation_batch >= 0, "--generation-batch must be >= 0")
     need(cfg.lr > 0, "--lr must be positive")
     need(cfg.beta >= 0, "--beta must be >= 0")
     need(0 <= cfg.eps_low < 1 and cfg.eps_high >= 0, "--eps-low must be in [0, 1), --eps-high >= 0")

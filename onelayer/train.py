@@ -76,8 +76,12 @@ def sample_and_score(policy: Policy, task: Task, rows: list[dict], cfg: TrainCon
         if round_:
             rows = more_rows(wanted - groups_kept)
         prompts = [render_prompt(tokenizer, task, r, style) for r in rows]
-        rollout = generate_completions(lm, tokenizer, prompts, sampling, repeat=G,
-                                       generator=generator)
+        # Whole groups per generate call: at most --generation-batch rows (0: all at once).
+        per_call = max(1, cfg.generation_batch // G) if cfg.generation_batch else len(prompts)
+        parts = [generate_completions(lm, tokenizer, prompts[i:i + per_call], sampling, repeat=G,
+                                      generator=generator)
+                 for i in range(0, len(prompts), per_call)]
+        rollout = concat_rollouts(parts, tokenizer.pad_token_id) if len(parts) > 1 else parts[0]
         rewards = torch.tensor(task.rewards(rollout.texts, [r for r in rows for _ in range(G)]),
                                dtype=torch.float32)
         sampled += len(rows)
@@ -144,6 +148,31 @@ def rl_step(policy: Policy, optimizer: torch.optim.Optimizer, task: Task, rows: 
 # ---------------------------------------------------------------------------------------------
 # The run
 # ---------------------------------------------------------------------------------------------
+
+# Without --max-prompt-tokens the planner assumes prompts this long (chat-templated math prompts
+# are 100-300 tokens; GSM8K's longest ~400).
+PLANNED_PROMPT_TOKENS = 512
+
+
+def fit_batches(cfg: TrainConfig, echo: Callable[[str], None]) -> TrainConfig:
+    """With --max-memory, or on CUDA, the micro-batch and generation batch the memory planner
+    says fit (those the user left at 0), chosen before any weight is loaded."""
+    from .memory import batches_for_run, parse_size
+
+    cuda = (cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    if not (cfg.max_memory or cuda) or (cfg.micro_batch and cfg.generation_batch) or cfg.env:
+        return cfg
+    budget = (parse_size(cfg.max_memory) if cfg.max_memory else
+              torch.cuda.mem_get_info(torch.device(cfg.device or "cuda"))[0])
+    prompt_tokens = cfg.max_prompt_tokens or PLANNED_PROMPT_TOKENS
+    choice = batches_for_run(cfg, budget, prompt_tokens=prompt_tokens)
+    cfg = dataclasses.replace(cfg, micro_batch=cfg.micro_batch or choice.micro_batch,
+                              generation_batch=cfg.generation_batch or choice.generation_batch)
+    echo(f"memory plan (prompts up to {prompt_tokens} tokens): micro-batch {cfg.micro_batch}, "
+         f"generation batch {cfg.generation_batch}; peak {choice.plan.reserved / 2**30:.1f} GiB "
+         f"of {budget / 2**30:.1f} GiB")
+    return cfg
+
 
 def output_dir(cfg: TrainConfig, policy: Policy) -> Path:
     if cfg.output:
@@ -215,7 +244,8 @@ def task_job(task: Task, policy: Policy, optimizer, cfg: TrainConfig, objective:
                   leave=False) as bar:
             return score_task(policy.split.lm, policy.tokenizer, task, test_rows,
                               max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, style=style,
-                              stop=tuple(cfg.stop), progress=bar).score
+                              stop=tuple(cfg.stop), batch_size=cfg.generation_batch or 64,
+                              progress=bar).score
 
     return Job(task.name, step, score, "accuracy", len(test_rows), test_dropped)
 
@@ -233,6 +263,7 @@ def train(cfg: TrainConfig, *, progress: bool = True, echo: Callable[[str], None
         task = load_task(cfg.task, **task_options(cfg))
         if not task.train:
             raise UserError(f"task {cfg.task}: no training rows")
+    cfg = fit_batches(cfg, echo)
     policy = load_policy(cfg.model, layer=cfg.layer, frozen_dtype=cfg.frozen_dtype,
                          device=cfg.device, attn=cfg.attn, keep_reference=cfg.beta > 0)
     check_style(policy.tokenizer, prompt_style(cfg), cfg.model)

@@ -87,3 +87,34 @@ def test_micro_batches_cover_the_rows_in_order():
     rows = torch.tensor([5, 2, 7, 1, 0])
     assert [p.tolist() for p in micro_batches(rows, 2)] == [[5, 2], [7, 1], [0]]
     assert [p.tolist() for p in micro_batches(rows, 0)] == [[5, 2, 7, 1, 0]]
+
+
+def test_max_memory_chooses_batches_before_loading():
+    from onelayer.errors import UserError
+    from onelayer.train import fit_batches
+
+    lines = []
+    cfg = fit_batches(build_config({"max_memory": "2GiB", "device": "cpu"}), lines.append)
+    assert cfg.micro_batch >= 1 and cfg.generation_batch >= 1 and "micro-batch" in lines[0]
+    kept = fit_batches(build_config({"max_memory": "2GiB", "device": "cpu", "micro_batch": 3,
+                                     "generation_batch": 5}), lines.append)
+    assert (kept.micro_batch, kept.generation_batch) == (3, 5)   # the user's choice stands
+    with pytest.raises(UserError, match="needed"):
+        fit_batches(build_config({"max_memory": "1MiB", "device": "cpu"}), lines.append)
+
+
+def test_generation_batch_keeps_groups_whole(tiny_models):
+    from onelayer.tasks import load_task
+    from onelayer.train import sample_and_score
+
+    policy = load_policy(tiny_models["qwen3"], layer=1, frozen_dtype="fp32", device="cpu")
+    task = load_task("arithmetic")
+    rows = task.train[:3]
+    cfg = build_config({"model": "x", "group_size": 4, "generation_batch": 8, "max_new_tokens": 4})
+    batch = sample_and_score(policy, task, rows, cfg, generator=torch.Generator().manual_seed(0))
+    rollout = batch.rollout
+    assert rollout.sequences.shape[0] == 12 and len(batch.rewards) == 12
+    prompts = rollout.sequences[:, :rollout.prompt_len] * rollout.attention_mask[:, :rollout.prompt_len]
+    for g in range(3):   # each group's rows hold the same prompt, and groups differ
+        assert (prompts[4 * g:4 * g + 4] == prompts[4 * g]).all()
+    assert not torch.equal(prompts[0], prompts[4])
