@@ -1,6 +1,6 @@
 """Peak memory and seconds per step of onelayer GRPO on a Qwen3 config with random weights.
 
-Same workload as the TRL anchor (../shared/anchors/trl_grpo_memory.py, BENCHMARKS.md): one
+Same workload as the TRL anchor of docs/benchmarks.md: one
 prompt of 48 tokens x G = 8 completions x 512 new tokens, beta = 0, two steps, the second
 reported. Random weights never emit EOS, so every completion runs to full length (worst case).
 

@@ -2,7 +2,7 @@
 
 One step:  seeds (one task each) -> N episodes per task, played turn by turn with the current
            policy (`rollout.multiturn`) -> per-step rewards -> GiGPO advantage per step
-           (episode-level + omega * anchor-state-level, ALGORITHMS.md) -> broadcast to that
+           (episode-level + omega * anchor-state-level, docs/algorithms.md) -> broadcast to that
            step's action tokens -> `optimize` (the same PPO epochs as single-turn GRPO; only
            action tokens carry loss, environment tokens are context).
 """

@@ -48,7 +48,7 @@ TRAIN_OPTIONS = [
     ("--task", str, "Built-in task name or a dataset file. [default: arithmetic]"),
     *TASK_FIELD_OPTIONS,
     ("--algo", click.Choice(["grpo", "dr_grpo", "gigpo"]), "Algorithm preset: advantage "
-                     "estimator + loss aggregation + reward scaling (ALGORITHMS.md). grpo: "
+                     "estimator + loss aggregation + reward scaling (docs/algorithms.md). grpo: "
                      "group std, seq-mean-token-mean; dr_grpo: no std, seq-mean-token-sum-norm; "
                      "gigpo: multi-turn --env, episode + step advantages, token-mean. "
                      "[default: grpo]"),

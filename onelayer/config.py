@@ -82,7 +82,7 @@ class TrainConfig:
         return self.scale_rewards or ALGO_SCALING[self.algo]
 
 
-# The presets of --algo (ALGORITHMS.md); --loss-agg and --scale-rewards override them.
+# The presets of --algo (docs/algorithms.md); --loss-agg and --scale-rewards override them.
 ALGO_AGGREGATION = {"grpo": "seq-mean-token-mean", "dr_grpo": "seq-mean-token-sum-norm",
                     "gigpo": "token-mean"}
 ALGO_SCALING = {"grpo": "group", "dr_grpo": "none", "gigpo": "group"}

@@ -1,4 +1,4 @@
-"""Advantage references against values worked out by hand from ALGORITHMS.md."""
+"""Advantage references against values worked out by hand from docs/algorithms.md."""
 import math
 
 import pytest

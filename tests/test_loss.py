@@ -1,4 +1,4 @@
-"""policy_loss against values worked out by hand from ALGORITHMS.md.
+"""policy_loss against values worked out by hand from docs/algorithms.md.
 
 Six tokens, three sequences (S = 3):
   seq 0: tokens 0, 1 unmasked, token 2 padding (its log-prob is -inf: must not leak NaN)

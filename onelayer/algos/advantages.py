@@ -1,4 +1,4 @@
-"""Advantages: GRPO, Dr. GRPO, batch-scaled GRPO and GiGPO (formulas in ALGORITHMS.md).
+"""Advantages: GRPO, Dr. GRPO, batch-scaled GRPO and GiGPO (formulas in docs/algorithms.md).
 
 These are the torch references: the CPU path of the trainer and the oracle of the Triton
 kernel `onelayer.kernels.group_advantages`. Everything is computed in float64 and returned as

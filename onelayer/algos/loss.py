@@ -1,4 +1,4 @@
-"""Clipped policy loss with k3 KL and the three aggregations of ALGORITHMS.md (torch reference).
+"""Clipped policy loss with k3 KL and the three aggregations of docs/algorithms.md (torch reference).
 
 Flat token layout: T tokens of all completions of a (mini)batch, `seq_ids[T]` in [0, S) says
 which sequence each token belongs to, `mask[T]` is 1 on completion (action) tokens.
