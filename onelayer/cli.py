@@ -191,7 +191,8 @@ def eval_command(quiet, model, layer_checkpoint, task, samples, k, temperature, 
 
 # `plan`: the memory planner (onelayer.memory); reads only the model's config.json.
 PLAN_OPTIONS = ("--model", "--layer", "--prompts-per-step", "--group-size", "--max-new-tokens", "--beta",
-                "--minibatch", "--frozen-dtype", "--loss-impl", "--temperature", "--top-p", "--top-k")
+                "--minibatch", "--micro-batch", "--generation-batch", "--max-prompt-tokens",
+                "--frozen-dtype", "--loss-impl", "--temperature", "--top-p", "--top-k")
 
 
 @cli.command()
@@ -200,19 +201,14 @@ PLAN_OPTIONS = ("--model", "--layer", "--prompts-per-step", "--group-size", "--m
               help="A `train` config file (TOML or YAML): plan that run (CLI options win).")
 @click.option("--gpu-memory", default="24GiB", show_default=True,
               help="Memory of the card (24GiB, 22.5GB, 81559MiB); 0.5 GiB of it goes to the CUDA context.")
-@click.option("--max-prompt-tokens", type=int, default=256, show_default=True,
-              help="Longest prompt in tokens, chat template included.")
-@click.option("--micro-batch", type=int, default=0, help="Sequences per forward/backward. [default: all]")
-@click.option("--generation-batch", type=int, default=0, help="Rows generated at once. [default: all]")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
-def plan(config_file, gpu_memory, max_prompt_tokens, micro_batch, generation_batch, as_json, **options):
+def plan(config_file, gpu_memory, as_json, **options):
     """Estimate the peak GPU memory of one training step, part by part, from the model's
     config.json alone (no weights), beside QLoRA and full-parameter RL on the same workload."""
     from .memory import plan_command
 
     click.echo(plan_command(options, config_file=config_file, gpu_memory=gpu_memory,
-                            prompt_tokens=max_prompt_tokens, micro_batch=micro_batch,
-                            generation_batch=generation_batch, as_json=as_json))
+                            as_json=as_json))
 
 
 def _quiet_loading(quiet: bool) -> None:

@@ -149,22 +149,17 @@ def rl_step(policy: Policy, optimizer: torch.optim.Optimizer, task: Task, rows: 
 # The run
 # ---------------------------------------------------------------------------------------------
 
-# Without --max-prompt-tokens the planner assumes prompts this long (chat-templated math prompts
-# are 100-300 tokens; GSM8K's longest ~400).
-PLANNED_PROMPT_TOKENS = 512
-
-
 def fit_batches(cfg: TrainConfig, echo: Callable[[str], None]) -> TrainConfig:
     """With --max-memory, or on CUDA, the micro-batch and generation batch the memory planner
     says fit (those the user left at 0), chosen before any weight is loaded."""
-    from .memory import batches_for_run, parse_size
+    from .memory import DEFAULT_PROMPT_TOKENS, batches_for_run, parse_size
 
     cuda = (cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
     if not (cfg.max_memory or cuda) or (cfg.micro_batch and cfg.generation_batch) or cfg.env:
         return cfg
     budget = (parse_size(cfg.max_memory) if cfg.max_memory else
               torch.cuda.mem_get_info(torch.device(cfg.device or "cuda"))[0])
-    prompt_tokens = cfg.max_prompt_tokens or PLANNED_PROMPT_TOKENS
+    prompt_tokens = cfg.max_prompt_tokens or DEFAULT_PROMPT_TOKENS
     choice = batches_for_run(cfg, budget, prompt_tokens=prompt_tokens)
     cfg = dataclasses.replace(cfg, micro_batch=cfg.micro_batch or choice.micro_batch,
                               generation_batch=cfg.generation_batch or choice.generation_batch)

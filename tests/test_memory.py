@@ -161,8 +161,10 @@ def test_plan_command_reads_only_config_json(tmp_path):
 
 def test_shipped_config_is_planned_with_the_batches_that_fit(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(QWEN3_8B))
-    text = plan_command({"model": str(tmp_path)}, config_file=str(ROOT / "configs" / "qwen3-8b.toml"))
-    assert "layer 16 of 36" in text and "64 sequences of 256 prompt + 1024 new tokens" in text
+    text = plan_command({"model": str(tmp_path)}, config_file=str(ROOT / "configs" / "math-qwen3-8b-base.toml"))
+    assert "layer 16 of 36" in text and "64 sequences of 512 prompt + 1024 new tokens" in text
+    # The shipped micro-batch and generation batch fit a 24 GiB card.
+    assert re.search(r"onelayer \(layer 16, nf4 frozen\) \|.*\| yes \|", text)
     assert re.search(r"Largest batches that fit this step: --micro-batch \d+ --generation-batch \d+", text)
     assert "onelayer plan: demo" in plan_command({})
 
@@ -173,7 +175,7 @@ def test_shipped_config_is_planned_with_the_batches_that_fit(tmp_path):
     ({}, {"gpu_memory": "lots"}, "memory size"),
     ({}, {"gpu_memory": "0.2GiB"}, "CUDA context"),
     ({"layer": "99"}, {}, "out of range"),
-    ({}, {"prompt_tokens": 0}, "--max-prompt-tokens"),
+    ({"max_prompt_tokens": -1}, {}, "--max-prompt-tokens"),
 ])
 def test_bad_input_is_a_user_error(options, kwargs, message):
     with pytest.raises(UserError, match=message):

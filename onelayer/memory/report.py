@@ -64,9 +64,8 @@ def workload_from_config(cfg, dims: ModelDims, *, prompt_tokens: int, micro_batc
     loss = "triton" if cfg.loss_impl == "triton" or (cfg.loss_impl == "auto" and device == "cuda") else "torch"
     return Workload(prompts=cfg.prompts_per_step, group_size=cfg.group_size, prompt_tokens=prompt_tokens,
                     new_tokens=cfg.max_new_tokens, layer=resolve_layer(cfg.layer, dims.layers),
-                    # the run's own micro-batch sizes, once TrainConfig has them
-                    micro_batch=micro_batch or getattr(cfg, "micro_batch", 0) or 0,
-                    generation_batch=generation_batch or getattr(cfg, "generation_batch", 0) or 0,
+                    micro_batch=micro_batch or cfg.micro_batch,
+                    generation_batch=generation_batch or cfg.generation_batch,
                     minibatch=cfg.minibatch, beta=cfg.beta, frozen=frozen, compute=compute, device=device,
                     loss_impl=loss, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k)
 
@@ -192,20 +191,21 @@ def report_json(report: Report) -> str:
                        "plans": [plan(p) for p in report.plans]}, indent=2)
 
 
+# Without --max-prompt-tokens a plan assumes prompts this long (chat-templated math prompts are
+# 100-300 tokens; GSM8K's longest ~400).
+DEFAULT_PROMPT_TOKENS = 512
+
+
 def plan_command(options: dict, *, config_file: str | None = None, gpu_memory: str = "24GiB",
-                 prompt_tokens: int = 256, micro_batch: int = 0, generation_batch: int = 0,
                  as_json: bool = False) -> str:
     """`onelayer plan`: `options` are train options (model, layer, group_size, prompts_per_step,
-    max_new_tokens, beta, frozen_dtype, ...; None = unset) over the config file's; returns the
-    text to print."""
+    max_new_tokens, max_prompt_tokens, micro_batch, generation_batch, beta, frozen_dtype, ...;
+    None = unset) over the config file's; returns the text to print."""
     from ..config import build_config
 
     cfg = build_config({k: v for k, v in options.items() if v is not None}, config_file)
     dims = ModelDims.from_config(read_model_config(cfg.model), cfg.model)
-    if prompt_tokens < 1:
-        raise UserError("--max-prompt-tokens must be >= 1")
-    w = workload_from_config(cfg, dims, prompt_tokens=prompt_tokens, micro_batch=micro_batch,
-                             generation_batch=generation_batch)
+    w = workload_from_config(cfg, dims, prompt_tokens=cfg.max_prompt_tokens or DEFAULT_PROMPT_TOKENS)
     w.check(dims)
     report = build_report(dims, w, parse_size(gpu_memory))
     return report_json(report) if as_json else format_plan(report)
