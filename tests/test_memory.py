@@ -92,7 +92,7 @@ def test_largest_fit_fits_and_one_more_does_not():
 
 def test_choose_batches_picks_the_largest_that_fit_or_says_what_to_change():
     budget = 24 * GiB - GiB // 2
-    w = Workload(new_tokens=1024)  # the shipped configs/qwen3-8b.toml
+    w = Workload(new_tokens=1024)  # the shipped configs/math-qwen3-8b-base.toml
     assert not plan_onelayer(DIMS, w).fits(budget)  # the whole batch at once does not fit
     choice = choose_batches(DIMS, w, budget)
     assert choice.plan.fits(budget) and choice.micro_batch < w.rows and choice.generation_batch < w.rows
@@ -109,7 +109,8 @@ def test_a_train_config_gets_its_batches_before_loading_weights(tmp_path):
     from onelayer.config import build_config
 
     (tmp_path / "config.json").write_text(json.dumps(QWEN3_8B))  # no weights: nothing else is read
-    cfg = build_config({"model": str(tmp_path)}, str(ROOT / "configs" / "qwen3-8b.toml"))
+    cfg = build_config({"model": str(tmp_path), "micro_batch": 0, "generation_batch": 0},
+                       str(ROOT / "configs" / "math-qwen3-8b-base.toml"))
     choice = batches_for_run(cfg, 22 * GiB, prompt_tokens=256)
     assert choice.plan.reserved <= 22 * GiB and choice.plan.trainable_params == DIMS.block_params
     with pytest.raises(UserError, match="--max-new-tokens"):
