@@ -6,6 +6,7 @@ import torch
 
 from conftest import char_tokenizer
 from onelayer.cli import main
+from test_cli import run_cli
 from onelayer.config import build_config
 from onelayer.errors import UserError
 from onelayer.evaluate import EvalConfig, drop_long_prompts, run_eval
@@ -45,25 +46,17 @@ def test_chat_is_forced_either_way_and_template_kwargs_reach_the_template():
         check_style(tok, PromptStyle(chat=True), "m")
 
 
-def run_cli(args, capsys):
-    try:
-        main(args)
-        code = 0
-    except SystemExit as exc:
-        code = exc.code
-    return code, capsys.readouterr().err
-
 
 @pytest.mark.parametrize("value", ["[1, 2]", "enable_thinking=false", '"x"'])
 def test_template_kwargs_must_be_a_json_object(tiny_models, tmp_path, capsys, value):
-    code, err = run_cli(["train", "--model", tiny_models["qwen3"], "--chat-template-kwargs", value,
+    code, _, err = run_cli(["train", "--model", tiny_models["qwen3"], "--chat-template-kwargs", value,
                          "--output", str(tmp_path / "out"), "--quiet"], capsys)
     assert code == 2 and err.count("\n") == 1 and "must be a JSON object" in err
     assert not (tmp_path / "out").exists()
 
 
 def test_chat_without_a_template_is_one_line_exit_2(tiny_models, tmp_path, capsys):
-    code, err = run_cli(["train", "--model", tiny_models["qwen3"], "--chat",
+    code, _, err = run_cli(["train", "--model", tiny_models["qwen3"], "--chat",
                          "--output", str(tmp_path / "out"), "--quiet"], capsys)
     assert code == 2 and err.count("\n") == 1 and "no chat template" in err
     assert not (tmp_path / "out").exists()
