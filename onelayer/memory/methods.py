@@ -72,12 +72,12 @@ def plan_onelayer(dims: ModelDims, w: Workload) -> Plan:
     # The forward ends with the micro-batch's h_L rows and the final norm's output beside the
     # states it selects, or with the loss's forward buffers.
     head = max(2 * tok * dims.hidden * c, loss_parts(dims, w, tokens, "forward")[0].bytes)
-    # The engine zeroes gradients after the forward: the last step's are still alive in it.
-    # With several micro-batches per minibatch, the accumulated ones are alive in backward too.
+    # The engine frees the gradient after each optimizer step; with several micro-batches per
+    # minibatch, the one accumulated so far is alive while the next micro-batch runs.
     grad_in_backward = [grad] if mb < w.minibatch_rows else []
-    phases = [*generation_phases(dims, w, [*state, grad]),
-              _logprob_phase(dims, w, [*state, grad], cache),
-              Phase("update: forward", (*state, grad, *base, checkpointed, norm_saved,
+    phases = [*generation_phases(dims, w, state),
+              _logprob_phase(dims, w, state, cache),
+              Phase("update: forward", (*state, *grad_in_backward, *base, checkpointed, norm_saved,
                                         Part("head: h_L rows + norm output, or loss buffers", head, "activations"))),
               Phase("update: loss bwd", (*state, *grad_in_backward, *base, checkpointed, norm_saved,
                                          *loss_parts(dims, w, tokens, "backward")))]
