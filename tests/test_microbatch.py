@@ -33,9 +33,13 @@ def run(policy, rollout, plan, cfg, seed=0):
     return {n: p.detach().clone() for n, p in policy.layer.master.items()}, stats
 
 
-@pytest.mark.parametrize("impl", ["torch", "triton"])
-@pytest.mark.parametrize("aggregation", AGGREGATIONS)
-@pytest.mark.parametrize("beta", [0.0, 0.1])
+# The Triton kernel (interpreter on CPU: slow) runs with beta > 0 only, which covers the
+# beta = 0 path of the same code plus the KL term.
+CASES = [("torch", aggregation, beta) for aggregation in AGGREGATIONS for beta in (0.0, 0.1)] + \
+        [("triton", aggregation, 0.1) for aggregation in AGGREGATIONS]
+
+
+@pytest.mark.parametrize("impl, aggregation, beta", CASES)
 def test_micro_batches_give_the_same_update(policy, impl, aggregation, beta):
     rollout = hand_rollout(policy.tokenizer)
     cfg = build_config({"model": "x", "loss_agg": aggregation, "beta": beta, "loss_impl": impl,
@@ -45,7 +49,7 @@ def test_micro_batches_give_the_same_update(policy, impl, aggregation, beta):
     whole, whole_stats = run(policy, rollout, Schedule(epochs=2, minibatch=4, max_grad_norm=1e9), cfg)
     moved = max((whole[n] - policy.layer.reference[n]).abs().max() for n in whole)
     assert moved > 1e-3
-    for micro in (1, 3):   # 4 = 3 + 1 and 2 = 2: uneven pieces
+    for micro in (1, 3) if impl == "torch" else (3,):   # 4 = 3 + 1 and 2 = 2: uneven pieces
         split, stats = run(policy, rollout, Schedule(epochs=2, minibatch=4, micro_batch=micro,
                                                      max_grad_norm=1e9), cfg)
         for name in whole:
