@@ -14,7 +14,7 @@ from onelayer.cli import main
 from onelayer.errors import UserError
 from onelayer.model import LogitTransform, load_policy, resolve_layer
 from onelayer.model import arch
-from onelayer.model.load import read_layer_tensors
+from onelayer.model.load import _skip_pattern, read_layer_tensors
 
 PROMPTS = ["12+34=", "5-123456789="]  # the first is left-padded by 6
 
@@ -121,8 +121,8 @@ def test_every_layer_choice_quantizes_every_other_block(twelve_layers):
 
 
 def test_skip_pattern_names_one_block_under_the_installed_transformers():
+    # transformers' own matcher of skip entries (internal: imported here, not for the module)
     from transformers.quantizers.quantizers_utils import should_convert_module
-    from onelayer.model.load import _skip_pattern
     for layer in (1, 2, 10):
         skip = ["lm_head", _skip_pattern(layer)]
         kept = {i for i in range(120) if not should_convert_module(f"model.layers.{i}.mlp.up_proj", skip)}

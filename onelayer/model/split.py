@@ -13,9 +13,8 @@ that the split reproduces the model's own forward.
 """
 from __future__ import annotations
 
-from typing import Mapping, NamedTuple
-
 import inspect
+from typing import Mapping, NamedTuple
 
 import torch
 from torch import Tensor, nn
