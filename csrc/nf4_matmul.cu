@@ -49,6 +49,22 @@ template <> struct Io<float> {
     }
   }
 };
+// 32 values of a 16-bit dtype from four 16-byte loads, unpacked pair by pair (bf16 and fp16).
+template <typename IoT, typename T>
+__device__ void load32_halves(const T* p, float* out) {
+  const uint4* v = reinterpret_cast<const uint4*>(p);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    uint4 u = __ldg(v + i);
+    const typename IoT::Pair* h = reinterpret_cast<const typename IoT::Pair*>(&u);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const float2 f = IoT::unpack(h[j]);
+      out[8 * i + 2 * j] = f.x; out[8 * i + 2 * j + 1] = f.y;
+    }
+  }
+}
+
 template <> struct Io<__nv_bfloat16> {
   using Pair = __nv_bfloat162;
   static constexpr int kCols = 4, kThreads = 64;
@@ -56,19 +72,7 @@ template <> struct Io<__nv_bfloat16> {
   static __device__ float2 unpack(Pair p) { return __bfloat1622float2(p); }
   static __device__ float load(__nv_bfloat16 v) { return __bfloat162float(v); }
   static __device__ __nv_bfloat16 store(float v) { return __float2bfloat16_rn(v); }
-  static __device__ void load32(const __nv_bfloat16* p, float* out) {
-    const uint4* v = reinterpret_cast<const uint4*>(p);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      uint4 u = __ldg(v + i);
-      const Pair* h = reinterpret_cast<const Pair*>(&u);
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const float2 f = unpack(h[j]);
-        out[8 * i + 2 * j] = f.x; out[8 * i + 2 * j + 1] = f.y;
-      }
-    }
-  }
+  static __device__ void load32(const __nv_bfloat16* p, float* out) { load32_halves<Io>(p, out); }
 };
 template <> struct Io<__half> {
   using Pair = __half2;
@@ -77,19 +81,7 @@ template <> struct Io<__half> {
   static __device__ float2 unpack(Pair p) { return __half22float2(p); }
   static __device__ float load(__half v) { return __half2float(v); }
   static __device__ __half store(float v) { return __float2half_rn(v); }
-  static __device__ void load32(const __half* p, float* out) {
-    const uint4* v = reinterpret_cast<const uint4*>(p);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      uint4 u = __ldg(v + i);
-      const Pair* h = reinterpret_cast<const Pair*>(&u);
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const float2 f = unpack(h[j]);
-        out[8 * i + 2 * j] = f.x; out[8 * i + 2 * j + 1] = f.y;
-      }
-    }
-  }
+  static __device__ void load32(const __half* p, float* out) { load32_halves<Io>(p, out); }
 };
 
 struct Scales {
