@@ -22,7 +22,8 @@ from .rollout import Rollout, SamplingParams
 from .rollout.multiturn import Episodes, TurnFormat, hf_actor, run_episodes
 from .tasks.envs import TextEnv, load_env
 from .errors import UserError
-from .update import Job, Objective, optimize, sampling_params, schedule, sync_device
+from .resilience import HalveOnOOM
+from .update import Job, Objective, optimize, sampling_params, schedule, step_metrics, sync_device
 
 # Token cap of one trajectory (prompt + all turns) unless the model's context is shorter.
 MAX_EPISODE_TOKENS = 4096
@@ -98,7 +99,7 @@ def to_device(rollout: Rollout, device: torch.device) -> Rollout:
 
 def gigpo_step(policy: Policy, optimizer: torch.optim.Optimizer, cfg: TrainConfig,
                objective: Objective, seeds: list[int],
-               generator: torch.Generator | None = None) -> dict:
+               generator: torch.Generator | None = None, micro: HalveOnOOM | None = None) -> dict:
     """One GiGPO step on the tasks `seeds`, cfg.group_size episodes each; generator: the run's
     random stream for sampling and minibatch order (None: torch's global one)."""
     t0 = time.perf_counter()
@@ -109,12 +110,13 @@ def gigpo_step(policy: Policy, optimizer: torch.optim.Optimizer, cfg: TrainConfi
     advantages = step_advantages(episodes, cfg, policy.device)                # [S]
     rollout = to_device(episodes.rollout, policy.device)
     tokens_adv = token_advantages(episodes, advantages).to(policy.device)     # [B, C]
-    stats = optimize(policy, optimizer, rollout, tokens_adv, schedule(cfg), objective, generator)
+    stats = optimize(policy, optimizer, rollout, tokens_adv, schedule(cfg), objective, generator,
+                     micro)
     sync_device(policy.device)
     t_end = time.perf_counter()
 
     action_tokens = rollout.completion_mask.sum().item()
-    metrics = {k: sum(s[k] for s in stats) / len(stats) for k in stats[0]}
+    metrics = step_metrics(stats)
     metrics.update(
         reward_mean=episodes.returns.mean().item(), reward_std=episodes.returns.std().item(),
         success_rate=episodes.success.float().mean().item(),
@@ -151,7 +153,8 @@ def check_env(cfg: TrainConfig) -> None:
 
 
 def agentic_job(policy: Policy, optimizer: torch.optim.Optimizer, cfg: TrainConfig,
-                objective: Objective, generator: torch.Generator) -> Job:
+                objective: Objective, generator: torch.Generator,
+                micro: HalveOnOOM | None = None) -> Job:
     """GiGPO on cfg.env: each step draws cfg.prompts_per_step fresh tasks (seeds); the score is
     the greedy success rate on cfg.eval_samples held-out tasks. generator: the run's random
     stream (greedy scoring draws nothing from it)."""
@@ -166,7 +169,8 @@ def agentic_job(policy: Policy, optimizer: torch.optim.Optimizer, cfg: TrainConf
 
     def step() -> dict:
         seeds = [rng.randrange(HELD_OUT_SEED) for _ in range(cfg.prompts_per_step)]
-        return gigpo_step(policy, optimizer, cfg, objective, seeds, generator)
+        return gigpo_step(policy, optimizer, cfg, objective, seeds, generator, micro)
 
     return Job(f"env {cfg.env}", step, lambda label: success_rate(policy, cfg, held_out),
-               "success rate", len(held_out))
+               "success rate", len(held_out), state=lambda: {"seeds": rng.getstate()},
+               restore=lambda state: rng.setstate(state["seeds"]))

@@ -5,7 +5,7 @@ import sys
 
 import click
 
-from .errors import UserError
+from .errors import RunStopped, UserError
 
 # Where a dataset task's data is and which fields hold what (train and eval).
 TASK_FIELD_OPTIONS = [
@@ -112,6 +112,16 @@ TRAIN_OPTIONS = [
     ("--output", str, "Directory for the trained layer, its run config, metrics and reward "
                       "plot. [default: runs/MODEL-LLAYER-TIME]"),
     ("--metrics", str, "JSONL file with one metrics object per step. [default: OUTPUT/metrics.jsonl]"),
+    ("--save-every", int, "Write a training checkpoint (layer, AdamW state, step, data position, "
+                          "random states, metrics) to OUTPUT/checkpoints every N steps; the last "
+                          "step is always saved. 0 = only the last. [default: 50]"),
+    ("--keep", int, "Training checkpoints kept, newest first; 0 = all. [default: 2]"),
+    ("--resume", str, "Continue a run exactly: a checkpoint directory, a run's output directory "
+                      "(its newest checkpoint), or 'auto' (the newest in --output; a fresh start "
+                      "when there is none). Options typed beside it change the run where that "
+                      "is safe (e.g. --steps)."),
+    ("--max-bad-steps", int, "Stop (with a checkpoint) after this many steps in a row whose loss "
+                             "or gradient was NaN/Inf; such steps are skipped. [default: 5]"),
 ]
 
 
@@ -223,6 +233,9 @@ def main(argv=None) -> None:
     except UserError as exc:
         click.echo(f"onelayer: error: {exc}", err=True)
         sys.exit(2)
+    except RunStopped as exc:
+        click.echo(f"onelayer: {exc}", err=True)
+        sys.exit(exc.exit_code)
     except click.exceptions.Abort:
         click.echo("onelayer: aborted", err=True)
         sys.exit(130)

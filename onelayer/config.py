@@ -72,6 +72,10 @@ class TrainConfig:
     eval_every: int = 0                # also score every N steps (0: only before and after)
     output: str | None = None          # directory for the trained layer, metrics and plot
     metrics: str | None = None         # JSONL metrics file (default: OUTPUT/metrics.jsonl)
+    save_every: int = 50               # a training checkpoint every N steps (0: only the last)
+    keep: int = 2                      # training checkpoints kept (0: all)
+    resume: str | None = None          # a checkpoint, a run directory, or "auto" (in --output)
+    max_bad_steps: int = 5             # stop after this many NaN/Inf steps in a row
 
     @property
     def aggregation(self) -> str:
@@ -123,18 +127,55 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
 
 
 def build_config(overrides: dict[str, Any], config_file: str | None = None) -> TrainConfig:
-    """defaults <- demo preset (when the model is the demo) <- config file <- explicit overrides."""
+    """defaults <- demo preset (when the model is the demo) <- the resumed run's config
+    <- config file <- explicit overrides."""
     values = read_config_file(config_file) if config_file else {}
     unknown = sorted(set(values) - set(FIELDS))
     if unknown:
         raise UserError(f"config {config_file}: unknown option {unknown[0]!r} "
                         f"(known: {', '.join(FIELDS)})")
     values.update(overrides)
+    if values.get("resume"):
+        values = resumed_values(values)
     if values.get("model", TrainConfig.model) == TrainConfig.model:
         values = {**DEMO_PRESET, **values}
     cfg = TrainConfig(**{k: _coerce(k, v) for k, v in values.items()})
     validate(cfg)
     return cfg
+
+
+# What a resumed run must share with the run it continues: the model, what is trained, the
+# data and how it is drawn and scored. Everything else (more steps, another learning rate,
+# smaller batches) may change, and the change is printed.
+RESUME_FIXED = ("model", "layer", "task", "prompt_field", "answer_field", "tests_field",
+                "entry_point_field", "dataset_config", "split", "test_split", "test_size",
+                "system_prompt", "format_bonus", "algo", "env", "prompts_per_step", "group_size",
+                "seed", "frozen_dtype", "chat", "chat_template_kwargs", "max_prompt_tokens")
+
+
+def resumed_values(values: dict[str, Any]) -> dict[str, Any]:
+    """`values` over the config of the run that --resume continues; resume becomes the
+    checkpoint's path (None for `auto` when the output directory has none yet)."""
+    from .checkpoint import CONFIG_FILE, resolve_resume
+
+    checkpoint = resolve_resume(str(values["resume"]), values.get("output"))
+    if checkpoint is None:
+        return {**values, "resume": None}
+    saved = json.loads((checkpoint / CONFIG_FILE).read_text())
+    saved = {k: v for k, v in saved.items() if k in FIELDS and k not in ("resume", "output")}
+    for name in RESUME_FIXED:
+        if name in values and _coerce(name, values[name]) != saved.get(name):
+            flag = "--" + name.replace("_", "-")
+            raise UserError(f"cannot resume {checkpoint} with {flag} {values[name]!r}: that run had "
+                            f"{saved.get(name)!r}, and {flag} must stay the same")
+    return {**saved, **values, "resume": str(checkpoint)}
+
+
+def resume_changes(cfg: TrainConfig, saved: dict[str, Any]) -> list[str]:
+    """The options a resumed run changes, as 'name: old -> new'."""
+    ignore = ("resume", "output", "metrics")
+    return [f"{k}: {saved[k]!r} -> {v!r}" for k, v in dataclasses.asdict(cfg).items()
+            if k in saved and k not in ignore and saved[k] != v]
 
 
 def _coerce(name: str, value: Any) -> Any:
@@ -216,6 +257,8 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.eval_samples >= 0 and cfg.eval_every >= 0, "--eval-samples/--eval-every must be >= 0")
     need(all(cfg.stop), "--stop: a stop string cannot be empty")
     need(cfg.max_prompt_tokens >= 0, "--max-prompt-tokens must be >= 0 (0: no limit)")
+    need(cfg.save_every >= 0 and cfg.keep >= 0, "--save-every and --keep must be >= 0")
+    need(cfg.max_bad_steps >= 1, "--max-bad-steps must be >= 1")
     need(not (cfg.env and (cfg.max_prompt_tokens or cfg.mask_truncated)),
          "--max-prompt-tokens and --mask-truncated apply to single-turn tasks, not to an --env")
 

@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import random
 import resource
+import shutil
+import signal
+import tempfile
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -21,15 +25,18 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .checkpoint import CONFIG_FILE, LAYER_FILE, save_layer
-from .config import TrainConfig, config_json, task_options
-from .errors import UserError
+from .checkpoint import (CONFIG_FILE, LAYER_FILE, TrainingState, checkpoints, load_checkpoint,
+                         save_checkpoint, save_layer)
+from .config import TrainConfig, config_json, resume_changes, task_options
+from .errors import RunStopped, UserError
 from .evaluate import drop_long_prompts, evaluate as score_task
 from .model import Policy, load_policy
 from .prompting import PromptStyle, check_style, prompt_fits, render_prompt
+from .resilience import HalveOnOOM, stop_between_steps
 from .rollout import Rollout, concat_rollouts, generate_completions, select_rollout
 from .tasks import Task, load_task
-from .update import Job, Objective, build_objective, optimize, sampling_params, schedule, sync_device
+from .update import (Job, Objective, build_objective, optimize, sampling_params, schedule,
+                     step_metrics, sync_device)
 
 @dataclass
 class TrainResult:
@@ -64,24 +71,22 @@ class ScoredBatch:
 
 def sample_and_score(policy: Policy, task: Task, rows: list[dict], cfg: TrainConfig,
                      more_rows: Callable[[int], list[dict]] | None = None, *,
-                     generator: torch.Generator | None = None) -> ScoredBatch:
+                     generator: torch.Generator | None = None,
+                     gen_batch: HalveOnOOM | None = None) -> ScoredBatch:
     """Sample G completions for each row and score them. With dynamic sampling, groups whose
     rewards are all equal (no learning signal) are dropped and `more_rows` refills the batch.
-    generator: the run's random stream (None: torch's global one)."""
+    generator: the run's random stream (None: torch's global one). gen_batch: rows per
+    generate call, halved when the device runs out of memory (None: --generation-batch)."""
     G = cfg.group_size
-    tokenizer, lm = policy.tokenizer, policy.split.lm
-    sampling, style = sampling_params(cfg), prompt_style(cfg)
+    tokenizer = policy.tokenizer
+    gen_batch = gen_batch or HalveOnOOM("--generation-batch", cfg.generation_batch, unit=G)
     kept, kept_rewards, sampled, wanted, groups_kept = [], [], 0, len(rows), 0
     for round_ in range(MAX_SAMPLING_ROUNDS if cfg.dynamic_sampling and more_rows else 1):
         if round_:
             rows = more_rows(wanted - groups_kept)
-        prompts = [render_prompt(tokenizer, task, r, style) for r in rows]
-        # Whole groups per generate call: at most --generation-batch rows (0: all at once).
-        per_call = max(1, cfg.generation_batch // G) if cfg.generation_batch else len(prompts)
-        parts = [generate_completions(lm, tokenizer, prompts[i:i + per_call], sampling, repeat=G,
-                                      generator=generator)
-                 for i in range(0, len(prompts), per_call)]
-        rollout = concat_rollouts(parts, tokenizer.pad_token_id) if len(parts) > 1 else parts[0]
+        prompts = [render_prompt(tokenizer, task, r, prompt_style(cfg)) for r in rows]
+        rollout = gen_batch.run(lambda size: sample_groups(policy, prompts, cfg, size, generator),
+                                len(prompts) * G)
         rewards = torch.tensor(task.rewards(rollout.texts, [r for r in rows for _ in range(G)]),
                                dtype=torch.float32)
         sampled += len(rows)
@@ -100,6 +105,18 @@ def sample_and_score(policy: Policy, task: Task, rows: list[dict], cfg: TrainCon
     return ScoredBatch(rollout, rewards, group_ids, sampled)
 
 
+def sample_groups(policy: Policy, prompts: list[str], cfg: TrainConfig, rows_per_call: int,
+                  generator: torch.Generator | None) -> Rollout:
+    """G completions of each prompt, whole groups per generate call of at most
+    `rows_per_call` rows."""
+    G, tokenizer = cfg.group_size, policy.tokenizer
+    per_call = max(1, rows_per_call // G)
+    parts = [generate_completions(policy.split.lm, tokenizer, prompts[i:i + per_call],
+                                  sampling_params(cfg), repeat=G, generator=generator)
+             for i in range(0, len(prompts), per_call)]
+    return concat_rollouts(parts, tokenizer.pad_token_id) if len(parts) > 1 else parts[0]
+
+
 def without_truncated(rollout: Rollout) -> Rollout:
     """The rollout with no loss on completions cut at max_new_tokens (DAPO's overlong
     filtering); they stay in the batch, and their rewards in their group's statistics."""
@@ -110,9 +127,11 @@ def without_truncated(rollout: Rollout) -> Rollout:
 def rl_step(policy: Policy, optimizer: torch.optim.Optimizer, task: Task, rows: list[dict],
             cfg: TrainConfig, objective: Objective,
             more_rows: Callable[[int], list[dict]] | None = None, *,
-            generator: torch.Generator | None = None) -> dict:
+            generator: torch.Generator | None = None, gen_batch: HalveOnOOM | None = None,
+            micro: HalveOnOOM | None = None) -> dict:
     t0 = time.perf_counter()
-    batch = sample_and_score(policy, task, rows, cfg, more_rows, generator=generator)
+    batch = sample_and_score(policy, task, rows, cfg, more_rows, generator=generator,
+                             gen_batch=gen_batch)
     sync_device(policy.device)
     t_gen = time.perf_counter()
 
@@ -126,13 +145,13 @@ def rl_step(policy: Policy, optimizer: torch.optim.Optimizer, task: Task, rows: 
         # One advantage per sequence, on every one of its tokens.
         token_advantages = advantages[:, None].expand_as(trained.completion_mask)
         stats = optimize(policy, optimizer, trained, token_advantages, schedule(cfg), objective,
-                         generator)
+                         generator, micro)
     sync_device(policy.device)
     t_end = time.perf_counter()
 
     completion_len = rollout.completion_mask.sum(1).float()
-    metrics = {k: sum(s[k] for s in stats) / len(stats) for k in stats[0]} if stats else {
-        "loss": 0.0, "kl": 0.0, "clip_ratio": 0.0}
+    metrics = step_metrics(stats) if stats else {
+        "loss": 0.0, "kl": 0.0, "clip_ratio": 0.0, "skipped_updates": 0}
     metrics.update(
         reward_mean=rewards.mean().item() if len(rewards) else 0.0,
         reward_std=rewards.std().item() if len(rewards) > 1 else 0.0,
@@ -169,18 +188,43 @@ def fit_batches(cfg: TrainConfig, echo: Callable[[str], None]) -> TrainConfig:
     return cfg
 
 
-def output_dir(cfg: TrainConfig, policy: Policy) -> Path:
+def output_dir(cfg: TrainConfig, policy: Policy, resumed: Path | None) -> Path:
+    """--output, else runs/MODEL-LLAYER-TIME; a resumed run keeps its checkpoint's directory."""
     if cfg.output:
         path = Path(cfg.output)
+    elif resumed:
+        path = resumed.parent.parent   # OUTPUT/checkpoints/step-N
     else:
         name = Path(cfg.model).name if cfg.model != "demo" else "demo"
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
         path = Path("runs") / f"{name}-L{policy.split.layer_index}-{stamp}"
     if path.exists() and not path.is_dir():
         raise UserError(f"--output {path} exists and is not a directory")
-    if any((path / f).exists() for f in (LAYER_FILE, CONFIG_FILE)):
+    if resumed is None and any((path / f).exists() for f in (LAYER_FILE, CONFIG_FILE)):
         raise UserError(f"--output {path} already holds a trained layer; choose another directory")
+    if resumed is None and checkpoints(path):
+        raise UserError(f"--output {path} holds checkpoints of an earlier run: continue it with "
+                        f"--resume {path}, or choose another directory")
     return path
+
+
+def check_writable(out: Path, policy: Policy, cfg: TrainConfig) -> None:
+    """Refuse, before training, an output directory that cannot be written or lacks the room
+    for the checkpoints the run will keep."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as exc:
+        raise UserError(f"cannot write to --output {out}: {exc.strerror}")
+    # fp32 weights + AdamW's two moments, for each checkpoint kept and the one being written.
+    per_checkpoint = 12 * sum(p.numel() for p in policy.layer.parameters())
+    count = (cfg.keep or max(1, cfg.steps // max(cfg.save_every, 1))) + 1
+    free = shutil.disk_usage(out).free
+    if free < per_checkpoint * count:
+        raise UserError(f"--output {out} has {free / 2**30:.1f} GiB free; {count} checkpoints of "
+                        f"{per_checkpoint / 2**30:.2f} GiB need {per_checkpoint * count / 2**30:.1f} "
+                        "GiB (lower --keep, or choose another directory)")
 
 
 def memory_gib(device: torch.device) -> dict:
@@ -216,7 +260,8 @@ class TrainingRows:
 
 
 def task_job(task: Task, policy: Policy, optimizer, cfg: TrainConfig, objective: Objective,
-             generator: torch.Generator, progress: bool) -> Job:
+             generator: torch.Generator, progress: bool, gen_batch: HalveOnOOM | None = None,
+             micro: HalveOnOOM | None = None) -> Job:
     """Single-turn GRPO on a task's rows; greedy accuracy on its held-out rows."""
     style = prompt_style(cfg)
     fits = prompt_fits(policy.tokenizer, task, style, cfg.max_prompt_tokens)
@@ -231,7 +276,8 @@ def task_job(task: Task, policy: Policy, optimizer, cfg: TrainConfig, objective:
     def step() -> dict:
         dropped = rows.dropped
         metrics = rl_step(policy, optimizer, task, rows.take(cfg.prompts_per_step), cfg,
-                          objective, rows.take, generator=generator)
+                          objective, rows.take, generator=generator, gen_batch=gen_batch,
+                          micro=micro)
         return {**metrics, "prompts_dropped": rows.dropped - dropped}
 
     def score(label: str) -> float:
@@ -242,16 +288,58 @@ def task_job(task: Task, policy: Policy, optimizer, cfg: TrainConfig, objective:
                               stop=tuple(cfg.stop), batch_size=cfg.generation_batch or 64,
                               progress=bar).score
 
-    return Job(task.name, step, score, "accuracy", len(test_rows), test_dropped)
+    def restore(state: dict) -> None:
+        rows.drawn, rows.dropped = state["drawn"], state["dropped"]
+
+    return Job(task.name, step, score, "accuracy", len(test_rows), test_dropped,
+               state=lambda: {"drawn": rows.drawn, "dropped": rows.dropped}, restore=restore)
+
+
+def random_state(generator: torch.Generator, job: Job) -> dict:
+    """Every random stream a step draws from, and where the job is in its data."""
+    import numpy as np
+    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+             "torch": torch.get_rng_state(), "generator": generator.get_state(), "job": job.state()}
+    if torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_random(state: dict, generator: torch.Generator, job: Job) -> None:
+    import numpy as np
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    generator.set_state(state["generator"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    job.restore(state["job"])
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    """Replace `path` with `rows` in one rename (a resumed run drops what the crash left after
+    its checkpoint)."""
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.",
+                                     delete=False) as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+    os.chmod(f.name, 0o644)
+    os.replace(f.name, path)
 
 
 def train(cfg: TrainConfig, *, progress: bool = True, echo: Callable[[str], None] = print) -> TrainResult:
-    """Run single-layer RL as `cfg` says. All input is checked before anything is written."""
+    """Run single-layer RL as `cfg` says. All input is checked before anything is written.
+    With cfg.resume (a checkpoint directory), continue that run exactly where it was saved."""
     from .agentic import agentic_job, check_env
+    from .evaluate import load_trained_layer
 
     t_start = time.perf_counter()
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
+    resumed = Path(cfg.resume) if cfg.resume else None
+    saved = load_checkpoint(resumed) if resumed else None
+    if saved:
+        for change in resume_changes(cfg, saved.run_config):
+            echo(f"resume: {change}")
     if cfg.env:
         check_env(cfg)
     else:
@@ -262,38 +350,101 @@ def train(cfg: TrainConfig, *, progress: bool = True, echo: Callable[[str], None
     policy = load_policy(cfg.model, layer=cfg.layer, frozen_dtype=cfg.frozen_dtype,
                          device=cfg.device, attn=cfg.attn, keep_reference=cfg.beta > 0)
     check_style(policy.tokenizer, prompt_style(cfg), cfg.model)
-    out = output_dir(cfg, policy)
+    out = output_dir(cfg, policy, resumed)
     objective = build_objective(cfg, policy.device)
     optimizer = torch.optim.AdamW(policy.layer.parameters(), lr=cfg.lr,
                                   weight_decay=cfg.weight_decay)
     # The run's own random stream: sampling and minibatch order. Evals draw from generators of
     # their own, so scoring held-out rows never shifts what training samples.
     generator = torch.Generator(policy.device).manual_seed(cfg.seed)
-    job = (agentic_job(policy, optimizer, cfg, objective, generator) if cfg.env else
-           task_job(task, policy, optimizer, cfg, objective, generator, progress))
+    gen_batch = HalveOnOOM("--generation-batch", cfg.generation_batch, unit=cfg.group_size,
+                           needs=lambda size: planned_need(cfg, generation_batch=size), echo=echo)
+    micro = HalveOnOOM("--micro-batch", cfg.micro_batch,
+                       needs=lambda size: planned_need(cfg, micro_batch=size), echo=echo)
+    job = (agentic_job(policy, optimizer, cfg, objective, generator, micro) if cfg.env else
+           task_job(task, policy, optimizer, cfg, objective, generator, progress, gen_batch, micro))
     echo(f"onelayer: {cfg.model} ({policy.split.num_layers} layers), training layer "
          f"{policy.split.layer_index} with {cfg.algo} on {job.name}; frozen {policy.frozen_dtype}, "
          f"{policy.device.type}; output {out}")
+    check_writable(out, policy, cfg)
     if job.held_out_dropped:
         echo(f"dropped {job.held_out_dropped} held-out prompts longer than --max-prompt-tokens "
              f"{cfg.max_prompt_tokens}")
-    before = job.score("before")
-    echo(f"held-out {job.metric} before: {before:.1%} ({job.held_out} held out, greedy)")
+    if saved:
+        load_trained_layer(policy, resumed)
+        optimizer.load_state_dict(saved.state.optimizer)
+        for group in optimizer.param_groups:  # a compatible change of --lr / --weight-decay
+            group.update(lr=cfg.lr, weight_decay=cfg.weight_decay)
+        before, history = saved.state.trainer["score_before"], saved.state.trainer["history"]
+        first_step = saved.state.step + 1
+        echo(f"resuming from {resumed} at step {saved.state.step} of {cfg.steps}; held-out "
+             f"{job.metric} before training: {before:.1%}")
+    else:
+        before, history, first_step = job.score("before"), [], 1
+        echo(f"held-out {job.metric} before: {before:.1%} ({job.held_out} held out, greedy)")
 
-    out.mkdir(parents=True, exist_ok=True)
     metrics_path = Path(cfg.metrics) if cfg.metrics else out / "metrics.jsonl"
     metrics_path.parent.mkdir(parents=True, exist_ok=True)
-    history = []
-    with open(metrics_path, "w") as metrics_file, \
-            tqdm(range(1, cfg.steps + 1), desc="train", disable=not progress) as bar:
-        for step in bar:
-            row = {"step": step, **job.step(), **memory_gib(policy.device)}
-            if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps:
-                row[f"eval_{job.metric.replace(' ', '_')}"] = job.score(f"step {step}")
-            history.append(row)
-            metrics_file.write(json.dumps(row) + "\n")
-            metrics_file.flush()
-            bar.set_postfix(reward=f"{row['reward_mean']:.3f}", kl=f"{row['kl']:.4f}")
+    write_jsonl(metrics_path, history)
+    last_saved = resumed
+
+    def save(step: int) -> Path | None:
+        """A training checkpoint of the state after `step`; None (and a warning) when it could
+        not be written, in which case the previous one is untouched."""
+        nonlocal last_saved
+        run_config = dataclasses.replace(cfg, generation_batch=gen_batch.size,
+                                         micro_batch=micro.size, resume=None)
+        state = TrainingState(step, optimizer.state_dict(), random_state(generator, job),
+                              {"score_before": before, "history": history, "output": str(out)})
+        try:
+            last_saved = save_checkpoint(out, policy.layer.state_dict(),
+                                         layer_index=policy.split.layer_index, base_model=cfg.model,
+                                         run_config=json.loads(config_json(run_config)),
+                                         state=state, keep=cfg.keep)
+        except OSError as exc:
+            echo(f"could not save the checkpoint of step {step}: {exc}; "
+                 f"{f'the previous one, {last_saved}, is intact' if last_saved else 'none saved yet'}")
+            return None
+        return last_saved
+
+    if saved:
+        restore_random(saved.state.random, generator, job)
+    bad_in_a_row = 0
+    with open(metrics_path, "a") as metrics_file, stop_between_steps(echo) as stop, \
+            tqdm(range(first_step, cfg.steps + 1), desc="train", disable=not progress,
+                 initial=first_step - 1, total=cfg.steps) as bar:
+        step = first_step - 1
+        try:
+            for step in bar:
+                row = {"step": step, **job.step(), **memory_gib(policy.device)}
+                if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps:
+                    row[f"eval_{job.metric.replace(' ', '_')}"] = job.score(f"step {step}")
+                history.append(row)
+                metrics_file.write(json.dumps(row) + "\n")
+                metrics_file.flush()
+                bar.set_postfix(reward=f"{row['reward_mean']:.3f}", kl=f"{row['kl']:.4f}")
+                bad_in_a_row = bad_in_a_row + 1 if row["skipped_updates"] else 0
+                if bad_in_a_row:
+                    echo(f"step {step}: NaN/Inf loss or gradient, {row['skipped_updates']} "
+                         f"update(s) skipped ({bad_in_a_row} step(s) in a row)")
+                if bad_in_a_row >= cfg.max_bad_steps:
+                    path = save(step)
+                    raise RunStopped(f"stopped: {bad_in_a_row} steps in a row had a NaN/Inf loss or "
+                                     f"gradient (--max-bad-steps {cfg.max_bad_steps}); lower --lr or "
+                                     f"check the rewards. {resume_hint(path or last_saved)}", 1)
+                if stop.signal:
+                    path = save(step)
+                    raise RunStopped(f"stopped by {signal.Signals(stop.signal).name} after step "
+                                     f"{step}. {resume_hint(path or last_saved)}", stop.exit_code)
+                if step == cfg.steps or (cfg.save_every and step % cfg.save_every == 0):
+                    if save(step) is None and step == cfg.steps:
+                        raise RunStopped(f"the final checkpoint could not be written. "
+                                         f"{resume_hint(last_saved)}", 1)
+        except KeyboardInterrupt:
+            raise RunStopped(f"abandoned step {step + 1}. {resume_hint(last_saved)}",
+                             128 + signal.SIGINT) from None
+        except UserError as exc:  # out of memory even at the smallest batch
+            raise UserError(f"{exc}. {resume_hint(last_saved)}") from None
 
     after = job.score("after")
     echo(f"held-out {job.metric} after:  {after:.1%} ({job.held_out} held out, greedy; "
@@ -302,13 +453,37 @@ def train(cfg: TrainConfig, *, progress: bool = True, echo: Callable[[str], None
     if dropped:
         echo(f"dropped {dropped} training prompts longer than --max-prompt-tokens "
              f"{cfg.max_prompt_tokens} (prompts_dropped in the metrics)")
+    skipped = sum(row["skipped_updates"] for row in history)
+    if skipped:
+        echo(f"skipped {skipped} update(s) for a NaN/Inf loss or gradient (skipped_updates in the metrics)")
+    final_config = dataclasses.replace(cfg, generation_batch=gen_batch.size, micro_batch=micro.size,
+                                       resume=None)
     save_layer(out, policy.layer.state_dict(), layer_index=policy.split.layer_index,
-               base_model=cfg.model, run_config=json.loads(config_json(cfg)), step=cfg.steps)
+               base_model=cfg.model, run_config=json.loads(config_json(final_config)),
+               step=cfg.steps)
     if history:
         plot_rewards(history, before, after, job.metric, out / "reward.png")
     seconds = time.perf_counter() - t_start
     echo(f"saved layer {policy.split.layer_index} to {out / LAYER_FILE} ({seconds:.0f} s in all)")
     return TrainResult(before, after, cfg.steps, seconds, out)
+
+
+def resume_hint(checkpoint: Path | None) -> str:
+    if checkpoint is None:
+        return "No checkpoint was saved."
+    return f"Checkpoint: {checkpoint}\nresume with: onelayer train --resume {checkpoint}"
+
+
+def planned_need(cfg: TrainConfig, **batches: int) -> str:
+    """What the memory plan says a step needs at these batch sizes ('' where it cannot say)."""
+    from .memory import DEFAULT_PROMPT_TOKENS, ModelDims, plan_onelayer, read_model_config, workload_from_config
+    try:
+        dims = ModelDims.from_config(read_model_config(cfg.model), cfg.model)
+        work = workload_from_config(cfg, dims, prompt_tokens=cfg.max_prompt_tokens or DEFAULT_PROMPT_TOKENS,
+                                    **batches)
+        return f"the memory plan says {plan_onelayer(dims, work).reserved / 2**30:.1f} GiB at that size"
+    except Exception:  # the plan is a courtesy in an error message, never a second error
+        return ""
 
 
 def plot_rewards(history: list[dict], before: float, after: float, metric: str, path: Path) -> None:

@@ -13,7 +13,8 @@ the micro-batches' losses and gradients add up to those of the whole minibatch.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import torch
@@ -22,6 +23,7 @@ from torch import Tensor
 from .algos import advantages_fn, select_loss_impl
 from .config import TrainConfig
 from .model import Policy
+from .resilience import HalveOnOOM
 from .rollout import Rollout, SamplingParams
 
 # --scale-rewards -> the advantage estimator's mode (docs/algorithms.md): divide by the
@@ -62,6 +64,8 @@ class Job:
     metric: str                        # what the score is ("accuracy", "success rate")
     held_out: int                      # problems / tasks scored
     held_out_dropped: int = 0          # held-out prompts longer than --max-prompt-tokens
+    state: Callable[[], dict] = field(default=dict)      # where the job is in its data
+    restore: Callable[[dict], None] = field(default=lambda state: None)
 
 
 def build_objective(cfg: TrainConfig, device: torch.device) -> Objective:
@@ -150,26 +154,33 @@ def frozen_logprobs(policy: Policy, h: Tensor, rollout: Rollout, objective: Obje
 
 def optimize(policy: Policy, optimizer, rollout: Rollout, token_advantages: Tensor,
              plan: Schedule, objective: Objective,
-             generator: torch.Generator | None = None) -> list[dict]:
+             generator: torch.Generator | None = None,
+             micro: HalveOnOOM | None = None) -> list[dict]:
     """PPO epochs and minibatches over one rollout batch; token_advantages [B, C]. Returns one
     metrics dict per optimizer step.
 
     A rollout's completion_mask marks the tokens that carry loss (the policy's own), its
     attention_mask every token of context. generator draws the minibatch order (None:
-    torch's global stream)."""
-    h = prefix_cache(policy, rollout, plan.micro_batch)      # once per batch, reused below
-    old_logprobs = frozen_logprobs(policy, h, rollout, objective, None, plan.micro_batch)
-    ref_logprobs = (frozen_logprobs(policy, h, rollout, objective, policy.layer.reference,
-                                    plan.micro_batch) if objective.beta > 0 else None)
+    torch's global stream). micro: the micro-batch size that halves when the device runs out
+    of memory (None: plan.micro_batch, fixed). Each phase below is retried whole, which is
+    exact: an update starts by zeroing the gradient and ends with its optimizer step."""
+    micro = micro or HalveOnOOM("--micro-batch", plan.micro_batch)
     batch = rollout.sequences.shape[0]
+    h = micro.run(lambda size: prefix_cache(policy, rollout, size), batch)  # once per batch
+    old_logprobs = micro.run(
+        lambda size: frozen_logprobs(policy, h, rollout, objective, None, size), batch)
+    ref_logprobs = (micro.run(lambda size: frozen_logprobs(
+        policy, h, rollout, objective, policy.layer.reference, size), batch)
+        if objective.beta > 0 else None)
     minibatch = plan.minibatch or batch
     stats = []
     for _ in range(plan.epochs):
         order = torch.randperm(batch, device=h.device, generator=generator)
         for start in range(0, batch, minibatch):
             rows = order[start:start + minibatch]
-            stats.append(update(policy, optimizer, h, rollout, rows, token_advantages,
-                                old_logprobs, ref_logprobs, objective, plan))
+            stats.append(micro.run(lambda size: update(
+                policy, optimizer, h, rollout, rows, token_advantages, old_logprobs,
+                ref_logprobs, objective, dataclasses.replace(plan, micro_batch=size)), len(rows)))
     return stats
 
 
@@ -192,12 +203,15 @@ def update(policy: Policy, optimizer, h: Tensor, rollout: Rollout, rows: Tensor,
         for k, v in metrics.items():
             weighted[k] = weighted.get(k, 0.0) + v * share
     grad_norm = torch.nn.utils.clip_grad_norm_(policy.layer.parameters(), plan.max_grad_norm)
-    optimizer.step()
+    # A NaN or Inf loss or gradient would poison AdamW's moments for good: skip the step.
+    finite = bool(torch.isfinite(grad_norm) and torch.isfinite(loss))
+    if finite:
+        optimizer.step()
     # Free the gradient now: the fp32 copy of the layer (0.72 GiB at 8B) would otherwise live
     # through the next rollout, the phase that long completions fill.
     optimizer.zero_grad(set_to_none=True)
     policy.layer.refresh_compute_copy()
-    return {"loss": float(loss), "grad_norm": grad_norm.item(),
+    return {"loss": float(loss), "grad_norm": grad_norm.item(), "skipped": float(not finite),
             **{k: float(v) for k, v in weighted.items()}}
 
 
@@ -217,6 +231,13 @@ def micro_batch_loss(policy: Policy, h: Tensor, rollout: Rollout, rows: Tensor,
         eps_low=objective.eps_low, eps_high=objective.eps_high, beta=objective.beta,
         aggregation=objective.aggregation, max_len=objective.max_len, num_seqs=num_seqs,
         num_tokens=num_tokens)
+
+
+def step_metrics(stats: list[dict]) -> dict:
+    """One RL step's metrics from its optimizer steps': means, and the count of steps skipped
+    for a NaN/Inf loss or gradient."""
+    metrics = {k: sum(s[k] for s in stats) / len(stats) for k in stats[0] if k != "skipped"}
+    return {**metrics, "skipped_updates": int(sum(s["skipped"] for s in stats))}
 
 
 def sync_device(device: torch.device) -> None:
