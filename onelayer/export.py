@@ -53,6 +53,8 @@ def _header(path: Path) -> tuple[dict, int]:
     try:
         with open(path, "rb") as f:
             (length,) = struct.unpack("<Q", f.read(8))
+            if length > 100 * 2**20:  # safetensors' own limit: a larger value is a corrupt file
+                raise ValueError(f"header length {length}")
             header = json.loads(f.read(length))
     except (OSError, struct.error, ValueError) as exc:
         raise UserError(f"{path}: not a readable safetensors file ({exc})")
@@ -279,7 +281,7 @@ def _merge_shards(base: Path, shards: list[str], patch: dict[str, torch.Tensor],
                 # Cast once, from the best copy: the trained fp32 weights go straight to the
                 # target dtype (never through the base's bf16), else to the stored dtype.
                 target = dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
-                tensor = patch.get(name, tensor).to(target)
+                tensor = _cast(name, patch.get(name, tensor), target)
                 if pending and pending_bytes + tensor.nbytes > max_shard_bytes:
                     flush()
                 pending[name] = tensor.contiguous()
@@ -288,6 +290,15 @@ def _merge_shards(base: Path, shards: list[str], patch: dict[str, torch.Tensor],
     if pending or not written:
         flush()
     _name_shards(out, written, total_bytes)
+
+
+def _cast(name: str, tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    cast = tensor.to(dtype)
+    # fp16 tops out at 65504: a weight beyond it would load as inf and poison every output.
+    if dtype == torch.float16 and tensor.dtype != dtype and not torch.isfinite(cast).all() \
+            and torch.isfinite(tensor).all():
+        raise UserError(f"{name} has values beyond fp16's range (65504); export in bf16 or fp32")
+    return cast
 
 
 def _name_shards(out: Path, written: list[tuple[str, list[str]]], total_bytes: int) -> None:

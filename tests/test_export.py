@@ -39,10 +39,10 @@ def tiny_qwen3(path: Path, *, seed: int = 0, dtype=torch.float32, shard: str = S
     return path
 
 
-def make_patch(path: Path, base: Path, *, seed: int = 1, manifest: bool = True) -> dict:
+def make_patch(path: Path, base: Path, *, seed: int = 1, manifest: bool = True, scale=0.05) -> dict:
     """A patch of block LAYER with random fp32 weights; returns them under their full names."""
     generator = torch.Generator().manual_seed(seed)
-    tensors = {k: torch.randn(v.shape, generator=generator) * 0.05
+    tensors = {k: torch.randn(v.shape, generator=generator) * scale
                for k, v in read_layer_tensors(base, LAYER).items()}
     save_layer(path, tensors, layer_index=LAYER, base_model=str(base),
                run_config={"model": str(base), "layer": str(LAYER), "task": "arithmetic",
@@ -186,7 +186,7 @@ def test_missing_or_malformed_manifest_refused(base, tmp_path):
         check_patch(tmp_path / "patch", base, "tiny")
 
 
-def test_bad_output_and_dtype_refused(patch, tmp_path):
+def test_bad_output_and_dtype_refused(base, patch, tmp_path):
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("keep me")
     with pytest.raises(UserError, match="exists and is not empty"):
@@ -194,6 +194,10 @@ def test_bad_output_and_dtype_refused(patch, tmp_path):
     assert (tmp_path / "full" / "x").read_text() == "keep me"
     with pytest.raises(UserError, match="--dtype must be one of"):
         export_model(patch[0], tmp_path / "new", dtype="int8", progress=False)
+    make_patch(tmp_path / "huge", base, scale=1e6)  # weights fp16 cannot hold
+    with pytest.raises(UserError, match="beyond fp16's range"):
+        export_model(tmp_path / "huge", tmp_path / "new", dtype="fp16", progress=False)
+    assert not (tmp_path / "new").exists() and not list(tmp_path.glob(".new*"))
     (tmp_path / "empty").mkdir()  # an empty directory is fine: it is replaced
     assert (export_model(patch[0], tmp_path / "empty", progress=False) / "config.json").is_file()
 
