@@ -232,7 +232,7 @@ def export_model(patch_dir: Path, output: Path, *, dtype: str | None = None, mod
 
 
 def _read_patch(patch_dir: Path) -> dict[str, torch.Tensor]:
-    # The patch is a few blocks in fp32 (Qwen3-8B: 0.7 GB a block): read whole, once.
+    # The patch is a few blocks in fp32 (Qwen3-8B: 0.8 GB a block): read whole, once.
     with safe_open(str(patch_dir / LAYER_FILE), framework="pt") as f:
         return {k: f.get_tensor(k) for k in f.keys()}
 
