@@ -8,8 +8,10 @@ OUTPUT/checkpoints/step-NNNNNN; each is written under a hidden temporary name, f
 renamed, so a directory with a step name is always complete and a crash mid-write leaves the
 previous one as it was.
 
-    OUTPUT/checkpoints/step-000050/  layer.safetensors  run_config.json  optimizer.pt
-                                     random_state.pt    trainer_state.json
+    OUTPUT/checkpoints/step-000050/  layer.safetensors  run_config.json  manifest.json
+                                     optimizer.pt  random_state.pt  trainer_state.json
+
+OUTPUT itself holds the final layer checkpoint (a patch: onelayer.export), metrics and plots.
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ from .errors import UserError
 
 LAYER_FILE = "layer.safetensors"
 CONFIG_FILE = "run_config.json"
+MANIFEST_FILE = "manifest.json"       # base model, its revision, a digest of the replaced block
 OPTIMIZER_FILE = "optimizer.pt"
 RANDOM_FILE = "random_state.pt"
 STATE_FILE = "trainer_state.json"
@@ -37,9 +40,10 @@ _STEP_DIR = re.compile(r"step-(\d+)")
 
 
 def save_layer(directory: Path, tensors: dict[str, torch.Tensor], *, layer_index: int,
-               base_model: str, run_config: dict, step: int) -> Path:
-    """Write the block's weights under their full checkpoint names (model.layers.L.*) and the
-    run config; each file appears whole or not at all (written aside, then renamed)."""
+               base_model: str, run_config: dict, step: int, manifest: dict | None = None) -> Path:
+    """Write the block's weights under their full checkpoint names (model.layers.L.*), the run
+    config and the patch manifest (onelayer.export.patch_manifest); each file appears whole or
+    not at all (written aside, then renamed)."""
     directory.mkdir(parents=True, exist_ok=True)
     named = {f"model.layers.{layer_index}.{k}": v.contiguous() for k, v in tensors.items()}
     metadata = {"format": "pt", "onelayer": "1", "base_model": base_model,
@@ -47,7 +51,15 @@ def save_layer(directory: Path, tensors: dict[str, torch.Tensor], *, layer_index
     _atomic(directory / LAYER_FILE, lambda tmp: save_file(named, tmp, metadata=metadata))
     _atomic(directory / CONFIG_FILE,
             lambda tmp: Path(tmp).write_text(json.dumps(run_config, indent=2) + "\n"))
+    if manifest is not None:
+        write_manifest(directory, manifest)
     return directory / LAYER_FILE
+
+
+def write_manifest(directory: Path, manifest: dict) -> Path:
+    path = Path(directory) / MANIFEST_FILE
+    _atomic(path, lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=2) + "\n"))
+    return path
 
 
 def load_layer(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -68,7 +80,8 @@ class TrainingState:
 
 
 def save_checkpoint(output: Path, tensors: dict[str, torch.Tensor], *, layer_index: int,
-                    base_model: str, run_config: dict, state: TrainingState, keep: int = 0) -> Path:
+                    base_model: str, run_config: dict, state: TrainingState, keep: int = 0,
+                    manifest: dict | None = None) -> Path:
     """OUTPUT/checkpoints/step-NNNNNN, complete or absent. keep > 0: only the newest `keep`
     checkpoints are left afterwards. An OSError (disk full, ...) leaves the earlier ones intact."""
     root = Path(output) / CHECKPOINTS
@@ -78,7 +91,7 @@ def save_checkpoint(output: Path, tensors: dict[str, torch.Tensor], *, layer_ind
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; a checkpoint is ordinary output
     try:
         save_layer(tmp, tensors, layer_index=layer_index, base_model=base_model,
-                   run_config=run_config, step=state.step)
+                   run_config=run_config, step=state.step, manifest=manifest)
         torch.save(state.optimizer, tmp / OPTIMIZER_FILE)
         torch.save(state.random, tmp / RANDOM_FILE)
         (tmp / STATE_FILE).write_text(json.dumps({"step": state.step, **state.trainer}) + "\n")

@@ -120,6 +120,9 @@ TRAIN_OPTIONS = [
                       "(its newest checkpoint), or 'auto' (the newest in --output; a fresh start "
                       "when there is none). Options typed beside it change the run where that "
                       "is safe (e.g. --steps)."),
+    ("--patch", str, "Start from a trained layer (a run directory or checkpoint) instead of the "
+                     "base model's; --model and --layer default to the patch's, and a patch "
+                     "made on another base model is refused."),
     ("--max-bad-steps", int, "Stop (with a checkpoint) after this many steps in a row whose loss "
                              "or gradient was NaN/Inf; such steps are skipped. [default: 5]"),
 ]
@@ -170,8 +173,10 @@ def train(config_file, quiet, **options):
 @cli.command("eval")
 @click.option("--model", help="Hub id, local directory or 'demo'. [default: the checkpoint's "
                                "base model, else demo]")
-@click.option("--layer-checkpoint", type=click.Path(file_okay=False),
-              help="A `onelayer train` output directory: score the model with its trained layer.")
+@click.option("--patch", "--layer-checkpoint", "layer_checkpoint", type=click.Path(file_okay=False),
+              help="A trained layer (a `onelayer train` output directory or one of its "
+                   "checkpoints): score the model with it. Refused if it was trained on "
+                   "another base model.")
 @click.option("--task", help="Built-in task or dataset. [default: the checkpoint's, else arithmetic]")
 @click.option("--samples", type=int, help="Held-out problems to score. [default: all]")
 @click.option("--k", type=int, default=1, show_default=True,
@@ -197,6 +202,31 @@ def eval_command(quiet, model, layer_checkpoint, task, samples, k, temperature, 
     cfg = EvalConfig(model, layer_checkpoint, task, samples, k, temperature, max_new_tokens,
                      batch_size, seed, frozen_dtype, device, output, _given(run_options))
     run_eval(cfg, progress=not quiet, echo=click.echo)
+
+
+@cli.command("export")
+@click.option("--checkpoint", required=True, type=click.Path(file_okay=False, exists=True),
+              help="A trained layer: a `onelayer train` output directory or one of its checkpoints.")
+@click.option("--output", type=click.Path(file_okay=False),
+              help="Write a complete Hugging Face checkpoint here (sharded safetensors, config, "
+                   "tokenizer, generation config): the base model's own weights with the trained "
+                   "layer merged in, loadable by AutoModelForCausalLM, vLLM, lm-eval.")
+@click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]),
+              help="Cast the weights. [default: the base checkpoint's own dtype]")
+@click.option("--model", help="The base model (hub id or directory). [default: the manifest's]")
+@click.option("--push-to-hub", "repo", help="Upload to this hub model repo with a model card: "
+              "the export when --output is given, else the layer alone (a patch, ~1/36 of the "
+              "model for an 8B).")
+@click.option("--private", is_flag=True, help="Create the hub repo as private.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def export_command(checkpoint, output, dtype, model, repo, private, quiet):
+    """Merge a trained layer into its base model's weights, streaming shard by shard (the
+    frozen weights come from the original files, never from 4-bit copies), and/or push it to
+    the Hugging Face hub."""
+    from .export import export_to
+
+    export_to(checkpoint, output, dtype=dtype, model=model, repo=repo, private=private,
+              progress=not quiet, echo=click.echo)
 
 
 # `plan`: the memory planner (onelayer.memory); reads only the model's config.json.

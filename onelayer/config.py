@@ -75,6 +75,7 @@ class TrainConfig:
     save_every: int = 50               # a training checkpoint every N steps (0: only the last)
     keep: int = 2                      # training checkpoints kept (0: all)
     resume: str | None = None          # a checkpoint, a run directory, or "auto" (in --output)
+    patch: str | None = None           # start from a trained layer (a patch) of the same model
     max_bad_steps: int = 5             # stop after this many NaN/Inf steps in a row
 
     @property
@@ -137,6 +138,8 @@ def build_config(overrides: dict[str, Any], config_file: str | None = None) -> T
     values.update(overrides)
     if values.get("resume"):
         values = resumed_values(values)
+    if values.get("patch") and not values.get("resume"):
+        values = patched_values(values)
     if values.get("model", TrainConfig.model) == TrainConfig.model:
         values = {**DEMO_PRESET, **values}
     cfg = TrainConfig(**{k: _coerce(k, v) for k, v in values.items()})
@@ -169,6 +172,17 @@ def resumed_values(values: dict[str, Any]) -> dict[str, Any]:
             raise UserError(f"cannot resume {checkpoint} with {flag} {values[name]!r}: that run had "
                             f"{saved.get(name)!r}, and {flag} must stay the same")
     return {**saved, **values, "resume": str(checkpoint)}
+
+
+def patched_values(values: dict[str, Any]) -> dict[str, Any]:
+    """--patch: the model and layer default to the patch's own (its manifest)."""
+    from .export import read_manifest
+
+    manifest = read_manifest(Path(values["patch"]))
+    if len(manifest["layers"]) != 1:
+        raise UserError(f"--patch {values['patch']} holds layers {manifest['layers']}; "
+                        "training continues one layer")
+    return {"model": manifest["base_model"], "layer": str(manifest["layers"][0]), **values}
 
 
 def resume_changes(cfg: TrainConfig, saved: dict[str, Any]) -> list[str]:

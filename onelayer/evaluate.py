@@ -82,7 +82,14 @@ def drop_long_prompts(tokenizer, task: Task, style: PromptStyle, rows: list[Row]
 
 
 def load_trained_layer(policy, directory: str | Path) -> dict:
-    """Put a saved layer's weights into the policy (same layer index); returns its metadata."""
+    """Put a saved layer's weights into the policy (same layer index); returns its metadata.
+    A layer saved with a manifest (every one since patches exist) must come from this very base
+    model: its digest of the replaced block is checked first."""
+    from .checkpoint import MANIFEST_FILE
+    from .export import check_patch
+
+    if (Path(directory) / MANIFEST_FILE).is_file():
+        check_patch(Path(directory), policy.model_path, policy.model_name)
     try:
         tensors, meta = load_layer(Path(directory))
     except (OSError, KeyError) as exc:

@@ -29,10 +29,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .checkpoint import CONFIG_FILE, LAYER_FILE
+from .checkpoint import CONFIG_FILE, LAYER_FILE, MANIFEST_FILE
 from .errors import UserError
 
-MANIFEST_FILE = "manifest.json"
 PATCH_FORMAT = "onelayer-patch"
 PATCH_VERSION = 1
 INDEX_FILE = "model.safetensors.index.json"
@@ -114,13 +113,6 @@ def patch_manifest(model_name: str, model_path: Path, layer_indices: list[int]) 
     return {"format": PATCH_FORMAT, "version": PATCH_VERSION, "base_model": model_name,
             "base_revision": hub_revision(model_path), "layers": layers,
             "base_digest": {str(i): layer_digest(Path(model_path), i) for i in layers}}
-
-
-def write_manifest(directory: Path, manifest: dict) -> Path:
-    """Written aside, flushed to disk, then renamed: a crash leaves the old manifest or the new."""
-    path = Path(directory) / MANIFEST_FILE
-    _write_atomic(path, (json.dumps(manifest, indent=2) + "\n").encode())
-    return path
 
 
 def read_manifest(patch_dir: Path) -> dict:
@@ -362,7 +354,7 @@ def model_card(manifest: dict, run_config: dict | None, scores: dict | None, *, 
                  "model. Evaluate it on its base, or merge it into a full checkpoint:", "",
                  "```bash", f"hf download {where} --local-dir patch",
                  f"onelayer eval --model {base} --patch patch",
-                 "onelayer export patch --output merged", "```"]
+                 "onelayer export --checkpoint patch --output merged", "```"]
     return "\n".join(front + body) + "\n"
 
 
@@ -377,12 +369,34 @@ def push_to_hub(directory: Path, repo: str, card: str, *, private: bool = False)
     try:
         api.create_repo(repo, private=private, exist_ok=True, repo_type="model")
         commit = api.upload_folder(repo_id=repo, folder_path=str(directory), repo_type="model",
-                                   commit_message="onelayer: upload", ignore_patterns=[".*", "**/.*"])
+                                   commit_message="onelayer: upload",
+                                   # A run directory's training checkpoints stay local.
+                                   ignore_patterns=[".*", "**/.*", "checkpoints/**"])
     except Exception as exc:  # token missing, no rights, network: many types, one meaning
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise UserError(f"cannot push {directory} to the hub as {repo}: {first} "
                         "(log in with `hf auth login` or set HF_TOKEN)")
     return str(getattr(commit, "commit_url", commit))
+
+
+def export_to(checkpoint: str, output: str | None, *, dtype: str | None, model: str | None,
+              repo: str | None, private: bool = False, progress: bool = True, echo=print) -> None:
+    """The `onelayer export` command: a full checkpoint in `output`, and/or a hub upload of it
+    (or of the patch itself when there is no `output`)."""
+    if not output and not repo:
+        raise UserError("give --output (a full checkpoint) and/or --push-to-hub REPO")
+    patch = Path(checkpoint)
+    manifest = read_manifest(patch)
+    run_config = _read_json(patch / CONFIG_FILE)
+    if output:
+        out = export_model(patch, Path(output), dtype=dtype, model=model, progress=progress)
+        echo(f"wrote {out}: {manifest['base_model']} with layer(s) "
+             f"{', '.join(map(str, manifest['layers']))} merged in")
+    if repo:
+        kind = "export" if output else "patch"
+        card = model_card(manifest, run_config, manifest.get("scores"), kind=kind, repo=repo)
+        url = push_to_hub(Path(output) if output else patch, repo, card, private=private)
+        echo(f"pushed the {kind} to {repo}: {url}")
 
 
 # ---- files ----

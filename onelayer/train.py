@@ -29,6 +29,7 @@ from .checkpoint import (CONFIG_FILE, LAYER_FILE, TrainingState, checkpoints, lo
                          save_checkpoint, save_layer)
 from .config import TrainConfig, config_json, resume_changes, task_options
 from .errors import RunStopped, UserError
+from .export import patch_manifest
 from .evaluate import drop_long_prompts, evaluate as score_task
 from .model import Policy, load_policy
 from .prompting import PromptStyle, check_style, prompt_fits, render_prompt
@@ -350,6 +351,9 @@ def train(cfg: TrainConfig, *, progress: bool = True, echo: Callable[[str], None
     policy = load_policy(cfg.model, layer=cfg.layer, frozen_dtype=cfg.frozen_dtype,
                          device=cfg.device, attn=cfg.attn, keep_reference=cfg.beta > 0)
     check_style(policy.tokenizer, prompt_style(cfg), cfg.model)
+    if cfg.patch and not saved:
+        load_trained_layer(policy, cfg.patch)   # refuses a patch made on another base model
+        echo(f"starting from the trained layer in {cfg.patch}")
     out = output_dir(cfg, policy, resumed)
     objective = build_objective(cfg, policy.device)
     optimizer = torch.optim.AdamW(policy.layer.parameters(), lr=cfg.lr,
@@ -370,6 +374,7 @@ def train(cfg: TrainConfig, *, progress: bool = True, echo: Callable[[str], None
     if job.held_out_dropped:
         echo(f"dropped {job.held_out_dropped} held-out prompts longer than --max-prompt-tokens "
              f"{cfg.max_prompt_tokens}")
+    manifest = patch_manifest(cfg.model, policy.model_path, [policy.split.layer_index])
     if saved:
         load_trained_layer(policy, resumed)
         optimizer.load_state_dict(saved.state.optimizer)
@@ -400,7 +405,7 @@ def train(cfg: TrainConfig, *, progress: bool = True, echo: Callable[[str], None
             last_saved = save_checkpoint(out, policy.layer.state_dict(),
                                          layer_index=policy.split.layer_index, base_model=cfg.model,
                                          run_config=json.loads(config_json(run_config)),
-                                         state=state, keep=cfg.keep)
+                                         state=state, keep=cfg.keep, manifest=manifest)
         except OSError as exc:
             echo(f"could not save the checkpoint of step {step}: {exc}; "
                  f"{f'the previous one, {last_saved}, is intact' if last_saved else 'none saved yet'}")
@@ -458,9 +463,11 @@ def train(cfg: TrainConfig, *, progress: bool = True, echo: Callable[[str], None
         echo(f"skipped {skipped} update(s) for a NaN/Inf loss or gradient (skipped_updates in the metrics)")
     final_config = dataclasses.replace(cfg, generation_batch=gen_batch.size, micro_batch=micro.size,
                                        resume=None)
+    scores = {"metric": job.metric, "task": job.name, "before": before, "after": after,
+              "held_out": job.held_out, "steps": cfg.steps}
     save_layer(out, policy.layer.state_dict(), layer_index=policy.split.layer_index,
                base_model=cfg.model, run_config=json.loads(config_json(final_config)),
-               step=cfg.steps)
+               step=cfg.steps, manifest={**manifest, "scores": scores})
     if history:
         plot_rewards(history, before, after, job.metric, out / "reward.png")
     seconds = time.perf_counter() - t_start

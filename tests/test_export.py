@@ -15,10 +15,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import ARCHS, COMMON
 from onelayer import export
-from onelayer.checkpoint import save_layer
+from onelayer.checkpoint import MANIFEST_FILE, save_layer, write_manifest
 from onelayer.errors import UserError
-from onelayer.export import (INDEX_FILE, MANIFEST_FILE, check_patch, export_model, hub_revision,
-                             layer_digest, model_card, patch_manifest, push_to_hub, write_manifest)
+from onelayer.export import (INDEX_FILE, check_patch, export_model, hub_revision, layer_digest,
+                             model_card, patch_manifest, push_to_hub)
 from onelayer.model.load import DEMO_PATH, read_layer_tensors
 
 LAYER = 2
