@@ -95,9 +95,9 @@ class ArrowTable(Table):
             text = pa.chunked_array([getattr(c, "storage", c) for c in col.chunks],
                                     type=getattr(col.type, "storage_type", col.type))
             absent = pc.or_(absent, pc.is_in(text, pa.array(['""', "[]", "{}", "null"])))
-        elif pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
-            absent = pc.or_(absent, pc.equal(pc.utf8_length(col), 0))
-        elif pa.types.is_binary(col.type) or pa.types.is_large_binary(col.type):
+        elif (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)
+              or pa.types.is_binary(col.type) or pa.types.is_large_binary(col.type)):
+            # byte length: from the offsets alone (utf8_length would read every character)
             absent = pc.or_(absent, pc.equal(pc.binary_length(col), 0))
         elif pa.types.is_list(col.type) or pa.types.is_large_list(col.type):
             absent = pc.or_(absent, pc.equal(pc.list_value_length(col), 0))
