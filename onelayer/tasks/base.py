@@ -79,7 +79,8 @@ class Task:
     system_prompt: str | None = None
     extra: dict = field(default_factory=dict)
     scorer: object | None = None  # rewards.Scorer
-    log: RewardLog = field(default_factory=RewardLog, compare=False, repr=False)
+    log: RewardLog = field(default_factory=RewardLog, compare=False, repr=False)  # training
+    eval_log: RewardLog = field(default_factory=RewardLog, compare=False, repr=False)
 
     def rewards(self, completions: Sequence[str], rows: Sequence[Row],
                 completion_ids: Sequence[Sequence[int]] | None = None) -> list[float]:
@@ -87,11 +88,12 @@ class Task:
         sum. A reward that raises scores 0 and is counted (reward_metrics)."""
         if self.scorer is not None:
             return self.scorer.score(self, completions, rows, completion_ids)
-        return self.eval_rewards(completions, rows)
+        return guarded(self.default_rewards, completions, rows, "task", self.log)
 
     def eval_rewards(self, completions: Sequence[str], rows: Sequence[Row]) -> list[float]:
-        """The task's own reward (what counts as solved), failures scored 0 and counted."""
-        return guarded(self.default_rewards, completions, rows, "task", self.log)
+        """The task's own reward (what counts as solved), failures scored 0; kept out of
+        reward_metrics, which describe training."""
+        return guarded(self.default_rewards, completions, rows, "task", self.eval_log)
 
     def default_rewards(self, completions: Sequence[str], rows: Sequence[Row]) -> list[float]:
         """The task's own reward over a batch. Tasks with slow rewards (code tests) replace
@@ -99,8 +101,9 @@ class Task:
         return [float(self.reward(c, r)) for c, r in zip(completions, rows)]
 
     def reward_metrics(self) -> dict:
-        """{"reward/<name>": mean, ..., "reward_errors": n, "reward_timeouts": n} over what was
-        scored since the last call (per-reward means only with a scorer); then starts over."""
+        """{"reward/<name>": mean, ..., "reward_errors": n, "reward_timeouts": n} over what
+        `rewards` scored since the last call (per-reward means only with a scorer); then starts
+        over."""
         if self.scorer is not None:
             return self.scorer.log.metrics()
         return self.log.metrics(per_reward=False)
