@@ -7,7 +7,7 @@ TASK_NAMES = ("arithmetic", "gsm8k", "math", "numina", "deepscaler", "mbpp", "hu
 
 
 def load_task(name_or_path: str, **options) -> Task:
-    """A built-in task by name, or a task from a dataset (local .jsonl/.json/.parquet file or
+    """A built-in task by name, or a task from a dataset (local .jsonl/.json/.parquet/.csv file or
     hub name "owner/name"). Bad names, files and options are a UserError.
 
     Options for dataset tasks (None means "the default"): dataset / test_dataset (replace a
@@ -15,10 +15,27 @@ def load_task(name_or_path: str, **options) -> Task:
     fraction held out of train when there is no test split), limit, seed, prompt_field,
     answer_field, tests_field, entry_point_field, reward ("math" or "code" for a dataset),
     chat, system_prompt, format_bonus (math), timeout and workers (code).
+
+    Options for any task: rewards (reward specs, see rewards.py) with reward_weights,
+    reward_timeout (seconds per plug-in call) and reward_workers: train on their weighted sum
+    instead of the task's own reward.
     """
+    options = {k: v for k, v in options.items() if v is not None}
+    plugins = {k: options.pop(k) for k in ("reward_weights", "reward_timeout", "reward_workers")
+               if k in options}
+    specs = options.pop("rewards", None)
+    task = _load_task(name_or_path, **options)
+    if specs:
+        from .rewards import with_rewards
+        task = with_rewards(task, specs, plugins.get("reward_weights"),
+                            timeout=plugins.get("reward_timeout"),
+                            workers=plugins.get("reward_workers"))
+    return task
+
+
+def _load_task(name_or_path: str, **options) -> Task:
     from ..errors import UserError
 
-    options = {k: v for k, v in options.items() if v is not None}
     if name_or_path == "arithmetic":
         from .arithmetic import arithmetic_task
         return arithmetic_task(**options)
@@ -36,4 +53,5 @@ def load_task(name_or_path: str, **options) -> Task:
         bad = str(e).split("argument", 1)[1].strip()
         raise UserError(f"task {name_or_path!r} takes no option {bad}") from None
     raise UserError(f"unknown task {name_or_path!r}: choose one of {', '.join(TASK_NAMES)} "
-                    "or give a dataset file (.jsonl, .json, .parquet) or hub name (owner/name)")
+                    "or give a dataset file (.jsonl, .json, .parquet, .csv) or hub name "
+                    "(owner/name)")

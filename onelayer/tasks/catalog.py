@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
+
 from ..errors import UserError
 from .base import Row, Task
-from .datasets import is_local, number_unit, read_rows, select_rows
+from .datasets import is_local, number_unit, read_table, select_rows
+from .rows import Rows
 
 MATH_INSTRUCTION = "Solve the problem step by step, then give the final answer in \\boxed{}."
 CODE_INSTRUCTION = "Write a Python solution in a single ```python code block."
@@ -87,7 +91,7 @@ def dataset_task(source: str, *, reward: str | None = None, config: str | None =
         # model on its own training rows.
         raise UserError(f"--test-split {test_split}: {source} is a single file with one split; "
                         "hold rows out with --test-size instead")
-    first = read_rows(source, config=config, split=split)[0][1]
+    first = read_table(source, config=config, split=split).columns  # the fields rows have
     kind = reward or ("code" if options.get("tests_field") or
                       any(k in first for k in ("test_list", "tests")) else "math")
     if kind not in ("math", "code"):
@@ -125,6 +129,8 @@ def build_task(name: str, spec: Spec, *, dataset: str | None = None,
     if limit is not None:
         train = train[:limit]
     if spec.kind == "math":
+        from .math import check_math_verify
+        check_math_verify()
         return MathTask(name=name, train=train, test=test, prompt=_math_prompt,
                         reward=None, chat=chat, system_prompt=system_prompt,
                         extra={"kind": "math", "source": train_src.dataset},
@@ -143,24 +149,29 @@ def _override(src: Source, dataset, config, split, remap) -> Source:
     return Source(src.dataset, config or src.config, split or src.split, fields, src.optional)
 
 
-def _canonical_rows(src: Source, kind: str) -> list[Row]:
-    rows = read_rows(src.dataset, config=src.config, split=src.split)
-    where = f"{src.dataset} ({src.split})" if not src.dataset.endswith(
-        (".jsonl", ".json", ".parquet")) else src.dataset
-    kept = select_rows(rows, src.fields, where, unit=number_unit(src.dataset))
-    out = []
-    for number, row in kept:
-        canon = {c: row[f] for c, f in src.fields.items()}
-        canon.update({c: row.get(f) or "" for c, f in src.optional.items()})
-        canon["prompt"], canon["line"] = str(canon["prompt"]), number
-        if kind == "math":
-            canon["answer"] = str(canon["answer"])
-        else:
-            canon["tests"] = _tests_list(canon["tests"], canon.get("entry_point"))
-            canon.setdefault("entry_point", "")
-            canon.setdefault("setup", "")
-        out.append(canon)
-    return out
+def _canonical_rows(src: Source, kind: str) -> Rows:
+    table = read_table(src.dataset, config=src.config, split=src.split)
+    where = f"{src.dataset} ({src.split})" if not is_local(src.dataset) or Path(
+        src.dataset).is_dir() else src.dataset
+    kept = select_rows(table, src.fields, where, unit=number_unit(src.dataset))
+    return Rows(table, kept, partial(_canonical, fields=src.fields, optional=src.optional,
+                                     kind=kind))
+
+
+def _canonical(row: dict, number: int, *, fields: dict, optional: dict, kind: str) -> Row:
+    """A dataset row as a task row: the canonical fields ("prompt", "answer" / "tests", ...,
+    "line"), then the row's other fields under their own names (for reward plug-ins)."""
+    canon = {c: row[f] for c, f in fields.items()}
+    canon.update({c: row.get(f) or "" for c, f in optional.items()})
+    canon["prompt"], canon["line"] = str(canon["prompt"]), number
+    if kind == "math":
+        canon["answer"] = str(canon["answer"])
+    else:
+        canon["tests"] = _tests_list(canon["tests"], canon.get("entry_point"))
+        canon.setdefault("entry_point", "")
+        canon.setdefault("setup", "")
+    canon.update((k, v) for k, v in row.items() if k not in canon)
+    return canon
 
 
 def _tests_list(tests, entry_point) -> list[str]:
@@ -169,16 +180,16 @@ def _tests_list(tests, entry_point) -> list[str]:
     return [str(t) for t in tests]
 
 
-def _hold_out(rows: list[Row], test_size: float, seed: int, name: str):
+def _hold_out(rows: Rows, test_size: float, seed: int, name: str) -> tuple[Rows, Rows]:
     n_test = int(test_size) if test_size >= 1 else max(1, round(len(rows) * test_size))
     if not 0 < n_test < len(rows):
         raise UserError(f"task {name!r}: test_size {test_size} leaves no train or no test rows "
                         f"out of {len(rows)}")
     order = list(range(len(rows)))
-    random.Random(seed).shuffle(order)
-    test = sorted(order[:n_test])
-    keep = set(test)
-    return [r for i, r in enumerate(rows) if i not in keep], [rows[i] for i in test]
+    random.Random(seed).shuffle(order)  # the same split as when rows were lists
+    is_test = np.zeros(len(rows), dtype=bool)
+    is_test[order[:n_test]] = True
+    return rows.take(np.flatnonzero(~is_test)), rows.take(np.flatnonzero(is_test))
 
 
 # -- math ------------------------------------------------------------------------------------
@@ -213,9 +224,9 @@ class CodeTask(Task):
             object.__setattr__(self, "reward", self._one)
 
     def _one(self, completion: str, row: Row) -> float:
-        return self.rewards([completion], [row])[0]
+        return self.default_rewards([completion], [row])[0]
 
-    def rewards(self, completions: Sequence[str], rows: Sequence[Row]) -> list[float]:
+    def default_rewards(self, completions: Sequence[str], rows: Sequence[Row]) -> list[float]:
         from .code import run_many
         programs = [program_for(c, r) for c, r in zip(completions, rows)]
         return run_many(programs, [r["tests"] for r in rows], timeout=self.timeout,

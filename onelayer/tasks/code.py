@@ -49,6 +49,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Iterator, Sequence
 
+from .base import RewardSetupError
+
 CHILD_SOURCE = (Path(__file__).parent / "_sandbox_child.py").read_text()
 # uids for the sandbox when the trainer runs as root: one per concurrent run, never a real user
 UID_BASE = int(os.environ.get("ONELAYER_SANDBOX_UID_BASE", "60000"))
@@ -59,7 +61,7 @@ REPORT_CAP = 1 << 20  # bytes read from the report pipe at most
 _FENCE = re.compile(r"```[ \t]*([\w+#-]*)[^\n]*\n(.*?)(?:```|\Z)", re.S)
 
 
-class SandboxError(RuntimeError):
+class SandboxError(RewardSetupError):
     """The sandbox could not be set up or verified; no untrusted code was run."""
 
 

@@ -69,6 +69,30 @@ def math_reward(completion: str, answer: str, *, timeout: int = TIMEOUT_S) -> fl
     return 1.0 if _equivalent(gold, pred, timeout) else 0.0
 
 
+_CHECKED = False  # set once the checker has passed its self-check in this process
+
+
+def check_math_verify() -> None:
+    """A UserError, when a math task is built, if math-verify cannot run: otherwise every
+    equivalent-but-not-identical answer would score 0 without a word. Checks that 1/2 and
+    0.5 are found equal (identical strings never reach math-verify)."""
+    global _CHECKED
+    if _CHECKED:
+        return
+    from ..errors import UserError
+    fix = "reinstall it: pip install --force-reinstall 'math-verify[antlr4_13_2]'"
+    try:
+        works = _equivalent("\\frac{1}{2}", "0.5", TIMEOUT_S)
+    except Exception as e:  # ImportError, a broken parser dependency
+        text = " ".join(str(e).split()) or type(e).__name__
+        raise UserError(f"the math answer checker (math-verify) cannot run "
+                        f"({type(e).__name__}: {text[:200]}); {fix}") from None
+    if not works:
+        raise UserError(f"the math answer checker (math-verify) runs but finds \\frac{{1}}{{2}} "
+                        f"and 0.5 different; {fix}")
+    _CHECKED = True
+
+
 def has_answer_format(completion: str) -> bool:
     """Whether the completion states a final answer in a form we can extract (format bonus)."""
     return extract_answer(completion) is not None
