@@ -24,6 +24,17 @@ TASK_FIELD_OPTIONS = [
     ("--format-bonus", float, "Math: reward added when a final answer can be extracted. [default: 0]"),
 ]
 
+# Rewards to train on instead of the task's own (train only; eval scores with the task's).
+REWARD_OPTIONS = [
+    ("--reward", str, "Reward to train on (repeatable; their weighted sum replaces the task's): task, "
+                      "math, code, format, length, package.module:function or path/to/file.py:function "
+                      "(TRL's reward-function convention; docs/tasks.md).", {"multiple": True}),
+    ("--reward-weight", float, "Weight of each --reward, in the same order (repeatable). [default: 1 each]",
+     {"multiple": True}),
+    ("--reward-timeout", float, "Seconds a plug-in reward call may run before its completion scores 0. "
+                                "[default: 30]"),
+]
+
 # How prompts are written and where completions stop (train and eval).
 PROMPT_OPTIONS = [
     ("--chat/--no-chat", None, "Wrap prompts in the model's chat template, or give plain text. "
@@ -47,6 +58,7 @@ TRAIN_OPTIONS = [
                      "layers sit). [default: mid]"),
     ("--task", str, "Built-in task name or a dataset file. [default: arithmetic]"),
     *TASK_FIELD_OPTIONS,
+    *REWARD_OPTIONS,
     ("--algo", click.Choice(["grpo", "dr_grpo", "gigpo"]), "Algorithm preset: advantage "
                      "estimator + loss aggregation + reward scaling (docs/algorithms.md). grpo: "
                      "group std, seq-mean-token-mean; dr_grpo: no std, seq-mean-token-sum-norm; "

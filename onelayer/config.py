@@ -31,6 +31,9 @@ class TrainConfig:
     test_size: float | None = None    # rows held out of train (or a fraction < 1) without a test split
     system_prompt: str | None = None
     format_bonus: float | None = None  # math: reward for an extractable final answer
+    reward: list[str] = field(default_factory=list)          # reward specs (docs/tasks.md); empty: the task's own
+    reward_weight: list[float] = field(default_factory=list)  # one per reward, same order; empty: 1 each
+    reward_timeout: float | None = None                       # seconds per plug-in call; None: 30
     algo: str = "grpo"
     steps: int = 200
     prompts_per_step: int = 8
@@ -152,7 +155,7 @@ def build_config(overrides: dict[str, Any], config_file: str | None = None) -> T
 # smaller batches) may change, and the change is printed.
 RESUME_FIXED = ("model", "layer", "task", "prompt_field", "answer_field", "tests_field",
                 "entry_point_field", "dataset_config", "split", "test_split", "test_size",
-                "system_prompt", "format_bonus", "algo", "env", "prompts_per_step", "group_size",
+                "system_prompt", "format_bonus", "reward", "reward_weight", "algo", "env", "prompts_per_step", "group_size",
                 "seed", "frozen_dtype", "chat", "chat_template_kwargs", "max_prompt_tokens")
 
 
@@ -213,6 +216,9 @@ def _coerce(name: str, value: Any) -> Any:
             return str(value)
         if kind == "dict":
             return _json_object(name, value)
+        if kind == "list[float]":
+            values = [value] if isinstance(value, (int, float, str)) else list(value)
+            return [float(v) for v in values]
         if kind == "list[str]":
             values = [value] if isinstance(value, str) else list(value)
             if all(isinstance(v, str) for v in values):
@@ -271,6 +277,8 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.eval_samples >= 0 and cfg.eval_every >= 0, "--eval-samples/--eval-every must be >= 0")
     need(all(cfg.stop), "--stop: a stop string cannot be empty")
     need(cfg.max_prompt_tokens >= 0, "--max-prompt-tokens must be >= 0 (0: no limit)")
+    need(len(cfg.reward_weight) in (0, len(cfg.reward)), "--reward-weight: give one weight per --reward")
+    need(cfg.reward_timeout is None or cfg.reward_timeout > 0, "--reward-timeout must be positive")
     need(cfg.save_every >= 0 and cfg.keep >= 0, "--save-every and --keep must be >= 0")
     need(cfg.max_bad_steps >= 1, "--max-bad-steps must be >= 1")
     need(not (cfg.env and (cfg.max_prompt_tokens or cfg.mask_truncated)),
@@ -286,6 +294,12 @@ def task_options(cfg) -> dict[str, Any]:
                    test_size=int(size) if size is not None and size >= 1 else size,
                    system_prompt=cfg.system_prompt, format_bonus=cfg.format_bonus)
     return {k: v for k, v in options.items() if v is not None}
+
+
+def reward_options(cfg) -> dict[str, Any]:
+    """load_task's reward plug-in options (train only: eval scores with the task's own reward)."""
+    return {"rewards": list(cfg.reward), "reward_weights": list(cfg.reward_weight),
+            "reward_timeout": cfg.reward_timeout} if cfg.reward else {}
 
 
 def config_json(cfg: TrainConfig) -> str:

@@ -55,7 +55,7 @@ def evaluate(lm, tokenizer, task: Task, rows: Sequence[Row], *, max_new_tokens: 
         prompts = [render_prompt(tokenizer, task, r, style) for r in chunk]
         rollout = generate_completions(lm, tokenizer, prompts, params, repeat=k,
                                        generator=generator)
-        rewards = task.rewards(rollout.texts, [r for r in chunk for _ in range(k)])
+        rewards = task.eval_rewards(rollout.texts, [r for r in chunk for _ in range(k)])
         for i, row in enumerate(chunk):
             mine = rewards[i * k:(i + 1) * k]
             per_problem.append({"prompt": task.prompt(row), "completions": rollout.texts[i * k:(i + 1) * k],

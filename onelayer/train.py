@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import (CONFIG_FILE, LAYER_FILE, TrainingState, checkpoints, load_checkpoint,
                          save_checkpoint, save_layer)
-from .config import TrainConfig, config_json, resume_changes, task_options
+from .config import TrainConfig, config_json, resume_changes, reward_options, task_options
 from .errors import RunStopped, UserError
 from .export import patch_manifest
 from .evaluate import drop_long_prompts, evaluate as score_task
@@ -279,7 +279,7 @@ def task_job(task: Task, policy: Policy, optimizer, cfg: TrainConfig, objective:
         metrics = rl_step(policy, optimizer, task, rows.take(cfg.prompts_per_step), cfg,
                           objective, rows.take, generator=generator, gen_batch=gen_batch,
                           micro=micro)
-        return {**metrics, "prompts_dropped": rows.dropped - dropped}
+        return {**metrics, "prompts_dropped": rows.dropped - dropped, **task.reward_metrics()}
 
     def score(label: str) -> float:
         with tqdm(total=len(test_rows), desc=f"eval ({label})", disable=not progress,
@@ -344,7 +344,7 @@ def train(cfg: TrainConfig, *, progress: bool = True, echo: Callable[[str], None
     if cfg.env:
         check_env(cfg)
     else:
-        task = load_task(cfg.task, **task_options(cfg))
+        task = load_task(cfg.task, **task_options(cfg), **reward_options(cfg))
         if not task.train:
             raise UserError(f"task {cfg.task}: no training rows")
     cfg = fit_batches(cfg, echo)
