@@ -168,8 +168,20 @@ def _read_table_cached(source: str, config: str | None, split: str, stamp) -> Ta
 
 
 def _load(builder: str, path: Path, **kwargs):
+    """The file as a memory-mapped Arrow table, quietly: a parse failure is reported by our own
+    reader with its line number, one line, not by datasets' progress bars and error log."""
     import datasets
-    return datasets.load_dataset(builder, data_files=str(path), split="train", **kwargs)
+    from datasets.utils import logging as ds_logging
+
+    bars, level = ds_logging.is_progress_bar_enabled(), ds_logging.get_verbosity()
+    ds_logging.disable_progress_bar()
+    ds_logging.set_verbosity(ds_logging.CRITICAL + 10)
+    try:
+        return datasets.load_dataset(builder, data_files=str(path), split="train", **kwargs)
+    finally:
+        ds_logging.set_verbosity(level)
+        if bars:
+            ds_logging.enable_progress_bar()
 
 
 def _read_jsonl(path: Path) -> Table:
