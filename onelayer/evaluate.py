@@ -82,14 +82,16 @@ def drop_long_prompts(tokenizer, task: Task, style: PromptStyle, rows: list[Row]
 
 
 def load_trained_layer(policy, directory: str | Path) -> dict:
-    """Put a saved layer's weights into the policy (same layer index); returns its metadata."""
+    """Put a saved layer's (or layers') weights into the policy (same layers); returns its
+    metadata."""
     try:
         tensors, meta = load_layer(Path(directory))
+        held = meta.get("layers", meta["layer_index"])   # checkpoints of one layer before "layers"
     except (OSError, KeyError) as exc:
         raise UserError(f"{directory}: not a onelayer layer checkpoint ({exc})")
-    if int(meta["layer_index"]) != policy.split.layer_index:
-        raise UserError(f"{directory} holds layer {meta['layer_index']}, the model was split at "
-                        f"layer {policy.split.layer_index}")
+    if held != policy.layer.spec:
+        what = "all parameters" if held == "all" else f"layer{'s' * (',' in held)} {held}"
+        raise UserError(f"{directory} holds {what}, the model was set up to train {policy.layer.label}")
     missing = set(policy.layer.master) ^ set(tensors)
     if missing:
         raise UserError(f"{directory}: weights do not match the model's layer ({sorted(missing)[:3]})")

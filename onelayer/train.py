@@ -175,7 +175,7 @@ def output_dir(cfg: TrainConfig, policy: Policy) -> Path:
     else:
         name = Path(cfg.model).name if cfg.model != "demo" else "demo"
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-        path = Path("runs") / f"{name}-L{policy.split.layer_index}-{stamp}"
+        path = Path("runs") / f"{name}-L{policy.layer.spec.replace(',', '+')}-{stamp}"
     if path.exists() and not path.is_dir():
         raise UserError(f"--output {path} exists and is not a directory")
     if any((path / f).exists() for f in (LAYER_FILE, CONFIG_FILE)):
@@ -271,8 +271,8 @@ def train(cfg: TrainConfig, *, progress: bool = True, echo: Callable[[str], None
     generator = torch.Generator(policy.device).manual_seed(cfg.seed)
     job = (agentic_job(policy, optimizer, cfg, objective, generator) if cfg.env else
            task_job(task, policy, optimizer, cfg, objective, generator, progress))
-    echo(f"onelayer: {cfg.model} ({policy.split.num_layers} layers), training layer "
-         f"{policy.split.layer_index} with {cfg.algo} on {job.name}; frozen {policy.frozen_dtype}, "
+    echo(f"onelayer: {cfg.model} ({policy.split.num_layers} layers), training "
+         f"{policy.layer.label} with {cfg.algo} on {job.name}; frozen {policy.frozen_dtype}, "
          f"{policy.device.type}; output {out}")
     if job.held_out_dropped:
         echo(f"dropped {job.held_out_dropped} held-out prompts longer than --max-prompt-tokens "
@@ -303,11 +303,12 @@ def train(cfg: TrainConfig, *, progress: bool = True, echo: Callable[[str], None
         echo(f"dropped {dropped} training prompts longer than --max-prompt-tokens "
              f"{cfg.max_prompt_tokens} (prompts_dropped in the metrics)")
     save_layer(out, policy.layer.state_dict(), layer_index=policy.split.layer_index,
-               base_model=cfg.model, run_config=json.loads(config_json(cfg)), step=cfg.steps)
+               layers=policy.layer.spec, base_model=cfg.model,
+               run_config=json.loads(config_json(cfg)), step=cfg.steps)
     if history:
         plot_rewards(history, before, after, job.metric, out / "reward.png")
     seconds = time.perf_counter() - t_start
-    echo(f"saved layer {policy.split.layer_index} to {out / LAYER_FILE} ({seconds:.0f} s in all)")
+    echo(f"saved {policy.layer.label} to {out / LAYER_FILE} ({seconds:.0f} s in all)")
     return TrainResult(before, after, cfg.steps, seconds, out)
 
 
