@@ -162,7 +162,7 @@ def run_eval(cfg: EvalConfig, *, progress: bool = True, echo=print) -> EvalResul
     label = run.model
     if cfg.layer_checkpoint:
         meta = load_trained_layer(policy, cfg.layer_checkpoint)
-        label += f" + layer {meta['layer_index']} ({cfg.layer_checkpoint})"
+        label += f" + {policy.layer.label} ({cfg.layer_checkpoint})"
     with tqdm(total=len(rows), desc=f"eval {task.name}", disable=not progress) as bar:
         result = evaluate(policy.split.lm, policy.tokenizer, task, rows, k=cfg.k,
                           max_new_tokens=run.max_new_tokens, temperature=cfg.temperature,
