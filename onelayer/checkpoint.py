@@ -1,7 +1,7 @@
 """Checkpoints.
 
 A layer checkpoint (the shareable artefact, ~0.8 GB for an 8B model) is a directory with the
-trained block's fp32 weights under their full names (layer.safetensors) and the run config.
+trained blocks' fp32 weights under their full names (layer.safetensors) and the run config.
 A training checkpoint is a layer checkpoint plus what continues the run exactly: AdamW state,
 step, data position, every random state and the metrics so far. Training checkpoints live in
 OUTPUT/checkpoints/step-NNNNNN; each is written under a hidden temporary name, fsynced and
@@ -40,14 +40,17 @@ _STEP_DIR = re.compile(r"step-(\d+)")
 
 
 def save_layer(directory: Path, tensors: dict[str, torch.Tensor], *, layer_index: int,
-               base_model: str, run_config: dict, step: int, manifest: dict | None = None) -> Path:
-    """Write the block's weights under their full checkpoint names (model.layers.L.*), the run
-    config and the patch manifest (onelayer.export.patch_manifest); each file appears whole or
-    not at all (written aside, then renamed)."""
+               base_model: str, run_config: dict, step: int, layers: str | None = None,
+               manifest: dict | None = None) -> Path:
+    """Write the trained weights, keyed by their full checkpoint names (model.layers.L.*), the
+    run config and the patch manifest (onelayer.export.patch_manifest); each file appears whole
+    or not at all (written aside, then renamed). layer_index: the first trained layer; layers:
+    all of them ("3,5" or "all"; default: it)."""
     directory.mkdir(parents=True, exist_ok=True)
-    named = {f"model.layers.{layer_index}.{k}": v.contiguous() for k, v in tensors.items()}
+    named = {k: v.contiguous() for k, v in tensors.items()}
     metadata = {"format": "pt", "onelayer": "1", "base_model": base_model,
-                "layer_index": str(layer_index), "dtype": "float32", "step": str(step)}
+                "layer_index": str(layer_index), "layers": layers or str(layer_index),
+                "dtype": "float32", "step": str(step)}
     _atomic(directory / LAYER_FILE, lambda tmp: save_file(named, tmp, metadata=metadata))
     _atomic(directory / CONFIG_FILE,
             lambda tmp: Path(tmp).write_text(json.dumps(run_config, indent=2) + "\n"))
@@ -63,11 +66,9 @@ def write_manifest(directory: Path, manifest: dict) -> Path:
 
 
 def load_layer(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """(tensors keyed by name inside the block, metadata) of a saved layer."""
+    """(tensors keyed by full checkpoint name, metadata) of a saved layer (or layers)."""
     with safe_open(str(Path(directory) / LAYER_FILE), framework="pt") as f:
-        meta = f.metadata()
-        prefix = f"model.layers.{meta['layer_index']}."
-        return {k[len(prefix):]: f.get_tensor(k) for k in f.keys()}, meta
+        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
 
 
 @dataclass
@@ -81,7 +82,7 @@ class TrainingState:
 
 def save_checkpoint(output: Path, tensors: dict[str, torch.Tensor], *, layer_index: int,
                     base_model: str, run_config: dict, state: TrainingState, keep: int = 0,
-                    manifest: dict | None = None) -> Path:
+                    layers: str | None = None, manifest: dict | None = None) -> Path:
     """OUTPUT/checkpoints/step-NNNNNN, complete or absent. keep > 0: only the newest `keep`
     checkpoints are left afterwards. An OSError (disk full, ...) leaves the earlier ones intact."""
     root = Path(output) / CHECKPOINTS
@@ -91,7 +92,7 @@ def save_checkpoint(output: Path, tensors: dict[str, torch.Tensor], *, layer_ind
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; a checkpoint is ordinary output
     try:
         save_layer(tmp, tensors, layer_index=layer_index, base_model=base_model,
-                   run_config=run_config, step=state.step, manifest=manifest)
+                   run_config=run_config, step=state.step, layers=layers, manifest=manifest)
         torch.save(state.optimizer, tmp / OPTIMIZER_FILE)
         torch.save(state.random, tmp / RANDOM_FILE)
         (tmp / STATE_FILE).write_text(json.dumps({"step": state.step, **state.trainer}) + "\n")

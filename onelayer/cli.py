@@ -53,9 +53,10 @@ PROMPT_OPTIONS = [
 TRAIN_OPTIONS = [
     ("--model", str, "Hub id (Qwen/Qwen3-8B), local model directory, or 'demo': the packaged "
                      "tiny arithmetic model. [default: demo]"),
-    ("--layer", str, "Layer to train: an index (negative counts from the end), 'mid' "
-                     "(floor(N/2 - 1/2)) or 'auto' (~44% of depth, where the paper's best "
-                     "layers sit). [default: mid]"),
+    ("--layer", str, "What to train: an index (negative counts from the end), a list '3,5,7', "
+                     "'mid' (floor(N/2 - 1/2)), 'mid-k' (the k middle layers), 'auto' (~44% of "
+                     "depth, where the paper's best layers sit) or 'all' (full-parameter RL, "
+                     "the baseline of `contribution`; no NF4). [default: mid]"),
     ("--task", str, "Built-in task name or a dataset file. [default: arithmetic]"),
     *TASK_FIELD_OPTIONS,
     *REWARD_OPTIONS,

@@ -18,7 +18,7 @@ AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 class TrainConfig:
     """Defaults suit a real model (the paper's AdamW learning rate 5e-6, no KL, clip 0.2)."""
     model: str = "demo"                # hub id, local directory, or "demo" (the packaged tiny model)
-    layer: str = "mid"                 # index, "mid" or "auto"
+    layer: str = "mid"                 # index, "a,b,c", "mid", "mid-k", "auto" or "all"
     task: str = "arithmetic"
     # Dataset tasks (onelayer.tasks.load_task): where the data is and which fields hold what.
     prompt_field: str | None = None

@@ -82,9 +82,9 @@ def drop_long_prompts(tokenizer, task: Task, style: PromptStyle, rows: list[Row]
 
 
 def load_trained_layer(policy, directory: str | Path) -> dict:
-    """Put a saved layer's weights into the policy (same layer index); returns its metadata.
-    A layer saved with a manifest (every one since patches exist) must come from this very base
-    model: its digest of the replaced block is checked first."""
+    """Put a saved layer's (or layers') weights into the policy (same layers); returns its
+    metadata. A layer saved with a manifest (every one since patches exist) must come from this
+    very base model: its digest of the replaced blocks is checked first."""
     from .checkpoint import MANIFEST_FILE
     from .export import check_patch
 
@@ -92,11 +92,12 @@ def load_trained_layer(policy, directory: str | Path) -> dict:
         check_patch(Path(directory), policy.model_path, policy.model_name)
     try:
         tensors, meta = load_layer(Path(directory))
+        held = meta.get("layers", meta["layer_index"])   # checkpoints of one layer before "layers"
     except (OSError, KeyError) as exc:
         raise UserError(f"{directory}: not a onelayer layer checkpoint ({exc})")
-    if int(meta["layer_index"]) != policy.split.layer_index:
-        raise UserError(f"{directory} holds layer {meta['layer_index']}, the model was split at "
-                        f"layer {policy.split.layer_index}")
+    if held != policy.layer.spec:
+        what = "all parameters" if held == "all" else f"layer{'s' * (',' in held)} {held}"
+        raise UserError(f"{directory} holds {what}, the model was set up to train {policy.layer.label}")
     missing = set(policy.layer.master) ^ set(tensors)
     if missing:
         raise UserError(f"{directory}: weights do not match the model's layer ({sorted(missing)[:3]})")
@@ -166,8 +167,8 @@ def run_eval(cfg: EvalConfig, *, progress: bool = True, echo=print) -> EvalResul
              f"--max-prompt-tokens {run.max_prompt_tokens}")
     label = run.model
     if cfg.layer_checkpoint:
-        meta = load_trained_layer(policy, cfg.layer_checkpoint)
-        label += f" + layer {meta['layer_index']} ({cfg.layer_checkpoint})"
+        load_trained_layer(policy, cfg.layer_checkpoint)
+        label += f" + {policy.layer.label} ({cfg.layer_checkpoint})"
     with tqdm(total=len(rows), desc=f"eval {task.name}", disable=not progress) as bar:
         result = evaluate(policy.split.lm, policy.tokenizer, task, rows, k=cfg.k,
                           max_new_tokens=run.max_new_tokens, temperature=cfg.temperature,

@@ -198,7 +198,7 @@ def output_dir(cfg: TrainConfig, policy: Policy, resumed: Path | None) -> Path:
     else:
         name = Path(cfg.model).name if cfg.model != "demo" else "demo"
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-        path = Path("runs") / f"{name}-L{policy.split.layer_index}-{stamp}"
+        path = Path("runs") / f"{name}-L{policy.layer.spec.replace(',', '+')}-{stamp}"
     if path.exists() and not path.is_dir():
         raise UserError(f"--output {path} exists and is not a directory")
     if resumed is None and any((path / f).exists() for f in (LAYER_FILE, CONFIG_FILE)):
@@ -367,14 +367,17 @@ def train(cfg: TrainConfig, *, progress: bool = True, echo: Callable[[str], None
                        needs=lambda size: planned_need(cfg, micro_batch=size), echo=echo)
     job = (agentic_job(policy, optimizer, cfg, objective, generator, micro) if cfg.env else
            task_job(task, policy, optimizer, cfg, objective, generator, progress, gen_batch, micro))
-    echo(f"onelayer: {cfg.model} ({policy.split.num_layers} layers), training layer "
-         f"{policy.split.layer_index} with {cfg.algo} on {job.name}; frozen {policy.frozen_dtype}, "
+    echo(f"onelayer: {cfg.model} ({policy.split.num_layers} layers), training "
+         f"{policy.layer.label} with {cfg.algo} on {job.name}; frozen {policy.frozen_dtype}, "
          f"{policy.device.type}; output {out}")
     check_writable(out, policy, cfg)
     if job.held_out_dropped:
         echo(f"dropped {job.held_out_dropped} held-out prompts longer than --max-prompt-tokens "
              f"{cfg.max_prompt_tokens}")
-    manifest = patch_manifest(cfg.model, policy.model_path, [policy.split.layer_index])
+    # A patch names its base and a digest of the blocks it replaces; a full-parameter run
+    # replaces the whole model and is no patch.
+    manifest = (None if policy.split.full else
+                patch_manifest(cfg.model, policy.model_path, policy.layer_indices))
     if saved:
         load_trained_layer(policy, resumed)
         optimizer.load_state_dict(saved.state.optimizer)
@@ -403,7 +406,8 @@ def train(cfg: TrainConfig, *, progress: bool = True, echo: Callable[[str], None
                               {"score_before": before, "history": history, "output": str(out)})
         try:
             last_saved = save_checkpoint(out, policy.layer.state_dict(),
-                                         layer_index=policy.split.layer_index, base_model=cfg.model,
+                                         layer_index=policy.split.layer_index,
+                                         layers=policy.layer.spec, base_model=cfg.model,
                                          run_config=json.loads(config_json(run_config)),
                                          state=state, keep=cfg.keep, manifest=manifest)
         except OSError as exc:
@@ -466,12 +470,13 @@ def train(cfg: TrainConfig, *, progress: bool = True, echo: Callable[[str], None
     scores = {"metric": job.metric, "task": job.name, "before": before, "after": after,
               "held_out": job.held_out, "steps": cfg.steps}
     save_layer(out, policy.layer.state_dict(), layer_index=policy.split.layer_index,
-               base_model=cfg.model, run_config=json.loads(config_json(final_config)),
-               step=cfg.steps, manifest={**manifest, "scores": scores})
+               layers=policy.layer.spec, base_model=cfg.model,
+               run_config=json.loads(config_json(final_config)), step=cfg.steps,
+               manifest=manifest and {**manifest, "scores": scores})
     if history:
         plot_rewards(history, before, after, job.metric, out / "reward.png")
     seconds = time.perf_counter() - t_start
-    echo(f"saved layer {policy.split.layer_index} to {out / LAYER_FILE} ({seconds:.0f} s in all)")
+    echo(f"saved {policy.layer.label} to {out / LAYER_FILE} ({seconds:.0f} s in all)")
     return TrainResult(before, after, cfg.steps, seconds, out)
 
 

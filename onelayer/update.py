@@ -10,6 +10,9 @@
 Micro-batching is exact: the aggregation's normaliser (the minibatch's sequence count S and,
 for token-mean, its unmasked token count) is the minibatch's, handed to every micro-batch, so
 the micro-batches' losses and gradients add up to those of the whole minibatch.
+
+Several trained layers take the same path (h_L is the input of the first of them); `--layer
+all` caches nothing (h_L is the token ids) and its loss also gives lm_head a gradient.
 """
 from __future__ import annotations
 
@@ -19,10 +22,12 @@ from typing import Callable, Iterator
 
 import torch
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
-from .algos import advantages_fn, select_loss_impl
+from .algos import advantages_fn, default_chunk_size, policy_loss, select_loss_impl
 from .config import TrainConfig
-from .model import Policy
+from .errors import UserError
+from .model import Policy, full_parameter
 from .resilience import HalveOnOOM
 from .rollout import Rollout, SamplingParams
 
@@ -44,6 +49,7 @@ class Objective:
     eps_high: float
     beta: float
     max_len: int
+    trains_head: bool = False   # loss_fn gives lm_head's weight a gradient (--layer all)
 
 
 @dataclass(frozen=True)
@@ -69,10 +75,20 @@ class Job:
 
 
 def build_objective(cfg: TrainConfig, device: torch.device) -> Objective:
-    loss_fn, logprobs_fn = select_loss_impl(cfg.loss_impl, device)
+    trains_head = full_parameter(cfg.layer)
+    if trains_head:
+        # The fused losses (torch reference and Triton kernel) give the hidden states alone a
+        # gradient: lm_head is frozen in single-layer training. Full-parameter RL needs its
+        # weight gradient too, which `head_trained_loss` gives (torch, chunked).
+        if cfg.loss_impl == "triton":
+            raise UserError("--layer all trains lm_head, which the Triton loss cannot: use --loss-impl "
+                            "torch or auto")
+        loss_fn, logprobs_fn = head_trained_loss, select_loss_impl("torch", device)[1]
+    else:
+        loss_fn, logprobs_fn = select_loss_impl(cfg.loss_impl, device)
     return Objective(loss_fn, logprobs_fn, advantages_fn(cfg.loss_impl, device),
                      ADVANTAGE_MODE[cfg.reward_scaling], cfg.aggregation, cfg.temperature, cfg.eps_low,
-                     cfg.eps_high, cfg.beta, cfg.max_new_tokens)
+                     cfg.eps_high, cfg.beta, cfg.max_new_tokens, trains_head)
 
 
 def schedule(cfg: TrainConfig) -> Schedule:
@@ -97,8 +113,11 @@ def micro_batches(rows: Tensor, size: int) -> Iterator[Tensor]:
 
 def prefix_cache(policy: Policy, rollout: Rollout, micro_batch: int) -> Tensor:
     """h_L [B, S, H] in the compute dtype: the prefix run once, micro-batch by micro-batch, into
-    one preallocated tensor (an ordinary tensor: layer L may save it for backward)."""
+    one preallocated tensor (an ordinary tensor: layer L may save it for backward). With every
+    parameter trained there is no prefix: the token ids [B, S]."""
     split = policy.split
+    if split.full:
+        return rollout.sequences
     batch, length = rollout.sequences.shape
     h = torch.empty(batch, length, split.embed.embedding_dim, dtype=policy.compute_dtype,
                     device=rollout.sequences.device)
@@ -135,13 +154,13 @@ def completion_hidden(policy: Policy, h: Tensor, rollout: Rollout, rows: Tensor,
 def frozen_logprobs(policy: Policy, h: Tensor, rollout: Rollout, objective: Objective,
                     params: dict | None, micro_batch: int = 0) -> Tensor:
     """Per-token log-probs [B, C] (0 on padding) with the given layer weights, no grad."""
-    lm_head, logits = policy.split.lm_head, policy.split.logits
+    (weight, bias), logits = policy.split.head(params), policy.split.logits
     out = torch.zeros(rollout.completion_mask.shape, dtype=torch.float32, device=h.device)
     for rows in micro_batches(torch.arange(len(out), device=h.device), micro_batch):
         mask, targets, _ = completion_tokens(rollout, rows)
         hidden = completion_hidden(policy, h, rollout, rows, params)
         part = torch.zeros(mask.shape, dtype=torch.float32, device=h.device)
-        part[mask] = objective.logprobs_fn(hidden, lm_head.weight, targets, lm_head.bias,
+        part[mask] = objective.logprobs_fn(hidden, weight, targets, bias,
                                            temperature=objective.temperature,
                                            logit_scale=logits.scale, softcap=logits.softcap)
         out[rows] = part
@@ -165,6 +184,9 @@ def optimize(policy: Policy, optimizer, rollout: Rollout, token_advantages: Tens
     of memory (None: plan.micro_batch, fixed). Each phase below is retried whole, which is
     exact: an update starts by zeroing the gradient and ends with its optimizer step."""
     micro = micro or HalveOnOOM("--micro-batch", plan.micro_batch)
+    if objective.trains_head != policy.split.full:
+        raise ValueError("the objective was built for another --layer than the policy's "
+                         "(full-parameter training needs the lm_head gradient)")
     batch = rollout.sequences.shape[0]
     h = micro.run(lambda size: prefix_cache(policy, rollout, size), batch)  # once per batch
     old_logprobs = micro.run(
@@ -221,12 +243,13 @@ def micro_batch_loss(policy: Policy, h: Tensor, rollout: Rollout, rows: Tensor,
                      ) -> tuple[Tensor, dict]:
     """The loss of rows `rows` as their share of the minibatch's loss (its normalisers)."""
     mask, targets, seq_ids = completion_tokens(rollout, rows)
-    hidden = completion_hidden(policy, h, rollout, rows, policy.layer.policy_params())
-    lm_head, logits = policy.split.lm_head, policy.split.logits
+    params = policy.layer.policy_params()
+    hidden = completion_hidden(policy, h, rollout, rows, params)
+    (weight, bias), logits = policy.split.head(params), policy.split.logits
     return objective.loss_fn(
-        hidden, lm_head.weight, targets, old_logprobs[rows][mask], token_advantages[rows][mask],
+        hidden, weight, targets, old_logprobs[rows][mask], token_advantages[rows][mask],
         torch.ones_like(targets, dtype=torch.float32), seq_ids,
-        None if ref_logprobs is None else ref_logprobs[rows][mask], lm_head.bias,
+        None if ref_logprobs is None else ref_logprobs[rows][mask], bias,
         temperature=objective.temperature, logit_scale=logits.scale, softcap=logits.softcap,
         eps_low=objective.eps_low, eps_high=objective.eps_high, beta=objective.beta,
         aggregation=objective.aggregation, max_len=objective.max_len, num_seqs=num_seqs,
@@ -238,6 +261,49 @@ def step_metrics(stats: list[dict]) -> dict:
     for a NaN/Inf loss or gradient."""
     metrics = {k: sum(s[k] for s in stats) / len(stats) for k in stats[0] if k != "skipped"}
     return {**metrics, "skipped_updates": int(sum(s["skipped"] for s in stats))}
+
+
+def head_trained_loss(hidden: Tensor, weight: Tensor, targets: Tensor, old_logprobs: Tensor,
+                      advantages: Tensor, mask: Tensor, seq_ids: Tensor, ref_logprobs: Tensor | None = None,
+                      bias: Tensor | None = None, *, temperature: float = 1.0, logit_scale: float = 1.0,
+                      softcap: float | None = None, eps_low: float = 0.2, eps_high: float = 0.2,
+                      beta: float = 0.0, aggregation: str = "token-mean", max_len: int | None = None,
+                      num_seqs: int | None = None, num_tokens: Tensor | float | None = None,
+                      chunk_size: int | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    """`fused_linear_policy_loss_reference` with gradients into `weight` and `bias` too (the
+    trained lm_head of `--layer all`). Chunked like `chunked_logprobs`, each chunk
+    checkpointed: one chunk's [C, V] logits (and their autograd temporaries, a few more [C, V]
+    buffers) alive at a time, recomputed in backward; never the [T, V] logits."""
+    chunk = chunk_size or default_chunk_size(weight.shape[0])
+    transform = (float(logit_scale), None if softcap is None else float(softcap), float(temperature))
+    parts = [checkpoint(_chunk_logprobs, hidden[s:s + chunk], weight, bias, targets[s:s + chunk], transform,
+                        use_reentrant=False) for s in range(0, hidden.shape[0], chunk)]
+    logp = torch.cat([p[0] for p in parts]) if parts else hidden.new_zeros(0, dtype=torch.float32)
+    entropy = torch.cat([p[1] for p in parts]) if parts else logp.detach()
+    loss, metrics = policy_loss(logp, old_logprobs, advantages, mask, seq_ids, ref_logprobs, eps_low=eps_low,
+                                eps_high=eps_high, beta=beta, aggregation=aggregation, max_len=max_len,
+                                num_seqs=num_seqs, num_tokens=num_tokens)
+    m = mask.float()
+    metrics["entropy"] = (entropy * m).sum() / m.sum().clamp_min(1.0)
+    return loss, metrics
+
+
+def _chunk_logprobs(h: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor,
+                    transform: tuple) -> tuple[Tensor, Tensor]:
+    """(log p(targets) [C], entropy [C], no grad) of softcap(scale * (h W^T + b)) / T."""
+    scale, cap, temperature = transform
+    z = (h @ weight.T if bias is None else torch.addmm(bias, h, weight.T)).float()   # [C, V]
+    if scale != 1.0:
+        z = z * scale
+    if cap is not None:
+        z = torch.tanh(z / cap) * cap
+    if temperature != 1.0:
+        z = z / temperature
+    lse = torch.logsumexp(z, dim=-1)
+    logp = z.gather(1, targets[:, None].long())[:, 0] - lse
+    with torch.no_grad():
+        entropy = lse - (torch.softmax(z, dim=-1) * z).sum(-1)
+    return logp, entropy
 
 
 def sync_device(device: torch.device) -> None:

@@ -41,7 +41,7 @@ def hf_logprobs(lm, rollout, temperature=TEMPERATURE):
 
 def frozen_but_layer(lm, layer):
     lm.requires_grad_(False)
-    params = dict(lm.model.layers[layer].named_parameters())
+    params = {f"model.layers.{layer}.{n}": p for n, p in lm.model.layers[layer].named_parameters()}
     for p in params.values():
         p.requires_grad_(True)
     return params

@@ -42,14 +42,14 @@ def tiny_qwen3(path: Path, *, seed: int = 0, dtype=torch.float32, shard: str = S
 def make_patch(path: Path, base: Path, *, seed: int = 1, manifest: bool = True, scale=0.05) -> dict:
     """A patch of block LAYER with random fp32 weights; returns them under their full names."""
     generator = torch.Generator().manual_seed(seed)
-    tensors = {k: torch.randn(v.shape, generator=generator) * scale
+    tensors = {f"model.layers.{LAYER}.{k}": torch.randn(v.shape, generator=generator) * scale
                for k, v in read_layer_tensors(base, LAYER).items()}
     save_layer(path, tensors, layer_index=LAYER, base_model=str(base),
                run_config={"model": str(base), "layer": str(LAYER), "task": "arithmetic",
                            "algo": "grpo", "steps": 3}, step=3)
     if manifest:
         write_manifest(path, patch_manifest(str(base), base, [LAYER]))
-    return {f"model.layers.{LAYER}.{k}": v for k, v in tensors.items()}
+    return tensors
 
 
 def reference_logits(base: Path, patch: dict, dtype=torch.float32) -> tuple[torch.Tensor, dict]:
@@ -297,12 +297,13 @@ def test_export_demo_patch_finds_its_base(tmp_path):
     from onelayer.export import patch_base_model
 
     generator = torch.Generator().manual_seed(0)
-    tensors = {k: torch.randn(v.shape, generator=generator) for k, v in read_layer_tensors(DEMO_PATH, 3).items()}
+    tensors = {f"model.layers.3.{k}": torch.randn(v.shape, generator=generator)
+               for k, v in read_layer_tensors(DEMO_PATH, 3).items()}
     save_layer(tmp_path / "patch", tensors, layer_index=3, base_model="demo",
                run_config={"model": "demo"}, step=1)
     assert patch_base_model(tmp_path / "patch") == "demo"
     write_manifest(tmp_path / "patch", patch_manifest("demo", DEMO_PATH, [3]))
     out = export_model(tmp_path / "patch", tmp_path / "out", progress=False)
     merged = safetensors.torch.load_file(out / "model.safetensors")
-    assert all(torch.equal(merged[f"model.layers.3.{k}"], v) for k, v in tensors.items())
+    assert all(torch.equal(merged[k], v) for k, v in tensors.items())
     assert "| base model | demo |" in (out / "README.md").read_text()

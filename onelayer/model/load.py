@@ -1,8 +1,10 @@
-"""Loading a Hugging Face causal LM for single-layer training.
+"""Loading a Hugging Face causal LM for single-layer (or several-layer, or full-parameter)
+training.
 
 Frozen blocks in NF4 (double quantisation, bitsandbytes), bf16 or fp32; embeddings, final norm
-and lm_head frozen in the compute dtype; the trained block read in full precision straight
-from the checkpoint's safetensors shards (only that block's tensors are read).
+and lm_head frozen in the compute dtype; the trained blocks read in full precision straight
+from the checkpoint's safetensors shards (only their tensors are read). `--layer all` trains
+every weight: nothing is quantised, every tensor is read in full precision.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
 
 import torch
 from safetensors import safe_open
@@ -33,13 +36,14 @@ AUTO_DEPTH = 0.44
 class Policy:
     """Everything the trainer needs of the model."""
     split: SplitModel
-    layer: TrainableLayer
+    layer: TrainableLayer         # the trained tensors (one block, several, or all parameters)
     tokenizer: object
     model_path: Path
     model_name: str
     device: torch.device
     compute_dtype: torch.dtype
     frozen_dtype: str
+    layer_indices: list[int]      # the trained blocks, sorted (all of them for --layer all)
 
 
 def resolve_model_path(model: str) -> Path:
@@ -61,20 +65,66 @@ def resolve_model_path(model: str) -> Path:
         raise UserError(f"cannot get model {model!r} from the hub: {str(exc).splitlines()[0]}")
 
 
+LAYER_GRAMMAR = "an index, a list (3,5,7), 'mid', 'mid-k', 'auto' or 'all'"
+
+
+def full_parameter(layer: int | str) -> bool:
+    """`--layer all`: every parameter of the model is trained."""
+    return isinstance(layer, str) and layer.strip().lower() == "all"
+
+
+def resolve_layers(layer: int | str, num_layers: int) -> list[int]:
+    """The trained blocks, sorted. `layer` is an index (negative counts from the end), a list
+    "a,b,c", 'mid' (the paper's mid-1), 'mid-k' (the k middle blocks: [floor(N/2 - k/2),
+    floor(N/2 + k/2)), so 'mid-1' is 'mid'), 'auto' or 'all' (every block, and with it every
+    other parameter: see `full_parameter`)."""
+    spec = layer.strip().lower() if isinstance(layer, str) else layer
+    if spec == "mid":
+        return [math.floor(num_layers / 2 - 1 / 2)]
+    if spec == "auto":
+        return [round(AUTO_DEPTH * (num_layers - 1))]
+    if spec == "all":
+        return list(range(num_layers))
+    if isinstance(spec, str) and spec.startswith(("mid-", "top-")):
+        kind, _, count = spec.partition("-")
+        k = _count(layer, count, num_layers)
+        if kind == "top":
+            raise UserError(f"--layer {layer}: top-k needs the layer probe, which does not exist yet; "
+                            "use mid-k or a list of indices")
+        return list(range(math.floor(num_layers / 2 - k / 2), math.floor(num_layers / 2 + k / 2)))
+    parts = spec.split(",") if isinstance(spec, str) else [spec]
+    indices = [_index(layer, part, num_layers) for part in parts]
+    twice = sorted({i for i in indices if indices.count(i) > 1})
+    if twice:
+        raise UserError(f"--layer {layer}: layer {twice[0]} is named twice")
+    return sorted(indices)
+
+
 def resolve_layer(layer: int | str, num_layers: int) -> int:
-    """An index (negative counts from the end), 'mid' (the paper's mid-1) or 'auto'."""
-    if layer == "mid":
-        return math.floor(num_layers / 2 - 1 / 2)
-    if layer == "auto":
-        return round(AUTO_DEPTH * (num_layers - 1))
+    """The first trained block of `resolve_layers` (where the prefix ends): the single-layer
+    view that the memory planner takes."""
+    return resolve_layers(layer, num_layers)[0]
+
+
+def _index(layer, part, num_layers: int) -> int:
     try:
-        index = int(layer)
+        index = int(part)
     except (TypeError, ValueError):
-        raise UserError(f"--layer must be an index, 'mid' or 'auto', not {layer!r}")
+        raise UserError(f"--layer must be {LAYER_GRAMMAR}, not {layer!r}")
     if not -num_layers <= index < num_layers:
         raise UserError(f"--layer {index} is out of range: the model has {num_layers} layers "
                         f"(0..{num_layers - 1})")
     return index % num_layers
+
+
+def _count(layer, count: str, num_layers: int) -> int:
+    try:
+        k = int(count)
+    except ValueError:
+        raise UserError(f"--layer must be {LAYER_GRAMMAR}, not {layer!r}")
+    if not 1 <= k <= num_layers:
+        raise UserError(f"--layer {layer}: k must be 1..{num_layers} (the model has {num_layers} layers)")
+    return k
 
 
 def default_device() -> torch.device:
@@ -88,22 +138,30 @@ def compute_dtype_for(frozen_dtype: str, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" or frozen_dtype == "bf16" else torch.float32
 
 
-def read_layer_tensors(path: Path, layer_index: int) -> dict[str, torch.Tensor]:
-    """Block `layer_index`'s tensors from the safetensors shards, keyed by name inside the block
-    (buffers too, if the checkpoint stored any: see `layer_parameters`)."""
-    prefix = f"model.layers.{layer_index}."
+def read_tensors(path: Path, wanted: Iterable[str]) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors whose full names start with one of `wanted` ("" for all), in
+    fp32, keyed by full name; only the shards that hold them are opened."""
+    wanted = tuple(wanted)
     index_file = path / "model.safetensors.index.json"
     if index_file.is_file():
         weight_map = json.loads(index_file.read_text())["weight_map"]
-        shards = sorted({f for k, f in weight_map.items() if k.startswith(prefix)})
+        shards = sorted({f for k, f in weight_map.items() if k.startswith(wanted)})
     else:
         shards = [p.name for p in path.glob("*.safetensors")]
     tensors = {}
     for shard in shards:
         with safe_open(str(path / shard), framework="pt") as f:
             for key in f.keys():
-                if key.startswith(prefix):
-                    tensors[key[len(prefix):]] = f.get_tensor(key).float()
+                if key.startswith(wanted):
+                    tensors[key] = f.get_tensor(key).float()
+    return tensors
+
+
+def read_layer_tensors(path: Path, layer_index: int) -> dict[str, torch.Tensor]:
+    """Block `layer_index`'s tensors from the safetensors shards, keyed by name inside the block
+    (buffers too, if the checkpoint stored any: see `layer_parameters`)."""
+    prefix = f"model.layers.{layer_index}."
+    tensors = {k[len(prefix):]: t for k, t in read_tensors(path, [prefix]).items()}
     if not tensors:
         raise UserError(f"{path}: no safetensors weights named {prefix}* (only safetensors "
                         "checkpoints with blocks at model.layers are supported)")
@@ -129,6 +187,31 @@ def layer_parameters(block: torch.nn.Module, tensors: dict[str, torch.Tensor], n
     return {n: tensors[n] for n in params}
 
 
+def trained_tensors(split: SplitModel, path: Path, name: str) -> dict[str, torch.Tensor]:
+    """fp32 master weights from the checkpoint, keyed by full name: the trained blocks'
+    parameters, or (full) every parameter of the model, a tied matrix once."""
+    if not split.full:
+        return {f"model.layers.{i}.{n}": t for i in split.layer_indices
+                for n, t in layer_parameters(split.blocks[i], read_layer_tensors(path, i), name, i).items()}
+    outside = [n for n, _ in split.lm.named_parameters()
+               if not n.startswith(("model.embed_tokens.", "model.layers.", "model.norm.", "lm_head."))]
+    if outside:
+        raise UserError(f"{name}: --layer all is not supported for this architecture: it keeps "
+                        f"parameters outside the embedding, blocks, final norm and lm_head ({outside[0]})")
+    stored = read_tensors(path, [""])
+    aliases: dict[int, list[str]] = {}
+    for n, p in split.lm.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(p), []).append(n)
+    master = {}
+    for names in aliases.values():
+        found = next((n for n in names if n in stored), None)
+        if found is None:
+            raise UserError(f"{name}: this architecture is not supported: the checkpoint does not "
+                            f"store {names[0]} under that name")
+        master[names[0]] = stored[found]
+    return master
+
+
 def load_policy(model: str = DEMO_MODEL, *, layer: int | str = "mid", frozen_dtype: str | None = None,
                 device: str | torch.device | None = None, attn: str = "sdpa",
                 keep_reference: bool = False) -> Policy:
@@ -144,6 +227,11 @@ def load_policy(model: str = DEMO_MODEL, *, layer: int | str = "mid", frozen_dty
         raise UserError("--device cuda: no CUDA device is available here")
     if device.type == "cuda" and device.index is None:  # device_map and peak stats want an index
         device = torch.device("cuda", torch.cuda.current_device())
+    if full_parameter(layer):   # every weight is trained: none can be held in 4 bits
+        if frozen_dtype == "nf4":
+            raise UserError("--layer all trains every weight, which NF4 cannot hold: use --frozen-dtype "
+                            "bf16 or fp32")
+        frozen_dtype = frozen_dtype or ("bf16" if device.type == "cuda" else "fp32")
     frozen_dtype = frozen_dtype or ("nf4" if device.type == "cuda" else "fp32")
     if frozen_dtype not in FROZEN_DTYPES:
         raise UserError(f"--frozen-dtype must be one of {', '.join(FROZEN_DTYPES)}")
@@ -155,35 +243,38 @@ def load_policy(model: str = DEMO_MODEL, *, layer: int | str = "mid", frozen_dty
     num_layers = getattr(config, "num_hidden_layers", None)
     if not num_layers:
         raise UserError(f"{model}: not a decoder-only model with blocks at model.layers")
-    index = resolve_layer(layer, num_layers)
+    indices = resolve_layers(layer, num_layers)
+    full = full_parameter(layer)
     cls = model_class(config)
     attn = attention_for(attn, cls, config, device)
     dtype = compute_dtype_for(frozen_dtype, device)
 
-    lm = _load_frozen(cls, path, index, frozen_dtype, dtype, attn, device)
+    lm = _load_frozen(cls, path, indices, frozen_dtype, dtype, attn, device)
     _check_layout(lm, config.model_type)
     embed_scale, logits = split_scalings(config)
-    split = SplitModel(lm, index, embed_scale=embed_scale, logits=logits)
-    master = layer_parameters(split.layer, read_layer_tensors(path, index), config.model_type, index)
+    split = SplitModel(lm, indices, full=full, embed_scale=embed_scale, logits=logits)
+    master = trained_tensors(split, path, config.model_type)
     if frozen_dtype == "nf4":
-        _check_quantized(lm, index, config.model_type)
-    trainable = TrainableLayer(split.layer, master, dtype, keep_reference=keep_reference)
+        _check_quantized(lm, indices, config.model_type)
+    trainable = TrainableLayer(lm, master, dtype, layer_indices=indices, full=full,
+                               keep_reference=keep_reference)
+    del master
     check_split(split, dtype)
     tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return Policy(split, trainable, tokenizer, path, model, device, dtype, frozen_dtype)
+    return Policy(split, trainable, tokenizer, path, model, device, dtype, frozen_dtype, indices)
 
 
-def _load_frozen(cls: type, path: Path, index: int, frozen_dtype: str, dtype: torch.dtype, attn: str,
-                 device: torch.device):
-    """The model with every block but `index` (and lm_head) in `frozen_dtype`, frozen, eval mode."""
+def _load_frozen(cls: type, path: Path, indices: list[int], frozen_dtype: str, dtype: torch.dtype,
+                 attn: str, device: torch.device):
+    """The model with every block but `indices` (and lm_head) in `frozen_dtype`, frozen, eval mode."""
     kwargs = dict(dtype=dtype, attn_implementation=attn)
     if frozen_dtype == "nf4":
         from transformers import BitsAndBytesConfig
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=dtype, llm_int8_skip_modules=["lm_head", _skip_pattern(index)])
+            bnb_4bit_compute_dtype=dtype, llm_int8_skip_modules=["lm_head", *map(_skip_pattern, indices)])
         kwargs["device_map"] = {"": device}
     _quiet_bitsandbytes()
     lm = cls.from_pretrained(path, **kwargs)
@@ -212,18 +303,20 @@ def _check_layout(lm, name: str) -> None:
                         "model.layers, model.norm and model.rotary_emb")
 
 
-def _check_quantized(lm, index: int, name: str) -> None:
-    """Block `index` holds no 4-bit linear and every other block holds its weight matrices in
-    4-bit linears only: one frozen network whichever layer is trained (a layer sweep compares
-    like with like), and the memory the design counts on."""
+def _check_quantized(lm, indices: list[int], name: str) -> None:
+    """The trained blocks hold no 4-bit linear and every other block holds its weight matrices
+    in 4-bit linears only: one frozen network whichever layers are trained (a layer sweep
+    compares like with like), and the memory the design counts on."""
     import bitsandbytes as bnb
     for i, block in enumerate(lm.model.layers):
         linears = [m for m in block.modules() if isinstance(m, torch.nn.Linear)]
         nf4 = [m for m in linears if isinstance(m, bnb.nn.Linear4bit)]
-        if (i == index and nf4) or (i != index and len(nf4) != len(linears)):
+        trained = i in indices
+        if (trained and nf4) or (not trained and len(nf4) != len(linears)):
             raise RuntimeError(f"internal error: block {i} has {len(nf4)} of {len(linears)} linears in NF4 "
-                               f"while training block {index} (bitsandbytes skip list {_skip_pattern(index)!r})")
-        if i != index:
+                               f"while training blocks {indices} (bitsandbytes skip list "
+                               f"{[_skip_pattern(j) for j in indices]!r})")
+        if not trained:
             packed = {id(p) for m in nf4 for p in m.parameters()}
             loose = [n for n, p in block.named_parameters() if p.dim() >= 2 and id(p) not in packed]
             if loose:

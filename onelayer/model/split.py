@@ -3,7 +3,9 @@
     tokens -> embed -> [prefix 0..L-1] -> h_L -> [layer L] -> [suffix L+1..N-1] -> norm -> hidden
                        frozen, run once    cached  trainable   frozen, checkpointed
 
-Nothing before L is trained, so h_L is fixed for a rollout batch: it is computed once under
+Several trained layers split at the first of them (the frozen blocks between them are part of
+the "suffix": checkpointed, gradients to activations only); `--layer all` has no prefix and
+trains every weight. Nothing before L is trained, so h_L is fixed for a rollout batch: it is computed once under
 inference mode and reused by the old-log-prob pass, the reference pass and every PPO epoch.
 The blocks are the model's own Hugging Face modules, called one by one with the masks and
 rotary embeddings that the model's forward would have built. What some families do outside
@@ -14,7 +16,7 @@ that the split reproduces the model's own forward.
 from __future__ import annotations
 
 import inspect
-from typing import Mapping, NamedTuple
+from typing import Mapping, NamedTuple, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -59,19 +61,31 @@ def layer_types(config) -> list[str]:
 
 
 class SplitModel:
-    """A causal LM split at `layer_index`; the blocks stay the model's own modules.
+    """A causal LM split before its first trained block; the blocks stay the model's own modules.
 
-    The trained block's parameters are passed in explicitly (``params``) when gradients must
-    reach the fp32 master weights, or when the reference weights are wanted; with
-    ``params=None`` the module's own (compute copy) weights are used.
+    `layer_indices` (sorted) are the trained blocks, `layer_index` the first of them: the prefix
+    ends there. Between and after trained blocks the frozen ones pass gradients to activations
+    only. With ``full=True`` (full-parameter training) every weight is trained: the prefix is
+    empty (its "cache" is the token ids), the embedding, the final norm and lm_head take their
+    weights from ``params`` too, and every block is checkpointed.
+
+    Trained weights are passed in explicitly (``params``, keyed by full checkpoint names,
+    ``model.layers.<i>.<name>``) when gradients must reach the fp32 master weights, or when the
+    reference weights are wanted; with ``params=None`` the modules' own (compute copy) weights
+    are used.
     """
 
-    def __init__(self, causal_lm: nn.Module, layer_index: int, *, embed_scale: float = 1.0,
+    def __init__(self, causal_lm: nn.Module, layer_indices: int | Sequence[int], *,
+                 full: bool = False, embed_scale: float = 1.0,
                  logits: LogitTransform = LogitTransform()):
         base = causal_lm.model
         self.lm = causal_lm
         self.config = causal_lm.config
-        self.layer_index = layer_index
+        indices = [layer_indices] if isinstance(layer_indices, int) else sorted(layer_indices)
+        self.layer_indices = list(range(len(base.layers))) if full else indices
+        self.layer_index = self.layer_indices[0]
+        self.trained = frozenset(self.layer_indices)
+        self.full = full
         self.embed = base.embed_tokens
         self.blocks = base.layers
         self.norm = base.norm
@@ -82,9 +96,16 @@ class SplitModel:
         self.logits = logits             # applied by the loss, after lm_head
         # Gemma3 and Olmo3 keep one rotary table per attention type (local and global bases).
         self.rotary_per_type = "layer_type" in inspect.signature(self.rotary_emb.forward).parameters
+        # Full checkpoint names of lm_head's tensors (a tied head is the embedding's matrix).
+        first_name = {}
+        for name, p in causal_lm.named_parameters():
+            first_name.setdefault(id(p), name)
+        self.head_names = {attr: first_name.get(id(t), f"lm_head.{attr}")
+                           for attr in ("weight", "bias") if (t := getattr(self.lm_head, attr, None)) is not None}
 
     @property
     def layer(self) -> nn.Module:
+        """The first trained block."""
         return self.blocks[self.layer_index]
 
     @property
@@ -113,12 +134,17 @@ class SplitModel:
             return self.blocks[i](h, **kwargs)
         return functional_call(self.blocks[i], dict(params), (h,), kwargs, strict=False)
 
+    def _embed(self, input_ids: Tensor, params: Mapping[str, Tensor] | None = None) -> Tensor:
+        h = self.embed(input_ids) if params is None else functional_call(self.embed, dict(params), (input_ids,))
+        return h * self.embed_scale if self.embed_scale != 1.0 else h
+
     def prefix(self, input_ids: Tensor, ctx: Context) -> Tensor:
-        """h_L: the input of layer L. Runs under inference mode: nothing is kept for backward."""
+        """h_L: the input of the first trained layer L. Runs under inference mode: nothing is
+        kept for backward. Full-parameter training has no prefix: the token ids are returned."""
+        if self.full:
+            return input_ids
         with torch.inference_mode():
-            h = self.embed(input_ids)
-            if self.embed_scale != 1.0:
-                h = h * self.embed_scale
+            h = self._embed(input_ids)
             for i in range(self.layer_index):
                 h = self._block(i, h, ctx)
         # Inference tensors cannot be saved for a later backward; one copy makes h_L an ordinary
@@ -127,14 +153,45 @@ class SplitModel:
 
     def from_layer(self, h: Tensor, ctx: Context, params: Mapping[str, Tensor] | None = None,
                    *, recompute_suffix: bool = True) -> Tensor:
-        """Layer L (with `params` if given) and the suffix from the cached h_L; returns the final
-        normed hidden states [B, S, H]. With grad enabled, the suffix blocks are recomputed in
-        backward (activation checkpointing per block) and produce input gradients only."""
-        h = self._block(self.layer_index, h, ctx, params)
+        """The trained layers (with `params` if given) and the frozen blocks between and after
+        them from the cached h_L (token ids [B, S] when full); returns the final normed hidden
+        states [B, S, H]. With grad enabled, frozen blocks (and, when full, every block) are
+        recomputed in backward (activation checkpointing per block); frozen blocks produce
+        input gradients only."""
+        own = _by_owner(params)
+        if self.full:
+            h = self._embed(h, own.get("embed"))
         checkpointed = recompute_suffix and torch.is_grad_enabled()
-        for i in range(self.layer_index + 1, self.num_layers):
-            if checkpointed:
-                h = checkpoint(self._block, i, h, ctx, use_reentrant=False)
+        for i in range(self.layer_index, self.num_layers):
+            if i in self.trained and not (self.full and checkpointed):
+                h = self._block(i, h, ctx, own.get(i))
+            elif checkpointed:
+                h = checkpoint(self._block, i, h, ctx, own.get(i), use_reentrant=False)
             else:
-                h = self._block(i, h, ctx)
-        return self.norm(h)
+                h = self._block(i, h, ctx, own.get(i))
+        norm = own.get("norm")
+        return self.norm(h) if norm is None else functional_call(self.norm, norm, (h,))
+
+    def head(self, params: Mapping[str, Tensor] | None = None) -> tuple[Tensor, Tensor | None]:
+        """(weight [V, H], bias [V] or None) of lm_head: from `params` when they hold it."""
+        weight, bias = self.lm_head.weight, getattr(self.lm_head, "bias", None)
+        if params is not None and self.full:
+            weight = params.get(self.head_names["weight"], weight)
+            if bias is not None:
+                bias = params.get(self.head_names["bias"], bias)
+        return weight, bias
+
+
+def _by_owner(params: Mapping[str, Tensor] | None) -> dict:
+    """Full checkpoint names -> {block index | "embed" | "norm": {name inside it: tensor}};
+    lm_head's tensors are read by `SplitModel.head`."""
+    groups: dict = {}
+    for name, t in (params or {}).items():
+        if name.startswith("model.layers."):
+            index, _, inner = name[len("model.layers."):].partition(".")
+            groups.setdefault(int(index), {})[inner] = t
+        elif name.startswith("model.embed_tokens."):
+            groups.setdefault("embed", {})[name[len("model.embed_tokens."):]] = t
+        elif name.startswith("model.norm."):
+            groups.setdefault("norm", {})[name[len("model.norm."):]] = t
+    return groups
