@@ -7,145 +7,37 @@ import click
 
 from .errors import RunStopped, UserError
 
-# Where a dataset task's data is and which fields hold what (train and eval).
-TASK_FIELD_OPTIONS = [
-    ("--prompt-field", str, "Dataset field holding the prompt. [default: the task's, else "
-                            "prompt/question/problem]"),
-    ("--answer-field", str, "Dataset field holding the math answer. [default: the task's, else "
-                            "answer/solution]"),
-    ("--tests-field", str, "Dataset field holding code tests (assert lines). [default: the "
-                           "task's, else tests/test_list]"),
-    ("--entry-point-field", str, "Dataset field naming the function HumanEval-style tests call."),
-    ("--dataset-config", str, "Hub dataset configuration (subset) name."),
-    ("--split", str, "Training split of a hub dataset. [default: train]"),
-    ("--test-split", str, "Held-out split of a hub dataset. [default: the task's]"),
-    ("--test-size", float, "Rows (or a fraction < 1) held out of train when there is no test split."),
-    ("--system-prompt", str, "System prompt for chat-template (instruct) models."),
-    ("--format-bonus", float, "Math: reward added when a final answer can be extracted. [default: 0]"),
-]
-
-# Rewards to train on instead of the task's own (train only; eval scores with the task's).
-REWARD_OPTIONS = [
-    ("--reward", str, "Reward to train on (repeatable; their weighted sum replaces the task's): task, "
-                      "math, code, format, length, package.module:function or path/to/file.py:function "
-                      "(TRL's reward-function convention; docs/tasks.md).", {"multiple": True}),
-    ("--reward-weight", float, "Weight of each --reward, in the same order (repeatable). [default: 1 each]",
-     {"multiple": True}),
-    ("--reward-timeout", float, "Seconds a plug-in reward call may run before its completion scores 0. "
-                                "[default: 30]"),
-]
-
-# How prompts are written and where completions stop (train and eval).
-PROMPT_OPTIONS = [
-    ("--chat/--no-chat", None, "Wrap prompts in the model's chat template, or give plain text. "
-                     "[default: the template for math and code tasks when the tokenizer has one]"),
-    ("--chat-template-kwargs", str, "JSON object of chat-template variables, e.g. "
-                     "'{\"enable_thinking\": false}' for Qwen3 (thinking is on by default)."),
-    ("--stop", str, "Stop string (repeatable): a completion ends right after it, the stop "
-                    "included. EOS and the chat template's end-of-turn token always stop. "
-                    "In bash, $'\\n\\nQuestion:' types newlines.", {"multiple": True}),
-    ("--max-prompt-tokens", int, "Drop prompts longer than this (counted, never cut); "
-                                 "0 = no limit. [default: 0]"),
-]
-
-# Options of `train`, mirrored one to one by the keys of a --config file (dashes or underscores).
-# Every default is None here, so that only what the user typed overrides the file and presets.
-TRAIN_OPTIONS = [
-    ("--model", str, "Hub id (Qwen/Qwen3-8B), local model directory, or 'demo': the packaged "
-                     "tiny arithmetic model. [default: demo]"),
-    ("--layer", str, "What to train: an index (negative counts from the end), a list '3,5,7', "
-                     "'mid' (floor(N/2 - 1/2)), 'mid-k' (the k middle layers), 'auto' (~44% of "
-                     "depth, where the paper's best layers sit) or 'all' (full-parameter RL, "
-                     "the baseline of `contribution`; no NF4). [default: mid]"),
-    ("--task", str, "Built-in task name or a dataset file. [default: arithmetic]"),
-    *TASK_FIELD_OPTIONS,
-    *REWARD_OPTIONS,
-    ("--algo", click.Choice(["grpo", "dr_grpo", "gigpo"]), "Algorithm preset: advantage "
-                     "estimator + loss aggregation + reward scaling (docs/algorithms.md). grpo: "
-                     "group std, seq-mean-token-mean; dr_grpo: no std, seq-mean-token-sum-norm; "
-                     "gigpo: multi-turn --env, episode + step advantages, token-mean. "
-                     "[default: grpo]"),
-    ("--steps", int, "RL steps (each: sample, score, update). [default: 200]"),
-    ("--prompts-per-step", int, "Prompts per step. [default: 8; demo 16]"),
-    ("--group-size", int, "Completions per prompt, G (>= 2). [default: 8]"),
-    ("--lr", float, "AdamW learning rate of the trained layer. [default: 5e-6, the paper's; "
-                    "demo 1e-3]"),
-    ("--weight-decay", float, "AdamW weight decay. [default: 0]"),
-    ("--max-grad-norm", float, "Clip the layer's gradient to this L2 norm. [default: 1]"),
-    ("--beta", float, "Weight of the k3 KL to the original layer; 0 skips the reference pass. "
-                      "[default: 0]"),
-    ("--eps-low", float, "Lower clip range: ratio >= 1 - eps_low. [default: 0.2]"),
-    ("--eps-high", float, "Upper clip range: ratio <= 1 + eps_high (DAPO clip-higher: 0.28). "
-                          "[default: 0.2]"),
-    ("--loss-agg", click.Choice(["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"]),
-     "Loss aggregation. [default: the algorithm's: grpo seq-mean-token-mean, dr_grpo "
-     "seq-mean-token-sum-norm]"),
-    ("--scale-rewards", click.Choice(["group", "batch", "none"]), "Divide advantages by the "
-                     "group's reward std, the batch's, or not at all. [default: the algorithm's]"),
-    ("--dynamic-sampling/--no-dynamic-sampling", None, "DAPO dynamic sampling: drop groups whose "
-                     "rewards are all equal and sample more prompts to refill the batch."),
-    ("--env", str, "Multi-turn environment for --algo gigpo: gridworld, sokoban, household, "
-                   "or package.module:Class."),
-    ("--max-turns", int, "Turns per episode (multi-turn). [default: 20]"),
-    ("--gamma", float, "GiGPO discount of step returns. [default: 0.95]"),
-    ("--omega", float, "GiGPO weight of the step-level advantage. [default: 1]"),
-    ("--adv-norm", click.Choice(["std", "mean"]), "GiGPO normalisation: divide by the std, or "
-                   "not (mean). [default: std]"),
-    ("--max-new-tokens", int, "Longest completion. [default: 512; demo 8]"),
-    ("--temperature", float, "Sampling temperature; log-probs use logits / temperature. [default: 1]"),
-    ("--top-p", float, "Nucleus sampling threshold. [default: 1, off]"),
-    ("--top-k", int, "Top-k sampling; 0 is off. [default: 0]"),
-    *PROMPT_OPTIONS,
-    ("--mask-truncated/--no-mask-truncated", None, "Completions cut at --max-new-tokens "
-                     "carry no loss (DAPO's overlong filtering); their rewards still count in "
-                     "the group."),
-    ("--epochs", int, "PPO epochs over each rollout batch. [default: 1]"),
-    ("--minibatch", int, "Sequences per optimizer step; 0 = the whole batch. [default: 0]"),
-    ("--micro-batch", int, "Sequences per forward/backward pass (also the prefix and log-prob "
-                           "passes); gradients accumulate over the minibatch, so the update is "
-                           "the same, in less memory. 0 = the whole minibatch. [default: 0, "
-                           "or the memory plan's choice on CUDA]"),
-    ("--generation-batch", int, "Rows per generate call (whole groups of --group-size); also the "
-                                "eval batch. 0 = all rows at once. [default: 0, or the memory "
-                                "plan's choice on CUDA]"),
-    ("--max-memory", str, "GPU memory budget, e.g. 22GiB: the memory plan (`onelayer plan`) "
-                          "chooses --micro-batch and --generation-batch to fit it before any "
-                          "weight is loaded. [default: the device's free memory on CUDA]"),
-    ("--seed", int, "Seed of prompts, sampling and initialisation. [default: 0]"),
-    ("--frozen-dtype", click.Choice(["nf4", "bf16", "fp32"]), "Storage of the frozen blocks. "
-                     "[default: nf4 on GPU, fp32 on CPU]"),
-    ("--device", str, "cpu, cuda, cuda:1 ... [default: cuda when available]"),
-    ("--attn", click.Choice(["sdpa", "eager", "flash_attention_2"]), "Attention kernel: sdpa, eager, or "
-                     "flash_attention_2 (when installed, on CUDA; SDPA otherwise); eager where the model "
-                     "needs it (Gemma2). [default: sdpa]"),
-    ("--loss-impl", click.Choice(["auto", "torch", "triton"]), "Policy-loss implementation: "
-                     "auto = Triton on CUDA, torch elsewhere. [default: auto]"),
-    ("--eval-samples", int, "Held-out problems scored greedily before and after. [default: 256]"),
-    ("--eval-every", int, "Also score held-out accuracy every N steps; 0 = only before/after."),
-    ("--output", str, "Directory for the trained layer, its run config, metrics and reward "
-                      "plot. [default: runs/MODEL-LLAYER-TIME]"),
-    ("--metrics", str, "JSONL file with one metrics object per step. [default: OUTPUT/metrics.jsonl]"),
-    ("--save-every", int, "Write a training checkpoint (layer, AdamW state, step, data position, "
-                          "random states, metrics) to OUTPUT/checkpoints every N steps; the last "
-                          "step is always saved. 0 = only the last. [default: 50]"),
-    ("--keep", int, "Training checkpoints kept, newest first; 0 = all. [default: 2]"),
-    ("--resume", str, "Continue a run exactly: a checkpoint directory, a run's output directory "
-                      "(its newest checkpoint), or 'auto' (the newest in --output; a fresh start "
-                      "when there is none). Options typed beside it change the run where that "
-                      "is safe (e.g. --steps)."),
-    ("--patch", str, "Start from a trained layer (a run directory or checkpoint) instead of the "
-                     "base model's; --model and --layer default to the patch's, and a patch "
-                     "made on another base model is refused."),
-    ("--max-bad-steps", int, "Stop (with a checkpoint) after this many steps in a row whose loss "
-                             "or gradient was NaN/Inf; such steps are skipped. [default: 5]"),
-]
+# Option groups shared with other commands, by TrainConfig field name (declared once there).
+TASK_FIELDS = ("prompt_field", "answer_field", "tests_field", "entry_point_field", "dataset_config",
+               "split", "test_split", "test_size", "system_prompt", "format_bonus")
+PROMPT_FIELDS = ("chat", "chat_template_kwargs", "stop", "max_prompt_tokens")
+PLAN_FIELDS = ("model", "layer", "prompts_per_step", "group_size", "max_new_tokens", "beta",
+               "minibatch", "micro_batch", "generation_batch", "max_prompt_tokens",
+               "frozen_dtype", "loss_impl", "temperature", "top_p", "top_k")
 
 
-def _with_options(options):
+def config_options(names: tuple[str, ...] | None = None):
+    """Click options for TrainConfig's fields (all, or `names`), in declaration order. Every
+    default is None here, so that only what the user typed overrides config files and presets."""
+    from dataclasses import fields
+
+    from .config import TrainConfig, option_type
+
     def decorate(command):
-        for flag, kind, text, *extra in reversed(options):
-            option = click.option(flag, type=kind, default=None, help=text, **dict(*extra))
-            command = option(command)
+        for f in reversed(fields(TrainConfig)):
+            if names is not None and f.name not in names:
+                continue
+            flag = "--" + f.name.replace("_", "-")
+            kind, item = option_type(f.name)
+            choices = f.metadata["choices"]
+            if kind is bool:
+                decls, click_type = [f"{flag}/--no-{flag[2:]}"], None
+            else:
+                decls = [flag]
+                click_type = click.Choice(choices) if choices else {
+                    int: int, float: float, list: item, dict: str}.get(kind, str)
+            command = click.option(*decls, f.name, type=click_type, default=None,
+                                   multiple=kind is list, help=f.metadata["help"])(command)
         return command
     return decorate
 
@@ -165,7 +57,7 @@ def cli():
 
 
 @cli.command()
-@_with_options(TRAIN_OPTIONS)
+@config_options()
 @click.option("--config", "config_file", type=click.Path(dir_okay=False),
               help="TOML or YAML file whose keys mirror these options (CLI options win).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
@@ -202,7 +94,7 @@ def train(config_file, quiet, **options):
 @click.option("--device")
 @click.option("--output", help="JSON result file. [default: CHECKPOINT/eval-TASK.json, else "
                                "runs/eval-MODEL-TASK-TIME.json]")
-@_with_options(TASK_FIELD_OPTIONS + PROMPT_OPTIONS)
+@config_options(TASK_FIELDS + PROMPT_FIELDS)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def eval_command(quiet, model, layer_checkpoint, task, samples, k, temperature, max_new_tokens,
                  batch_size, seed, frozen_dtype, device, output, **run_options):
@@ -243,13 +135,8 @@ def export_command(checkpoint, output, dtype, model, repo, private, quiet):
 
 
 # `plan`: the memory planner (onelayer.memory); reads only the model's config.json.
-PLAN_OPTIONS = ("--model", "--layer", "--prompts-per-step", "--group-size", "--max-new-tokens", "--beta",
-                "--minibatch", "--micro-batch", "--generation-batch", "--max-prompt-tokens",
-                "--frozen-dtype", "--loss-impl", "--temperature", "--top-p", "--top-k")
-
-
 @cli.command()
-@_with_options([option for option in TRAIN_OPTIONS if option[0] in PLAN_OPTIONS])
+@config_options(PLAN_FIELDS)
 @click.option("--config", "config_file", type=click.Path(dir_okay=False),
               help="A `train` config file (TOML or YAML): plan that run (CLI options win).")
 @click.option("--gpu-memory", default="24GiB", show_default=True,

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import types
+import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -14,72 +16,223 @@ SCALE_REWARDS = ("group", "batch", "none")
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 
 
+def option(default: Any, help: str, *, choices: tuple[str, ...] | None = None):
+    """A run option, declared once: its type (the annotation), default and help feed the
+    `train` command, config files, `--help` and the saved run config alike. `list` and `dict`
+    as the default mean an empty one."""
+    metadata = {"help": help, "choices": choices}
+    if default in (list, dict):
+        return field(default_factory=default, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
 @dataclass
 class TrainConfig:
-    """Defaults suit a real model (the paper's AdamW learning rate 5e-6, no KL, clip 0.2)."""
-    model: str = "demo"                # hub id, local directory, or "demo" (the packaged tiny model)
-    layer: str = "mid"                 # index, "a,b,c", "mid", "mid-k", "auto" or "all"
-    task: str = "arithmetic"
-    # Dataset tasks (onelayer.tasks.load_task): where the data is and which fields hold what.
-    prompt_field: str | None = None
-    answer_field: str | None = None
-    tests_field: str | None = None
-    entry_point_field: str | None = None
-    dataset_config: str | None = None
-    split: str | None = None
-    test_split: str | None = None
-    test_size: float | None = None    # rows held out of train (or a fraction < 1) without a test split
-    system_prompt: str | None = None
-    format_bonus: float | None = None  # math: reward for an extractable final answer
-    reward: list[str] = field(default_factory=list)          # reward specs (docs/tasks.md); empty: the task's own
-    reward_weight: list[float] = field(default_factory=list)  # one per reward, same order; empty: 1 each
-    reward_timeout: float | None = None                       # seconds per plug-in call; None: 30
-    algo: str = "grpo"
-    steps: int = 200
-    prompts_per_step: int = 8
-    group_size: int = 8
-    lr: float = 5e-6
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    beta: float = 0.0
-    eps_low: float = 0.2
-    eps_high: float = 0.2
-    loss_agg: str | None = None        # None: the algorithm's own aggregation
-    scale_rewards: str | None = None   # group | batch | none; None: the algorithm's own
-    dynamic_sampling: bool = False     # DAPO: drop groups whose rewards are all equal, refill
-    env: str | None = None             # multi-turn environment (built-in name or module:Class)
-    max_turns: int = 20                # per episode (multi-turn)
-    gamma: float = 0.95                # GiGPO step-return discount
-    omega: float = 1.0                 # GiGPO weight of the step-level advantage
-    adv_norm: str = "std"              # GiGPO F_norm: std or mean (divide by 1)
-    max_new_tokens: int = 512
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0                     # 0: no top-k filtering
-    chat: bool | None = None           # chat template: True always, False never, None the task's
-    chat_template_kwargs: dict = field(default_factory=dict)  # e.g. {"enable_thinking": False}
-    stop: list[str] = field(default_factory=list)  # a completion ends after any of these strings
-    max_prompt_tokens: int = 0         # longer prompts are dropped (0: no limit)
-    mask_truncated: bool = False       # completions cut at max_new_tokens carry no loss
-    epochs: int = 1                    # PPO epochs over each rollout batch
-    minibatch: int = 0                 # sequences per optimizer step; 0: the whole batch
-    micro_batch: int = 0               # sequences per forward/backward (exact); 0: the minibatch
-    generation_batch: int = 0          # rows per generate call (whole groups); 0: all at once
-    max_memory: str | None = None      # GPU budget, e.g. "22GiB"; None: the device's free memory
-    seed: int = 0
-    frozen_dtype: str | None = None    # None: nf4 on GPU, fp32 on CPU
-    device: str | None = None          # None: cuda when available
-    attn: str = "sdpa"
-    loss_impl: str = "auto"            # auto: Triton on CUDA, torch elsewhere
-    eval_samples: int = 256            # held-out problems scored greedily before and after
-    eval_every: int = 0                # also score every N steps (0: only before and after)
-    output: str | None = None          # directory for the trained layer, metrics and plot
-    metrics: str | None = None         # JSONL metrics file (default: OUTPUT/metrics.jsonl)
-    save_every: int = 50               # a training checkpoint every N steps (0: only the last)
-    keep: int = 2                      # training checkpoints kept (0: all)
-    resume: str | None = None          # a checkpoint, a run directory, or "auto" (in --output)
-    patch: str | None = None           # start from a trained layer (a patch) of the same model
-    max_bad_steps: int = 5             # stop after this many NaN/Inf steps in a row
+    """Every option of `onelayer train` (a config file's keys are these names, with dashes or
+    underscores). Defaults suit a real model: the paper's AdamW learning rate 5e-6, no KL,
+    clip 0.2."""
+    # What is trained, on what
+    model: str = option(
+        "demo",
+        "Hub id (Qwen/Qwen3-8B), local model directory, or 'demo': the packaged tiny arithmetic"
+        " model. [default: demo]")
+    layer: str = option(
+        "mid", "What to train: an index (negative counts from the end), a list '3,5,7', 'mid' "
+               "(floor(N/2 - 1/2)), 'mid-k' (the k middle layers), 'auto' (~44% of depth, where the "
+               "paper's best layers sit) or 'all' (full-parameter RL, the baseline of `contribution`; "
+               "no NF4). [default: mid]")
+    task: str = option(
+        "arithmetic", "Built-in task name or a dataset file. [default: arithmetic]")
+    prompt_field: str | None = option(
+        None,
+        "Dataset field holding the prompt. [default: the task's, else prompt/question/problem]")
+    answer_field: str | None = option(
+        None, "Dataset field holding the math answer. [default: the task's, else answer/solution]")
+    tests_field: str | None = option(
+        None, "Dataset field holding code tests (assert lines). [default: the task's, else "
+              "tests/test_list]")
+    entry_point_field: str | None = option(
+        None, "Dataset field naming the function HumanEval-style tests call.")
+    dataset_config: str | None = option(
+        None, "Hub dataset configuration (subset) name.")
+    split: str | None = option(
+        None, "Training split of a hub dataset. [default: train]")
+    test_split: str | None = option(
+        None, "Held-out split of a hub dataset. [default: the task's]")
+    test_size: float | None = option(
+        None, "Rows (or a fraction < 1) held out of train when there is no test split.")
+    system_prompt: str | None = option(
+        None, "System prompt for chat-template (instruct) models.")
+    format_bonus: float | None = option(
+        None, "Math: reward added when a final answer can be extracted. [default: 0]")
+
+    # Rewards to train on instead of the task's own (train only: eval scores with the task's)
+    reward: list[str] = option(
+        list,
+        "Reward to train on (repeatable; their weighted sum replaces the task's): task, math, "
+        "code, format, length, package.module:function or path/to/file.py:function (TRL's "
+        "reward-function convention; docs/tasks.md).")
+    reward_weight: list[float] = option(
+        list, "Weight of each --reward, in the same order (repeatable). [default: 1 each]")
+    reward_timeout: float | None = option(
+        None, "Seconds a plug-in reward call may run before its completion scores 0. [default: 30]")
+
+    # The algorithm
+    algo: str = option(
+        "grpo", "Algorithm preset: advantage estimator + loss aggregation + reward scaling "
+                "(docs/algorithms.md). grpo: group std, seq-mean-token-mean; dr_grpo: no std, "
+                "seq-mean-token-sum-norm; gigpo: multi-turn --env, episode + step advantages, "
+                "token-mean. [default: grpo]",
+        choices=('grpo', 'dr_grpo', 'gigpo'))
+    steps: int = option(
+        200, "RL steps (each: sample, score, update). [default: 200]")
+    prompts_per_step: int = option(
+        8, "Prompts per step. [default: 8; demo 16]")
+    group_size: int = option(
+        8, "Completions per prompt, G (>= 2). [default: 8]")
+    lr: float = option(
+        5e-6, "AdamW learning rate of the trained layer. [default: 5e-6, the paper's; demo 1e-3]")
+    lr_scheduler: str = option(
+        "constant", "Learning-rate schedule after warmup (transformers' schedulers): constant, "
+                    "linear decay to 0 at the last step, or cosine. [default: constant]",
+        choices=("constant", "linear", "cosine"))
+    warmup_steps: int = option(
+        0, "Steps of linear warmup from 0 to --lr. [default: 0]")
+    warmup_ratio: float = option(
+        0.0, "Warmup as a fraction of --steps (used when --warmup-steps is 0). [default: 0]")
+    weight_decay: float = option(
+        0.0, "AdamW weight decay. [default: 0]")
+    max_grad_norm: float = option(
+        1.0, "Clip the layer's gradient to this L2 norm. [default: 1]")
+    beta: float = option(
+        0.0, "Weight of the k3 KL to the original layer; 0 skips the reference pass. [default: 0]")
+    eps_low: float = option(
+        0.2, "Lower clip range: ratio >= 1 - eps_low. [default: 0.2]")
+    eps_high: float = option(
+        0.2, "Upper clip range: ratio <= 1 + eps_high (DAPO clip-higher: 0.28). [default: 0.2]")
+    loss_agg: str | None = option(
+        None, "Loss aggregation. [default: the algorithm's: grpo seq-mean-token-mean, dr_grpo "
+              "seq-mean-token-sum-norm]",
+        choices=('token-mean', 'seq-mean-token-mean', 'seq-mean-token-sum-norm'))
+    scale_rewards: str | None = option(
+        None,
+        "Divide advantages by the group's reward std, the batch's, or not at all. [default: the"
+        " algorithm's]",
+        choices=('group', 'batch', 'none'))
+    dynamic_sampling: bool = option(
+        False,
+        "DAPO dynamic sampling: drop groups whose rewards are all equal and sample more prompts"
+        " to refill the batch.")
+
+    # Multi-turn environments (GiGPO)
+    env: str | None = option(
+        None, "Multi-turn environment for --algo gigpo: gridworld, sokoban, household, or "
+              "package.module:Class.")
+    max_turns: int = option(
+        20, "Turns per episode (multi-turn). [default: 20]")
+    gamma: float = option(
+        0.95, "GiGPO discount of step returns. [default: 0.95]")
+    omega: float = option(
+        1.0, "GiGPO weight of the step-level advantage. [default: 1]")
+    adv_norm: str = option(
+        "std", "GiGPO normalisation: divide by the std, or not (mean). [default: std]",
+        choices=('std', 'mean'))
+
+    # Sampling and prompts
+    max_new_tokens: int = option(
+        512, "Longest completion. [default: 512; demo 8]")
+    temperature: float = option(
+        1.0, "Sampling temperature; log-probs use logits / temperature. [default: 1]")
+    top_p: float = option(
+        1.0, "Nucleus sampling threshold. [default: 1, off]")
+    top_k: int = option(
+        0, "Top-k sampling; 0 is off. [default: 0]")
+    chat: bool | None = option(
+        None,
+        "Wrap prompts in the model's chat template, or give plain text. [default: the template "
+        "for math and code tasks when the tokenizer has one]")
+    chat_template_kwargs: dict = option(
+        dict,
+        "JSON object of chat-template variables, e.g. '{\"enable_thinking\": false}' for Qwen3 "
+        "(thinking is on by default).")
+    stop: list[str] = option(
+        list,
+        "Stop string (repeatable): a completion ends right after it, the stop included. EOS and"
+        " the chat template's end-of-turn token always stop. In bash, $'\\n\\nQuestion:' types "
+        "newlines.")
+    max_prompt_tokens: int = option(
+        0, "Drop prompts longer than this (counted, never cut); 0 = no limit. [default: 0]")
+
+    # The update
+    mask_truncated: bool = option(
+        False,
+        "Completions cut at --max-new-tokens carry no loss (DAPO's overlong filtering); their "
+        "rewards still count in the group.")
+    epochs: int = option(
+        1, "PPO epochs over each rollout batch. [default: 1]")
+    minibatch: int = option(
+        0, "Sequences per optimizer step; 0 = the whole batch. [default: 0]")
+    micro_batch: int = option(
+        0, "Sequences per forward/backward pass (also the prefix and log-prob passes); gradients "
+           "accumulate over the minibatch, so the update is the same, in less memory. 0 = the "
+           "whole minibatch. [default: 0, or the memory plan's choice on CUDA]")
+    generation_batch: int = option(
+        0, "Rows per generate call (whole groups of --group-size); also the eval batch. 0 = all "
+           "rows at once. [default: 0, or the memory plan's choice on CUDA]")
+
+    # Memory, devices, kernels
+    max_memory: str | None = option(
+        None,
+        "GPU memory budget, e.g. 22GiB: the memory plan (`onelayer plan`) chooses --micro-batch"
+        " and --generation-batch to fit it before any weight is loaded. [default: the device's "
+        "free memory on CUDA]")
+    seed: int = option(
+        0, "Seed of prompts, sampling and initialisation. [default: 0]")
+    frozen_dtype: str | None = option(
+        None, "Storage of the frozen blocks. [default: nf4 on GPU, fp32 on CPU]",
+        choices=('nf4', 'bf16', 'fp32'))
+    device: str | None = option(
+        None, "cpu, cuda, cuda:1 ... [default: cuda when available]")
+    attn: str = option(
+        "sdpa",
+        "Attention kernel: sdpa, eager, or flash_attention_2 (when installed, on CUDA; SDPA "
+        "otherwise); eager where the model needs it (Gemma2). [default: sdpa]",
+        choices=('sdpa', 'eager', 'flash_attention_2'))
+    loss_impl: str = option(
+        "auto",
+        "Policy-loss implementation: auto = Triton on CUDA, torch elsewhere. [default: auto]",
+        choices=('auto', 'torch', 'triton'))
+
+    # Evaluation and output
+    eval_samples: int = option(
+        256, "Held-out problems scored greedily before and after. [default: 256]")
+    eval_every: int = option(
+        0, "Also score held-out accuracy every N steps; 0 = only before/after.")
+    output: str | None = option(
+        None, "Directory for the trained layer, its run config, metrics and reward plot. [default: "
+              "runs/MODEL-LLAYER-TIME]")
+    metrics: str | None = option(
+        None, "JSONL file with one metrics object per step. [default: OUTPUT/metrics.jsonl]")
+
+    # Checkpoints and failures
+    save_every: int = option(
+        50, "Write a training checkpoint (layer, AdamW state, step, data position, random states, "
+            "metrics) to OUTPUT/checkpoints every N steps; the last step is always saved. 0 = only "
+            "the last. [default: 50]")
+    keep: int = option(
+        2, "Training checkpoints kept, newest first; 0 = all. [default: 2]")
+    resume: str | None = option(
+        None,
+        "Continue a run exactly: a checkpoint directory, a run's output directory (its newest "
+        "checkpoint), or 'auto' (the newest in --output; a fresh start when there is none). "
+        "Options typed beside it change the run where that is safe (e.g. --steps).")
+    patch: str | None = option(
+        None, "Start from a trained layer (a run directory or checkpoint) instead of the base "
+              "model's; --model and --layer default to the patch's, and a patch made on another base "
+              "model is refused.")
+    max_bad_steps: int = option(
+        5, "Stop (with a checkpoint) after this many steps in a row whose loss or gradient was "
+           "NaN/Inf; such steps are skipped. [default: 5]")
 
     @property
     def aggregation(self) -> str:
@@ -100,6 +253,7 @@ DEMO_PRESET = dict(steps=200, prompts_per_step=16, group_size=8, lr=1e-3, max_ne
                    eval_samples=256)
 
 FIELDS = {f.name: f for f in fields(TrainConfig)}
+HINTS = typing.get_type_hints(TrainConfig)
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
@@ -195,37 +349,53 @@ def resume_changes(cfg: TrainConfig, saved: dict[str, Any]) -> list[str]:
             if k in saved and k not in ignore and saved[k] != v]
 
 
+def option_type(name: str) -> tuple[type, type | None]:
+    """(kind, item kind) of option `name` from its annotation: `int | None` -> (int, None),
+    `list[str]` -> (list, str), `dict` -> (dict, None)."""
+    hint = HINTS[name]
+    if isinstance(hint, types.UnionType):
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    if typing.get_origin(hint) is list:
+        return list, typing.get_args(hint)[0]
+    return hint, None
+
+
 def _coerce(name: str, value: Any) -> Any:
-    kind = FIELDS[name].type
     if value is None:
         return None
+    kind, item = option_type(name)
     try:
-        if kind.startswith("bool"):
-            if isinstance(value, bool):
-                return value
-            if str(value).lower() in ("true", "1", "yes", "false", "0", "no"):
-                return str(value).lower() in ("true", "1", "yes")
-            raise ValueError
-        if kind.startswith("int"):
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise ValueError
-            return int(value)
-        if kind.startswith("float"):
-            return float(value)
-        if kind.startswith("str"):
-            return str(value)
-        if kind == "dict":
+        if kind is dict:
             return _json_object(name, value)
-        if kind == "list[float]":
-            values = [value] if isinstance(value, (int, float, str)) else list(value)
-            return [float(v) for v in values]
-        if kind == "list[str]":
-            values = [value] if isinstance(value, str) else list(value)
-            if all(isinstance(v, str) for v in values):
-                return values
+        if kind is list:
+            values = [value] if isinstance(value, (str, int, float)) else list(value)
+            return [_scalar(item, v) for v in values]
+        return _scalar(kind, value)
     except (TypeError, ValueError):
-        pass
-    raise UserError(f"option {name}: expected {kind.split(' ')[0]}, got {value!r}")
+        what = f"a list of {item.__name__}" if kind is list else kind.__name__
+        raise UserError(f"option {name}: expected {what}, got {value!r}") from None
+
+
+def _scalar(kind: type, value: Any) -> Any:
+    """A config file's or the command line's value as `kind`; ValueError if it is not one."""
+    if isinstance(value, (list, dict)):
+        raise ValueError
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).lower()
+        if text not in ("true", "1", "yes", "false", "0", "no"):
+            raise ValueError
+        return text in ("true", "1", "yes")
+    if isinstance(value, bool):  # True is an int to Python, never a number to a user
+        raise ValueError
+    if kind is int:
+        if isinstance(value, float) and not value.is_integer():
+            raise ValueError
+        return int(value)
+    if kind is float:
+        return float(value)
+    return str(value)   # a TOML `layer = 3` is the layer "3"
 
 
 def _json_object(name: str, value: Any) -> dict:
@@ -260,6 +430,8 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.micro_batch >= 0, "--micro-batch must be >= 0")
     need(cfg.generation_batch >= 0, "--generation-batch must be >= 0")
     need(cfg.lr > 0, "--lr must be positive")
+    need(cfg.warmup_steps >= 0 and 0 <= cfg.warmup_ratio < 1,
+         "--warmup-steps must be >= 0 and --warmup-ratio in [0, 1)")
     need(cfg.beta >= 0, "--beta must be >= 0")
     need(0 <= cfg.eps_low < 1 and cfg.eps_high >= 0, "--eps-low must be in [0, 1), --eps-high >= 0")
     need(cfg.temperature > 0, "--temperature must be positive")

@@ -381,8 +381,6 @@ def train(cfg: TrainConfig, *, progress: bool = True, echo: Callable[[str], None
     if saved:
         load_trained_layer(policy, resumed)
         optimizer.load_state_dict(saved.state.optimizer)
-        for group in optimizer.param_groups:  # a compatible change of --lr / --weight-decay
-            group.update(lr=cfg.lr, weight_decay=cfg.weight_decay)
         before, history = saved.state.trainer["score_before"], saved.state.trainer["history"]
         first_step = saved.state.step + 1
         echo(f"resuming from {resumed} at step {saved.state.step} of {cfg.steps}; held-out "
@@ -416,6 +414,7 @@ def train(cfg: TrainConfig, *, progress: bool = True, echo: Callable[[str], None
             return None
         return last_saved
 
+    scheduler = lr_schedule(optimizer, cfg, done_steps=first_step - 1)
     if saved:
         restore_random(saved.state.random, generator, job)
     bad_in_a_row = 0
@@ -425,7 +424,9 @@ def train(cfg: TrainConfig, *, progress: bool = True, echo: Callable[[str], None
         step = first_step - 1
         try:
             for step in bar:
-                row = {"step": step, **job.step(), **memory_gib(policy.device)}
+                row = {"step": step, "lr": scheduler.get_last_lr()[0], **job.step(),
+                       **memory_gib(policy.device)}
+                scheduler.step()
                 if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps:
                     row[f"eval_{job.metric.replace(' ', '_')}"] = job.score(f"step {step}")
                 history.append(row)
@@ -478,6 +479,30 @@ def train(cfg: TrainConfig, *, progress: bool = True, echo: Callable[[str], None
     seconds = time.perf_counter() - t_start
     echo(f"saved {policy.layer.label} to {out / LAYER_FILE} ({seconds:.0f} s in all)")
     return TrainResult(before, after, cfg.steps, seconds, out)
+
+
+# --lr-scheduler -> transformers' schedule: each warms up linearly over the warmup steps.
+SCHEDULES = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
+
+
+def lr_schedule(optimizer: torch.optim.Optimizer, cfg: TrainConfig, *, done_steps: int):
+    """The learning rate of each RL step (one scheduler step per RL step), a pure function of
+    the step: a resumed run rebuilds it from --lr and moves it `done_steps` on, so that more
+    steps or another --lr on resume are honoured."""
+    import warnings
+
+    from transformers import get_scheduler
+
+    for group in optimizer.param_groups:
+        group.update(lr=cfg.lr, initial_lr=cfg.lr, weight_decay=cfg.weight_decay)
+    warmup = cfg.warmup_steps or round(cfg.warmup_ratio * cfg.steps)
+    scheduler = get_scheduler(SCHEDULES[cfg.lr_scheduler], optimizer, num_warmup_steps=warmup,
+                              num_training_steps=cfg.steps)
+    with warnings.catch_warnings():  # "scheduler stepped before the optimizer": on purpose here
+        warnings.simplefilter("ignore")
+        for _ in range(done_steps):
+            scheduler.step()
+    return scheduler
 
 
 def resume_hint(checkpoint: Path | None) -> str:
