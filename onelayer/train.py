@@ -426,7 +426,7 @@ def train(cfg: TrainConfig, *, progress: bool = True, echo: Callable[[str], None
             for step in bar:
                 row = {"step": step, "lr": scheduler.get_last_lr()[0], **job.step(),
                        **memory_gib(policy.device)}
-                scheduler.step()
+                advance(scheduler)
                 if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps:
                     row[f"eval_{job.metric.replace(' ', '_')}"] = job.score(f"step {step}")
                 history.append(row)
@@ -489,8 +489,6 @@ def lr_schedule(optimizer: torch.optim.Optimizer, cfg: TrainConfig, *, done_step
     """The learning rate of each RL step (one scheduler step per RL step), a pure function of
     the step: a resumed run rebuilds it from --lr and moves it `done_steps` on, so that more
     steps or another --lr on resume are honoured."""
-    import warnings
-
     from transformers import get_scheduler
 
     for group in optimizer.param_groups:
@@ -498,11 +496,18 @@ def lr_schedule(optimizer: torch.optim.Optimizer, cfg: TrainConfig, *, done_step
     warmup = cfg.warmup_steps or round(cfg.warmup_ratio * cfg.steps)
     scheduler = get_scheduler(SCHEDULES[cfg.lr_scheduler], optimizer, num_warmup_steps=warmup,
                               num_training_steps=cfg.steps)
-    with warnings.catch_warnings():  # "scheduler stepped before the optimizer": on purpose here
-        warnings.simplefilter("ignore")
-        for _ in range(done_steps):
-            scheduler.step()
+    for _ in range(done_steps):
+        advance(scheduler)
     return scheduler
+
+
+def advance(scheduler) -> None:
+    """One step on. torch warns when the optimizer has not stepped first, which is what a
+    resumed schedule and a skipped (NaN) update do on purpose."""
+    import warnings
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+        scheduler.step()
 
 
 def resume_hint(checkpoint: Path | None) -> str:
