@@ -506,7 +506,7 @@ def advance(scheduler) -> None:
     resumed schedule and a skipped (NaN) update do on purpose."""
     import warnings
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`")
         scheduler.step()
 
 
