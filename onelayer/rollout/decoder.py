@@ -61,7 +61,8 @@ log = logging.getLogger("onelayer")
 # manual (default): torch.cuda.CUDAGraph capture, the least machinery between us and the GPU
 # (no dynamo tracing of the Hugging Face forward, the NF4 kernels and the cache); compile:
 # torch.compile(mode="reduce-overhead"); off: eager on CUDA too. To be chosen by measurement:
-# benchmarks/bench_decode.py times all three on the GPU.
+# benchmarks/bench_train_step.py times them on the GPU (decode_ms_by_mode), and
+# benchmarks/check_kernels_gpu.py checks their tokens against Hugging Face generate.
 GRAPH_MODE = os.environ.get("ONELAYER_DECODE_GRAPH", "manual")
 CHECK_EVERY = 8        # decode steps between host checks of `done` (and of stop strings)
 LENGTH_BUCKET = 128    # cache length rounded up to this: prompts of varying length share a graph
