@@ -115,7 +115,7 @@ def test_sampled_tokens_and_logprobs(models, tok, arch):
 
 @pytest.mark.parametrize("every", [1, 3, 8])
 def test_stop_strings_are_cut_back_to_the_token_that_completed_them(models, tok, monkeypatch, every):
-    monkeypatch.setattr(decoder, "CHECK_EVERY", every)
+    monkeypatch.setattr(decoder, "check_every", lambda device: every)
     lm = models["qwen3"]
     free = generate_completions(lm, tok, PROMPTS, SamplingParams(12, greedy=True))
     stop = free.texts[2][3:5]

@@ -20,12 +20,12 @@ is exactly a draw from probs, and from the same generator state it picks the ver
 `torch.multinomial(probs, 1)` picks. The noise is drawn eagerly before each step (one kernel)
 so that the generator's state advances outside the graph; everything else is in the graph.
 
-Host syncs: none per token. Every CHECK_EVERY steps the host reads `done` (stop when every row
+Host syncs: none per token on CUDA. Every CHECK_EVERY steps the host reads `done` (stop when every row
 has stopped) and, when the call has stop strings, the new tokens: a stop string is decoded on
 the host, so its row is cut back to the token that completed it (mask, tokens and log-probs
 after it cleared), up to CHECK_EVERY - 1 tokens after the fact. Stop tokens (EOS, end of turn)
 are checked on the device at every step. So a batch runs at most CHECK_EVERY - 1 steps past
-its last stop; their outputs are discarded.
+its last stop; their outputs are discarded. On CPU the check runs after every step (free there).
 
 Where it runs: on CUDA the decode step is a CUDA graph (GRAPH_MODE "manual": torch.cuda.graph
 capture after WARMUP eager steps on a side stream; "compile": torch.compile(mode=
@@ -64,7 +64,7 @@ log = logging.getLogger("onelayer")
 # benchmarks/bench_train_step.py times them on the GPU (decode_ms_by_mode), and
 # benchmarks/check_kernels_gpu.py checks their tokens against Hugging Face generate.
 GRAPH_MODE = os.environ.get("ONELAYER_DECODE_GRAPH", "manual")
-CHECK_EVERY = 8        # decode steps between host checks of `done` (and of stop strings)
+CHECK_EVERY = 8        # decode steps between host checks of `done` (and of stop strings), CUDA
 LENGTH_BUCKET = 128    # cache length rounded up to this: prompts of varying length share a graph
 WARMUP = 2             # eager steps on a side stream before a capture (Triton JIT, cuBLAS init)
 MAX_GRAPHS = 4         # captured graphs kept per model (each holds its own small memory pool)
@@ -228,6 +228,13 @@ class _Graph:
     warm: int = 0               # eager steps run so far (manual capture waits for WARMUP)
     replay: object = None       # the captured step: CUDAGraph.replay or a compiled function
     failed: bool = False        # capture failed: this key runs eagerly
+
+
+def check_every(device: torch.device) -> int:
+    """Decode steps between host checks: CHECK_EVERY on CUDA, where a check stalls the queue of
+    launched steps; every step elsewhere, where it costs nothing and a finished batch should
+    not run on (short multi-turn actions would otherwise decode several times their length)."""
+    return CHECK_EVERY if device.type == "cuda" else 1
 
 
 def graph_mode(device: torch.device) -> str:
@@ -440,7 +447,7 @@ class StaticDecoder:
         t = checked = 1
         self.stop_strings(stop_strings, B, 0, 1, pad_id)
         while t < N and not bool(self.done[:B].all()):                  # host sync
-            for _ in range(min(CHECK_EVERY, N - t)):
+            for _ in range(min(check_every(self.device), N - t)):
                 if not params.greedy:
                     self.noise[:B].exponential_(1, generator=generator)
                 self.run_step(lm, entry, B, params, pad_id)
