@@ -8,6 +8,11 @@ reported. Random weights never emit EOS, so every completion runs to full length
     python benchmarks/bench_train_step.py --config tiny --new-tokens 16   # CPU smoke run
 
 Prints one RESULT json line; record it in benchmarks/RESULTS.md with card, date and command.
+On CUDA the RESULT also holds the rollout decoder's graph status (decode_graph) and, for each
+graph mode of --decode-modes, ms per decode step of generate_completions (G rows x
+--mode-tokens, one prefill included) and whether its greedy tokens equal eager's. With
+--decode-compile, a DECODE line after the RESULT times torch.compile(mode="reduce-overhead")
+too (printed last: a slow compile loses nothing else).
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
 from onelayer.config import build_config
 from onelayer.model import load_policy
+from onelayer.rollout import SamplingParams, decoder, generate_completions
 from onelayer.tasks import Task
 from onelayer.train import memory_gib, rl_step
 from onelayer.update import build_objective
@@ -98,6 +104,35 @@ def copy_bandwidth(gib: float = 2.0) -> float:
     return 2 * gib * 2**30 / seconds
 
 
+def graph_status(lm) -> str:
+    """GRAPH_MODE and what each key of the model's decoder ran as (graph / eager / failed)."""
+    state = decoder._DECODERS.get(lm)
+    seen = sorted({"failed" if e.failed else "graph" if e.replay is not None else "eager"
+                   for e in state.graphs.values()}) if state else ["none"]
+    return f"{decoder.GRAPH_MODE}: {','.join(seen)}"
+
+
+def time_decode(policy, prompt: str, mode: str, rows: int, new_tokens: int):
+    """(ms per decode step, greedy tokens, graph status) of generate_completions in `mode`:
+    one call to capture, one timed."""
+    lm, tok = policy.split.lm, policy.tokenizer
+    saved = decoder.GRAPH_MODE
+    decoder.GRAPH_MODE = mode
+    decoder.release(lm)
+    try:
+        params = SamplingParams(new_tokens, greedy=True)
+        generate_completions(lm, tok, [prompt], params, repeat=rows)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = generate_completions(lm, tok, [prompt], params, repeat=rows)
+        torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
+        return 1e3 * seconds / out.completion_mask.shape[1], out.completion_ids.cpu(), graph_status(lm)
+    finally:
+        decoder.GRAPH_MODE = saved
+        decoder.release(lm)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--config", choices=sorted(CONFIGS), default="tiny")
@@ -108,6 +143,9 @@ def main() -> None:
     ap.add_argument("--beta", type=float, default=0.0)
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--root", default="/tmp/onelayer-bench")
+    ap.add_argument("--decode-modes", default="manual,off", help="graph modes to time (CUDA)")
+    ap.add_argument("--mode-tokens", type=int, default=128)
+    ap.add_argument("--decode-compile", action="store_true", help="also time mode 'compile'")
     a = ap.parse_args()
 
     t0 = time.perf_counter()
@@ -151,8 +189,27 @@ def main() -> None:
                       decode_weight_gib=round(weight_bytes / 2**30, 2),
                       copy_bandwidth_tb_s=round(bandwidth / 1e12, 2),
                       decode_limit_ms=round(limit_ms, 2),
-                      decode_share_of_limit=round(limit_ms / result["decode_ms_per_step"], 3))
+                      decode_share_of_limit=round(limit_ms / result["decode_ms_per_step"], 3),
+                      decode_graph=graph_status(policy.split.lm))
+        by_mode, eager_tokens = {}, None
+        modes = [m for m in a.decode_modes.split(",") if m]
+        timed = {m: time_decode(policy, prompt, m, a.group_size, a.mode_tokens) for m in modes}
+        eager_tokens = timed["off"][1] if "off" in timed else None
+        for mode, (ms, tokens, status) in timed.items():
+            by_mode[mode] = dict(ms=round(ms, 2), status=status,
+                                 same_as_eager=None if eager_tokens is None else bool(torch.equal(tokens, eager_tokens)))
+        result.update(decode_ms_by_mode=by_mode, mode_tokens=a.mode_tokens)
     print("RESULT " + json.dumps(result), flush=True)
+    if cuda and a.decode_compile:
+        t0 = time.perf_counter()
+        try:
+            ms, tokens, status = time_decode(policy, prompt, "compile", a.group_size, a.mode_tokens)
+            line = dict(mode="compile", ms=round(ms, 2), status=status,
+                        first_call_s=round(time.perf_counter() - t0, 1),
+                        same_as_eager=None if eager_tokens is None else bool(torch.equal(tokens, eager_tokens)))
+        except Exception as exc:
+            line = dict(mode="compile", error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+        print("DECODE " + json.dumps(line), flush=True)
 
 
 if __name__ == "__main__":

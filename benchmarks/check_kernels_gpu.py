@@ -8,7 +8,12 @@ the kernels run with small interpreter tiles; this script runs the real GPU tile
 code: loss value, metrics and hidden-state gradient (grad_output != 1) of the fused linear
 policy loss, the no-grad log-probs, and the advantage kernels, in fp32 and bf16, on shapes that
 are not multiples of the tiles, with masked tokens, a fully masked sequence, bias and no bias.
-Prints one line per case and a last line `KERNELS <passed>/<total> ok`; exits 1 on a mismatch.
+Then the rollout decoder (onelayer/rollout/decoder.py) on the GPU: greedy tokens of the static
+decoder, in each graph mode, identical to Hugging Face `generate` and to the dynamic-cache loop
+(tiny fp32 Qwen3 and Mistral with a window of 8, left-padded rows stopping at different times),
+and sampled tokens identical across graph modes from the same generator seed.
+Prints one line per case, `DECODER <passed>/<total> ok` and a last line
+`KERNELS <passed>/<total> ok` (all checks); exits 1 on a mismatch.
 """
 from __future__ import annotations
 
@@ -140,6 +145,67 @@ def check_advantages() -> list[bool]:
     return results
 
 
+def check_decoder() -> list[bool]:
+    from transformers import (GenerationConfig, MistralConfig, MistralForCausalLM, Qwen3Config,
+                              Qwen3ForCausalLM)
+
+    from onelayer.rollout import SamplingParams, decoder
+    from onelayer.rollout.generate import StopStrings, sample_dynamic
+
+    common = dict(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                  tie_word_embeddings=False, pad_token_id=0, eos_token_id=1)
+    lengths = torch.tensor([5, 17, 9, 30, 12, 3, 22, 8])
+    P, new = int(lengths.max()), 48
+    g = torch.Generator().manual_seed(0)
+    mask = (torch.arange(P)[None] >= P - lengths[:, None]).long()
+    ids = (torch.randint(2, 256, (8, P), generator=g) * mask).to(DEV)
+    mask = mask.to(DEV)
+    modes = ("off",) if DEV == "cpu" else ("manual", "off")
+    results, saved = [], decoder.GRAPH_MODE
+    for name, config_cls, model_cls, extra in [("qwen3", Qwen3Config, Qwen3ForCausalLM, dict(head_dim=32)),
+                                                ("mistral", MistralConfig, MistralForCausalLM, dict(sliding_window=8))]:
+        torch.manual_seed(0)
+        lm = model_cls._from_config(config_cls(**common, **extra), attn_implementation="sdpa").to(DEV).eval()
+        run = lambda fn, params, stops, seed=None: fn(  # noqa: E731
+            lm, ids, mask, params, stop_ids=stops, stop_strings=StopStrings(None, ()), pad_id=0,
+            generator=None if seed is None else torch.Generator(DEV).manual_seed(seed))
+        greedy, sampled = SamplingParams(new, greedy=True), SamplingParams(new, temperature=1.0, top_p=0.95)
+        free = run(decoder.decode, greedy, [])
+        stop = int(torch.bincount(free.tokens[:, 4:].flatten().cpu(), minlength=256).argmax())
+        reference = run(sample_dynamic, greedy, [stop])
+        hf = lm.generate(input_ids=ids, attention_mask=mask, generation_config=GenerationConfig(
+            do_sample=False, max_new_tokens=new, eos_token_id=stop, pad_token_id=0))[:, P:]
+        draws = {}
+        for mode in modes:
+            decoder.GRAPH_MODE = mode
+            decoder.release(lm)
+            try:
+                run(decoder.decode, greedy, [stop])     # the first call captures
+                ours = run(decoder.decode, greedy, [stop])
+                draws[mode] = run(decoder.decode, sampled, [stop], seed=3)
+                status = {("failed" if e.failed else "graph" if e.replay is not None else "eager")
+                          for e in decoder._DECODERS[lm].graphs.values()}
+                ok = (torch.equal(ours.tokens, reference.tokens) and torch.equal(ours.tokens, hf)
+                      and torch.equal(ours.mask, reference.mask))
+                lengths_seen = sorted(set(ours.mask.sum(1).tolist()))
+                print(f"{'ok  ' if ok else 'FAIL'} decoder {name} {mode} ({','.join(sorted(status))}): greedy "
+                      f"tokens == HF generate == dynamic loop, row lengths {lengths_seen}", flush=True)
+            except Exception as exc:
+                ok = False
+                print(f"FAIL decoder {name} {mode}: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}")
+            results.append(ok)
+        if len(draws) > 1:
+            first, *rest = draws.values()
+            ok = all(torch.equal(first.tokens, d.tokens) for d in rest)
+            print(f"{'ok  ' if ok else 'FAIL'} decoder {name} sampled tokens equal across {', '.join(draws)}")
+            results.append(ok)
+        decoder.release(lm)
+    decoder.GRAPH_MODE = saved
+    print(f"DECODER {sum(results)}/{len(results)} ok", flush=True)
+    return results
+
+
 def main() -> int:
     global DEV
     smoke = "--smoke" in sys.argv
@@ -161,6 +227,7 @@ def main() -> int:
             results.append(False)
         torch.cuda.empty_cache()
     results += check_advantages()
+    results += check_decoder()
     print(f"KERNELS {sum(results)}/{len(results)} ok", flush=True)
     return 0 if all(results) else 1
 

@@ -20,13 +20,17 @@ def read(folder: Path, name: str) -> str:
 
 def main(folder: Path) -> None:
     kernels = [l for l in read(folder, "kernels.log").splitlines() if l.startswith("KERNELS")]
+    decoder = [l for l in read(folder, "kernels.log").splitlines() if l.startswith("DECODER")]
+    compiled = [json.loads(l[len("DECODE "):]) for l in read(folder, "train_step.log").splitlines()
+                if l.startswith("DECODE ")]
     gpu = [l for l in read(folder, "kernels.log").splitlines() if l.startswith("GPU:")]
     step = [json.loads(l[len("RESULT "):]) for l in read(folder, "train_step.log").splitlines()
             if l.startswith("RESULT ")]
     loss_rows = [l for l in read(folder, "policy_loss.log").splitlines() if l.startswith("| 32768x")]
 
     rows = [("card", gpu[0][5:].strip() if gpu else "?"), ("date", date.today().isoformat()),
-            ("Triton kernels vs torch reference (GPU tiles)", kernels[0][8:] if kernels else "did not finish")]
+            ("Triton kernels vs torch reference (GPU tiles)", kernels[0][8:] if kernels else "did not finish"),
+            ("decoder greedy == HF generate (each graph mode)", decoder[0][8:] if decoder else "did not finish")]
     if step:
         r = step[-1]
         rows += [
@@ -39,6 +43,13 @@ def main(folder: Path) -> None:
             ("decode weight-read limit", f"{r.get('decode_limit_ms', '?')} ms a step ({r.get('decode_weight_gib', '?')} GiB "
                                          f"at {r.get('copy_bandwidth_tb_s', '?')} TB/s copy bandwidth): "
                                          f"{100 * r.get('decode_share_of_limit', 0):.1f}% of the limit"),
+            ("decoder graph (training steps)", r.get("decode_graph", "?")),
+            *[(f"decode, mode {m}, {r.get('mode_tokens', '?')} greedy tokens",
+               f"{v['ms']:.2f} ms a step ({v['status']}; tokens == eager: {v['same_as_eager']})")
+              for m, v in r.get("decode_ms_by_mode", {}).items()],
+            *[("decode, mode compile", f"{c['ms']:.2f} ms a step ({c['status']}; first call {c['first_call_s']} s; "
+                                       f"tokens == eager: {c['same_as_eager']})" if "ms" in c else c.get("error", "?"))
+              for c in compiled],
             ("checkpoint build / load", f"{r['checkpoint_s']} s / {r['load_s']} s"),
         ]
     else:

@@ -13,19 +13,33 @@ first update. With top_p = 1 and top_k = 0, `Rollout.logprobs` (the sampler's ow
 engine's old log-probs up to float rounding.
 
 Positions follow the engine (`SplitModel.context`): a token's position is the number of real
-tokens before it, so left padding shifts nothing. The loop is `prefill`, then one
-`decode_step` per token; the static-cache CUDA-graph decoder will replace those two.
+tokens before it, so left padding shifts nothing.
+
+Two decoders compute this, token for token the same: the static-shape decoder of decoder.py
+(preallocated cache, device-side sampling and stops, the decode step a CUDA graph on CUDA; the
+same code eager on CPU), used wherever it is exact, and the dynamic-cache loop below
+(`sample_dynamic`: Hugging Face DynamicCache, a host sync per token), kept for what the static
+one cannot run (flash-attention-2, attention types other than full and sliding; `decoder.
+unsupported` says why, logged once per model class) and as its reference in the tests. On CUDA
+with NF4 frozen blocks, both run inside `nf4_kernels`: the small-batch NF4 matmuls replace
+bitsandbytes' for the decode steps.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
-import inspect
+import logging
 from dataclasses import dataclass
 
 import jinja2
 import torch
 from torch import Tensor
 from transformers import DynamicCache
+
+from . import decoder
+from .decoder import Samples, _cache_kwarg, pick_tokens, restrict  # noqa: F401  (re-exported)
+
+log = logging.getLogger("onelayer")
 
 
 @dataclass(frozen=True)
@@ -60,15 +74,6 @@ class Rollout:
     @property
     def completion_ids(self) -> Tensor:
         return self.sequences[:, self.prompt_len:]
-
-
-@dataclass
-class Samples:
-    """What the decode loop returns for a batch of B rows, C = steps run (<= max_new_tokens)."""
-    tokens: Tensor      # [B, C] int64, pad after a row's stop
-    logprobs: Tensor    # [B, C] float32, 0 after a row's stop
-    mask: Tensor        # [B, C] int64, 1 up to and including the stop
-    truncated: Tensor   # [B] bool, the row never stopped
 
 
 def encode_prompts(tokenizer, prompts: list[str], device) -> tuple[Tensor, Tensor]:
@@ -155,52 +160,8 @@ class StopStrings:
 
 
 # ---------------------------------------------------------------------------------------------
-# Sampling one token
+# The dynamic-cache loop (the fallback, and the reference in the tests)
 # ---------------------------------------------------------------------------------------------
-
-def restrict(scores: Tensor, top_k: int, top_p: float) -> Tensor:
-    """scores [..., V] with every token outside the top-k, then outside the nucleus of mass
-    top_p, set to -inf. The nucleus is the smallest set of highest-probability tokens whose
-    mass reaches top_p (the most likely token is always kept)."""
-    if 0 < top_k < scores.shape[-1]:
-        kth = scores.topk(top_k, dim=-1).values[..., -1:]
-        scores = scores.masked_fill(scores < kth, float("-inf"))
-    if top_p < 1.0:
-        ranked, order = scores.sort(dim=-1, descending=True)
-        probs = ranked.softmax(dim=-1)
-        mass_before = probs.cumsum(dim=-1) - probs
-        outside = torch.zeros_like(mass_before, dtype=torch.bool).scatter_(
-            -1, order, mass_before >= top_p)
-        scores = scores.masked_fill(outside, float("-inf"))
-    return scores
-
-
-def pick_tokens(logits: Tensor, params: SamplingParams,
-                generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
-    """Next tokens [B] and their log-probs [B] (float32) from the last-position logits [B, V].
-
-    Sampling: log-probs of the distribution drawn from. Greedy: argmax, with its log-prob under
-    softmax(logits / T)."""
-    scores = logits.float() / params.temperature
-    if params.greedy:
-        tokens = scores.argmax(dim=-1)
-    else:
-        scores = restrict(scores, params.top_k, params.top_p)
-        tokens = torch.multinomial(scores.softmax(dim=-1), 1, generator=generator).squeeze(1)
-    logprobs = scores.log_softmax(dim=-1).gather(-1, tokens[:, None]).squeeze(1)
-    return tokens, logprobs
-
-
-# ---------------------------------------------------------------------------------------------
-# The decode loop
-# ---------------------------------------------------------------------------------------------
-
-@functools.cache
-def _cache_kwarg(model_class: type) -> str:
-    # transformers 5.2x renamed `past_key_values` to `cache` (the old name warns until 5.40).
-    parameters = inspect.signature(model_class.forward).parameters
-    return "cache" if "cache" in parameters else "past_key_values"
-
 
 def prefill(lm, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, DynamicCache]:
     """The prompts [B, P] through the model: (logits of their last position [B, V], KV cache)."""
@@ -222,13 +183,10 @@ def decode_step(lm, tokens: Tensor, cache: DynamicCache, attention_mask: Tensor,
 
 
 @torch.no_grad()
-def sample(lm, input_ids: Tensor, attention_mask: Tensor, params: SamplingParams, *,
-           stop_ids: list[int], stop_strings: StopStrings, pad_id: int,
-           generator: torch.Generator | None = None) -> Samples:
-    """Complete B left-padded prompts [B, P]; each row stops at its first stop token or string.
-
-    generator: the random stream (None: torch's global one). Stops early once every row has
-    stopped (a host sync per token)."""
+def sample_dynamic(lm, input_ids: Tensor, attention_mask: Tensor, params: SamplingParams, *,
+                   stop_ids: list[int], stop_strings: StopStrings, pad_id: int,
+                   generator: torch.Generator | None = None) -> Samples:
+    """`sample` over a DynamicCache, one forward and a host sync per token."""
     B, P = input_ids.shape
     N, device = params.max_new_tokens, input_ids.device
     tokens = torch.full((B, N), pad_id, dtype=torch.long, device=device)
@@ -254,6 +212,39 @@ def sample(lm, input_ids: Tensor, attention_mask: Tensor, params: SamplingParams
         logits = decode_step(lm, tokens[:, t], cache, context[:, :P + t + 1], positions + t)
     steps = t + 1
     return Samples(tokens[:, :steps], logprobs[:, :steps], mask[:, :steps], ~done)
+
+
+@functools.cache
+def _log_dynamic(model_type: str, why: str) -> None:
+    log.info("%s: sampling with the dynamic-cache loop: %s", model_type, why)
+
+
+def rollout_kernels(lm):
+    """`nf4_kernels(lm)` where the model is on CUDA with NF4 (bitsandbytes Linear4bit) frozen
+    blocks; nothing elsewhere."""
+    if next(lm.parameters()).device.type != "cuda":
+        return contextlib.nullcontext()
+    if not any(type(m).__name__ == "Linear4bit" for m in lm.modules()):
+        return contextlib.nullcontext()
+    from ..nf4_dispatch import nf4_kernels
+    return nf4_kernels(lm)
+
+
+@torch.no_grad()
+def sample(lm, input_ids: Tensor, attention_mask: Tensor, params: SamplingParams, *,
+           stop_ids: list[int], stop_strings: StopStrings, pad_id: int,
+           generator: torch.Generator | None = None) -> Samples:
+    """Complete B left-padded prompts [B, P]; each row stops at its first stop token or string.
+
+    generator: the random stream (None: torch's global one). The static decoder where it is
+    exact (`decoder.unsupported`), else the dynamic-cache loop; both stop once every row has."""
+    why = decoder.unsupported(lm)
+    kwargs = dict(stop_ids=stop_ids, stop_strings=stop_strings, pad_id=pad_id, generator=generator)
+    with rollout_kernels(lm):
+        if why is None:
+            return decoder.decode(lm, input_ids, attention_mask, params, **kwargs)
+        _log_dynamic(lm.config.model_type, why)
+        return sample_dynamic(lm, input_ids, attention_mask, params, **kwargs)
 
 
 @torch.no_grad()

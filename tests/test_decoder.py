@@ -1,0 +1,201 @@
+"""The static-shape decoder (onelayer/rollout/decoder.py) against Hugging Face `generate` and the
+dynamic-cache loop; its stops, truncation, and the graph bookkeeping run on CPU with capture
+replaced by a stand-in (the same step function, replayed eagerly)."""
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, GenerationConfig
+
+from conftest import make_tiny_model
+from onelayer.rollout import SamplingParams, generate_completions
+from onelayer.rollout import decoder
+from onelayer.rollout.generate import StopStrings, restrict, sample_dynamic
+
+# Different lengths, so that the batch is left-padded.
+PROMPTS = ["1+1=", "23+45=", "999-1=", "abc", "7-8=", "hello", "0-0=", "12345+67890="]
+
+
+def load(path, attn="sdpa"):
+    return AutoModelForCausalLM.from_pretrained(path, attn_implementation=attn).eval()
+
+
+def encode(tok, prompts=PROMPTS):
+    tok.padding_side = "left"
+    enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    return enc.input_ids, enc.attention_mask
+
+
+def both(lm, tok, params, stop_ids, prompts=PROMPTS, seed=None):
+    """(static decoder, dynamic loop) on the same batch, each from a fresh generator."""
+    ids, mask = encode(tok, prompts)
+    out = []
+    for run in (decoder.decode, sample_dynamic):
+        gen = None if seed is None else torch.Generator().manual_seed(seed)
+        out.append(run(lm, ids, mask, params, stop_ids=stop_ids, stop_strings=StopStrings(tok, params.stop),
+                       pad_id=0, generator=gen))
+    return out
+
+
+def assert_same(a, b):
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.mask, b.mask)
+    assert torch.equal(a.truncated, b.truncated)
+    torch.testing.assert_close(a.logprobs, b.logprobs, rtol=0, atol=2e-5)
+
+
+@pytest.fixture(scope="module")
+def models(tiny_models):
+    return {arch: load(path) for arch, path in tiny_models.items()}
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_models):
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(tiny_models["qwen3"], padding_side="left")
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "qwen2", "llama", "mistral"])   # mistral: window 8
+def test_greedy_matches_hf_generate_and_the_dynamic_loop(models, tok, arch):
+    lm = models[arch]
+    assert decoder.unsupported(lm) is None
+    ids, mask = encode(tok)
+    free = decoder.decode(lm, ids, mask, SamplingParams(14, greedy=True), stop_ids=[],
+                          stop_strings=StopStrings(tok, ()), pad_id=0)
+    assert free.tokens.shape == (8, 14) and free.truncated.all()
+    # A token that some rows emit early, some late and some never: rows stop at different times.
+    counts = torch.bincount(free.tokens[:, 2:].flatten(), minlength=64)
+    stop = int(counts.argmax())
+    ours, dynamic = both(lm, tok, SamplingParams(14, greedy=True), [stop])
+    assert_same(ours, dynamic)
+    lengths = ours.mask.sum(1)
+    assert ours.truncated.any() or len(set(lengths.tolist())) > 1
+    config = GenerationConfig(do_sample=False, max_new_tokens=14, eos_token_id=stop, pad_token_id=0)
+    hf = lm.generate(input_ids=ids, attention_mask=mask, generation_config=config)[:, ids.shape[1]:]
+    assert torch.equal(ours.tokens, hf[:, :ours.tokens.shape[1]])
+    assert hf.shape[1] == ours.tokens.shape[1]        # both stop when the last row does
+
+
+def test_eager_attention_and_mixed_full_and_sliding_layers(tmp_path, tok):
+    eager = load(make_tiny_model(tmp_path / "llama", "llama"), attn="eager")
+    # Qwen2 with a window on layers >= 2 only: a dict of two masks.
+    mixed = load(make_tiny_model(tmp_path / "mixed", "qwen2", use_sliding_window=True,
+                                 sliding_window=5, max_window_layers=2))
+    assert sorted(set(mixed.config.layer_types)) == ["full_attention", "sliding_attention"]
+    for lm in (eager, mixed):
+        assert decoder.unsupported(lm) is None
+        assert_same(*both(lm, tok, SamplingParams(12, greedy=True), [3]))
+        assert_same(*both(lm, tok, SamplingParams(12, temperature=0.9, top_k=20), [3], seed=1))
+
+
+def test_what_falls_back_to_the_dynamic_loop(models):
+    lm = models["qwen3"]
+    lm.config._attn_implementation = "flash_attention_2"
+    try:
+        assert "flash_attention_2" in decoder.unsupported(lm)
+    finally:
+        lm.config._attn_implementation = "sdpa"
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_sampled_tokens_and_logprobs(models, tok, arch):
+    lm = models[arch]
+    params = SamplingParams(10, temperature=0.8, top_p=0.9, top_k=30)
+    ours, dynamic = both(lm, tok, params, [1], seed=5)
+    assert_same(ours, dynamic)       # the same draws from the same generator state
+    # Log-probs of the filtered distribution of a full forward over the finished sequences.
+    ids, mask = encode(tok)
+    seq = torch.cat([ids, ours.tokens], 1)
+    full_mask = torch.cat([mask, ours.mask], 1)
+    with torch.no_grad():
+        logits = lm(input_ids=seq, attention_mask=full_mask,
+                    position_ids=(full_mask.cumsum(-1) - 1).clamp(min=0)).logits[:, ids.shape[1] - 1:-1]
+    want = restrict(logits.float() / 0.8, 30, 0.9).log_softmax(-1).gather(-1, ours.tokens[..., None])[..., 0]
+    live = ours.mask.bool()
+    torch.testing.assert_close(ours.logprobs[live], want[live], rtol=0, atol=2e-5)
+    assert (ours.logprobs[~live] == 0).all()
+
+
+@pytest.mark.parametrize("every", [1, 3, 8])
+def test_stop_strings_are_cut_back_to_the_token_that_completed_them(models, tok, monkeypatch, every):
+    monkeypatch.setattr(decoder, "check_every", lambda device: every)
+    lm = models["qwen3"]
+    free = generate_completions(lm, tok, PROMPTS, SamplingParams(12, greedy=True))
+    stop = free.texts[2][3:5]
+    params = SamplingParams(12, greedy=True, stop=(stop,))
+    ours, dynamic = both(lm, tok, params, [1])
+    assert_same(ours, dynamic)
+    assert not ours.truncated[2] and ours.mask[2].sum() <= 5
+    stopped = generate_completions(lm, tok, PROMPTS, params)
+    assert stopped.texts[2].endswith(stop)
+
+
+def test_truncation_flags_and_one_token(models, tok):
+    lm = models["llama"]
+    one, dyn_one = both(lm, tok, SamplingParams(1, greedy=True), [])
+    assert_same(one, dyn_one)
+    assert one.tokens.shape == (8, 1) and one.truncated.all()
+    # Every row stops at its first token: one step, nothing truncated, the decode never runs.
+    first = one.tokens[:, 0].unique().tolist()
+    out, dyn = both(lm, tok, SamplingParams(9, greedy=True), first)
+    assert_same(out, dyn)
+    assert out.tokens.shape == (8, 1) and not out.truncated.any()
+    # Half the rows stop: truncated is exactly the rows that never did.
+    some = one.tokens[:4, 0].unique().tolist()
+    out, dyn = both(lm, tok, SamplingParams(9, greedy=True), some)
+    assert_same(out, dyn)
+    stopped = torch.isin(out.tokens, torch.tensor(some)).any(1)
+    assert torch.equal(out.truncated, ~stopped)
+
+
+def test_graph_bookkeeping_on_cpu(models, tok, monkeypatch):
+    """The manual CUDA-graph path with capture replaced by the step itself: warmup, capture once
+    per key, replay; buffers reused by a smaller batch; grown and re-captured for a longer one."""
+    captured = []
+
+    def fake_capture(run, device):
+        captured.append(run)
+        return run                  # "replay" re-runs the closure captured with its arguments
+
+    monkeypatch.setattr(decoder, "graph_mode", lambda device: "manual")
+    monkeypatch.setattr(decoder, "capture", fake_capture)
+    monkeypatch.setattr(decoder, "run_on_side_stream", lambda run, device: run())
+    lm = models["qwen2"]
+    decoder.release(lm)
+    greedy = SamplingParams(8, greedy=True)
+    ours, dyn = both(lm, tok, greedy, [5])
+    assert_same(ours, dyn)
+    assert len(captured) == 1
+    state = decoder._DECODERS[lm]
+    cache_ptr = state.cache.keys[0].data_ptr()
+    assert (state.capacity, state.length) == (8, 128)
+
+    assert_same(*both(lm, tok, greedy, [5]))                     # same key: replayed
+    assert len(captured) == 1
+    assert_same(*both(lm, tok, SamplingParams(8, temperature=1.1), [5], seed=2))  # new key
+    assert len(captured) == 2
+    assert_same(*both(lm, tok, greedy, [5], prompts=PROMPTS[:3]))  # 3 rows: same buffers
+    assert len(captured) == 3 and decoder._DECODERS[lm] is state
+    assert state.cache.keys[0].data_ptr() == cache_ptr
+    # Longer than the buffers: grown (to the larger of old and new), captured again.
+    long = ["9" * 99 + "=", "1+1="]             # 100 + 30 columns > 128
+    assert_same(*both(lm, tok, SamplingParams(30, greedy=True), [5], prompts=long))
+    grown = decoder._DECODERS[lm]
+    assert grown is not state and (grown.capacity, grown.length) == (8, 256)
+    assert len(captured) == 4
+    # New weight storage drops the graphs (they read the weights at their old addresses).
+    head = lm.lm_head.weight
+    lm.lm_head.weight = torch.nn.Parameter(head.detach().clone(), requires_grad=False)
+    try:
+        assert_same(*both(lm, tok, SamplingParams(30, greedy=True), [5], prompts=long))
+        assert len(captured) == 5
+    finally:
+        lm.lm_head.weight = head
+        decoder.release(lm)
+
+
+def test_generate_completions_is_unchanged_for_callers(tiny_models):
+    from onelayer.model import load_policy
+    policy = load_policy(tiny_models["mistral"], layer=1, device="cpu")
+    gen = torch.Generator().manual_seed(0)
+    rollout = generate_completions(policy.split.lm, policy.tokenizer, PROMPTS[:3],
+                                   SamplingParams(20, temperature=0.7), repeat=2, generator=gen)
+    assert rollout.sequences.shape[0] == 6 and rollout.logprobs.shape == rollout.completion_mask.shape
+    assert torch.equal(rollout.attention_mask[:, rollout.prompt_len:], rollout.completion_mask)
