@@ -9,7 +9,9 @@
 
 Micro-batching is exact: the aggregation's normaliser (the minibatch's sequence count S and,
 for token-mean, its unmasked token count) is the minibatch's, handed to every micro-batch, so
-the micro-batches' losses and gradients add up to those of the whole minibatch.
+the micro-batches' losses and gradients add up to those of the whole minibatch. On several
+ranks (onelayer.distributed) the normalisers are the global minibatch's, and the ranks'
+gradients are summed before the clip: the same step as one process on the whole minibatch.
 
 Several trained layers take the same path (h_L is the input of the first of them); `--layer
 all` caches nothing (h_L is the token ids) and its loss also gives lm_head a gradient.
