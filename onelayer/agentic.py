@@ -15,6 +15,7 @@ import time
 import torch
 from torch import Tensor
 
+from . import distributed
 from .algos import gigpo_advantages_fn
 from .config import TrainConfig
 from .model import Policy
@@ -168,7 +169,8 @@ def agentic_job(policy: Policy, optimizer: torch.optim.Optimizer, cfg: TrainConf
                         "(the model's context)")
 
     def step() -> dict:
-        seeds = [rng.randrange(HELD_OUT_SEED) for _ in range(cfg.prompts_per_step)]
+        # Every rank draws the step's global tasks and plays its share (several ranks).
+        seeds = distributed.shard([rng.randrange(HELD_OUT_SEED) for _ in range(cfg.prompts_per_step)])
         return gigpo_step(policy, optimizer, cfg, objective, seeds, generator, micro)
 
     return Job(f"env {cfg.env}", step, lambda label: success_rate(policy, cfg, held_out),

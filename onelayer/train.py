@@ -25,7 +25,9 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .checkpoint import (CONFIG_FILE, LAYER_FILE, TrainingState, checkpoints, load_checkpoint,
+from . import distributed
+from .algos.advantages import STD_EPS
+from .checkpoint import (CHECKPOINTS, CONFIG_FILE, LAYER_FILE, TrainingState, checkpoints, load_checkpoint,
                          save_checkpoint, save_layer)
 from .config import TrainConfig, config_json, resume_changes, reward_options, task_options
 from .errors import RunStopped, UserError
@@ -139,10 +141,9 @@ def rl_step(policy: Policy, optimizer: torch.optim.Optimizer, task: Task, rows: 
     rollout, rewards = batch.rollout, batch.rewards
     trained = without_truncated(rollout) if cfg.mask_truncated else rollout
     stats = []
-    if trained.completion_mask.any():
-        advantages = objective.advantages_fn(rewards.to(policy.device),
-                                             batch.group_ids.to(policy.device),
-                                             mode=objective.advantage_mode)
+    if distributed.any_rank(bool(trained.completion_mask.any()), "agreeing on an update"):
+        advantages = group_advantages(objective, rewards.to(policy.device),
+                                      batch.group_ids.to(policy.device))
         # One advantage per sequence, on every one of its tokens.
         token_advantages = advantages[:, None].expand_as(trained.completion_mask)
         stats = optimize(policy, optimizer, trained, token_advantages, schedule(cfg), objective,
@@ -155,7 +156,7 @@ def rl_step(policy: Policy, optimizer: torch.optim.Optimizer, task: Task, rows: 
         "loss": 0.0, "kl": 0.0, "clip_ratio": 0.0, "skipped_updates": 0}
     metrics.update(
         reward_mean=rewards.mean().item() if len(rewards) else 0.0,
-        reward_std=rewards.std().item() if len(rewards) > 1 else 0.0,
+        reward_std=distributed.global_std(rewards),
         completion_len=completion_len.mean().item() if len(rewards) else 0.0,
         truncated=rollout.truncated.float().mean().item() if len(rewards) else 0.0,
         step_s=t_end - t0, gen_s=t_gen - t0, update_s=t_end - t_gen,
@@ -163,6 +164,15 @@ def rl_step(policy: Policy, optimizer: torch.optim.Optimizer, task: Task, rows: 
     if cfg.dynamic_sampling:
         metrics.update(groups_sampled=batch.groups_sampled, groups_kept=len(rewards) // cfg.group_size)
     return metrics
+
+
+def group_advantages(objective: Objective, rewards: Tensor, group_ids: Tensor) -> Tensor:
+    """Advantages [B] of this rank's groups. On several ranks `--scale-rewards batch` divides
+    by the std of every rank's rewards: (r - group mean) / (global std + eps)."""
+    if objective.advantage_mode != "batch" or distributed.world_size() == 1:
+        return objective.advantages_fn(rewards, group_ids, mode=objective.advantage_mode)
+    centred = objective.advantages_fn(rewards, group_ids, mode="dr_grpo")
+    return centred / (distributed.global_std(rewards) + STD_EPS)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -276,18 +286,21 @@ def task_job(task: Task, policy: Policy, optimizer, cfg: TrainConfig, objective:
 
     def step() -> dict:
         dropped = rows.dropped
-        metrics = rl_step(policy, optimizer, task, rows.take(cfg.prompts_per_step), cfg,
-                          objective, rows.take, generator=generator, gen_batch=gen_batch,
-                          micro=micro)
+        # Every rank draws the step's global prompts (one data position) and keeps its share.
+        mine = distributed.shard(rows.take(cfg.prompts_per_step))
+        metrics = rl_step(policy, optimizer, task, mine, cfg, objective, rows.take,
+                          generator=generator, gen_batch=gen_batch, micro=micro)
         return {**metrics, "prompts_dropped": rows.dropped - dropped, **task.reward_metrics()}
 
     def score(label: str) -> float:
-        with tqdm(total=len(test_rows), desc=f"eval ({label})", disable=not progress,
+        mine = distributed.shard(test_rows)   # several ranks: each scores its share
+        with tqdm(total=len(mine), desc=f"eval ({label})", disable=not progress,
                   leave=False) as bar:
-            return score_task(policy.split.lm, policy.tokenizer, task, test_rows,
-                              max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, style=style,
-                              stop=tuple(cfg.stop), batch_size=cfg.generation_batch or 64,
-                              progress=bar).score
+            result = score_task(policy.split.lm, policy.tokenizer, task, mine,
+                                max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, style=style,
+                                stop=tuple(cfg.stop), batch_size=cfg.generation_batch or 64,
+                                progress=bar)
+        return distributed.weighted_mean(result.score, len(mine))
 
     def restore(state: dict) -> None:
         rows.drawn, rows.dropped = state["drawn"], state["dropped"]
@@ -334,6 +347,11 @@ def train(cfg: TrainConfig, *, progress: bool = True, echo: Callable[[str], None
     from .evaluate import load_trained_layer
 
     t_start = time.perf_counter()
+    # torchrun / accelerate launch with several processes: join them (docs/distributed.md).
+    if distributed.init_from_env(cfg.device):
+        distributed.check_run(cfg)
+        if not distributed.is_main():   # rank 0 alone speaks and writes
+            echo, progress = (lambda line: None), False
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     resumed = Path(cfg.resume) if cfg.resume else None
@@ -354,7 +372,7 @@ def train(cfg: TrainConfig, *, progress: bool = True, echo: Callable[[str], None
     if cfg.patch and not saved:
         load_trained_layer(policy, cfg.patch)   # refuses a patch made on another base model
         echo(f"starting from the trained layer in {cfg.patch}")
-    out = output_dir(cfg, policy, resumed)
+    out = distributed.broadcast_object(output_dir(cfg, policy, resumed))
     objective = build_objective(cfg, policy.device)
     optimizer = torch.optim.AdamW(policy.layer.parameters(), lr=cfg.lr,
                                   weight_decay=cfg.weight_decay)
@@ -370,7 +388,8 @@ def train(cfg: TrainConfig, *, progress: bool = True, echo: Callable[[str], None
     echo(f"onelayer: {cfg.model} ({policy.split.num_layers} layers), training "
          f"{policy.layer.label} with {cfg.algo} on {job.name}; frozen {policy.frozen_dtype}, "
          f"{policy.device.type}; output {out}")
-    check_writable(out, policy, cfg)
+    if distributed.is_main():
+        check_writable(out, policy, cfg)
     if job.held_out_dropped:
         echo(f"dropped {job.held_out_dropped} held-out prompts longer than --max-prompt-tokens "
              f"{cfg.max_prompt_tokens}")
@@ -383,6 +402,9 @@ def train(cfg: TrainConfig, *, progress: bool = True, echo: Callable[[str], None
         optimizer.load_state_dict(saved.state.optimizer)
         before, history = saved.state.trainer["score_before"], saved.state.trainer["history"]
         first_step = saved.state.step + 1
+        if saved.state.trainer.get("world_size", 1) != distributed.world_size():
+            echo(f"resume: {saved.state.trainer.get('world_size', 1)} -> "
+                 f"{distributed.world_size()} ranks")
         echo(f"resuming from {resumed} at step {saved.state.step} of {cfg.steps}; held-out "
              f"{job.metric} before training: {before:.1%}")
     else:
@@ -390,18 +412,24 @@ def train(cfg: TrainConfig, *, progress: bool = True, echo: Callable[[str], None
         echo(f"held-out {job.metric} before: {before:.1%} ({job.held_out} held out, greedy)")
 
     metrics_path = Path(cfg.metrics) if cfg.metrics else out / "metrics.jsonl"
-    metrics_path.parent.mkdir(parents=True, exist_ok=True)
-    write_jsonl(metrics_path, history)
+    if distributed.is_main():
+        metrics_path.parent.mkdir(parents=True, exist_ok=True)
+        write_jsonl(metrics_path, history)
+    else:
+        metrics_path = Path(os.devnull)
     last_saved = resumed
 
     def save(step: int) -> Path | None:
         """A training checkpoint of the state after `step`; None (and a warning) when it could
         not be written, in which case the previous one is untouched."""
         nonlocal last_saved
+        if not distributed.is_main():   # rank 0 writes it; every rank holds the same state
+            return out / CHECKPOINTS / f"step-{step:06d}"
         run_config = dataclasses.replace(cfg, generation_batch=gen_batch.size,
                                          micro_batch=micro.size, resume=None)
         state = TrainingState(step, optimizer.state_dict(), random_state(generator, job),
-                              {"score_before": before, "history": history, "output": str(out)})
+                              {"score_before": before, "history": history, "output": str(out),
+                               "world_size": distributed.world_size()})
         try:
             last_saved = save_checkpoint(out, policy.layer.state_dict(),
                                          layer_index=policy.split.layer_index,
@@ -424,8 +452,10 @@ def train(cfg: TrainConfig, *, progress: bool = True, echo: Callable[[str], None
         step = first_step - 1
         try:
             for step in bar:
-                row = {"step": step, "lr": scheduler.get_last_lr()[0], **job.step(),
-                       **memory_gib(policy.device)}
+                if distributed.world_size() > 1:
+                    generator.manual_seed(distributed.step_seed(cfg.seed, step))
+                row = {"step": step, "lr": scheduler.get_last_lr()[0], **distributed.reduce_metrics(
+                    {**job.step(), **memory_gib(policy.device)})}
                 advance(scheduler)
                 if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps:
                     row[f"eval_{job.metric.replace(' ', '_')}"] = job.score(f"step {step}")
@@ -442,10 +472,11 @@ def train(cfg: TrainConfig, *, progress: bool = True, echo: Callable[[str], None
                     raise RunStopped(f"stopped: {bad_in_a_row} steps in a row had a NaN/Inf loss or "
                                      f"gradient (--max-bad-steps {cfg.max_bad_steps}); lower --lr or "
                                      f"check the rewards. {resume_hint(path or last_saved)}", 1)
-                if stop.signal:
+                if distributed.any_rank(stop.signal is not None):
                     path = save(step)
-                    raise RunStopped(f"stopped by {signal.Signals(stop.signal).name} after step "
-                                     f"{step}. {resume_hint(path or last_saved)}", stop.exit_code)
+                    name = signal.Signals(stop.signal or signal.SIGTERM).name   # another rank's
+                    raise RunStopped(f"stopped by {name} after step {step}. "
+                                     f"{resume_hint(path or last_saved)}", stop.exit_code)
                 if step == cfg.steps or (cfg.save_every and step % cfg.save_every == 0):
                     if save(step) is None and step == cfg.steps:
                         raise RunStopped(f"the final checkpoint could not be written. "
@@ -470,6 +501,8 @@ def train(cfg: TrainConfig, *, progress: bool = True, echo: Callable[[str], None
                                        resume=None)
     scores = {"metric": job.metric, "task": job.name, "before": before, "after": after,
               "held_out": job.held_out, "steps": cfg.steps}
+    if not distributed.is_main():
+        return TrainResult(before, after, cfg.steps, time.perf_counter() - t_start, out)
     save_layer(out, policy.layer.state_dict(), layer_index=policy.split.layer_index,
                layers=policy.layer.spec, base_model=cfg.model,
                run_config=json.loads(config_json(final_config)), step=cfg.steps,

@@ -9,7 +9,9 @@
 
 Micro-batching is exact: the aggregation's normaliser (the minibatch's sequence count S and,
 for token-mean, its unmasked token count) is the minibatch's, handed to every micro-batch, so
-the micro-batches' losses and gradients add up to those of the whole minibatch.
+the micro-batches' losses and gradients add up to those of the whole minibatch. On several
+ranks (onelayer.distributed) the normalisers are the global minibatch's, and the ranks'
+gradients are summed before the clip: the same step as one process on the whole minibatch.
 
 Several trained layers take the same path (h_L is the input of the first of them); `--layer
 all` caches nothing (h_L is the token ids) and its loss also gives lm_head a gradient.
@@ -24,6 +26,7 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from . import distributed
 from .algos import advantages_fn, default_chunk_size, policy_loss, select_loss_impl
 from .config import TrainConfig
 from .errors import UserError
@@ -92,7 +95,9 @@ def build_objective(cfg: TrainConfig, device: torch.device) -> Objective:
 
 
 def schedule(cfg: TrainConfig) -> Schedule:
-    return Schedule(cfg.epochs, cfg.minibatch, cfg.micro_batch, cfg.max_grad_norm)
+    # --minibatch counts the sequences of every rank; each rank takes its share of them.
+    return Schedule(cfg.epochs, cfg.minibatch // distributed.world_size(), cfg.micro_batch,
+                    cfg.max_grad_norm)
 
 
 def sampling_params(cfg: TrainConfig, *, greedy: bool = False) -> SamplingParams:
@@ -200,30 +205,37 @@ def optimize(policy: Policy, optimizer, rollout: Rollout, token_advantages: Tens
         order = torch.randperm(batch, device=h.device, generator=generator)
         for start in range(0, batch, minibatch):
             rows = order[start:start + minibatch]
+            # Outside the retry: a collective with several ranks (the identity on one).
+            counts = distributed.global_counts(len(rows), rollout.completion_mask[rows].sum())
             stats.append(micro.run(lambda size: update(
                 policy, optimizer, h, rollout, rows, token_advantages, old_logprobs,
-                ref_logprobs, objective, dataclasses.replace(plan, micro_batch=size)), len(rows)))
+                ref_logprobs, objective, dataclasses.replace(plan, micro_batch=size), counts),
+                len(rows)))
     return stats
 
 
 def update(policy: Policy, optimizer, h: Tensor, rollout: Rollout, rows: Tensor,
            token_advantages: Tensor, old_logprobs: Tensor, ref_logprobs: Tensor | None,
-           objective: Objective, plan: Schedule) -> dict:
+           objective: Objective, plan: Schedule, counts: tuple[int, Tensor] | None = None) -> dict:
     """One optimizer step on the minibatch `rows`, its gradient accumulated micro-batch by
-    micro-batch."""
-    num_tokens = rollout.completion_mask[rows].sum()   # the minibatch's normalisers (no sync)
+    micro-batch. counts: the normalisers (sequences, tokens) of the whole minibatch when `rows`
+    is one rank's share of it (None: `rows` is all of it)."""
+    # The minibatch's normalisers (no sync on one rank).
+    num_seqs, num_tokens = counts or (len(rows), rollout.completion_mask[rows].sum())
     optimizer.zero_grad(set_to_none=True)
     loss, weighted = 0.0, {}
     for part in micro_batches(rows, plan.micro_batch):
         part_loss, metrics = micro_batch_loss(policy, h, rollout, part, token_advantages,
                                               old_logprobs, ref_logprobs, objective,
-                                              num_seqs=len(rows), num_tokens=num_tokens)
+                                              num_seqs=num_seqs, num_tokens=num_tokens)
         part_loss.backward()
         loss += part_loss.detach()
         # Metrics are means over a micro-batch's tokens: weigh them by its share of the tokens.
         share = rollout.completion_mask[part].sum() / num_tokens.clamp_min(1)
         for k, v in metrics.items():
             weighted[k] = weighted.get(k, 0.0) + v * share
+    # Several ranks: each gradient is its rank's share of the global minibatch's; sum them.
+    loss, weighted = distributed.sum_gradients(policy.layer.parameters(), loss, weighted)
     grad_norm = torch.nn.utils.clip_grad_norm_(policy.layer.parameters(), plan.max_grad_norm)
     # A NaN or Inf loss or gradient would poison AdamW's moments for good: skip the step.
     finite = bool(torch.isfinite(grad_norm) and torch.isfinite(loss))

@@ -1,0 +1,251 @@
+"""Data parallelism over torch.distributed: `torchrun --nproc-per-node N -m onelayer train ...`.
+
+Every rank holds its own frozen copy of the model and its own trained layer; they start equal
+and stay equal, because every rank applies the same summed gradient with the same AdamW step.
+
+    global prompts of a step (the same list on every rank: one data position, one seed)
+        -> this rank's contiguous shard of whole prompts (a group never spans ranks)
+        -> its rollouts, rewards, advantages (`--scale-rewards batch`: the std of all ranks')
+        -> per optimizer step: the normalisers of the GLOBAL minibatch (sequences, tokens),
+           this rank's micro-batches' gradients, one bucketed all-reduce (sum), clip, AdamW
+    metrics: reduced across ranks; rank 0 alone writes logs, checkpoints and the layer
+
+Only what crosses the wire is the layer's fp32 gradient (~0.77 GB for a Qwen3-8B layer) once
+per optimizer step, plus a few scalars. Without WORLD_SIZE > 1 in the environment nothing here
+starts a process group and every helper is the identity: the single-process run is unchanged.
+
+Sampling: each rank's run generator is reseeded every step from (seed, step, rank), so a
+resumed run samples as an uninterrupted one with the same world size would, whatever world
+size wrote the checkpoint; the data position is global and carries over to any world size.
+"""
+from __future__ import annotations
+
+import atexit
+import contextlib
+import hashlib
+import os
+from datetime import timedelta
+from typing import Iterable, Iterator, TypeVar
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from .errors import RunStopped, UserError
+
+T = TypeVar("T")
+
+# Seconds any collective may wait for the slowest rank before the job is stopped: longer than
+# the slowest step phase that has no collective in it (a long rollout, a checkpoint write, a
+# held-out eval shard). ONELAYER_DIST_TIMEOUT overrides it.
+DEFAULT_TIMEOUT_S = 1800
+# Gradient buckets: tensors smaller than this are flattened together into one all-reduce; a
+# larger tensor (an 8B layer's MLP matrices: 4096 x 12288 fp32 = 192 MiB) is reduced in place,
+# so at most one bucket of extra memory is ever allocated.
+BUCKET_BYTES = 32 * 2**20
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def is_main() -> bool:
+    """True on rank 0, the one that writes logs, checkpoints and exports (and alone)."""
+    return rank() == 0
+
+
+def timeout_s() -> float:
+    return float(os.environ.get("ONELAYER_DIST_TIMEOUT", DEFAULT_TIMEOUT_S))
+
+
+def init_from_env(device: str | None = None) -> bool:
+    """Join the process group that torchrun / accelerate launch describe in the environment
+    (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT). NCCL on GPUs, each rank on its
+    LOCAL_RANK card; gloo on CPU. False (and nothing done) when WORLD_SIZE is unset or 1."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    if dist.is_initialized():
+        return True
+    cuda = torch.cuda.is_available() and not (device or "").startswith("cpu")
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s()))
+    atexit.register(shutdown)
+    return True
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def check_run(cfg) -> None:
+    """Refuse, before anything is loaded, what data parallelism cannot split evenly: every rank
+    must run the same number of optimizer steps, or the collectives would wait forever."""
+    world = world_size()
+    if world == 1:
+        return
+    if cfg.prompts_per_step % world:
+        raise UserError(f"--prompts-per-step {cfg.prompts_per_step} must be a multiple of the "
+                        f"{world} ranks (whole groups per rank)")
+    if cfg.minibatch % world:
+        raise UserError(f"--minibatch {cfg.minibatch} counts the sequences of all {world} ranks: "
+                        f"it must be a multiple of {world}")
+    if cfg.dynamic_sampling:
+        raise UserError("--dynamic-sampling refills each rank's batch by a different amount: not "
+                        "supported on several ranks yet")
+
+
+def device() -> torch.device:
+    """Where collectives' tensors live: the current CUDA card with NCCL, else the CPU."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+@contextlib.contextmanager
+def collective(what: str) -> Iterator[None]:
+    """A failed or timed-out collective becomes a clear stop instead of a stack trace (or a
+    hang): another rank died, or is stuck beyond the timeout."""
+    try:
+        yield
+    except (RuntimeError, dist.DistError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise RunStopped(f"rank {rank()} of {world_size()} lost the other ranks while {what}: "
+                         f"a rank died or did not answer within {timeout_s():.0f} s "
+                         f"(ONELAYER_DIST_TIMEOUT). {first}", 1) from exc
+
+
+def shard(items: list[T]) -> list[T]:
+    """This rank's contiguous share of `items` (all of them on one rank)."""
+    world, r, n = world_size(), rank(), len(items)
+    return items if world == 1 else items[r * n // world:(r + 1) * n // world]
+
+
+def step_seed(seed: int, step: int) -> int:
+    """The seed of this rank's run generator at `step` (63 bits of a hash of all three)."""
+    digest = hashlib.blake2b(f"{seed}:{step}:{rank()}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def _sum(values: list[float], what: str, dtype=torch.float64) -> list[float]:
+    t = torch.tensor(values, dtype=dtype, device=device())
+    with collective(what):
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def any_rank(flag: bool, what: str = "agreeing on a stop") -> bool:
+    """True on every rank when it is True on one (a stop request, work to do)."""
+    return flag if world_size() == 1 else _sum([float(flag)], what)[0] > 0
+
+
+def weighted_mean(value: float, weight: float) -> float:
+    """The mean of every rank's `value`, each weighed by its `weight` (a score over its shard)."""
+    if world_size() == 1:
+        return value
+    total, weights = _sum([value * weight, weight], "reducing a score")
+    return total / weights if weights else 0.0
+
+
+def global_std(values: Tensor) -> float:
+    """The unbiased std of every rank's `values` together (float64 sums)."""
+    if world_size() == 1:
+        return values.std().item() if len(values) > 1 else 0.0
+    v = values.detach().double().cpu()
+    n, s, sq = _sum([len(v), v.sum().item(), (v * v).sum().item()], "reducing reward statistics")
+    return max(sq - s * s / n, 0.0) ** 0.5 / max(n - 1, 1) ** 0.5 if n > 1 else 0.0
+
+
+def global_counts(num_seqs: int, num_tokens: Tensor) -> tuple[int, Tensor]:
+    """The normalisers of the global minibatch: every rank's sequences and tokens, summed."""
+    if world_size() == 1:
+        return num_seqs, num_tokens
+    seqs, tokens = _sum([num_seqs, num_tokens.item()], "counting the minibatch")
+    return int(seqs), torch.tensor(tokens, dtype=num_tokens.dtype, device=num_tokens.device)
+
+
+def _buckets(tensors: list[Tensor]) -> Iterator[list[Tensor]]:
+    bucket, size = [], 0
+    for t in tensors:
+        nbytes = t.numel() * t.element_size()
+        if bucket and (size + nbytes > BUCKET_BYTES or t.dtype != bucket[0].dtype):
+            yield bucket
+            bucket, size = [], 0
+        bucket.append(t)
+        size += nbytes
+    if bucket:
+        yield bucket
+
+
+def sum_gradients(params: Iterable[Tensor], loss, metrics: dict) -> tuple[Tensor, dict]:
+    """Sum the trained parameters' gradients over the ranks, in place (each rank's is its
+    micro-batches' share of the global minibatch's loss, so the sum is the global gradient),
+    with the loss and the token-weighted metrics riding along. One bucketed all-reduce per
+    optimizer step, the buckets in flight together; the identity on one rank."""
+    if world_size() == 1:
+        return loss, metrics
+    grads = []
+    for p in params:
+        if p.grad is None:  # no token of this rank reached it: a zero share
+            p.grad = torch.zeros_like(p)
+        grads.append(p.grad)
+    stats = torch.stack([torch.as_tensor(v, dtype=torch.float64).to(device())
+                         for v in (loss, *metrics.values())])
+    with collective("summing the layer's gradients"):
+        work = []
+        for bucket in _buckets(grads):
+            flat = bucket[0] if len(bucket) == 1 else torch.cat([g.reshape(-1) for g in bucket])
+            work.append((bucket, flat, dist.all_reduce(flat, async_op=True)))
+        dist.all_reduce(stats)
+        for bucket, flat, handle in work:
+            handle.wait()
+            if len(bucket) > 1:
+                for g, part in zip(bucket, flat.split([g.numel() for g in bucket])):
+                    g.copy_(part.view_as(g))
+    values = stats.tolist()
+    summed_loss = torch.tensor(values[0], dtype=torch.float32)
+    return summed_loss, dict(zip(metrics, values[1:]))
+
+
+# Step metrics that add up over ranks (throughput, counts of events per rank's share) and those
+# whose slowest / largest rank is the one to report (times, memory); the rest are means (equal
+# shards: the mean of the ranks' means is the global mean; values equal on every rank stay).
+SUMMED = {"tokens_per_s", "reward_errors", "reward_timeouts"}
+MAXED = {"step_s", "gen_s", "update_s", "peak_mem_gib", "rss_gib"}
+
+
+def reduce_metrics(metrics: dict) -> dict:
+    """One step's metrics over all ranks (the same result on every rank)."""
+    world = world_size()
+    if world == 1:
+        return metrics
+    keys = sorted(k for k, v in metrics.items() if isinstance(v, (int, float)))
+    sums = torch.tensor([metrics[k] for k in keys if k not in MAXED], dtype=torch.float64,
+                        device=device())
+    maxes = torch.tensor([metrics[k] for k in keys if k in MAXED], dtype=torch.float64,
+                         device=device())
+    with collective("reducing the step's metrics"):
+        dist.all_reduce(sums)
+        dist.all_reduce(maxes, op=dist.ReduceOp.MAX)
+    reduced = dict(zip([k for k in keys if k not in MAXED], sums.tolist()))
+    reduced.update(zip([k for k in keys if k in MAXED], maxes.tolist()))
+    out = dict(metrics)
+    for k in keys:
+        value = reduced[k] if k in SUMMED or k in MAXED else reduced[k] / world
+        out[k] = type(metrics[k])(round(value)) if isinstance(metrics[k], int) else value
+    return out
+
+
+def broadcast_object(obj: T) -> T:
+    """Rank 0's `obj` on every rank (a run directory named after the time, ...)."""
+    if world_size() == 1:
+        return obj
+    box = [obj]
+    with collective("agreeing on the output directory"):
+        dist.broadcast_object_list(box, src=0)
+    return box[0]

@@ -1,0 +1,128 @@
+"""Data parallelism on CPU: gloo, 2 processes launched by torchrun, the demo model.
+
+The equivalence runs sample each step's GLOBAL batch on every rank from one seed and keep the
+rank's share (a test hook, `worker` below): rollouts then do not depend on the world size, so
+the layer after K steps on 2 ranks must equal the layer of 1 rank on the same global batches,
+up to the order of the floating-point sums. Everything after sampling (sharding, advantages
+with batch-scaled rewards, global normalisers, the gradient all-reduce, AdamW, rank-0-only
+checkpoints, resume on another world size) is the production path.
+
+Run as a script, this file is that worker: `python tests/test_distributed.py OUT_LOG ARGS...`.
+"""
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+TRAIN = ["--steps", "3", "--prompts-per-step", "4", "--group-size", "4", "--eval-samples", "4",
+         "--epochs", "2", "--micro-batch", "3", "--scale-rewards", "batch", "--save-every", "1",
+         "--seed", "1"]   # seed 1: every step's batch has groups with different rewards
+
+
+def worker(log: str, argv: list[str]) -> None:
+    """`onelayer train` with the global-batch sampler; logs each checkpoint write's rank.
+    ONELAYER_TEST_DIE=N: rank 1 dies (os._exit) when it samples its N-th batch."""
+    import hashlib
+
+    import torch
+    import torch.distributed as dist
+
+    from onelayer import cli, train
+    from onelayer.rollout import select_rollout
+
+    real_sample, real_save = train.sample_and_score, train.save_checkpoint
+    calls = []
+
+    def rank() -> int:
+        return dist.get_rank() if dist.is_initialized() else 0
+
+    def sample_globally(policy, task, rows, cfg, more_rows=None, *, generator=None, gen_batch=None):
+        calls.append(1)
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        parts = [None] * world
+        dist.all_gather_object(parts, rows) if world > 1 else parts.__setitem__(0, rows)
+        if rank() == 1 and len(calls) == int(os.environ.get("ONELAYER_TEST_DIE", 0)):
+            os._exit(7)   # after the hook's own collective: rank 0 meets it in the trainer's
+        if rank() == 1 and len(calls) == int(os.environ.get("ONELAYER_TEST_HANG", 0)):
+            time.sleep(3600)
+        everyone = [r for part in parts for r in part]
+        # One seed per global batch, from its content: the same on every rank, in a resumed run too.
+        seed = int.from_bytes(hashlib.blake2b(json.dumps(everyone, sort_keys=True, default=str)
+                                              .encode(), digest_size=7).digest(), "little")
+        batch = real_sample(policy, task, everyone, cfg, generator=torch.Generator().manual_seed(seed))
+        n = len(rows) * cfg.group_size
+        mine = torch.arange(rank() * n, (rank() + 1) * n)
+        return train.ScoredBatch(select_rollout(batch.rollout, mine), batch.rewards[mine],
+                                 batch.group_ids[mine], len(rows))
+
+    def logged_save(output, *args, state, **kwargs):
+        with open(log, "a") as f:
+            f.write(f"{rank()} {state.step}\n")
+        return real_save(output, *args, state=state, **kwargs)
+
+    train.sample_and_score, train.save_checkpoint = sample_globally, logged_save
+    cli.main(["train", "--quiet", *argv])
+
+
+def launch(tmp_path, name, *args, ranks=1, env=None, timeout=240):
+    """Run the worker on `ranks` processes; (completed process, its checkpoint-write log)."""
+    log = tmp_path / f"{name}.saves"
+    script = [str(Path(__file__).resolve()), str(log), *TRAIN, "--output", str(tmp_path / name),
+              *args]
+    command = ([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                f"--nproc-per-node={ranks}", *script] if ranks > 1 else [sys.executable, *script])
+    proc = subprocess.run(command, env={**ENV, **(env or {})}, capture_output=True, text=True,
+                          timeout=timeout, cwd=tmp_path)
+    return proc, log
+
+
+def layer(path):
+    from safetensors.torch import load_file
+    return load_file(Path(path) / "layer.safetensors")
+
+
+def assert_close(a, b):
+    import torch
+    assert a.keys() == b.keys()
+    for k in a:
+        # AdamW moves each weight by up to lr (1e-3 in the demo) per step whatever the size of
+        # its gradient; sums in another order agree to ~1e-7 relative, far below that.
+        assert torch.allclose(a[k], b[k], rtol=0, atol=1e-5), (k, (a[k] - b[k]).abs().max())
+
+
+def test_two_ranks_equal_one_and_resume_on_one(tmp_path):
+    one, _ = launch(tmp_path, "one")
+    assert one.returncode == 0, one.stderr[-3000:]
+    two, saves = launch(tmp_path, "two", ranks=2)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert_close(layer(tmp_path / "two"), layer(tmp_path / "one"))
+    # Rank 0 alone wrote each checkpoint and the metrics, once.
+    assert saves.read_text().split("\n")[:-1] == ["0 1", "0 2", "0 3"]
+    rows = [json.loads(r) for r in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert two.stdout.count("saved layer") == 1
+    # Resumed on one rank from the 2-rank run's step 2: the same step 3.
+    ckpt = tmp_path / "two" / "checkpoints" / "step-000002"
+    assert json.loads((ckpt / "trainer_state.json").read_text())["world_size"] == 2
+    resumed, _ = launch(tmp_path, "resumed", "--resume", str(ckpt))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resume: 2 -> 1 ranks" in resumed.stdout
+    assert_close(layer(tmp_path / "resumed"), layer(tmp_path / "two"))
+
+
+def test_a_dead_rank_stops_the_job(tmp_path):
+    t0 = time.monotonic()
+    proc, saves = launch(tmp_path, "dead", ranks=2, env={"ONELAYER_TEST_DIE": "2"}, timeout=120)
+    assert proc.returncode != 0
+    assert time.monotonic() - t0 < 100
+    out = proc.stdout + proc.stderr
+    assert "onelayer: rank 0 of 2 lost the other ranks while" in out, out[-3000:]
+    assert saves.read_text().split("\n")[:-1] == ["0 1"]   # the last good step is saved
+
+
+if __name__ == "__main__":
+    worker(sys.argv[1], sys.argv[2:])
