@@ -25,7 +25,9 @@ def test_demo_run_improves_held_out_accuracy(tmp_path):
 
     out = tmp_path / "run"
     assert sorted(p.name for p in out.iterdir()) == [
-        "layer.safetensors", "metrics.jsonl", "reward.png", "run_config.json"]
+        "checkpoints", "layer.safetensors", "manifest.json", "metrics.jsonl", "reward.png",
+        "run_config.json"]
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-000050", "step-000060"]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, 61))
     assert all(METRIC_FIELDS <= set(r) for r in rows)
