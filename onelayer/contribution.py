@@ -34,6 +34,10 @@ from .config import TrainConfig, config_json, task_options
 from .errors import UserError
 from .model.shared import FrozenModel, attach, load_frozen
 
+
+def default_device(device: str | None) -> torch.device:
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
 PAPER_FULL_LRS = (1e-6, 3e-6, 5e-6, 1e-5)
 SCORES_FILE = "scores.json"
 
@@ -113,6 +117,10 @@ def run_sweep(sweep: Sweep, *, progress: bool = True, echo: Callable[[str], None
     if sweep.full_score is None and cfg.frozen_dtype == "nf4":
         raise UserError("the full-parameter baseline cannot train NF4 weights: use --frozen-dtype "
                         "bf16 or fp32, or give --full-score measured elsewhere")
+    if sweep.full_score is None and cfg.frozen_dtype is None and default_device(cfg.device).type == "cuda":
+        # One frozen network for every run (like with like): the full baseline's bf16, not NF4.
+        cfg = dataclasses.replace(cfg, frozen_dtype="bf16")
+        echo("frozen blocks in bf16 for every run: the full-parameter baseline cannot train NF4")
     base = load_frozen(cfg.model, frozen_dtype=cfg.frozen_dtype, device=cfg.device, attn=cfg.attn)
     if max(sweep.layers) >= base.num_layers:
         raise UserError(f"--layers: the model has {base.num_layers} layers (0..{base.num_layers - 1})")
@@ -131,15 +139,16 @@ def run_sweep(sweep: Sweep, *, progress: bool = True, echo: Callable[[str], None
     full_runs = ([] if sweep.full_score is not None else
                  [Run("all", lr, s) for lr in sweep.full_lrs for s in sweep.seeds])
     tuned_runs = [Run(str(k), lr, s) for k in sweep.layers for lr in sweep.layer_lrs for s in sweep.seeds]
-    # The paper-protocol runs are known once the full sweep is done; count them now for the bar.
-    total = len(full_runs) + len(sweep.layers) * len(sweep.seeds) + len(tuned_runs)
+    # The paper-protocol runs are known once the full sweep is done (some may be tuned runs too):
+    # the bar counts them as new until then.
+    total = len(full_runs) + len(sweep.layers) * len(sweep.seeds) + len(set(tuned_runs))
     scores: dict[Run, float] = {}
     with tqdm(total=total, desc="contribution", disable=not progress, unit="run") as bar:
         def run_all(runs: list[Run]) -> None:
             for run in runs:
                 if run not in scores:
                     scores[run] = run_or_skip(base, task, cfg, run, out / "runs" / run.name, progress, echo)
-                bar.update(1)
+                    bar.update(1)
 
         run_all(full_runs)
         if sweep.full_score is None:
@@ -150,6 +159,8 @@ def run_sweep(sweep: Sweep, *, progress: bool = True, echo: Callable[[str], None
         else:
             lr_full, s_full = cfg.lr, sweep.full_score
         paper_runs = [Run(str(k), lr_full, s) for k in sweep.layers for s in sweep.seeds]
+        bar.total = len(set(full_runs + paper_runs + tuned_runs))
+        bar.refresh()
         run_all(paper_runs)
         run_all(tuned_runs)
 
@@ -208,10 +219,11 @@ def train_run(base: FrozenModel, task, cfg: TrainConfig, out: Path, progress: bo
     without its before-score (the sweep's base score is that). Returns (score after, seconds)."""
     from .export import patch_manifest
     from .resilience import HalveOnOOM
-    from .train import task_job, write_jsonl
+    from .train import fit_batches, task_job, write_jsonl
     from .update import build_objective
 
     t0 = time.perf_counter()
+    cfg = fit_batches(cfg, lambda line: None)   # on CUDA: the memory plan's batch sizes, as train's
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     with attach(base, cfg.layer, keep_reference=cfg.beta > 0) as policy:

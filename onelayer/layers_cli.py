@@ -94,18 +94,18 @@ def contribution_command(ctx, model, task, layers, steps, seeds, full_lrs, layer
     seed; writes contribution.json/.csv/.md/.png. Any `train` option may be added."""
     from pathlib import Path
 
-    from .contribution import Sweep, run_sweep
-    from .model.load import DEMO_MODEL, resolve_model_path
+    from transformers import AutoConfig
+
+    from .contribution import Sweep, parse_layers, run_sweep
+    from .model.load import resolve_model_path
 
     if seeds < 1:
         raise UserError("--seeds must be >= 1")
     cfg = _run_config(config_file, ctx.args, model=model, task=task, steps=steps)
-    from transformers import AutoConfig
-    num_layers = AutoConfig.from_pretrained(resolve_model_path(cfg.model or DEMO_MODEL)).num_hidden_layers
-    from .contribution import parse_layers
     lrs = _floats(full_lrs, "--full-lrs")
     if full_score is None and not lrs:
         raise UserError("--full-lrs is empty: give learning rates, or --full-score")
+    num_layers = AutoConfig.from_pretrained(resolve_model_path(cfg.model)).num_hidden_layers
     sweep = Sweep(cfg, parse_layers(layers, num_layers), list(range(seeds)), lrs,
                   _floats(layer_lrs, "--layer-lrs"), full_score,
                   Path(output or cfg.output or "runs/contribution"))
@@ -127,6 +127,7 @@ def contribution_command(ctx, model, task, layers, steps, seeds, full_lrs, layer
 def probe_command(ctx, model, task, batches, auto_band, output, config_file, quiet):
     """Rank layers by how much one Adam-like step on each alone would improve the RL objective
     (from a few rollout batches): the ranking, what `--layer auto` would pick, and the time."""
+    import json
     from pathlib import Path
 
     from .probe import format_ranking, parse_band, run_probe
@@ -137,7 +138,6 @@ def probe_command(ctx, model, task, batches, auto_band, output, config_file, qui
     click.echo(format_ranking(result, band))
     path = Path(output or f"runs/probe-{Path(cfg.model).name}-{Path(cfg.task).stem}.json")
     path.parent.mkdir(parents=True, exist_ok=True)
-    import json
     path.write_text(json.dumps({**result.as_json(), "auto_band": list(band),
                                 "auto": result.best_in_band(band)}, indent=2) + "\n")
     click.echo(f"wrote {path}")

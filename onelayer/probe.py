@@ -231,6 +231,7 @@ def run_probe(cfg: TrainConfig, *, batches: int | None = None, base: FrozenModel
               progress: bool = True) -> ProbeResult:
     """Score every block of cfg.model on cfg.task (see the module docstring)."""
     from .tasks import load_task
+    from .train import fit_batches
     from .update import build_objective
 
     batches = PROBE_BATCHES if batches is None else batches
@@ -239,6 +240,9 @@ def run_probe(cfg: TrainConfig, *, batches: int | None = None, base: FrozenModel
     if cfg.env:
         raise UserError("the probe scores single-turn tasks; multi-turn --env runs are not supported")
     t0 = time.perf_counter()
+    # The probe needs what training layer 0 needs (every block's input cached): its micro-batch
+    # is the memory plan's for that run where the plan chooses batch sizes (CUDA, --max-memory).
+    cfg = fit_batches(dataclasses.replace(cfg, layer="0"), lambda line: None)
     torch.manual_seed(cfg.seed)
     task = load_task(cfg.task, **task_options(cfg))
     if not task.train:
@@ -302,10 +306,7 @@ def probe_choice(cfg: TrainConfig, echo: Callable[[str], None] = print) -> Train
             k = int(spec[4:])
         except ValueError:
             raise UserError(f"--layer {cfg.layer}: top-k needs a whole number k")
-    from .train import fit_batches
-    # The probe needs what training layer 0 needs (every block's input cached): size its
-    # micro-batch for that where the memory plan chooses batch sizes (CUDA, --max-memory).
-    result = run_probe(fit_batches(dataclasses.replace(cfg, layer="0"), lambda line: None), progress=False)
+    result = run_probe(cfg, progress=False)
     if not 1 <= k <= result.num_layers and spec.startswith("top-"):
         raise UserError(f"--layer {cfg.layer}: k must be 1..{result.num_layers}")
     echo(format_ranking(result, band))

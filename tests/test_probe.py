@@ -70,7 +70,7 @@ def test_probe_memory_is_one_block_of_statistics(demo):
     assert result.stats_peak_bytes == 12 * weights
     assert all(p.grad is None and not p.requires_grad for p in demo.lm.parameters())
     assert not any(m._forward_hooks for m in demo.lm.modules())     # hooks removed
-    assert len(result.scores) == 8 and all(s > 0 for s in result.scores)
+    assert len(result.scores) == 8 and all(s >= 0 for s in result.scores)   # 0 where no reward differs
 
 
 def test_probe_ranking_is_stable_across_seeds(demo):
