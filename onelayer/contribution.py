@@ -358,7 +358,7 @@ def plot_contribution(result: dict, path: Path) -> None:
     protocols = result["protocols"]
     layers = [e["layer"] for e in result["layers"]]
     width = 0.8 / len(protocols)
-    fig, ax = plt.subplots(figsize=(max(5.0, 0.45 * len(layers) + 2), 3.5))
+    fig, ax = plt.subplots(figsize=(max(5.5, 0.45 * len(layers) + 2), 4.0))
     if result["full"]["undefined_reason"]:
         ax.text(0.5, 0.5, "C undefined: S_full == S_base", ha="center", va="center", transform=ax.transAxes)
     else:
@@ -370,7 +370,7 @@ def plot_contribution(result: dict, path: Path) -> None:
                                      else "each layer's best lr"))
         ax.axhline(1.0, color="black", ls="--", lw=1, label="C = 1 (full-parameter RL)")
         ax.axhline(0.0, color="grey", lw=0.5)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, frameon=False)
     ax.set_xticks(layers)
     ax.set_xlabel(f"layer (depth 0..{result['num_layers'] - 1})")
     ax.set_ylabel("C(k)")

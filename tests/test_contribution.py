@@ -106,7 +106,7 @@ def invoke(args):
 
 
 SWEEP = ["--model", "demo", "--layers", "2,5", "--seeds", "2", "--steps", "1", "--full-lrs", "1e-3,1e-2",
-         "--eval-samples", "16", "--prompts-per-step", "2", "--group-size", "4", "--max-new-tokens", "6",
+         "--eval-samples", "8", "--prompts-per-step", "2", "--group-size", "4", "--max-new-tokens", "6",
          "--quiet"]
 
 

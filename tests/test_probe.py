@@ -34,10 +34,9 @@ def demo_batches(demo):
                                           cfg, 1, objective)
 
 
-@pytest.mark.parametrize("micro_batch", [0, 24])
-def test_hook_gradients_equal_autograd(demo, demo_batches, micro_batch):
-    """dL/dW reduced in the hooks (micro-batches added up) is the gradient that single-layer
-    training puts on the block's fp32 master at ratio 1."""
+def test_hook_gradients_equal_autograd(demo, demo_batches, micro_batch=24):
+    """dL/dW reduced in the hooks (micro-batches of 24 of the 64 rows added up) is the gradient
+    that single-layer training puts on the block's fp32 master at ratio 1."""
     cfg, objective, (batch,) = demo_batches
     layer = 3
     stats = BlockGradientStats(demo.split().blocks[layer])
