@@ -2,7 +2,6 @@
 runs that are exactly `onelayer train`'s."""
 import csv
 import json
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
