@@ -345,6 +345,7 @@ def train(cfg: TrainConfig, *, progress: bool = True, echo: Callable[[str], None
     With cfg.resume (a checkpoint directory), continue that run exactly where it was saved."""
     from .agentic import agentic_job, check_env
     from .evaluate import load_trained_layer
+    from .probe import probe_choice
 
     t_start = time.perf_counter()
     # torchrun / accelerate launch with several processes: join them (docs/distributed.md).
@@ -365,6 +366,7 @@ def train(cfg: TrainConfig, *, progress: bool = True, echo: Callable[[str], None
         task = load_task(cfg.task, **task_options(cfg), **reward_options(cfg))
         if not task.train:
             raise UserError(f"task {cfg.task}: no training rows")
+    cfg = probe_choice(cfg, echo)   # --layer auto / top-k: the layer probe's choice, before loading
     cfg = fit_batches(cfg, echo)
     policy = load_policy(cfg.model, layer=cfg.layer, frozen_dtype=cfg.frozen_dtype,
                          device=cfg.device, attn=cfg.attn, keep_reference=cfg.beta > 0)

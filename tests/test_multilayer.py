@@ -49,7 +49,7 @@ def test_mid_1_is_mid_for_every_depth():
     ("8", "out of range"), ("1,8", "out of range"), ("1,1", "layer 1 is named twice"),
     ("1,-7", "layer 1 is named twice"), ("1,", "must be an index, a list"), ("x", "must be an index"),
     ("mid-0", "k must be 1..8"), ("mid-9", "k must be 1..8"), ("mid-x", "must be an index"),
-    ("top-2", "top-k needs the layer probe, which does not exist yet"), ("1.5", "must be an index"),
+    ("top-2", "top-k is the layer probe's choice"), ("1.5", "must be an index"),
 ])
 def test_layer_grammar_errors_are_one_line(spec, message):
     with pytest.raises(UserError, match=message) as info:

@@ -28,7 +28,9 @@ DEMO_MODEL = "demo"
 DEMO_PATH = Path(__file__).resolve().parent.parent / "demo"
 FROZEN_DTYPES = ("nf4", "bf16", "fp32")
 # Fraction of depth where the paper's best single layers sit (Qwen3-8B L16/36, Qwen3-4B L16/36,
-# Qwen3-1.7B L10/28, Qwen2.5-1.5B L14/28: 0.36-0.5). `--layer auto` uses it until a probe exists.
+# Qwen3-1.7B L10/28, Qwen2.5-1.5B L14/28: 0.36-0.5). `--layer auto` is the layer probe's choice
+# (onelayer.probe.probe_choice, run by `train` before loading); this prior is its fallback where
+# the probe cannot run.
 AUTO_DEPTH = 0.44
 
 
@@ -65,7 +67,7 @@ def resolve_model_path(model: str) -> Path:
         raise UserError(f"cannot get model {model!r} from the hub: {str(exc).splitlines()[0]}")
 
 
-LAYER_GRAMMAR = "an index, a list (3,5,7), 'mid', 'mid-k', 'auto' or 'all'"
+LAYER_GRAMMAR = "an index, a list (3,5,7), 'mid', 'mid-k', 'auto', 'top-k' or 'all'"
 
 
 def full_parameter(layer: int | str) -> bool:
@@ -77,11 +79,12 @@ def resolve_layers(layer: int | str, num_layers: int) -> list[int]:
     """The trained blocks, sorted. `layer` is an index (negative counts from the end), a list
     "a,b,c", 'mid' (the paper's mid-1), 'mid-k' (the k middle blocks: [floor(N/2 - k/2),
     floor(N/2 + k/2)), so 'mid-1' is 'mid'), 'auto' or 'all' (every block, and with it every
-    other parameter: see `full_parameter`)."""
+    other parameter: see `full_parameter`). 'auto' here is the depth prior: `train` replaces
+    'auto' and 'top-k' by the probe's choice (onelayer.probe.probe_choice) before loading."""
     spec = layer.strip().lower() if isinstance(layer, str) else layer
     if spec == "mid":
         return [math.floor(num_layers / 2 - 1 / 2)]
-    if spec == "auto":
+    if spec == "auto" or (isinstance(spec, str) and spec.startswith("auto:")):
         return [round(AUTO_DEPTH * (num_layers - 1))]
     if spec == "all":
         return list(range(num_layers))
@@ -89,8 +92,9 @@ def resolve_layers(layer: int | str, num_layers: int) -> list[int]:
         kind, _, count = spec.partition("-")
         k = _count(layer, count, num_layers)
         if kind == "top":
-            raise UserError(f"--layer {layer}: top-k needs the layer probe, which does not exist yet; "
-                            "use mid-k or a list of indices")
+            raise UserError(f"--layer {layer}: top-k is the layer probe's choice, which `onelayer "
+                            "train` makes before loading (onelayer.probe.probe_choice); here name the "
+                            "layers (a list of indices) or use mid-k")
         return list(range(math.floor(num_layers / 2 - k / 2), math.floor(num_layers / 2 + k / 2)))
     parts = spec.split(",") if isinstance(spec, str) else [spec]
     indices = [_index(layer, part, num_layers) for part in parts]

@@ -1,0 +1,162 @@
+"""The contribution sweep: C from the formula, files that agree with each other, resume, and
+runs that are exactly `onelayer train`'s."""
+import csv
+import json
+from types import SimpleNamespace
+
+import pytest
+from click.testing import CliRunner
+
+from onelayer.checkpoint import load_layer
+from onelayer.config import build_config
+from onelayer.contribution import Run, Sweep, contribution, markdown_table, parse_layers, summarise, train_run
+from onelayer.errors import UserError
+from onelayer.layers_cli import contribution_command, train_overrides
+from onelayer.model.load import read_tensors
+from onelayer.model.shared import load_frozen
+from onelayer.tasks import load_task
+from onelayer.train import train
+
+
+def test_contribution_formula_on_hand_made_scores():
+    assert contribution(0.60, base=0.40, full=0.50) == pytest.approx(2.0)    # beats full RL
+    assert contribution(0.45, base=0.40, full=0.50) == pytest.approx(0.5)
+    assert contribution(0.50, base=0.40, full=0.50) == pytest.approx(1.0)
+    assert contribution(0.30, base=0.40, full=0.50) == pytest.approx(-1.0)   # below the base
+    assert contribution(0.35, base=0.40, full=0.30) == pytest.approx(0.5)    # full RL hurt
+    assert contribution(0.45, base=0.40, full=0.40) is None                  # undefined
+
+
+def hand_made(full_scores: dict, layer_scores: dict, base: float, lrs=(1e-4, 3e-4)):
+    seeds = [0, 1]
+    scores = {Run("all", lr, s): full_scores[lr][s] for lr in lrs for s in seeds}
+    scores.update({Run(str(k), lr, s): v[s] for (k, lr), v in layer_scores.items() for s in seeds})
+    sweep = Sweep(build_config({}), [0, 1], seeds, list(lrs))
+    means = {lr: sum(scores[Run("all", lr, s)] for s in seeds) / len(seeds) for lr in lrs}
+    best = max(lrs, key=means.get)
+    return summarise(sweep, SimpleNamespace(num_layers=2), base, means[best], best, scores, 1.0)
+
+
+def test_summary_on_hand_made_scores():
+    result = hand_made({1e-4: [0.5, 0.6], 3e-4: [0.7, 0.5]},
+                       {(0, 3e-4): [0.45, 0.55], (1, 3e-4): [0.3, 0.4]}, base=0.4)
+    assert result["full"]["lr"] == 3e-4 and result["full"]["S_full"] == pytest.approx(0.6)
+    paper = [e["paper"] for e in result["layers"]]
+    assert paper[0]["C"] == pytest.approx([0.25, 0.75]) and paper[0]["C_mean"] == pytest.approx(0.5)
+    assert paper[1]["C"] == pytest.approx([-0.5, 0.0])
+    assert paper[1]["C_std"] == pytest.approx(0.5 ** 0.5 * 0.5)
+
+
+def test_undefined_contribution_is_said_plainly():
+    result = hand_made({1e-4: [0.4, 0.4], 3e-4: [0.4, 0.4]},
+                       {(0, 1e-4): [0.45, 0.55], (1, 1e-4): [0.3, 0.4]}, base=0.4)
+    assert result["full"]["undefined_reason"].startswith("S_full == S_base")
+    assert all(e["paper"]["C_mean"] is None and e["paper"]["C"] == [None, None] for e in result["layers"])
+    table = markdown_table(result)
+    assert "**C is undefined**" in table and "| undefined |" in table
+
+
+def test_parse_layers():
+    assert parse_layers("all", 4) == [0, 1, 2, 3]
+    assert parse_layers("1-2", 4) == [1, 2]
+    assert parse_layers("3,0,1-2", 4) == [0, 1, 2, 3]
+    for bad in ("4", "a-b", "1-9", ""):
+        with pytest.raises(UserError):
+            parse_layers(bad, 4)
+
+
+def test_train_options_pass_through():
+    assert train_overrides(["--prompts-per-step", "4", "--no-chat", "--dynamic-sampling",
+                            "--stop", "a", "--stop=b", "--eval-samples=8"]) == {
+        "prompts_per_step": "4", "chat": False, "dynamic_sampling": "true", "stop": ["a", "b"],
+        "eval_samples": "8"}
+    with pytest.raises(UserError, match="no such option: --bogus"):
+        train_overrides(["--bogus", "1"])
+
+
+def test_a_sweep_run_is_exactly_onelayer_train(tmp_path):
+    """Same trained weights as `onelayer train` (single layer and full-parameter), and the
+    shared model holds its original, frozen weights again after each run."""
+    model = "demo"    # rewards that differ within a group: a tiny random model's are all 0
+    options = dict(model=model, steps=1, prompts_per_step=4, group_size=4, max_new_tokens=4,
+                   eval_samples=2, lr=1e-3, save_every=0)
+    base = load_frozen(model)
+    task = load_task("arithmetic")
+    original = read_tensors(base.model_path, [""])
+    for layer in ("2", "all"):
+        cfg = build_config({**options, "layer": layer})
+        train(build_config({**options, "layer": layer, "output": str(tmp_path / f"train-{layer}")}),
+              progress=False, echo=lambda line: None)
+        train_run(base, task, cfg, tmp_path / f"sweep-{layer}", progress=False)
+        ours, _ = load_layer(tmp_path / f"sweep-{layer}")
+        theirs, _ = load_layer(tmp_path / f"train-{layer}")
+        assert ours.keys() == theirs.keys()
+        assert all((ours[k] == theirs[k]).all() for k in ours)
+        assert any((ours[k] != original[k]).any() for k in ours)      # it did train
+        params = dict(base.lm.named_parameters())
+        assert all((params[k] == original[k]).all() for k in params)  # and is back to the base
+        assert not any(p.requires_grad for p in base.lm.parameters())
+
+
+def invoke(args):
+    result = CliRunner().invoke(contribution_command, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+SWEEP = ["--model", "demo", "--layers", "2,5", "--seeds", "2", "--steps", "1", "--full-lrs", "1e-3,1e-2",
+         "--eval-samples", "8", "--prompts-per-step", "2", "--group-size", "4", "--max-new-tokens", "6",
+         "--quiet"]
+
+
+def test_sweep_files_are_complete_and_consistent_and_resume(tmp_path):
+    out = tmp_path / "sweep"
+    first = invoke([*SWEEP, "--output", str(out)])
+    assert first.count("seed") == 8     # 2 full lrs x 2 seeds + 2 layers x 2 seeds, one line each
+    result = json.loads((out / "contribution.json").read_text())
+    assert result["run_config"]["prompts_per_step"] == 2 and result["seeds"] == [0, 1]
+    s_base, s_full = result["S_base"], result["full"]["S_full"]
+    assert [r["lr"] for r in result["full"]["sweep"]] == [1e-3, 1e-3, 1e-2, 1e-2]
+    assert result["full"]["lr"] in (1e-3, 1e-2)
+
+    with open(out / "contribution.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert rows[0]["kind"] == "base" and float(rows[0]["score"]) == s_base
+    layer_rows = [r for r in rows if r["kind"] == "layer"]
+    assert len([r for r in rows if r["kind"] == "full"]) == 4 and len(layer_rows) == 4
+    table = (out / "contribution.md").read_text()
+    for entry in result["layers"]:
+        paper = entry["paper"]
+        assert paper["lr"] == result["full"]["lr"]
+        mine = [r for r in layer_rows if int(r["layer"]) == entry["layer"]]
+        assert [float(r["score"]) for r in mine] == paper["scores"]
+        for r, c in zip(mine, paper["C"]):
+            assert (r["C"] == "undefined") if c is None else float(r["C"]) == pytest.approx(c)
+            if c is not None:
+                assert c == pytest.approx((float(r["score"]) - s_base) / (s_full - s_base))
+        # every run's own files: the trained layer, its scores and metrics
+        for seed in (0, 1):
+            run = out / "runs" / f"L{entry['layer']}-lr{paper['lr']:g}-seed{seed}"
+            assert {"layer.safetensors", "scores.json", "metrics.jsonl", "manifest.json"} <= {
+                p.name for p in run.iterdir()}
+            assert json.loads((run / "scores.json").read_text())["after"] == paper["scores"][seed]
+        cell = (f"| {entry['layer']} | {entry['depth']:.0%} | {paper['score_mean']:.1%} ± "
+                f"{paper['score_std']:.1%} |")
+        assert cell in table
+    assert f"S_base = {s_base:.1%}; S_full = {s_full:.1%}" in table
+    assert (out / "contribution.png").stat().st_size > 1000
+
+    # A rerun of the same command trains nothing and writes the same results.
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("layer.safetensors")}
+    again = invoke([*SWEEP, "--output", str(out)])
+    assert "seed" not in again
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("layer.safetensors")} == stamps
+    rerun = json.loads((out / "contribution.json").read_text())
+    assert rerun["rows"] == result["rows"] and rerun["S_base"] == s_base
+
+    # An unfinished run (no scores.json) is trained again, the others are kept.
+    victim = out / "runs" / f"L5-lr{result['full']['lr']:g}-seed1"
+    (victim / "scores.json").unlink()
+    third = invoke([*SWEEP, "--output", str(out)])
+    assert third.count("seed1:") == 1 and victim.name in third
+    assert json.loads((out / "contribution.json").read_text())["rows"] == result["rows"]
