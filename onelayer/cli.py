@@ -5,6 +5,7 @@ import sys
 
 import click
 
+from .config import config_options
 from .errors import RunStopped, UserError
 
 # Option groups shared with other commands, by TrainConfig field name (declared once there).
@@ -14,32 +15,6 @@ PROMPT_FIELDS = ("chat", "chat_template_kwargs", "stop", "max_prompt_tokens")
 PLAN_FIELDS = ("model", "layer", "prompts_per_step", "group_size", "max_new_tokens", "beta",
                "minibatch", "micro_batch", "generation_batch", "max_prompt_tokens",
                "frozen_dtype", "loss_impl", "temperature", "top_p", "top_k")
-
-
-def config_options(names: tuple[str, ...] | None = None):
-    """Click options for TrainConfig's fields (all, or `names`), in declaration order. Every
-    default is None here, so that only what the user typed overrides config files and presets."""
-    from dataclasses import fields
-
-    from .config import TrainConfig, option_type
-
-    def decorate(command):
-        for f in reversed(fields(TrainConfig)):
-            if names is not None and f.name not in names:
-                continue
-            flag = "--" + f.name.replace("_", "-")
-            kind, item = option_type(f.name)
-            choices = f.metadata["choices"]
-            if kind is bool:
-                decls, click_type = [f"{flag}/--no-{flag[2:]}"], None
-            else:
-                decls = [flag]
-                click_type = click.Choice(choices) if choices else {
-                    int: int, float: float, list: item, dict: str}.get(kind, str)
-            command = click.option(*decls, f.name, type=click_type, default=None,
-                                   multiple=kind is list, help=f.metadata["help"])(command)
-        return command
-    return decorate
 
 
 def _given(options: dict) -> dict:
@@ -132,6 +107,15 @@ def export_command(checkpoint, output, dtype, model, repo, private, quiet):
 
     export_to(checkpoint, output, dtype=dtype, model=model, repo=repo, private=private,
               progress=not quiet, echo=click.echo)
+
+
+def _register_layer_commands() -> None:
+    from .layers_cli import contribution_command, probe_command
+    cli.add_command(contribution_command)
+    cli.add_command(probe_command)
+
+
+_register_layer_commands()
 
 
 # `plan`: the memory planner (onelayer.memory); reads only the model's config.json.

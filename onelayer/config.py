@@ -38,8 +38,9 @@ class TrainConfig:
         " model. [default: demo]")
     layer: str = option(
         "mid", "What to train: an index (negative counts from the end), a list '3,5,7', 'mid' "
-               "(floor(N/2 - 1/2)), 'mid-k' (the k middle layers), 'auto' (~44% of depth, where the "
-               "paper's best layers sit) or 'all' (full-parameter RL, the baseline of `contribution`; "
+               "(floor(N/2 - 1/2)), 'mid-k' (the k middle layers), 'auto' (the probe's best "
+               "layer within 40-60% of depth; 'auto:0.3-0.7' widens the band), 'top-k' (the "
+               "probe's k best) or 'all' (full-parameter RL, the baseline of `contribution`; "
                "no NF4). [default: mid]")
     task: str = option(
         "arithmetic", "Built-in task name or a dataset file. [default: arithmetic]")
@@ -347,6 +348,30 @@ def resume_changes(cfg: TrainConfig, saved: dict[str, Any]) -> list[str]:
     ignore = ("resume", "output", "metrics")
     return [f"{k}: {saved[k]!r} -> {v!r}" for k, v in dataclasses.asdict(cfg).items()
             if k in saved and k not in ignore and saved[k] != v]
+
+
+def config_options(names: tuple[str, ...] | None = None):
+    """Click options for TrainConfig's fields (all, or `names`), in declaration order. Every
+    default is None here, so that only what the user typed overrides config files and presets."""
+    import click
+
+    def decorate(command):
+        for f in reversed(fields(TrainConfig)):
+            if names is not None and f.name not in names:
+                continue
+            flag = "--" + f.name.replace("_", "-")
+            kind, item = option_type(f.name)
+            choices = f.metadata["choices"]
+            if kind is bool:
+                decls, click_type = [f"{flag}/--no-{flag[2:]}"], None
+            else:
+                decls = [flag]
+                click_type = click.Choice(choices) if choices else {
+                    int: int, float: float, list: item, dict: str}.get(kind, str)
+            command = click.option(*decls, f.name, type=click_type, default=None,
+                                   multiple=kind is list, help=f.metadata["help"])(command)
+        return command
+    return decorate
 
 
 def option_type(name: str) -> tuple[type, type | None]:

@@ -2,8 +2,7 @@
 `cli.add_command(contribution_command)` and `cli.add_command(probe_command)`.
 
 Both accept every `train` option as well (--algo, --prompts-per-step, --max-new-tokens,
---eval-samples, ... and a --config file of them): the options not declared here are read as
-train options and checked against the run config's fields.
+--eval-samples, ... and a --config file of them), from TrainConfig's one declaration.
 """
 from __future__ import annotations
 
@@ -11,45 +10,12 @@ from typing import Any
 
 import click
 
+from .config import FIELDS, config_options
 from .errors import UserError
 
-PASS_THROUGH = dict(ignore_unknown_options=True, allow_extra_args=True,
-                    help_option_names=["-h", "--help"])
-
-
-def train_overrides(args: list[str]) -> dict[str, Any]:
-    """`--name value`, `--flag` (true), `--no-flag` (false) and repeated options (a list) as
-    run-config overrides; an option that is no train option is refused."""
-    from .config import FIELDS
-
-    overrides: dict[str, Any] = {}
-    i = 0
-    while i < len(args):
-        arg = args[i]
-        if not arg.startswith("--"):
-            raise UserError(f"unexpected argument {arg!r}")
-        key, eq, value = arg[2:].partition("=")
-        name = key.replace("-", "_")
-        if not eq and name.startswith("no_") and name[3:] in FIELDS and FIELDS[name[3:]].type.startswith("bool"):
-            overrides[name[3:]] = False
-            i += 1
-            continue
-        if name not in FIELDS:
-            raise UserError(f"no such option: --{key} (see `onelayer train --help` for train options)")
-        if not eq:
-            if FIELDS[name].type.startswith("bool") and (i + 1 == len(args) or args[i + 1].startswith("--")):
-                value = "true"
-            elif i + 1 < len(args):
-                i += 1
-                value = args[i]
-            else:
-                raise UserError(f"option --{key} needs a value")
-        if FIELDS[name].type.startswith("list"):
-            overrides.setdefault(name, []).append(value)
-        else:
-            overrides[name] = value
-        i += 1
-    return overrides
+# Every `train` option, declared once in TrainConfig, except those these commands set themselves.
+OWN = ("model", "task", "steps", "layer", "output")
+TRAIN_FIELDS = tuple(f for f in FIELDS if f not in OWN)
 
 
 def _floats(text: str | None, flag: str) -> list[float]:
@@ -61,13 +27,13 @@ def _floats(text: str | None, flag: str) -> list[float]:
         raise UserError(f"{flag} must be a comma-separated list of numbers, not {text!r}")
 
 
-def _run_config(config_file: str | None, extra: list[str], **given):
+def _run_config(config_file: str | None, options: dict[str, Any]):
+    from .cli import _given
     from .config import build_config
-    overrides = {**train_overrides(extra), **{k: v for k, v in given.items() if v is not None}}
-    return build_config(overrides, config_file)
+    return build_config(_given(options), config_file)
 
 
-@click.command("contribution", context_settings=PASS_THROUGH)
+@click.command("contribution")
 @click.option("--model", help="Hub id, local directory or 'demo'. [default: demo]")
 @click.option("--task", help="Built-in task or dataset. [default: arithmetic]")
 @click.option("--layers", default="all", show_default=True,
@@ -86,9 +52,9 @@ def _run_config(config_file: str | None, extra: list[str], **given):
 @click.option("--config", "config_file", type=click.Path(dir_okay=False),
               help="TOML or YAML file of train options (CLI options win).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-@click.pass_context
-def contribution_command(ctx, model, task, layers, steps, seeds, full_lrs, layer_lrs, full_score,
-                         output, config_file, quiet):
+@config_options(TRAIN_FIELDS)
+def contribution_command(model, task, layers, steps, seeds, full_lrs, layer_lrs, full_score,
+                         output, config_file, quiet, **train_options):
     """Measure C(k) = (S_k - S_base) / (S_full - S_base) for every requested layer: the base
     model scored once, full-parameter RL swept over --full-lrs, single-layer RL per layer and
     seed; writes contribution.json/.csv/.md/.png. Any `train` option may be added."""
@@ -101,7 +67,7 @@ def contribution_command(ctx, model, task, layers, steps, seeds, full_lrs, layer
 
     if seeds < 1:
         raise UserError("--seeds must be >= 1")
-    cfg = _run_config(config_file, ctx.args, model=model, task=task, steps=steps)
+    cfg = _run_config(config_file, {**train_options, "model": model, "task": task, "steps": steps})
     lrs = _floats(full_lrs, "--full-lrs")
     if full_score is None and not lrs:
         raise UserError("--full-lrs is empty: give learning rates, or --full-score")
@@ -112,7 +78,7 @@ def contribution_command(ctx, model, task, layers, steps, seeds, full_lrs, layer
     run_sweep(sweep, progress=not quiet, echo=click.echo)
 
 
-@click.command("probe", context_settings=PASS_THROUGH)
+@click.command("probe")
 @click.option("--model", help="Hub id, local directory or 'demo'. [default: demo]")
 @click.option("--task", help="Built-in task or dataset. [default: arithmetic]")
 @click.option("--batches", type=int, default=4, show_default=True,
@@ -123,8 +89,8 @@ def contribution_command(ctx, model, task, layers, steps, seeds, full_lrs, layer
 @click.option("--config", "config_file", type=click.Path(dir_okay=False),
               help="TOML or YAML file of train options (CLI options win).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-@click.pass_context
-def probe_command(ctx, model, task, batches, auto_band, output, config_file, quiet):
+@config_options(TRAIN_FIELDS)
+def probe_command(model, task, batches, auto_band, output, config_file, quiet, **train_options):
     """Rank layers by how much one Adam-like step on each alone would improve the RL objective
     (from a few rollout batches): the ranking, what `--layer auto` would pick, and the time."""
     import json
@@ -132,7 +98,7 @@ def probe_command(ctx, model, task, batches, auto_band, output, config_file, qui
 
     from .probe import format_ranking, parse_band, run_probe
 
-    cfg = _run_config(config_file, ctx.args, model=model, task=task)
+    cfg = _run_config(config_file, {**train_options, "model": model, "task": task})
     band = parse_band(auto_band)
     result = run_probe(cfg, batches=batches, progress=not quiet)
     click.echo(format_ranking(result, band))

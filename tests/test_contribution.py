@@ -11,7 +11,7 @@ from onelayer.checkpoint import load_layer
 from onelayer.config import build_config
 from onelayer.contribution import Run, Sweep, contribution, markdown_table, parse_layers, summarise, train_run
 from onelayer.errors import UserError
-from onelayer.layers_cli import contribution_command, train_overrides
+from onelayer.layers_cli import contribution_command
 from onelayer.model.load import read_tensors
 from onelayer.model.shared import load_frozen
 from onelayer.tasks import load_task
@@ -66,12 +66,17 @@ def test_parse_layers():
 
 
 def test_train_options_pass_through():
-    assert train_overrides(["--prompts-per-step", "4", "--no-chat", "--dynamic-sampling",
-                            "--stop", "a", "--stop=b", "--eval-samples=8"]) == {
-        "prompts_per_step": "4", "chat": False, "dynamic_sampling": "true", "stop": ["a", "b"],
-        "eval_samples": "8"}
-    with pytest.raises(UserError, match="no such option: --bogus"):
-        train_overrides(["--bogus", "1"])
+    import click
+    params = contribution_command.make_context("contribution", [
+        "--prompts-per-step", "4", "--no-chat", "--dynamic-sampling", "--stop", "a", "--stop=b",
+        "--eval-samples=8"]).params
+    given = {k: v for k, v in params.items() if v not in (None, ())}
+    assert {k: given[k] for k in ("prompts_per_step", "chat", "dynamic_sampling", "stop",
+                                  "eval_samples")} == {
+        "prompts_per_step": 4, "chat": False, "dynamic_sampling": True, "stop": ("a", "b"),
+        "eval_samples": 8}
+    with pytest.raises(click.NoSuchOption):
+        contribution_command.make_context("contribution", ["--bogus", "1"])
 
 
 def test_a_sweep_run_is_exactly_onelayer_train(tmp_path):
