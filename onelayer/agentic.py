@@ -22,6 +22,7 @@ from .rollout import Rollout, SamplingParams
 from .rollout.multiturn import Episodes, TurnFormat, hf_actor, run_episodes
 from .tasks.envs import TextEnv, load_env
 from .errors import UserError
+from .reporting import StepSamples
 from .resilience import HalveOnOOM
 from .update import Job, Objective, optimize, sampling_params, schedule, step_metrics, sync_device
 
@@ -126,7 +127,24 @@ def gigpo_step(policy: Policy, optimizer: torch.optim.Optimizer, cfg: TrainConfi
         seq_len=rollout.attention_mask.sum(1).float().mean().item(),
         step_s=t_end - t0, gen_s=t_gen - t0, update_s=t_end - t_gen,
         tokens_per_s=action_tokens / (t_end - t0))
+    if cfg.log_completions:   # what was played, for --log-completions (the loop pops it)
+        metrics["samples"] = episode_samples(episodes, advantages)
     return metrics
+
+
+def episode_samples(episodes: Episodes, step_advantages: Tensor) -> StepSamples:
+    """One entry per trajectory: its first observation, the text played after it (actions
+    and environment turns), its return, and the mean advantage of its steps."""
+    e, B = episodes, len(episodes.returns)
+    first_obs, groups = [""] * B, [0] * B
+    for row, t, obs, group in zip(e.traj_ids.tolist(), e.step_index.tolist(), e.observations,
+                                  e.episode_group_ids.tolist()):
+        if t == 0:
+            first_obs[row], groups[row] = obs, group
+    steps = torch.zeros(B).index_add_(0, e.traj_ids, torch.ones(len(e.traj_ids)))
+    adv = torch.zeros(B).index_add_(0, e.traj_ids, step_advantages.float().cpu())
+    return StepSamples(first_obs, list(e.rollout.texts), e.returns.tolist(),
+                       (adv / steps.clamp(min=1)).tolist(), groups)
 
 
 @torch.no_grad()

@@ -138,6 +138,14 @@ TRAIN_OPTIONS = [
                      "made on another base model is refused."),
     ("--max-bad-steps", int, "Stop (with a checkpoint) after this many steps in a row whose loss "
                              "or gradient was NaN/Inf; such steps are skipped. [default: 5]"),
+    ("--report-to", click.Choice(["tensorboard", "wandb", "none"]), "Also log every step's "
+                    "metrics (and --log-completions tables) to TensorBoard (OUTPUT/tensorboard) "
+                    "or Weights & Biases (WANDB_MODE=offline works without a network); "
+                    "repeatable. Needs pip install 'onelayer[tensorboard]' / '[wandb]'. "
+                    "[default: none, metrics.jsonl only]", {"multiple": True}),
+    ("--log-completions", int, "Every N steps, the prompts, completions, rewards and advantages "
+                               "of a few groups to OUTPUT/completions.jsonl and the dashboards; "
+                               "0 = never. [default: 0]"),
 ]
 
 

@@ -80,6 +80,8 @@ class TrainConfig:
     resume: str | None = None          # a checkpoint, a run directory, or "auto" (in --output)
     patch: str | None = None           # start from a trained layer (a patch) of the same model
     max_bad_steps: int = 5             # stop after this many NaN/Inf steps in a row
+    report_to: list[str] = field(default_factory=list)  # tensorboard / wandb / none; empty: none
+    log_completions: int = 0           # every N steps, sampled completions to OUTPUT/completions.jsonl
 
     @property
     def aggregation(self) -> str:
