@@ -18,6 +18,7 @@ from torch import Tensor
 from .algos import gigpo_advantages_fn
 from .config import TrainConfig
 from .model import Policy
+from .model.vocab import check_encodes
 from .rollout import Rollout, SamplingParams
 from .rollout.multiturn import Episodes, TurnFormat, hf_actor, run_episodes
 from .tasks.envs import TextEnv, load_env
@@ -179,7 +180,10 @@ def agentic_job(policy: Policy, optimizer: torch.optim.Optimizer, cfg: TrainConf
     rng = random.Random(cfg.seed)
     held_out = list(range(HELD_OUT_SEED, HELD_OUT_SEED + cfg.eval_samples))
     env = make_envs(cfg, 1)[0]
-    first = turn_format(policy, cfg).first(env.system_prompt, env.reset(HELD_OUT_SEED))
+    obs = env.reset(HELD_OUT_SEED)
+    check_encodes(policy.tokenizer, f"{env.system_prompt}\n{obs}", model=cfg.model,
+                  what=f"the text of --env {cfg.env}")
+    first = turn_format(policy, cfg).first(env.system_prompt, obs)
     if len(first) + cfg.max_new_tokens > episode_token_cap(policy):
         raise UserError(f"--env {cfg.env}: the first prompt ({len(first)} tokens) and one action "
                         f"do not fit the episode cap of {episode_token_cap(policy)} tokens "

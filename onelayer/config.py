@@ -145,6 +145,8 @@ def build_config(overrides: dict[str, Any], config_file: str | None = None) -> T
         values = resumed_values(values)
     if values.get("patch") and not values.get("resume"):
         values = patched_values(values)
+    from .model.load import env_demo_values
+    values = env_demo_values(values)   # --env without --model: the packaged agent demo
     if values.get("model", TrainConfig.model) == TrainConfig.model:
         values = {**DEMO_PRESET, **values}
     cfg = TrainConfig(**{k: _coerce(k, v) for k, v in values.items()})

@@ -31,6 +31,7 @@ from .errors import RunStopped, UserError
 from .export import patch_manifest
 from .evaluate import drop_long_prompts, evaluate as score_task
 from .model import Policy, load_policy
+from .model.vocab import check_encodes
 from .prompting import PromptStyle, check_style, prompt_fits, render_prompt
 from .reporting import Reporter, StepSamples, check_report_to, prompt_texts, terminal_lines
 from .resilience import HalveOnOOM, stop_between_steps
@@ -269,6 +270,10 @@ def task_job(task: Task, policy: Policy, optimizer, cfg: TrainConfig, objective:
              micro: HalveOnOOM | None = None) -> Job:
     """Single-turn GRPO on a task's rows; greedy accuracy on its held-out rows."""
     style = prompt_style(cfg)
+    # A tokenizer without the task's characters: one line, before any step.
+    for row in [task.train[i] for i in range(min(4, len(task.train)))]:
+        check_encodes(policy.tokenizer, render_prompt(policy.tokenizer, task, row, style),
+                      what=f"the prompts of task {task.name}", model=cfg.model)
     fits = prompt_fits(policy.tokenizer, task, style, cfg.max_prompt_tokens)
     if not any(fits(row) for row in task.train):
         raise UserError(f"no training prompt of task {task.name} fits --max-prompt-tokens "
