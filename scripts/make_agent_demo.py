@@ -25,6 +25,10 @@ What it does
 - Stopping: every EVAL_EVERY steps the greedy success rate on EVAL_TASKS held-out gridworld
   tasks (the seeds `onelayer train` scores) is measured; training stops once it passes
   STOP_AT and the checkpoint closest to TARGET is saved.
+
+Cost, measured (torch 2.13 CPU, 2 threads): one step of 16 four-turn episodes (628-737 tokens)
+takes 8.1 s of CPU time; the model has not been built to the end yet (docs/agentic-demo.md says
+what would make a step cheaper).
 """
 from __future__ import annotations
 
