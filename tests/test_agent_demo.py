@@ -42,7 +42,7 @@ def test_demo_model_cannot_play_an_environment_one_line_exit_2(tmp_path, capsys)
     assert exit_.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "Traceback" not in err[0]
-    assert "model demo: its tokenizer has no token for" in err[0]
+    assert "model demo: its tokenizer has no token for" in err[0] and "% of the characters" in err[0]
     assert "the text of --env gridworld" in err[0]
     assert not out.exists()
 
@@ -64,13 +64,20 @@ def test_a_tokenizer_that_raises_is_a_user_error(tmp_path):
     check_encodes(tok, "12+34=", what="arithmetic", model="m")   # what it has, it encodes
 
 
+def test_a_few_unknown_characters_are_tolerated():
+    tok = AutoTokenizer.from_pretrained(DEMO_PATH)
+    check_encodes(tok, "12+34=?\n", what="x", model="m")        # 2 of 8 characters unknown
+    with pytest.raises(UserError, match=r"no token for 50% of the characters of x \('a' 'b'\)"):
+        check_encodes(tok, "1a2b", what="x", model="m")
+
+
 def test_a_task_the_tokenizer_cannot_write_is_a_user_error(tiny_models, tmp_path):
     data = tmp_path / "shout.jsonl"
-    data.write_text("".join(json.dumps({"question": f"WHAT IS {i}+1?", "answer": str(i + 1)}) + "\n"
+    data.write_text("".join(json.dumps({"question": "WHAT IS " * 20 + f"{i}+1?", "answer": str(i + 1)}) + "\n"
                             for i in range(8)))
     cfg = build_config({"model": tiny_models["qwen3"], "task": str(data), "test_size": 2,
                         "steps": 1, "output": str(tmp_path / "out")})
-    with pytest.raises(UserError, match=r"no token for .* of the prompts of task .*'W'"):
+    with pytest.raises(UserError, match=r"no token for \d+% of the characters of the prompts of task .*'W'"):
         train(cfg, progress=False, echo=lambda line: None)
 
 

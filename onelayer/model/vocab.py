@@ -2,14 +2,17 @@
 
 A tokenizer without a token for some character either raises while encoding (a WordLevel
 vocabulary with no unknown token: "Missing [UNK] token") or turns the character into its unknown
-token, which the model cannot read. Either way training would be meaningless, so the run stops
-before it starts with one line that names the model, the text and the characters.
+token, which the model cannot read. When it raises, or when unknown tokens stand for more than
+MAX_UNKNOWN of the text's characters, training would be meaningless, so the run stops before it
+starts with one line that names the model, the text and the characters. (A few unknown
+characters, a newline or a symbol a small vocabulary lacks, leave the text readable.)
 """
 from __future__ import annotations
 
 from ..errors import UserError
 
-SHOWN = 8   # characters named in the error
+SHOWN = 8           # characters named in the error
+MAX_UNKNOWN = 0.25  # share of a text's characters that may be unknown
 
 
 def unencodable(tokenizer, text: str) -> list[str]:
@@ -36,16 +39,18 @@ def unknown_id(tokenizer) -> int | None:
 
 
 def check_encodes(tokenizer, text: str, *, what: str, model: str) -> None:
-    """UserError unless every character of `text` has a token. what: e.g. "the text of --env
+    """UserError when the tokenizer raises on `text` or has no token for more than MAX_UNKNOWN
+    of its characters. what: e.g. "the text of --env
     gridworld"; model: the --model the user gave."""
     try:
         missing = unencodable(tokenizer, text)
     except Exception as exc:  # tokenizers raise plain Exceptions from Rust
         raise UserError(f"model {model}: its tokenizer cannot encode {what} "
                         f"({str(exc).splitlines()[0]}); choose a model whose vocabulary covers it")
-    if missing:
+    share = sum(c in set(missing) for c in text) / max(len(text), 1)
+    if share > MAX_UNKNOWN:
         shown = " ".join(repr(c) for c in missing[:SHOWN])
         more = f" and {len(missing) - SHOWN} more" if len(missing) > SHOWN else ""
-        raise UserError(f"model {model}: its tokenizer has no token for {len(missing)} "
-                        f"character(s) of {what} ({shown}{more}); choose a model whose "
+        raise UserError(f"model {model}: its tokenizer has no token for {share:.0%} of the "
+                        f"characters of {what} ({shown}{more}); choose a model whose "
                         "vocabulary covers it")
