@@ -19,10 +19,12 @@ from . import distributed
 from .algos import gigpo_advantages_fn
 from .config import TrainConfig
 from .model import Policy
+from .model.vocab import check_encodes
 from .rollout import Rollout, SamplingParams
 from .rollout.multiturn import Episodes, TurnFormat, hf_actor, run_episodes
 from .tasks.envs import TextEnv, load_env
 from .errors import UserError
+from .reporting import StepSamples
 from .resilience import HalveOnOOM
 from .update import Job, Objective, optimize, sampling_params, schedule, step_metrics, sync_device
 
@@ -127,7 +129,24 @@ def gigpo_step(policy: Policy, optimizer: torch.optim.Optimizer, cfg: TrainConfi
         seq_len=rollout.attention_mask.sum(1).float().mean().item(),
         step_s=t_end - t0, gen_s=t_gen - t0, update_s=t_end - t_gen,
         tokens_per_s=action_tokens / (t_end - t0))
+    if cfg.log_completions:   # what was played, for --log-completions (the loop pops it)
+        metrics["samples"] = episode_samples(episodes, advantages)
     return metrics
+
+
+def episode_samples(episodes: Episodes, step_advantages: Tensor) -> StepSamples:
+    """One entry per trajectory: its first observation, the text played after it (actions
+    and environment turns), its return, and the mean advantage of its steps."""
+    e, B = episodes, len(episodes.returns)
+    first_obs, groups = [""] * B, [0] * B
+    for row, t, obs, group in zip(e.traj_ids.tolist(), e.step_index.tolist(), e.observations,
+                                  e.episode_group_ids.tolist()):
+        if t == 0:
+            first_obs[row], groups[row] = obs, group
+    steps = torch.zeros(B).index_add_(0, e.traj_ids, torch.ones(len(e.traj_ids)))
+    adv = torch.zeros(B).index_add_(0, e.traj_ids, step_advantages.float().cpu())
+    return StepSamples(first_obs, list(e.rollout.texts), e.returns.tolist(),
+                       (adv / steps.clamp(min=1)).tolist(), groups)
 
 
 @torch.no_grad()
@@ -162,7 +181,10 @@ def agentic_job(policy: Policy, optimizer: torch.optim.Optimizer, cfg: TrainConf
     rng = random.Random(cfg.seed)
     held_out = list(range(HELD_OUT_SEED, HELD_OUT_SEED + cfg.eval_samples))
     env = make_envs(cfg, 1)[0]
-    first = turn_format(policy, cfg).first(env.system_prompt, env.reset(HELD_OUT_SEED))
+    obs = env.reset(HELD_OUT_SEED)
+    check_encodes(policy.tokenizer, f"{env.system_prompt}\n{obs}", model=cfg.model,
+                  what=f"the text of --env {cfg.env}")
+    first = turn_format(policy, cfg).first(env.system_prompt, obs)
     if len(first) + cfg.max_new_tokens > episode_token_cap(policy):
         raise UserError(f"--env {cfg.env}: the first prompt ({len(first)} tokens) and one action "
                         f"do not fit the episode cap of {episode_token_cap(policy)} tokens "

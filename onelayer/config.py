@@ -235,6 +235,17 @@ class TrainConfig:
         5, "Stop (with a checkpoint) after this many steps in a row whose loss or gradient was "
            "NaN/Inf; such steps are skipped. [default: 5]")
 
+    # Watching the run
+    report_to: list[str] = option(
+        list, "Also log each step's metrics (memory, learning rate and per-reward means "
+              "included) to tensorboard (OUTPUT/tensorboard) and/or wandb (repeatable; optional "
+              "extras: pip install 'onelayer[tensorboard]' or 'onelayer[wandb]'; "
+              "WANDB_MODE=offline works). [default: none]",
+        choices=("tensorboard", "wandb", "none"))
+    log_completions: int = option(
+        0, "Every N steps, write prompts, completions, rewards and advantages of a few groups "
+           "to OUTPUT/completions.jsonl and the dashboards. 0 = never. [default: 0]")
+
     @property
     def aggregation(self) -> str:
         return self.loss_agg or ALGO_AGGREGATION[self.algo]
@@ -298,6 +309,8 @@ def build_config(overrides: dict[str, Any], config_file: str | None = None) -> T
         values = resumed_values(values)
     if values.get("patch") and not values.get("resume"):
         values = patched_values(values)
+    from .model.load import env_demo_values
+    values = env_demo_values(values)   # --env without --model: the packaged agent demo
     if values.get("model", TrainConfig.model) == TrainConfig.model:
         values = {**DEMO_PRESET, **values}
     cfg = TrainConfig(**{k: _coerce(k, v) for k, v in values.items()})

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import random
 import resource
 import shutil
@@ -34,7 +33,9 @@ from .errors import RunStopped, UserError
 from .export import patch_manifest
 from .evaluate import drop_long_prompts, evaluate as score_task
 from .model import Policy, load_policy
+from .model.vocab import check_encodes
 from .prompting import PromptStyle, check_style, prompt_fits, render_prompt
+from .reporting import NoReporter, Reporter, StepSamples, check_report_to, prompt_texts, terminal_lines
 from .resilience import HalveOnOOM, stop_between_steps
 from .rollout import Rollout, concat_rollouts, generate_completions, select_rollout
 from .tasks import Task, load_task
@@ -140,7 +141,7 @@ def rl_step(policy: Policy, optimizer: torch.optim.Optimizer, task: Task, rows: 
 
     rollout, rewards = batch.rollout, batch.rewards
     trained = without_truncated(rollout) if cfg.mask_truncated else rollout
-    stats = []
+    stats, advantages = [], torch.zeros(len(rewards))
     if distributed.any_rank(bool(trained.completion_mask.any()), "agreeing on an update"):
         advantages = group_advantages(objective, rewards.to(policy.device),
                                       batch.group_ids.to(policy.device))
@@ -163,6 +164,10 @@ def rl_step(policy: Policy, optimizer: torch.optim.Optimizer, task: Task, rows: 
         tokens_per_s=completion_len.sum().item() / (t_end - t0))
     if cfg.dynamic_sampling:
         metrics.update(groups_sampled=batch.groups_sampled, groups_kept=len(rewards) // cfg.group_size)
+    if cfg.log_completions:   # what was sampled, for --log-completions (the loop pops it)
+        metrics["samples"] = StepSamples(
+            prompt_texts(policy.tokenizer, rollout), list(rollout.texts), rewards.tolist(),
+            advantages.tolist(), batch.group_ids.tolist())
     return metrics
 
 
@@ -275,6 +280,10 @@ def task_job(task: Task, policy: Policy, optimizer, cfg: TrainConfig, objective:
              micro: HalveOnOOM | None = None) -> Job:
     """Single-turn GRPO on a task's rows; greedy accuracy on its held-out rows."""
     style = prompt_style(cfg)
+    # A tokenizer without the task's characters: one line, before any step.
+    for row in [task.train[i] for i in range(min(4, len(task.train)))]:
+        check_encodes(policy.tokenizer, render_prompt(policy.tokenizer, task, row, style),
+                      what=f"the prompts of task {task.name}", model=cfg.model)
     fits = prompt_fits(policy.tokenizer, task, style, cfg.max_prompt_tokens)
     if not any(fits(row) for row in task.train):
         raise UserError(f"no training prompt of task {task.name} fits --max-prompt-tokens "
@@ -330,16 +339,6 @@ def restore_random(state: dict, generator: torch.Generator, job: Job) -> None:
     job.restore(state["job"])
 
 
-def write_jsonl(path: Path, rows: list[dict]) -> None:
-    """Replace `path` with `rows` in one rename (a resumed run drops what the crash left after
-    its checkpoint)."""
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.",
-                                     delete=False) as f:
-        f.writelines(json.dumps(row) + "\n" for row in rows)
-    os.chmod(f.name, 0o644)
-    os.replace(f.name, path)
-
-
 def train(cfg: TrainConfig, *, progress: bool = True, echo: Callable[[str], None] = print) -> TrainResult:
     """Run single-layer RL as `cfg` says. All input is checked before anything is written.
     With cfg.resume (a checkpoint directory), continue that run exactly where it was saved."""
@@ -360,6 +359,7 @@ def train(cfg: TrainConfig, *, progress: bool = True, echo: Callable[[str], None
     if saved:
         for change in resume_changes(cfg, saved.run_config):
             echo(f"resume: {change}")
+    check_report_to(cfg.report_to, cfg.log_completions)
     if cfg.env:
         check_env(cfg)
     else:
@@ -413,12 +413,13 @@ def train(cfg: TrainConfig, *, progress: bool = True, echo: Callable[[str], None
         before, history, first_step = job.score("before"), [], 1
         echo(f"held-out {job.metric} before: {before:.1%} ({job.held_out} held out, greedy)")
 
-    metrics_path = Path(cfg.metrics) if cfg.metrics else out / "metrics.jsonl"
-    if distributed.is_main():
-        metrics_path.parent.mkdir(parents=True, exist_ok=True)
-        write_jsonl(metrics_path, history)
-    else:
-        metrics_path = Path(os.devnull)
+    lines = terminal_lines(progress)   # a log file gets one line per step, not a bar
+    reporter = (Reporter(out, report_to=cfg.report_to, log_completions=cfg.log_completions,
+                         history=history, first_step=first_step, steps=cfg.steps,
+                         metrics_path=Path(cfg.metrics) if cfg.metrics else None,
+                         config=json.loads(config_json(cfg)), optimizer=optimizer, lines=lines,
+                         echo=echo)
+                if distributed.is_main() else NoReporter())
     last_saved = resumed
 
     def save(step: int) -> Path | None:
@@ -448,22 +449,23 @@ def train(cfg: TrainConfig, *, progress: bool = True, echo: Callable[[str], None
     if saved:
         restore_random(saved.state.random, generator, job)
     bad_in_a_row = 0
-    with open(metrics_path, "a") as metrics_file, stop_between_steps(echo) as stop, \
-            tqdm(range(first_step, cfg.steps + 1), desc="train", disable=not progress,
+    with reporter, stop_between_steps(echo) as stop, \
+            tqdm(range(first_step, cfg.steps + 1), desc="train", disable=not progress or lines,
                  initial=first_step - 1, total=cfg.steps) as bar:
         step = first_step - 1
         try:
             for step in bar:
                 if distributed.world_size() > 1:
                     generator.manual_seed(distributed.step_seed(cfg.seed, step))
-                row = {"step": step, "lr": scheduler.get_last_lr()[0], **distributed.reduce_metrics(
-                    {**job.step(), **memory_gib(policy.device)})}
+                measured = {**job.step(), **memory_gib(policy.device)}
+                samples = measured.pop("samples", None)
+                row = {"step": step, "lr": scheduler.get_last_lr()[0],
+                       **distributed.reduce_metrics(measured)}
                 advance(scheduler)
                 if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps:
                     row[f"eval_{job.metric.replace(' ', '_')}"] = job.score(f"step {step}")
+                reporter.step(row, samples)
                 history.append(row)
-                metrics_file.write(json.dumps(row) + "\n")
-                metrics_file.flush()
                 bar.set_postfix(reward=f"{row['reward_mean']:.3f}", kl=f"{row['kl']:.4f}")
                 bad_in_a_row = bad_in_a_row + 1 if row["skipped_updates"] else 0
                 if bad_in_a_row:
@@ -509,6 +511,8 @@ def train(cfg: TrainConfig, *, progress: bool = True, echo: Callable[[str], None
                layers=policy.layer.spec, base_model=cfg.model,
                run_config=json.loads(config_json(final_config)), step=cfg.steps,
                manifest=manifest and {**manifest, "scores": scores})
+    reporter.finish({f"{job.metric.replace(' ', '_')}_before": before,
+                     f"{job.metric.replace(' ', '_')}_after": after})
     if history:
         plot_rewards(history, before, after, job.metric, out / "reward.png")
     seconds = time.perf_counter() - t_start

@@ -19,7 +19,9 @@ Recorded run: torch 2.13 CPU, transformers 5.24, 2 threads on a shared 2-core ma
 
 What it does
 - Tokenizer: one token per character of the task ("0-9 + - * = " and space) plus "<pad>" (id 0)
-  and "<eos>" (id 1); no BOS, no chat template. Built with `tokenizers` (WordLevel over single
+  and "<eos>" (id 1); no BOS, no chat template. A character outside that set encodes as the
+  unknown token, which is "<pad>" (as in tokenizers that alias unk and pad): any text encodes,
+  and the model's 17 embedding rows stay as they are. Built with `tokenizers` (WordLevel over single
   characters, a Split pre-tokenizer that isolates every character, a Fuse decoder), wrapped in
   PreTrainedTokenizerFast.
 - Model: Qwen3ForCausalLM, 8 layers, hidden 128, 4 heads / 2 KV heads, head_dim 32,
@@ -65,12 +67,12 @@ def build_tokenizer():
     vocab = {PAD: 0, EOS: 1}
     for c in CHARS:
         vocab[c] = len(vocab)
-    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token=None))
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token=PAD))
     tk.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     tk.decoder = decoders.Fuse()
     tk.add_special_tokens([PAD, EOS])
     tok = PreTrainedTokenizerFast(
-        tokenizer_object=tk, pad_token=PAD, eos_token=EOS,
+        tokenizer_object=tk, pad_token=PAD, eos_token=EOS, unk_token=PAD,
         padding_side="left", clean_up_tokenization_spaces=False,
         model_max_length=64,
     )

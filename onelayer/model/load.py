@@ -26,6 +26,28 @@ from .split import SplitModel
 
 DEMO_MODEL = "demo"
 DEMO_PATH = Path(__file__).resolve().parent.parent / "demo"
+# The packaged agent demo (scripts/make_agent_demo.py): byte-level BPE, imitation-trained part
+# of the way on the built-in environments; the model of `onelayer train --env NAME`.
+DEMO_AGENT_MODEL = "demo-agent"
+DEMO_AGENT_PATH = Path(__file__).resolve().parent.parent / "demo_agent"
+DEMO_MODELS = {DEMO_MODEL: DEMO_PATH, DEMO_AGENT_MODEL: DEMO_AGENT_PATH}
+# `--env` without `--model`: the agent demo on a 2-core CPU (docs/agentic-demo.md). Short
+# actions, 12 turns (a 5x5 maze needs 4 to 12 moves), plain text (the demo has no chat
+# template), a held-out set small enough to score in a minute.
+DEMO_ENV_PRESET = dict(model=DEMO_AGENT_MODEL, algo="gigpo", steps=30, prompts_per_step=4,
+                       group_size=4, lr=2e-3, max_new_tokens=8, max_turns=12, eval_samples=32,
+                       chat=False, save_every=0)
+
+
+def env_demo_values(values: dict) -> dict:
+    """Run options with the agent-demo preset underneath when an environment is given without a
+    model (the user's own values win); `values` unchanged otherwise, and while the agent demo
+    is not built (scripts/make_agent_demo.py; docs/agentic-demo.md says why it is not yet)."""
+    if values.get("env") and not values.get("model") and (DEMO_AGENT_PATH / "config.json").is_file():
+        return {**DEMO_ENV_PRESET, **values}
+    return values
+
+
 FROZEN_DTYPES = ("nf4", "bf16", "fp32")
 # Fraction of depth where the paper's best single layers sit (Qwen3-8B L16/36, Qwen3-4B L16/36,
 # Qwen3-1.7B L10/28, Qwen2.5-1.5B L14/28: 0.36-0.5). `--layer auto` is the layer probe's choice
@@ -50,8 +72,8 @@ class Policy:
 
 def resolve_model_path(model: str) -> Path:
     """A local directory, the built-in demo, or a hub id (downloaded once into the HF cache)."""
-    if model == DEMO_MODEL:
-        return DEMO_PATH
+    if model in DEMO_MODELS:
+        return DEMO_MODELS[model]
     path = Path(model).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
