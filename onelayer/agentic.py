@@ -20,7 +20,7 @@ from .algos import gigpo_advantages_fn
 from .config import TrainConfig
 from .model import Policy
 from .model.vocab import check_encodes
-from .rollout import Rollout, SamplingParams
+from .rollout import Rollout, SamplingParams, release_decoder
 from .rollout.multiturn import Episodes, TurnFormat, hf_actor, run_episodes
 from .tasks.envs import TextEnv, load_env
 from .errors import UserError
@@ -107,6 +107,7 @@ def gigpo_step(policy: Policy, optimizer: torch.optim.Optimizer, cfg: TrainConfi
     random stream for sampling and minibatch order (None: torch's global one)."""
     t0 = time.perf_counter()
     episodes = play(policy, cfg, seeds, cfg.group_size, sampling_params(cfg), generator)
+    release_decoder(policy.split.lm)   # its KV cache is not needed by the update
     sync_device(policy.device)
     t_gen = time.perf_counter()
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import os
 import random
 import statistics
 import time
@@ -121,19 +122,28 @@ def run_sweep(sweep: Sweep, *, progress: bool = True, echo: Callable[[str], None
         # One frozen network for every run (like with like): the full baseline's bf16, not NF4.
         cfg = dataclasses.replace(cfg, frozen_dtype="bf16")
         echo("frozen blocks in bf16 for every run: the full-parameter baseline cannot train NF4")
+    rank, world = launched_rank()
+    if world > 1:
+        if rank:
+            echo, progress = (lambda line: None), False   # rank 0 speaks and writes the report
+        if cfg.device is None and torch.cuda.is_available():
+            cfg = dataclasses.replace(cfg, device=f"cuda:{os.environ.get('LOCAL_RANK', rank)}")
+        echo(f"{world} processes: each trains its share of the runs")
     base = load_frozen(cfg.model, frozen_dtype=cfg.frozen_dtype, device=cfg.device, attn=cfg.attn)
     if max(sweep.layers) >= base.num_layers:
         raise UserError(f"--layers: the model has {base.num_layers} layers (0..{base.num_layers - 1})")
     out = sweep.output
     out.mkdir(parents=True, exist_ok=True)
     base_file = out / "base.json"
+    if rank:
+        wait_for([base_file])
     if base_file.is_file():
         s_base = json.loads(base_file.read_text())["score"]
         echo(f"base score (kept from {base_file}): {s_base:.1%}")
     else:
         s_base = base_score(base, task, cfg)
-        base_file.write_text(json.dumps({"score": s_base, "model": cfg.model, "task": cfg.task,
-                                         "eval_samples": cfg.eval_samples}, indent=2) + "\n")
+        _write_json(base_file, {"score": s_base, "model": cfg.model, "task": cfg.task,
+                                "eval_samples": cfg.eval_samples})
         echo(f"base score: {s_base:.1%} ({cfg.eval_samples} held-out problems, greedy)")
 
     full_runs = ([] if sweep.full_score is not None else
@@ -145,10 +155,15 @@ def run_sweep(sweep: Sweep, *, progress: bool = True, echo: Callable[[str], None
     scores: dict[Run, float] = {}
     with tqdm(total=total, desc="contribution", disable=not progress, unit="run") as bar:
         def run_all(runs: list[Run]) -> None:
-            for run in runs:
-                if run not in scores:
-                    scores[run] = run_or_skip(base, task, cfg, run, out / "runs" / run.name, progress, echo)
-                    bar.update(1)
+            pending = [run for run in dict.fromkeys(runs) if run not in scores]
+            for run in pending[rank::world]:     # launched as several processes: a share each
+                scores[run] = run_or_skip(base, task, cfg, run, out / "runs" / run.name, progress, echo)
+                bar.update(1)
+            others = [run for run in pending if run not in scores]
+            wait_for([out / "runs" / run.name / SCORES_FILE for run in others])
+            for run in others:
+                scores[run] = run_or_skip(base, task, cfg, run, out / "runs" / run.name, progress, echo)
+                bar.update(1)
 
         run_all(full_runs)
         if sweep.full_score is None:
@@ -165,11 +180,38 @@ def run_sweep(sweep: Sweep, *, progress: bool = True, echo: Callable[[str], None
         run_all(tuned_runs)
 
     result = summarise(sweep, base, s_base, s_full, lr_full, scores, time.perf_counter() - t0)
+    if rank:
+        return result
     write_outputs(result, out)
     c = result["full"]["undefined_reason"]
     echo(f"wrote {out / 'contribution.json'}, .csv, .md, .png"
          + (f" -- C is undefined: {c}" if c else ""))
     return result
+
+
+def launched_rank() -> tuple[int, int]:
+    """(rank, world size) of a sweep launched as several processes (torchrun, accelerate
+    launch); (0, 1) otherwise. The runs are independent, so the processes share out the runs
+    and meet through the files each run writes, with no process group: a run's own training
+    stays single-process."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+# How often a process waiting for other processes' runs looks for their scores. A process that
+# dies takes the launcher's whole job down, so the wait needs no timeout of its own.
+POLL_S = 2.0
+
+
+def wait_for(paths: list[Path]) -> None:
+    while not all(p.is_file() for p in paths):
+        time.sleep(POLL_S)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    """Written aside and renamed: another process polling for `path` never reads half of it."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
 
 
 def base_score(base: FrozenModel, task, cfg: TrainConfig) -> float:
@@ -200,17 +242,18 @@ def run_or_skip(base: FrozenModel, task, cfg: TrainConfig, run: Run, out: Path, 
                             "resume the sweep with its own options, or choose another --output")
         return kept["after"]
     score, seconds = train_run(base, task, rcfg, out, progress)
-    done.write_text(json.dumps({"run": run.name, "layer": run.layer, "lr": run.lr, "seed": run.seed,
-                                "after": score, "seconds": seconds, "config": settings},
-                               indent=2) + "\n")
+    _write_json(done, {"run": run.name, "layer": run.layer, "lr": run.lr, "seed": run.seed,
+                       "after": score, "seconds": seconds, "config": settings})
     echo(f"{run.name}: {score:.1%} ({seconds:.0f} s)")
     return score
 
 
 def run_settings(cfg: TrainConfig) -> dict:
     """What decides a run's result: its config but where it is written and how it is shown."""
-    return {k: v for k, v in json.loads(config_json(cfg)).items()
-            if k not in ("output", "metrics", "resume", "save_every", "keep")}
+    settings = {k: v for k, v in json.loads(config_json(cfg)).items()
+                if k not in ("output", "metrics", "resume", "save_every", "keep")}
+    # The kind of device decides the arithmetic, not which GPU of a multi-process sweep ran it.
+    return {**settings, "device": default_device(cfg.device).type}
 
 
 def train_run(base: FrozenModel, task, cfg: TrainConfig, out: Path, progress: bool) -> tuple[float, float]:
@@ -219,7 +262,8 @@ def train_run(base: FrozenModel, task, cfg: TrainConfig, out: Path, progress: bo
     without its before-score (the sweep's base score is that). Returns (score after, seconds)."""
     from .export import patch_manifest
     from .resilience import HalveOnOOM
-    from .train import fit_batches, task_job, write_jsonl
+    from .reporting import write_jsonl
+    from .train import advance, fit_batches, lr_schedule, task_job
     from .update import build_objective
 
     t0 = time.perf_counter()
@@ -233,10 +277,12 @@ def train_run(base: FrozenModel, task, cfg: TrainConfig, out: Path, progress: bo
         gen_batch = HalveOnOOM("--generation-batch", cfg.generation_batch, unit=cfg.group_size)
         micro = HalveOnOOM("--micro-batch", cfg.micro_batch)
         job = task_job(task, policy, optimizer, cfg, objective, generator, False, gen_batch, micro)
+        scheduler = lr_schedule(optimizer, cfg, done_steps=0)
         history = []
         for step in tqdm(range(1, cfg.steps + 1), desc=f"L{cfg.layer} lr {cfg.lr:g} seed {cfg.seed}",
                          disable=not progress, leave=False):
-            history.append({"step": step, **job.step()})
+            history.append({"step": step, "lr": scheduler.get_last_lr()[0], **job.step()})
+            advance(scheduler)
         score = job.score("after")
         out.mkdir(parents=True, exist_ok=True)
         write_jsonl(out / "metrics.jsonl", history)

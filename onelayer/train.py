@@ -37,7 +37,8 @@ from .model.vocab import check_encodes
 from .prompting import PromptStyle, check_style, prompt_fits, render_prompt
 from .reporting import NoReporter, Reporter, StepSamples, check_report_to, prompt_texts, terminal_lines
 from .resilience import HalveOnOOM, stop_between_steps
-from .rollout import Rollout, concat_rollouts, generate_completions, select_rollout
+from .rollout import (Rollout, concat_rollouts, generate_completions, release_decoder,
+                      select_rollout)
 from .tasks import Task, load_task
 from .update import (Job, Objective, build_objective, optimize, sampling_params, schedule,
                      step_metrics, sync_device)
@@ -103,6 +104,9 @@ def sample_and_score(policy: Policy, task: Task, rows: list[dict], cfg: TrainCon
         groups_kept += len(rewards) // G
         if groups_kept >= wanted:
             break
+    # The decoder's KV cache (at 8 x 8K tokens of an 8B model, the largest thing on the card)
+    # is freed before the update; the next step allocates it (and captures its graph) again.
+    release_decoder(policy.split.lm)
     rewards = torch.cat(kept_rewards)
     rollout = concat_rollouts(kept, tokenizer.pad_token_id) if len(kept) > 1 else kept[0]
     group_ids = torch.arange(groups_kept).repeat_interleave(G)

@@ -165,3 +165,34 @@ def test_sweep_files_are_complete_and_consistent_and_resume(tmp_path):
     third = invoke([*SWEEP, "--output", str(out)])
     assert third.count("seed1:") == 1 and victim.name in third
     assert json.loads((out / "contribution.json").read_text())["rows"] == result["rows"]
+
+
+def test_a_sweep_launched_as_two_processes_shares_out_its_runs(tmp_path):
+    """torchrun with 2 processes: each trains a share of the runs (no process group: a run's
+    training stays single-process), rank 0 waits for the others' scores and writes the report."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "sweep"
+    args = ["--model", "demo", "--layers", "2", "--seeds", "1", "--steps", "1", "--full-lrs",
+            "1e-3,1e-2", "--eval-samples", "4", "--prompts-per-step", "2", "--group-size", "4",
+            "--max-new-tokens", "6", "--quiet", "--output", str(out)]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc-per-node", "2", "-m", "onelayer", "contribution", *args],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads((out / "contribution.json").read_text())
+    runs = sorted(p.name for p in (out / "runs").iterdir())
+    assert set(runs) == {"full-lr0.001-seed0", "full-lr0.01-seed0",
+                         f"L2-lr{result['full']['lr']:g}-seed0"}
+    for run in runs:
+        scores = json.loads((out / "runs" / run / "scores.json").read_text())
+        assert (out / "runs" / run / "layer.safetensors").is_file()
+        assert scores["after"] in [r["score"] for r in result["rows"]]
+    # Only rank 0 speaks: it names the runs it trained itself, fewer than all of them.
+    trained_here = [line for line in done.stdout.splitlines() if "-seed0: " in line]
+    assert 1 <= len(trained_here) < len(runs)
+    assert done.stdout.count("wrote ") == 1

@@ -129,8 +129,8 @@ def test_hanging_reward_gives_up_within_the_time_limit(data):
     assert metrics["reward_timeouts"] == 1 and metrics["reward_errors"] == 1
     # the pool replaced the stuck thread: the next batch is scored as usual
     assert task.rewards(["\\boxed{2}"] * 3, [row] * 3) == [2.0] * 3
-    sys.modules[[m for m in sys.modules if m.startswith("onelayer_reward_my_rewards")][0]
-                ].RELEASE.set()
+    next(module for name, module in sys.modules.items()   # other tests load a my_rewards.py too
+         if name.startswith("onelayer_reward_my_rewards") and hasattr(module, "RELEASE")).RELEASE.set()
 
 
 def test_default_reward_that_raises(caplog):
