@@ -81,7 +81,14 @@ def test_a_task_the_tokenizer_cannot_write_is_a_user_error(tiny_models, tmp_path
         train(cfg, progress=False, echo=lambda line: None)
 
 
-def test_env_without_model_gets_the_agent_demo_preset():
+def test_env_without_model_gets_the_agent_demo_preset(tmp_path, monkeypatch):
+    from onelayer.model import load
+    # Until the agent demo is built, --env without --model keeps the plain defaults ...
+    monkeypatch.setattr(load, "DEMO_AGENT_PATH", tmp_path / "demo_agent")
+    assert build_config({"env": "gridworld", "algo": "gigpo"}).model == "demo"
+    # ... and once it is (a config.json stands for it here), the preset applies.
+    (tmp_path / "demo_agent").mkdir()
+    (tmp_path / "demo_agent" / "config.json").write_text("{}")
     for env in ENV_NAMES:
         cfg = build_config({"env": env})
         assert cfg.model == DEMO_AGENT_MODEL and cfg.algo == "gigpo"
@@ -91,6 +98,7 @@ def test_env_without_model_gets_the_agent_demo_preset():
     assert (cfg.steps, cfg.lr) == (3, 1e-4)
     assert build_config({}).lr == DEMO_PRESET["lr"]                 # arithmetic demo as before
     assert build_config({"env": "sokoban", "model": "x/y", "algo": "gigpo"}).model == "x/y"
+    monkeypatch.undo()
     assert resolve_model_path(DEMO_AGENT_MODEL) == DEMO_AGENT_PATH
 
 

@@ -21,7 +21,7 @@ def sample(name: str):
     f = TrainConfig.__dataclass_fields__[name]
     if f.metadata["choices"]:
         choice = next(c for c in f.metadata["choices"] if c != f.default)
-        return choice, choice
+        return ([choice], [choice]) if kind is list else (choice, choice)
     if kind is list:
         text, value = SAMPLES[item]
         return [text, text], [value, value]
