@@ -97,12 +97,12 @@ def save_checkpoint(output: Path, tensors: dict[str, torch.Tensor], *, layer_ind
         torch.save(state.random, tmp / RANDOM_FILE)
         (tmp / STATE_FILE).write_text(json.dumps({"step": state.step, **state.trainer}) + "\n")
         for f in tmp.iterdir():
-            _fsync(f)
-        _fsync(tmp)
+            fsync(f)
+        fsync(tmp)
         if final.exists():  # the same step saved again (a resumed run's final save)
             shutil.rmtree(final)
         os.rename(tmp, final)
-        _fsync(root)
+        fsync(root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -169,7 +169,8 @@ def _umask() -> int:
     return mask
 
 
-def _fsync(path: Path) -> None:
+def fsync(path: Path) -> None:
+    """Flush a file's (or a directory's entries') writes to disk before a rename relies on them."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -183,7 +184,7 @@ def _atomic(path: Path, write) -> None:
     try:
         write(tmp)
         os.chmod(tmp, 0o666 & ~_umask())
-        _fsync(Path(tmp))
+        fsync(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -29,7 +29,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .checkpoint import CONFIG_FILE, LAYER_FILE, MANIFEST_FILE
+from .checkpoint import CONFIG_FILE, LAYER_FILE, MANIFEST_FILE, fsync
 from .errors import UserError
 
 PATCH_FORMAT = "onelayer-patch"
@@ -262,7 +262,7 @@ def _merge_shards(base: Path, shards: list[str], patch: dict[str, torch.Tensor],
         nonlocal pending, pending_bytes
         path = out / f".shard-{len(written):05d}"
         save_file(pending, str(path), metadata={"format": "pt"})  # "pt": transformers checks it
-        _fsync(path)
+        fsync(path)
         written.append((path.name, list(pending)))
         pending, pending_bytes = {}, 0
 
@@ -412,16 +412,6 @@ def _write_atomic(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-
-
-def _fsync(path: Path) -> None:
-    # An export is renamed into place only once its files are on disk: a crash leaves no
-    # complete-looking directory with truncated shards.
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _read_json(path: Path) -> dict | None:
