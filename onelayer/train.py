@@ -196,6 +196,10 @@ def fit_batches(cfg: TrainConfig, echo: Callable[[str], None]) -> TrainConfig:
     cuda = (cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
     if not (cfg.max_memory or cuda) or (cfg.micro_batch and cfg.generation_batch) or cfg.env:
         return cfg
+    if not single_layer(cfg):
+        echo(f"--layer {cfg.layer}: the memory plan models one trained layer, so --micro-batch "
+             "and --generation-batch stay as given (halved if the GPU runs out of memory)")
+        return cfg
     budget = (parse_size(cfg.max_memory) if cfg.max_memory else
               torch.cuda.mem_get_info(torch.device(cfg.device or "cuda"))[0])
     prompt_tokens = cfg.max_prompt_tokens or DEFAULT_PROMPT_TOKENS
@@ -206,6 +210,15 @@ def fit_batches(cfg: TrainConfig, echo: Callable[[str], None]) -> TrainConfig:
          f"generation batch {cfg.generation_batch}; peak {choice.plan.reserved / 2**30:.1f} GiB "
          f"of {budget / 2**30:.1f} GiB")
     return cfg
+
+
+def single_layer(cfg: TrainConfig) -> bool:
+    """Whether --layer names one block (what the memory planner models)."""
+    from .memory import read_model_config
+    from .model.load import resolve_layers
+
+    num_layers = read_model_config(cfg.model).get("num_hidden_layers", 1)
+    return len(resolve_layers(cfg.layer, num_layers)) == 1
 
 
 def output_dir(cfg: TrainConfig, policy: Policy, resumed: Path | None) -> Path:

@@ -205,3 +205,20 @@ def test_cli_plan_prints_json_and_bad_input_exits_2(tmp_path, capsys):
         main(["plan", "--model", str(tmp_path), "--gpu-memory", "much"])
     assert exit_.value.code == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_the_plan_models_one_trained_layer_only():
+    """Several trained layers are refused by `plan`; `train` then leaves the batch sizes to the
+    user (and the out-of-memory backoff) instead of planning the wrong run."""
+    from onelayer.config import build_config
+    from onelayer.errors import UserError
+    from onelayer.memory import plan_command
+    from onelayer.train import fit_batches
+
+    for layer in ("mid-2", "1,3", "all"):
+        with pytest.raises(UserError, match="one trained layer"):
+            plan_command({"model": "demo", "layer": layer})
+        lines = []
+        cfg = fit_batches(build_config({"layer": layer, "max_memory": "1GiB"}), lines.append)
+        assert (cfg.micro_batch, cfg.generation_batch) == (0, 0) and "one trained layer" in lines[0]
+    assert fit_batches(build_config({"layer": "3", "max_memory": "1GiB"}), print).micro_batch > 0

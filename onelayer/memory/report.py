@@ -54,8 +54,14 @@ def read_model_config(model: str) -> dict:
 
 def workload_from_config(cfg, dims: ModelDims, *, prompt_tokens: int, micro_batch: int = 0,
                          generation_batch: int = 0) -> Workload:
-    """The Workload of a `onelayer train` run configuration (onelayer.config.TrainConfig)."""
-    from ..model.load import resolve_layer
+    """The Workload of a `onelayer train` run configuration (onelayer.config.TrainConfig). The
+    planner models one trained layer: several (`3,5`, `mid-k`, `all`) are refused."""
+    from ..model.load import resolve_layer, resolve_layers
+
+    if len(resolve_layers(cfg.layer, dims.layers)) > 1:
+        raise UserError(f"--layer {cfg.layer}: the memory plan models one trained layer (its "
+                        "'full-parameter' rows are TRL's bf16 AdamW, less than onelayer's fp32 "
+                        "--layer all)")
 
     device = "cpu" if str(cfg.device or "cuda").startswith("cpu") else "cuda"
     frozen = cfg.frozen_dtype or ("nf4" if device == "cuda" else "fp32")
