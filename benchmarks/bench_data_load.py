@@ -107,8 +107,8 @@ def main() -> None:
                          run(args.baseline, data, root / "cache-baseline")))
         runs.append(("this checkout, empty datasets cache", run(here, data, root / "cache")))
         runs.append(("this checkout, cache from the run above", run(here, data, root / "cache")))
-    print(f"| code | rows | train rows type | load + 16 rows (s) | peak RSS (MiB) | "
-          f"peak - RSS before load (MiB) |")
+    print("| code | rows | train rows type | load + 16 rows (s) | peak RSS (MiB) | "
+          "peak - RSS before load (MiB) |")
     print("|---|---:|---|---:|---:|---:|")
     for label, r in runs:
         print(f"| {label} | {args.rows:,} | {r['row_type']} | {r['total_s']:.1f} | "

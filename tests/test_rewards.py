@@ -2,7 +2,6 @@
 import json
 import logging
 import sys
-import textwrap
 import time
 
 import pytest
