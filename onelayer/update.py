@@ -27,7 +27,8 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from . import distributed
-from .algos import advantages_fn, default_chunk_size, policy_loss, select_loss_impl
+from .algos import advantages_fn, default_chunk_size, select_loss_impl
+from .algos.loss import policy_loss_with_entropy
 from .config import TrainConfig
 from .errors import UserError
 from .model import Policy, full_parameter
@@ -292,12 +293,9 @@ def head_trained_loss(hidden: Tensor, weight: Tensor, targets: Tensor, old_logpr
                         use_reentrant=False) for s in range(0, hidden.shape[0], chunk)]
     logp = torch.cat([p[0] for p in parts]) if parts else hidden.new_zeros(0, dtype=torch.float32)
     entropy = torch.cat([p[1] for p in parts]) if parts else logp.detach()
-    loss, metrics = policy_loss(logp, old_logprobs, advantages, mask, seq_ids, ref_logprobs, eps_low=eps_low,
-                                eps_high=eps_high, beta=beta, aggregation=aggregation, max_len=max_len,
-                                num_seqs=num_seqs, num_tokens=num_tokens)
-    m = mask.float()
-    metrics["entropy"] = (entropy * m).sum() / m.sum().clamp_min(1.0)
-    return loss, metrics
+    return policy_loss_with_entropy(logp, entropy, old_logprobs, advantages, mask, seq_ids, ref_logprobs,
+                                    eps_low=eps_low, eps_high=eps_high, beta=beta, aggregation=aggregation,
+                                    max_len=max_len, num_seqs=num_seqs, num_tokens=num_tokens)
 
 
 def _chunk_logprobs(h: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor,

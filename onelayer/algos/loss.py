@@ -138,9 +138,16 @@ def fused_linear_policy_loss_reference(hidden: Tensor, weight: Tensor, targets: 
     logp, entropy = chunked_logprobs(hidden, weight, targets, bias, temperature=temperature,
                                      logit_scale=logit_scale, softcap=softcap, chunk_size=chunk_size,
                                      with_entropy=True)
-    loss, metrics = policy_loss(logp, old_logprobs, advantages, mask, seq_ids, ref_logprobs, eps_low=eps_low,
-                                eps_high=eps_high, beta=beta, aggregation=aggregation, max_len=max_len,
-                                num_seqs=num_seqs, num_tokens=num_tokens)
+    return policy_loss_with_entropy(logp, entropy, old_logprobs, advantages, mask, seq_ids, ref_logprobs,
+                                    eps_low=eps_low, eps_high=eps_high, beta=beta, aggregation=aggregation,
+                                    max_len=max_len, num_seqs=num_seqs, num_tokens=num_tokens)
+
+
+def policy_loss_with_entropy(logp: Tensor, entropy: Tensor, old_logprobs: Tensor, advantages: Tensor,
+                             mask: Tensor, seq_ids: Tensor, ref_logprobs: Tensor | None = None,
+                             **loss_options) -> tuple[Tensor, dict[str, Tensor]]:
+    """`policy_loss` of the log-probs, its metrics plus the mean entropy over unmasked tokens."""
+    loss, metrics = policy_loss(logp, old_logprobs, advantages, mask, seq_ids, ref_logprobs, **loss_options)
     m = mask.float()
     metrics["entropy"] = (entropy * m).sum() / m.sum().clamp_min(1.0)
     return loss, metrics
