@@ -8,22 +8,12 @@ import pytest
 import torch
 
 from onelayer.checkpoint import MANIFEST_FILE
-from onelayer.cli import main
 from onelayer.config import build_config
 from onelayer.model import load_policy
 from onelayer.model.load import DEMO_PATH
 from onelayer.evaluate import load_trained_layer
 from onelayer.train import train
-
-
-def cli(args, capsys):
-    try:
-        main(args)
-        code = 0
-    except SystemExit as exc:
-        code = exc.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
+from test_cli import run_cli
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +35,7 @@ def test_the_run_directory_carries_a_manifest_with_scores(trained):
 def test_export_round_trip_matches_onelayers_forward(trained, tmp_path, capsys):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    code, out, err = cli(["export", "--checkpoint", str(trained), "--output",
+    code, out, err = run_cli(["export", "--checkpoint", str(trained), "--output",
                           str(tmp_path / "merged"), "--dtype", "fp32", "--quiet"], capsys)
     assert code == 0, err
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
@@ -68,17 +58,17 @@ def test_a_patch_on_another_base_is_refused(trained, tmp_path, tiny_models, caps
     weights = load_file(other / "model.safetensors")
     weights["model.layers.3.mlp.up_proj.weight"] += 0.01
     save_file(weights, other / "model.safetensors", metadata={"format": "pt"})
-    code, _, err = cli(["eval", "--model", str(other), "--patch", str(trained), "--quiet",
+    code, _, err = run_cli(["eval", "--model", str(other), "--patch", str(trained), "--quiet",
                         "--output", str(tmp_path / "e.json")], capsys)
     assert code == 2 and "refusing a patch for another model" in err
-    code, _, err = cli(["train", "--model", str(other), "--patch", str(trained), "--steps", "1",
+    code, _, err = run_cli(["train", "--model", str(other), "--patch", str(trained), "--steps", "1",
                         "--output", str(tmp_path / "t"), "--quiet"], capsys)
     assert code == 2 and "refusing a patch for another model" in err
     assert not (tmp_path / "t").exists()
 
 
 def test_training_continues_from_a_patch(trained, tmp_path, capsys):
-    code, out, err = cli(["train", "--patch", str(trained), "--steps", "1", "--prompts-per-step", "2",
+    code, out, err = run_cli(["train", "--patch", str(trained), "--steps", "1", "--prompts-per-step", "2",
                           "--group-size", "2", "--eval-samples", "4", "--output", str(tmp_path / "more"),
                           "--quiet"], capsys)
     assert code == 0, err
@@ -87,5 +77,5 @@ def test_training_continues_from_a_patch(trained, tmp_path, capsys):
 
 
 def test_export_needs_an_output_or_a_repo(trained, capsys):
-    code, _, err = cli(["export", "--checkpoint", str(trained)], capsys)
+    code, _, err = run_cli(["export", "--checkpoint", str(trained)], capsys)
     assert code == 2 and "--output" in err
