@@ -74,13 +74,13 @@ def play(policy: Policy, cfg: TrainConfig, seeds: list[int], group_size: int,
     return run_episodes(actor, policy.tokenizer, make_envs(cfg, len(rows)), [s for _, s in rows],
                         [g for g, _ in rows], max_new_tokens=cfg.max_new_tokens,
                         max_turns=cfg.max_turns, max_len=episode_token_cap(policy),
-                        fmt=turn_format(policy, cfg))
+                        fmt=turn_format(policy, cfg), history=cfg.history_turns)
 
 
 def token_advantages(episodes: Episodes, step_advantages: Tensor) -> Tensor:
-    """[B, C] float32: each step's advantage on its action tokens, 0 elsewhere."""
+    """[rows, C] float32: each step's advantage on its action tokens, 0 elsewhere."""
     out = torch.zeros(episodes.rollout.completion_mask.shape, dtype=torch.float32)
-    for row, (start, end), adv in zip(episodes.traj_ids.tolist(), episodes.spans.tolist(),
+    for row, (start, end), adv in zip(episodes.rows.tolist(), episodes.spans.tolist(),
                                       step_advantages.tolist()):
         out[row, start:end] = adv
     return out
@@ -146,7 +146,7 @@ def episode_samples(episodes: Episodes, step_advantages: Tensor) -> StepSamples:
             first_obs[row], groups[row] = obs, group
     steps = torch.zeros(B).index_add_(0, e.traj_ids, torch.ones(len(e.traj_ids)))
     adv = torch.zeros(B).index_add_(0, e.traj_ids, step_advantages.float().cpu())
-    return StepSamples(first_obs, list(e.rollout.texts), e.returns.tolist(),
+    return StepSamples(first_obs, list(e.texts), e.returns.tolist(),
                        (adv / steps.clamp(min=1)).tolist(), groups)
 
 

@@ -131,6 +131,12 @@ class TrainConfig:
               "package.module:Class.")
     max_turns: int = option(
         20, "Turns per episode (multi-turn). [default: 20]")
+    history_turns: int | None = option(
+        None,
+        "Multi-turn: each action sees the system prompt, the last K turns and the current "
+        "observation, and each decision is its own training sequence (0: the observation "
+        "alone). Bounds every context; unset, an episode is one sequence whose actions see "
+        "everything before them. [default: unset]")
     gamma: float = option(
         0.95, "GiGPO discount of step returns. [default: 0.95]")
     omega: float = option(
@@ -323,8 +329,9 @@ def build_config(overrides: dict[str, Any], config_file: str | None = None) -> T
 # smaller batches) may change, and the change is printed.
 RESUME_FIXED = ("model", "layer", "task", "prompt_field", "answer_field", "tests_field",
                 "entry_point_field", "dataset_config", "split", "test_split", "test_size",
-                "system_prompt", "format_bonus", "reward", "reward_weight", "algo", "env", "prompts_per_step", "group_size",
-                "seed", "frozen_dtype", "chat", "chat_template_kwargs", "max_prompt_tokens")
+                "system_prompt", "format_bonus", "reward", "reward_weight", "algo", "env",
+                "history_turns", "prompts_per_step", "group_size", "seed", "frozen_dtype", "chat",
+                "chat_template_kwargs", "max_prompt_tokens")
 
 
 def resumed_values(values: dict[str, Any]) -> dict[str, Any]:
@@ -480,6 +487,8 @@ def validate(cfg: TrainConfig) -> None:
          f"unknown --scale-rewards {cfg.scale_rewards!r} (choose {', '.join(SCALE_REWARDS)})")
     need(cfg.adv_norm in ("std", "mean"), "--adv-norm must be std or mean")
     need(cfg.max_turns >= 1, "--max-turns must be >= 1")
+    need(cfg.history_turns is None or cfg.history_turns >= 0, "--history-turns must be >= 0")
+    need(cfg.history_turns is None or cfg.env is not None, "--history-turns applies to an --env")
     need(cfg.test_size is None or cfg.test_size > 0, "--test-size must be positive")
     need(0 <= cfg.gamma <= 1, "--gamma must be in [0, 1]")
     need((cfg.algo == "gigpo") == (cfg.env is not None),

@@ -204,6 +204,42 @@ def test_token_advantages_sit_on_action_tokens_only():
     assert torch.equal(tokens != 0, ep.rollout.completion_mask.bool())
 
 
+@pytest.mark.parametrize("history", [0, 1])
+def test_windowed_history_one_row_per_decision(history):
+    """--history-turns K: each decision is a row whose prompt is exactly what the actor saw,
+    the first-prompt form of obs_(t-K) and the later turns' token ids, and whose completion is
+    the action as generated; the whole-episode view (texts, returns) is unchanged."""
+    tok, fmt = grid_tokenizer(), TurnFormat(grid_tokenizer())
+    script = {0: "aa", 1: "baa", 2: "bzb"}   # "z": an invalid action, so a feedback line
+    envs = [Recording(Line()) for _ in range(3)]
+    act = scripted(tok, lambda b, t: script[b][t])
+    ep = run_episodes(act, tok, envs, [7, 7, 7], [0, 0, 0], max_new_tokens=4, max_turns=3,
+                      max_len=200, history=history)
+    whole, *_ = line_episodes()
+    assert ep.texts[:2] == whole.texts[:2] and ep.returns.tolist() == pytest.approx([1, 1, -0.1])
+    r = ep.rollout
+    assert r.sequences.shape[0] == len(ep.actions) == 8 and ep.rows.tolist() == list(range(8))
+    calls = iter(act.calls)
+    for s in range(8):   # steps are turn-major, like the actor's calls
+        b, ids, context = next(calls)
+        assert ep.traj_ids[s] == b
+        row = r.sequences[s][r.attention_mask[s].bool()].tolist()
+        assert row == context + ids and r.completion_mask[s].sum() == len(ids)
+        assert ep.spans[s].tolist() == [0, len(ids)]
+        t = int(ep.step_index[s])
+        earlier = [c for c in act.calls if c[0] == b][:t]
+        start = max(0, t - history)
+        expected = fmt.first("walk", ep.observations[[i for i in range(8) if ep.traj_ids[i] == b][start]])
+        for k in range(start, t):
+            info_obs = [o for i, o in enumerate(ep.observations) if ep.traj_ids[i] == b][k + 1]
+            feedback = "Invalid action: 'z'. Valid actions: a, b" if envs[b].received[k] == "z" else ""
+            expected += earlier[k][1] + fmt.next(feedback, info_obs, earlier[k][1])
+        assert context == expected
+    tokens = token_advantages(ep, torch.arange(1, 9, dtype=torch.float32))
+    assert torch.equal(tokens != 0, r.completion_mask.bool())
+    assert tokens.sum(1).tolist() == [float(2 * (s + 1)) for s in range(8)]  # 2 tokens each
+
+
 def test_length_cap_ends_episodes():
     tok = grid_tokenizer()
     envs = [Line(max_turns=50) for _ in range(2)]
@@ -377,3 +413,34 @@ def test_train_runs_gigpo_end_to_end(tmp_path):
     assert [r["step"] for r in rows] == [1, 2]
     assert all(METRICS <= set(r) and 1 <= r["episode_len"] <= 3 for r in rows)
     assert (tmp_path / "run" / "layer.safetensors").is_file()
+
+
+def test_history_turns_is_checked():
+    from onelayer.errors import UserError
+    with pytest.raises(UserError, match="--history-turns must be >= 0"):
+        build_config({"model": "x", "algo": "gigpo", "env": "gridworld", "history_turns": -1})
+    with pytest.raises(UserError, match="--history-turns applies to an --env"):
+        build_config({"model": "x", "history_turns": 0})
+    assert build_config({"model": "x", "algo": "gigpo", "env": "gridworld",
+                         "history_turns": "2"}).history_turns == 2
+
+
+def test_gigpo_step_trains_on_one_row_per_decision(tmp_path, monkeypatch):
+    import onelayer.agentic as agentic
+    model = pretrain_random_mover(tmp_path / "m", steps=0, max_turns=3)
+    cfg = build_config(dict(model=model, layer="2", algo="gigpo", env="test_multiturn:SmallGrid",
+                            max_turns=3, history_turns=0, group_size=4, prompts_per_step=2,
+                            lr=1e-2, max_new_tokens=4, device="cpu", loss_impl="torch"))
+    policy = load_policy(model, layer=cfg.layer, device="cpu")
+    optimizer = torch.optim.AdamW(policy.layer.parameters(), lr=cfg.lr)
+    seen = []
+    real_optimize = agentic.optimize
+    monkeypatch.setattr(agentic, "optimize", lambda policy, opt, rollout, adv, *a: (
+        seen.append((rollout, adv)), real_optimize(policy, opt, rollout, adv, *a))[1])
+    before = [p.detach().clone() for p in policy.layer.parameters()]
+    row = gigpo_step(policy, optimizer, cfg, build_objective(cfg, policy.device), [0, 3])
+    (rollout, adv), = seen
+    assert rollout.sequences.shape[0] == round(row["episode_len"] * 8)   # one row per decision
+    assert torch.equal(adv != 0, rollout.completion_mask.bool() & (adv != 0))
+    assert max(rollout.attention_mask.sum(1)) <= rollout.prompt_len + 4  # bounded contexts
+    assert any(not torch.equal(a, b) for a, b in zip(before, policy.layer.parameters()))

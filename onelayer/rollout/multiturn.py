@@ -16,15 +16,23 @@ Text format of one episode:
       "{system}\\n\\n{obs_0}\\n> " {action} "\\n{feedback}\\n{obs_1}\\n> " {action} ...
   (the feedback line only when there is feedback; the action's EOS stays in the history).
 
-One trajectory = one Rollout row: the first prompt left-padded as the prompt part, then the
-action and environment tokens, right-padded. completion_mask is 1 on action tokens only (with
-their stop token), attention_mask on every real token.
+Two layouts of the Rollout the trainer learns from (`history`):
+- whole episodes (history None): one trajectory = one row, the first prompt left-padded as the
+  prompt part, then the action and environment tokens, right-padded; completion_mask is 1 on
+  action tokens only (with their stop token), attention_mask on every real token. Every action
+  sees the whole episode before it, and the context grows with every turn.
+- a window of K turns (history K >= 0): one decision = one row. Its prompt is the first-prompt
+  form of the observation K turns back (system prompt included) followed by the later turns'
+  actions and environment text, as the same token ids; its completion is the action. Every
+  context is bounded, and with K = 0 a decision sees the system prompt and the current
+  observation only (the observation is the whole state, base.py), as verl-agent's GiGPO runs
+  with a short history.
 """
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -55,6 +63,8 @@ class Episodes:
     success: Tensor               # [B] bool
     turns: Tensor                 # [B] int64  steps taken
     returns: Tensor               # [B] float32 undiscounted episode return
+    rows: Tensor                  # [S] int64  the rollout row holding a_t (traj_ids, or one row per step)
+    texts: list[str]              # [B] what was played after the first prompt: actions, env turns
 
 
 class TurnFormat:
@@ -141,48 +151,70 @@ class _Trajectory:
     tokens: list[int]             # completion part: actions and environment text
     is_action: list[int]
     pending: list[int]            # environment tokens to add before the next action
+    heads: list[list[int]]        # per turn t: the first-prompt form of obs_t (windowed contexts)
+    action_starts: list[int] = field(default_factory=list)   # per turn t: where a_t starts in tokens
     live: bool = True
     success: bool = False
     turns: int = 0
 
+    def context(self, history: int | None) -> list[int]:
+        """What the next action is conditioned on (the pending environment turn included): the
+        whole episode, or its last `history` turns after the first-prompt form of the
+        observation they start from."""
+        if history is None or self.turns <= history:
+            return self.prompt + self.tokens + self.pending
+        start = self.turns - history
+        if start == self.turns:   # the observation alone: the pending turn repeats it
+            return self.heads[start]
+        return self.heads[start] + self.tokens[self.action_starts[start]:] + self.pending
+
 
 def run_episodes(actor: Actor, tokenizer, envs: Sequence, seeds: Sequence[int],
                  group_ids: Sequence[int], *, max_new_tokens: int, max_turns: int,
-                 max_len: int, fmt: TurnFormat | None = None) -> Episodes:
+                 max_len: int, fmt: TurnFormat | None = None,
+                 history: int | None = None) -> Episodes:
     """Play one episode in each env (env b reset with seeds[b]) until all are done.
 
     group_ids[b] is the episode group of trajectory b (equal for equal tasks). Each turn, the
-    live episodes act in one batch. max_len caps a trajectory's tokens (first prompt included):
-    an episode whose next prompt would leave no room for one action token ends there.
-    fmt: the text format (default: TurnFormat(tokenizer)).
+    live episodes act in one batch. max_len caps the tokens an action is conditioned on plus
+    the action (a whole trajectory, or one windowed context): an episode whose next context
+    would leave no room for one action token ends there. fmt: the text format (default:
+    TurnFormat(tokenizer)). history: None for whole-episode rows, K for one row per decision
+    seeing the last K turns (the module docstring).
     """
     fmt = fmt or TurnFormat(tokenizer)
     obs = [env.reset(seed) for env, seed in zip(envs, seeds)]
-    trajs = [_Trajectory(fmt.first(env.system_prompt, o), [], [], []) for env, o in zip(envs, obs)]
-    steps: list[tuple] = []       # (row, t, observation, reward, start, end, action, valid)
+    trajs = []
+    for env, o in zip(envs, obs):
+        first = fmt.first(env.system_prompt, o)
+        trajs.append(_Trajectory(first, [], [], [], [first]))
+    steps: list[tuple] = []  # (row, t, observation, reward, start, end, action, valid, context)
     for t in range(max_turns):
-        rows, budgets = [], []
+        rows, budgets, contexts = [], [], []
         for b, tr in enumerate(trajs):
-            room = max_len - len(tr.prompt) - len(tr.tokens) - len(tr.pending)
-            tr.live = tr.live and room >= 1
+            context = tr.context(history) if tr.live else []
+            tr.live = tr.live and len(context) < max_len
             if tr.live:
+                tr.tokens += tr.pending
+                tr.is_action += [0] * len(tr.pending)
+                tr.pending = []
                 rows.append(b)
-                budgets.append(min(max_new_tokens, room))
+                budgets.append(min(max_new_tokens, max_len - len(context)))
+                contexts.append(context)
         if not rows:
             break
-        for b in rows:
-            trajs[b].tokens += trajs[b].pending
-            trajs[b].is_action += [0] * len(trajs[b].pending)
-        actions = actor([trajs[b].prompt + trajs[b].tokens for b in rows], rows, budgets)
-        for b, ids in zip(rows, actions):
-            steps.append(_play(trajs[b], envs[b], obs, b, t, ids, fmt))
-    return _collect(trajs, steps, group_ids, tokenizer)
+        actions = actor(contexts, rows, budgets)
+        for b, ids, context in zip(rows, actions, contexts):
+            step = _play(trajs[b], envs[b], obs, b, t, ids, fmt, windowed=history is not None)
+            steps.append((*step, context))
+    return _collect(trajs, steps, group_ids, tokenizer, windowed=history is not None)
 
 
 def _play(tr: _Trajectory, env, obs: list[str], b: int, t: int, ids: list[int],
-          fmt: TurnFormat) -> tuple:
+          fmt: TurnFormat, windowed: bool) -> tuple:
     """Append action `ids` to trajectory b, step its env, queue the next user turn."""
     start = len(tr.tokens)
+    tr.action_starts.append(start)
     tr.tokens += ids
     tr.is_action += [1] * len(ids)
     text = fmt.action_text(ids)
@@ -191,33 +223,51 @@ def _play(tr: _Trajectory, env, obs: list[str], b: int, t: int, ids: list[int],
     tr.turns += 1
     tr.success = bool(info.get("success", False))
     tr.live = not done
-    tr.pending = [] if done else fmt.next(info.get("feedback", ""), obs[b], ids)
+    if not done:
+        tr.pending = fmt.next(info.get("feedback", ""), obs[b], ids)
+        if windowed:
+            tr.heads.append(fmt.first(env.system_prompt, obs[b]))
     return b, t, state, reward, start, len(tr.tokens), text, bool(info.get("valid", True))
 
 
+def _padded_right(rows: Sequence[list[int]], pad: int, marks: Sequence[list[int]] | None = None
+                  ) -> tuple[Tensor, Tensor, Tensor]:
+    """Right-padded ids, their attention mask and (`marks`, default all ones) completion mask."""
+    width = max(1, max(len(r) for r in rows))
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    attn, mask = torch.zeros_like(ids), torch.zeros_like(ids)
+    for b, r in enumerate(rows):
+        n = len(r)
+        ids[b, :n] = torch.tensor(r, dtype=torch.long)
+        attn[b, :n] = 1
+        mask[b, :n] = torch.tensor(marks[b] if marks is not None else [1] * n, dtype=torch.long)
+    return ids, attn, mask
+
+
 def _collect(trajs: list[_Trajectory], steps: list[tuple], group_ids: Sequence[int],
-             tokenizer) -> Episodes:
+             tokenizer, windowed: bool) -> Episodes:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    prompt_ids, prompt_mask = left_pad([tr.prompt for tr in trajs], pad)
-    width = max(1, max(len(tr.tokens) for tr in trajs))
-    comp = torch.full((len(trajs), width), pad, dtype=torch.long)
-    comp_attn = torch.zeros_like(comp)
-    comp_mask = torch.zeros_like(comp)
-    for b, tr in enumerate(trajs):
-        n = len(tr.tokens)
-        comp[b, :n] = torch.tensor(tr.tokens, dtype=torch.long)
-        comp_attn[b, :n] = 1
-        comp_mask[b, :n] = torch.tensor(tr.is_action, dtype=torch.long)
     texts = tokenizer.batch_decode([tr.tokens for tr in trajs], skip_special_tokens=True)
-    rollout = Rollout(torch.cat([prompt_ids, comp], 1), torch.cat([prompt_mask, comp_attn], 1),
-                      comp_mask, prompt_ids.shape[1], texts)
-    row, t, state, reward, start, end, action, valid = (
-        (list(c) for c in zip(*steps)) if steps else ([] for _ in range(8)))
-    rewards = torch.tensor(reward, dtype=torch.float32)
+    row, t, state, reward, start, end, action, valid, context = (
+        (list(c) for c in zip(*steps)) if steps else ([] for _ in range(9)))
     long = lambda v: torch.tensor(v, dtype=torch.long)  # noqa: E731
+    if windowed:   # one row per decision: its context, then its action
+        prompt_ids, prompt_mask = left_pad(context or [[pad]], pad)
+        actions = [tr.tokens[s:e] for tr, s, e in zip((trajs[b] for b in row), start, end)]
+        comp, comp_attn, comp_mask = _padded_right(actions or [[]], pad)
+        rollout_rows, spans = long(range(len(row))), long([(0, e - s) for s, e in zip(start, end)])
+        rollout_texts = list(action)
+    else:          # one row per trajectory: its first prompt, then everything played
+        prompt_ids, prompt_mask = left_pad([tr.prompt for tr in trajs], pad)
+        comp, comp_attn, comp_mask = _padded_right([tr.tokens for tr in trajs], pad,
+                                                   [tr.is_action for tr in trajs])
+        rollout_rows, spans, rollout_texts = long(row), long(list(zip(start, end))), texts
+    rollout = Rollout(torch.cat([prompt_ids, comp], 1), torch.cat([prompt_mask, comp_attn], 1),
+                      comp_mask, prompt_ids.shape[1], rollout_texts)
+    rewards = torch.tensor(reward, dtype=torch.float32)
     returns = torch.zeros(len(trajs)).index_add_(0, long(row), rewards)
     return Episodes(
         rollout, long(row), long(t), long([group_ids[b] for b in row]), state, hash_anchors(state),
-        rewards, long(list(zip(start, end))).reshape(-1, 2), action,
-        torch.tensor(valid, dtype=torch.bool),
-        torch.tensor([tr.success for tr in trajs]), long([tr.turns for tr in trajs]), returns)
+        rewards, spans.reshape(-1, 2), action, torch.tensor(valid, dtype=torch.bool),
+        torch.tensor([tr.success for tr in trajs]), long([tr.turns for tr in trajs]), returns,
+        rollout_rows, texts)
