@@ -12,7 +12,10 @@ On CUDA the RESULT also holds the rollout decoder's graph status (decode_graph) 
 graph mode of --decode-modes, ms per decode step of generate_completions (G rows x
 --mode-tokens, one prefill included) and whether its greedy tokens equal eager's. With
 --decode-compile, a DECODE line after the RESULT times torch.compile(mode="reduce-overhead")
-too (printed last: a slow compile loses nothing else).
+too (printed last: a slow compile loses nothing else). With --gqa-context N (CUDA), the RESULT
+also holds decode_gqa: ms per decode step (graph mode manual, prefill taken out) at G rows x N
+cache columns with the grouped-query fold and with keys and values repeated to every query head
+(ONELAYER_DECODE_GQA, see onelayer/rollout/attention.py).
 """
 from __future__ import annotations
 
@@ -27,7 +30,7 @@ from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
 from onelayer.config import build_config
 from onelayer.model import load_policy
-from onelayer.rollout import SamplingParams, decoder, generate_completions
+from onelayer.rollout import SamplingParams, attention, decoder, generate_completions
 from onelayer.tasks import Task
 from onelayer.train import memory_gib, rl_step
 from onelayer.update import build_objective
@@ -112,12 +115,12 @@ def graph_status(lm) -> str:
     return f"{decoder.GRAPH_MODE}: {','.join(seen)}"
 
 
-def time_decode(policy, prompt: str, mode: str, rows: int, new_tokens: int):
-    """(ms per decode step, greedy tokens, graph status) of generate_completions in `mode`:
-    one call to capture, one timed."""
+def time_decode(policy, prompt: str, mode: str, rows: int, new_tokens: int, gqa: str = "fold"):
+    """(ms per decode step, greedy tokens, graph status) of generate_completions in graph mode
+    `mode` and grouped-query mode `gqa`: one call to capture, one timed."""
     lm, tok = policy.split.lm, policy.tokenizer
-    saved = decoder.GRAPH_MODE
-    decoder.GRAPH_MODE = mode
+    saved, saved_gqa = decoder.GRAPH_MODE, attention.GQA_MODE
+    decoder.GRAPH_MODE, attention.GQA_MODE = mode, gqa
     decoder.release(lm)
     try:
         params = SamplingParams(new_tokens, greedy=True)
@@ -129,8 +132,25 @@ def time_decode(policy, prompt: str, mode: str, rows: int, new_tokens: int):
         seconds = time.perf_counter() - t0
         return 1e3 * seconds / out.completion_mask.shape[1], out.completion_ids.cpu(), graph_status(lm)
     finally:
-        decoder.GRAPH_MODE = saved
+        decoder.GRAPH_MODE, attention.GQA_MODE = saved, saved_gqa
         decoder.release(lm)
+
+
+def time_gqa(policy, rows: int, context: int, new_tokens: int) -> dict:
+    """ms per decode step, prefill excluded, with the grouped-query fold and with the keys and
+    values repeated (graph mode manual), at `rows` x `context` cache columns: the prompt fills
+    what the completion leaves, and the static cache attends all of it every step. The prefill
+    (timed alone as a 1-token call) is taken out of the `new_tokens` call."""
+    prompt = " ".join(f"t{(11 * j) % 1000 + 3}" for j in range(context - new_tokens - 8))
+    out, tokens = dict(context=context, rows=rows), {}
+    for gqa in ("fold", "repeat"):
+        prefill_ms = time_decode(policy, prompt, "manual", rows, 1, gqa=gqa)[0]
+        ms, tokens[gqa], status = time_decode(policy, prompt, "manual", rows, new_tokens, gqa=gqa)
+        step_ms = (ms * tokens[gqa].shape[1] - prefill_ms) / (tokens[gqa].shape[1] - 1)
+        out[gqa] = dict(ms=round(step_ms, 2), tokens_per_s=round(1e3 * rows / step_ms, 1),
+                        prefill_ms=round(prefill_ms, 1), status=status)
+    out["same_tokens"] = bool(torch.equal(tokens["fold"], tokens["repeat"]))
+    return out
 
 
 def main() -> None:
@@ -146,6 +166,8 @@ def main() -> None:
     ap.add_argument("--decode-modes", default="manual,off", help="graph modes to time (CUDA)")
     ap.add_argument("--mode-tokens", type=int, default=128)
     ap.add_argument("--decode-compile", action="store_true", help="also time mode 'compile'")
+    ap.add_argument("--gqa-context", type=int, default=0,
+                    help="time the grouped-query fold against repeated keys at this many cache columns (CUDA)")
     a = ap.parse_args()
 
     t0 = time.perf_counter()
@@ -199,6 +221,8 @@ def main() -> None:
             by_mode[mode] = dict(ms=round(ms, 2), status=status,
                                  same_as_eager=None if eager_tokens is None else bool(torch.equal(tokens, eager_tokens)))
         result.update(decode_ms_by_mode=by_mode, mode_tokens=a.mode_tokens)
+        if a.gqa_context:
+            result.update(decode_gqa=time_gqa(policy, a.group_size, a.gqa_context, a.mode_tokens))
     print("RESULT " + json.dumps(result), flush=True)
     if cuda and a.decode_compile:
         t0 = time.perf_counter()

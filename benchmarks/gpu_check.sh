@@ -4,7 +4,8 @@
 #      the rollout decoder's greedy tokens against Hugging Face generate in each graph mode,
 #   2. GRPO on the Qwen3-8B config with random weights in NF4, G = 8 x 512 new tokens, beta 0,
 #      two steps: peak memory, s/step split into generation and update, decode vs its limit,
-#      decode ms/step with the CUDA graph, eager and torch.compile (the compile last),
+#      decode ms/step with the CUDA graph, eager and torch.compile (the compile last), and the
+#      grouped-query fold against repeated keys and values at 8 rows x 1,024 cache columns,
 #   3. the fused policy loss at T = 8 x 4096, V = 151,936 against chunked and eager torch,
 # then one table. Run from the repository root:
 #     bash benchmarks/gpu_check.sh
@@ -32,7 +33,7 @@ strip_bars() { grep -av -e 'it/s]' -e 's/it]' ; }
 echo "== kernels"
 timeout 120 python3 benchmarks/check_kernels_gpu.py 2>&1 | tee "$LOGS/kernels.log"
 echo "== train step (Qwen3-8B config, random weights)"
-timeout 300 python3 benchmarks/bench_train_step.py --config 8b --layer 16 --decode-compile 2>&1 | strip_bars \
+timeout 300 python3 benchmarks/bench_train_step.py --config 8b --layer 16 --decode-compile --gqa-context 1024 2>&1 | strip_bars \
   | tee "$LOGS/train_step.log"
 echo "== fused policy loss"
 timeout 100 python3 benchmarks/bench_policy_loss.py --shapes 32768x4096x151936 --reps 5 --warmup 1 \

@@ -7,7 +7,7 @@ from transformers import AutoModelForCausalLM, GenerationConfig
 
 from conftest import make_tiny_model
 from onelayer.rollout import SamplingParams, generate_completions
-from onelayer.rollout import decoder
+from onelayer.rollout import attention, decoder
 from onelayer.rollout.generate import StopStrings, restrict, sample_dynamic
 
 # Different lengths, so that the batch is left-padded.
@@ -83,6 +83,9 @@ def test_eager_attention_and_mixed_full_and_sliding_layers(tmp_path, tok):
         assert decoder.unsupported(lm) is None
         assert_same(*both(lm, tok, SamplingParams(12, greedy=True), [3]))
         assert_same(*both(lm, tok, SamplingParams(12, temperature=0.9, top_k=20), [3], seed=1))
+    # eager keeps its own attention function; the sdpa model decodes with the fold
+    assert decoder._DECODERS[eager].spec.attention is None
+    assert decoder._DECODERS[mixed].spec.attention == "onelayer_sdpa_fold"
 
 
 def test_what_falls_back_to_the_dynamic_loop(models):
@@ -199,3 +202,82 @@ def test_generate_completions_is_unchanged_for_callers(tiny_models):
                                    SamplingParams(20, temperature=0.7), repeat=2, generator=gen)
     assert rollout.sequences.shape[0] == 6 and rollout.logprobs.shape == rollout.completion_mask.shape
     assert torch.equal(rollout.attention_mask[:, rollout.prompt_len:], rollout.completion_mask)
+
+
+def spy_attention(monkeypatch):
+    """Every SDPA call's (query shape, key shape), and every call of the fold function as the
+    attention interface hands it out."""
+    from transformers import AttentionInterface
+    from transformers.integrations import sdpa_attention
+    calls = {"sdpa": [], "fold": 0, "hf_fold": 0}
+    sdpa, fold = torch.nn.functional.scaled_dot_product_attention, attention.fold_attention
+    hf_fold = getattr(sdpa_attention, "pack_gqa", None)      # transformers >= 5.23 folds too
+
+    def spy_sdpa(query, key, *args, **kwargs):
+        calls["sdpa"].append((tuple(query.shape), tuple(key.shape)))
+        return sdpa(query, key, *args, **kwargs)
+
+    def spy_fold(*args, **kwargs):
+        calls["fold"] += 1
+        return fold(*args, **kwargs)
+
+    def spy_hf_fold(*args, **kwargs):
+        calls["hf_fold"] += 1
+        return hf_fold(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy_sdpa)
+    monkeypatch.setitem(AttentionInterface._global_mapping, "onelayer_sdpa_fold", spy_fold)
+    if hf_fold is not None:
+        monkeypatch.setattr(sdpa_attention, "pack_gqa", spy_hf_fold)
+    return calls
+
+
+def test_decode_attends_each_key_value_head_once(tmp_path, tok, monkeypatch):
+    """Qwen3 with 8 query heads on 2 key/value heads (g = 4): every decode step's SDPA call
+    reads the cache's 2 heads with the 4 query heads of a group as 4 query rows, tokens as HF
+    generate's; ONELAYER_DECODE_GQA=repeat reads 8 copied heads, same tokens. The model's own
+    sdpa is back after each call, also after an error, and a plain forward never folds."""
+    lm = load(make_tiny_model(tmp_path / "gqa4", "qwen3", num_attention_heads=8, num_key_value_heads=2))
+    ids, mask = encode(tok)
+    calls = spy_attention(monkeypatch)
+    greedy = SamplingParams(10, greedy=True)
+    run = lambda: decoder.decode(lm, ids, mask, greedy, stop_ids=[], stop_strings=StopStrings(tok, ()),  # noqa: E731
+                                 pad_id=0)
+    decoder.release(lm)
+    folded = run()
+    decode_calls = [c for c in calls["sdpa"] if c[1][2] == decoder._DECODERS[lm].length]
+    assert len(decode_calls) == 9 * 4                          # 9 steps after the prefill, 4 layers
+    assert set(decode_calls) == {((8, 2, 4, 16), (8, 2, 128, 16))}
+    assert calls["fold"] == 10 * 4                              # the prefill's calls too (delegated)
+    assert calls["hf_fold"] == 0                                # ours folded, not transformers'
+    assert lm.config._attn_implementation == "sdpa"
+    config = GenerationConfig(do_sample=False, max_new_tokens=10, pad_token_id=0, eos_token_id=None)
+    hf = lm.generate(input_ids=ids, attention_mask=mask, generation_config=config)[:, ids.shape[1]:]
+    assert torch.equal(folded.tokens, hf)
+
+    monkeypatch.setattr(attention, "GQA_MODE", "repeat")
+    decoder.release(lm)
+    calls["sdpa"].clear()
+    assert torch.equal(run().tokens, folded.tokens)
+    decode_calls = [c for c in calls["sdpa"] if c[1][2] == decoder._DECODERS[lm].length]
+    assert set(decode_calls) == {((8, 8, 1, 16), (8, 8, 128, 16))}
+    assert lm.config._attn_implementation == "sdpa"
+
+    monkeypatch.setattr(attention, "GQA_MODE", "fold")
+    decoder.release(lm)
+    seen = []
+
+    def fail(self, *args, **kwargs):
+        seen.append(lm.config._attn_implementation)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(decoder.StaticDecoder, "record", fail)
+    with pytest.raises(RuntimeError, match="stop here"):
+        run()
+    assert seen == ["onelayer_sdpa_fold"] and lm.config._attn_implementation == "sdpa"
+    calls["fold"] = 0
+    with torch.no_grad():
+        lm(input_ids=ids, attention_mask=mask)
+        lm(input_ids=ids[:, :1], attention_mask=mask[:, :1])
+    assert calls["fold"] == 0
+    decoder.release(lm)

@@ -38,6 +38,25 @@ as gpt-fast does; the mask buffer `valid` [B, S] marks real prompt tokens and th
 columns written so far. Sliding-window layers get the same buffer with their window applied
 in column space (j > c - window): real tokens of a row are contiguous, so this is the
 window in positions that Hugging Face's masks use.
+
+Grouped-query attention (attention.py): while the decoder runs, an sdpa model with fewer
+key/value heads than query heads runs our own attention function (the model's
+`_attn_implementation` is swapped for the call and restored after it, on an error too; the
+training forward never sees it). In the decode step it folds each group's g query heads into
+g query rows of their key/value head, so SDPA reads the cache as it is. What that saves, for
+Qwen3-8B (36 layers, 8 key/value heads of 128, g = 4, bf16) at B = 8 rows x L = 1,024 cache
+columns (the whole static length is attended every step): the cache holds 2 (K, V) x 8 x 8 x
+1,024 x 128 x 2 bytes = 33.5 MB a layer, 1.2 GB a step, which any decoder reads. Copying the
+keys and values to 32 heads first (transformers' sdpa with a dense mask before 5.23, and under
+dynamo in 5.23+) reads those 33.5 MB, writes 134 MB and SDPA reads the 134 MB back: ~302 MB a
+layer, ~10.9 GB a step, 9.7 GB more than the fold, about twice the 4.8 GiB of NF4 weights a
+step reads. At the benchmark's 8 x (48 + 512) tokens (L = 640) the difference is ~6 GB a step.
+With transformers 5.24 in eager or "manual" (CUDA graph) mode, transformers' own sdpa already
+folds the decode step (its `pack_gqa`); ours matters for GRAPH_MODE "compile" and for
+transformers 5.20-5.22, and makes the step the same on every version. The prefill (P query
+tokens) keeps transformers' path: one copy of the prompt's keys and values a layer.
+ONELAYER_DECODE_GQA=repeat copies instead of folding, to time the two (gpu_check.sh does); the
+speed-up on a GPU is not measured yet.
 """
 from __future__ import annotations
 
@@ -55,6 +74,7 @@ from torch import Tensor
 from transformers import Cache
 
 from ..model.split import layer_types, positions
+from .attention import attention_implementation, decode_attention
 
 log = logging.getLogger("onelayer")
 
@@ -210,7 +230,8 @@ def _cache_kwarg(model_class: type) -> str:
 
 class _Spec:
     """What the decoder needs to know of a model, read once: its attention types, window,
-    mask layout (bool for sdpa, additive in `eager` dtype for eager) and cache keyword."""
+    mask layout (bool for sdpa, additive in `eager` dtype for eager), cache keyword and the
+    attention implementation it decodes with (attention.decode_attention: None keeps the model's)."""
 
     def __init__(self, lm):
         self.kinds = sorted(set(layer_types(lm.config)))
@@ -219,6 +240,7 @@ class _Spec:
         self.eager = lm.get_input_embeddings().weight.dtype if eager else None
         self.as_dict = _takes_mask_dict(lm)
         self.cache_kwarg = _cache_kwarg(type(lm))
+        self.attention = decode_attention(lm)
 
 
 @dataclass
@@ -419,8 +441,14 @@ class StaticDecoder:
             self.mask[row, s + 1:end] = 0
             self.done[row] = True
 
-    def run(self, lm, input_ids: Tensor, prompt_mask: Tensor, params, *, stop_ids: list[int],
-            stop_strings, pad_id: int, generator: torch.Generator | None) -> Samples:
+    def run(self, lm, input_ids: Tensor, prompt_mask: Tensor, params, **kwargs) -> Samples:
+        """`complete` under the decoder's attention implementation (prefill, every decode step
+        and every capture), the model's own restored after it, on an error too."""
+        with attention_implementation(lm.config, self.spec.attention):
+            return self.complete(lm, input_ids, prompt_mask, params, **kwargs)
+
+    def complete(self, lm, input_ids: Tensor, prompt_mask: Tensor, params, *, stop_ids: list[int],
+                 stop_strings, pad_id: int, generator: torch.Generator | None) -> Samples:
         B, P = input_ids.shape
         N = params.max_new_tokens
         self.cache.batch = B
