@@ -35,10 +35,6 @@ from .errors import RunStopped, UserError
 
 T = TypeVar("T")
 
-# Seconds any collective may wait for the slowest rank before the job is stopped: longer than
-# the slowest step phase that has no collective in it (a long rollout, a checkpoint write, a
-# held-out eval shard). ONELAYER_DIST_TIMEOUT overrides it.
-DEFAULT_TIMEOUT_S = 1800
 # Gradient buckets: tensors smaller than this are flattened together into one all-reduce; a
 # larger tensor (an 8B layer's MLP matrices: 4096 x 12288 fp32 = 192 MiB) is reduced in place,
 # so at most one bucket of extra memory is ever allocated.
@@ -58,14 +54,17 @@ def is_main() -> bool:
     return rank() == 0
 
 
-def timeout_s() -> float:
-    return float(os.environ.get("ONELAYER_DIST_TIMEOUT", DEFAULT_TIMEOUT_S))
+# The process group's collective timeout (--dist-timeout), kept for the message of a stop.
+_timeout_s: float | None = None
 
 
-def init_from_env(device: str | None = None) -> bool:
+def init_from_env(device: str | None, timeout_s: float) -> bool:
     """Join the process group that torchrun / accelerate launch describe in the environment
     (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT). NCCL on GPUs, each rank on its
-    LOCAL_RANK card; gloo on CPU. False (and nothing done) when WORLD_SIZE is unset or 1."""
+    LOCAL_RANK card; gloo on CPU. A collective that waits more than `timeout_s` seconds for
+    the other ranks fails (and stops the job). False (and nothing done) when WORLD_SIZE is
+    unset or 1."""
+    global _timeout_s
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return False
     if dist.is_initialized():
@@ -73,7 +72,8 @@ def init_from_env(device: str | None = None) -> bool:
     cuda = torch.cuda.is_available() and not (device or "").startswith("cpu")
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s()))
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s))
+    _timeout_s = timeout_s
     atexit.register(shutdown)
     return True
 
@@ -115,9 +115,9 @@ def collective(what: str) -> Iterator[None]:
         yield
     except (RuntimeError, dist.DistError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        waited = f"within {_timeout_s:g} s (--dist-timeout)" if _timeout_s else "in time"
         raise RunStopped(f"rank {rank()} of {world_size()} lost the other ranks while {what}: "
-                         f"a rank died or did not answer within {timeout_s():.0f} s "
-                         f"(ONELAYER_DIST_TIMEOUT). {first}", 1) from exc
+                         f"a rank died or did not answer {waited}. {first}", 1) from exc
 
 
 def shard(items: list[T]) -> list[T]:

@@ -365,7 +365,7 @@ def train(cfg: TrainConfig, *, progress: bool = True, echo: Callable[[str], None
 
     t_start = time.perf_counter()
     # torchrun / accelerate launch with several processes: join them (docs/distributed.md).
-    if distributed.init_from_env(cfg.device):
+    if distributed.init_from_env(cfg.device, cfg.dist_timeout):
         distributed.check_run(cfg)
         if not distributed.is_main():   # rank 0 alone speaks and writes
             echo, progress = (lambda line: None), False

@@ -25,8 +25,10 @@ TRAIN = ["--steps", "3", "--prompts-per-step", "4", "--group-size", "4", "--eval
 
 def worker(log: str, argv: list[str]) -> None:
     """`onelayer train` with the global-batch sampler; logs each checkpoint write's rank.
-    ONELAYER_TEST_DIE=N: rank 1 dies (os._exit) when it samples its N-th batch."""
+    ONELAYER_TEST_DIE=N: rank 1 dies (os._exit) when it samples its N-th batch;
+    ONELAYER_TEST_HANG=N: rank 1 sleeps there instead."""
     import hashlib
+    import signal
 
     import torch
     import torch.distributed as dist
@@ -48,6 +50,9 @@ def worker(log: str, argv: list[str]) -> None:
         if rank() == 1 and len(calls) == int(os.environ.get("ONELAYER_TEST_DIE", 0)):
             os._exit(7)   # after the hook's own collective: rank 0 meets it in the trainer's
         if rank() == 1 and len(calls) == int(os.environ.get("ONELAYER_TEST_HANG", 0)):
+            # Hung, but killed by the launcher's first SIGTERM (the trainer's handler would make
+            # it wait for the stop after the step, and the launcher 30 s before its SIGKILL).
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
             time.sleep(3600)
         everyone = [r for part in parts for r in part]
         # One seed per global batch, from its content: the same on every rank, in a resumed run too.
@@ -112,6 +117,26 @@ def test_two_ranks_equal_one_and_resume_on_one(tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resume: 2 -> 1 ranks" in resumed.stdout
     assert_close(layer(tmp_path / "resumed"), layer(tmp_path / "two"))
+
+
+def test_a_hung_rank_stops_the_job_after_dist_timeout(tmp_path):
+    # Rank 1 sleeps for an hour inside its 2nd step; rank 0 waits 10 s at its next collective.
+    proc, saves = launch(tmp_path, "hung", "--dist-timeout", "10", ranks=2,
+                         env={"ONELAYER_TEST_HANG": "2"}, timeout=180)
+    assert proc.returncode != 0
+    out = proc.stdout + proc.stderr
+    assert ("onelayer: rank 0 of 2 lost the other ranks while" in out
+            and "did not answer within 10 s (--dist-timeout)" in out), out[-3000:]
+    assert saves.read_text().split("\n")[:-1] == ["0 1"]
+
+
+def test_dist_timeout_must_be_positive(tmp_path, capsys):
+    from test_cli import run_cli
+    code, _, err = run_cli(["train", "--dist-timeout", "0", "--output", str(tmp_path / "out"),
+                            "--quiet"], capsys)
+    assert code == 2
+    assert err.strip().splitlines() == [
+        "onelayer: error: --dist-timeout must be positive seconds (got 0)"]
 
 
 def test_a_dead_rank_stops_the_job(tmp_path):
