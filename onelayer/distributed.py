@@ -95,9 +95,6 @@ def check_run(cfg) -> None:
     if cfg.minibatch % world:
         raise UserError(f"--minibatch {cfg.minibatch} counts the sequences of all {world} ranks: "
                         f"it must be a multiple of {world}")
-    if cfg.dynamic_sampling:
-        raise UserError("--dynamic-sampling refills each rank's batch by a different amount: not "
-                        "supported on several ranks yet")
 
 
 def device() -> torch.device:
@@ -137,6 +134,17 @@ def _sum(values: list[float], what: str, dtype=torch.float64) -> list[float]:
     with collective(what):
         dist.all_reduce(t)
     return t.tolist()
+
+
+def every_rank(values: list[float], what: str) -> list[list[float]]:
+    """Each rank's `values` (the same number on every rank), in rank order, on every rank."""
+    if world_size() == 1:
+        return [list(values)]
+    mine = torch.tensor(values, dtype=torch.float64, device=device())
+    table = torch.empty(world_size() * len(values), dtype=torch.float64, device=device())
+    with collective(what):
+        dist.all_gather_into_tensor(table, mine)
+    return table.view(world_size(), len(values)).tolist()
 
 
 def any_rank(flag: bool, what: str = "agreeing on a stop") -> bool:
@@ -215,7 +223,7 @@ def sum_gradients(params: Iterable[Tensor], loss, metrics: dict) -> tuple[Tensor
 # Step metrics that add up over ranks (throughput, counts of events per rank's share) and those
 # whose slowest / largest rank is the one to report (times, memory); the rest are means (equal
 # shards: the mean of the ranks' means is the global mean; values equal on every rank stay).
-SUMMED = {"tokens_per_s", "reward_errors", "reward_timeouts"}
+SUMMED = {"tokens_per_s", "reward_errors", "reward_timeouts", "groups_sampled", "groups_kept"}
 MAXED = {"step_s", "gen_s", "update_s", "peak_mem_gib", "rss_gib"}
 
 

@@ -79,7 +79,9 @@ def sample_and_score(policy: Policy, task: Task, rows: list[dict], cfg: TrainCon
                      generator: torch.Generator | None = None,
                      gen_batch: HalveOnOOM | None = None) -> ScoredBatch:
     """Sample G completions for each row and score them. With dynamic sampling, groups whose
-    rewards are all equal (no learning signal) are dropped and `more_rows` refills the batch.
+    rewards are all equal (no learning signal) are dropped and `more_rows` refills the batch
+    (on several ranks, each rank its own share, from its own rows: no collective in here, so
+    ranks that need different numbers of rounds never wait for each other).
     generator: the run's random stream (None: torch's global one). gen_batch: rows per
     generate call, halved when the device runs out of memory (None: --generation-batch)."""
     G = cfg.group_size
@@ -113,6 +115,15 @@ def sample_and_score(policy: Policy, task: Task, rows: list[dict], cfg: TrainCon
     return ScoredBatch(rollout, rewards, group_ids, sampled)
 
 
+def first_groups(batch: ScoredBatch, groups: int, G: int) -> ScoredBatch:
+    """The batch's first `groups` groups (all of them when it has no more)."""
+    if groups * G >= len(batch.rewards):
+        return batch
+    rows = torch.arange(groups * G)
+    return ScoredBatch(select_rollout(batch.rollout, rows), batch.rewards[rows],
+                       batch.group_ids[rows], batch.groups_sampled)
+
+
 def sample_groups(policy: Policy, prompts: list[str], cfg: TrainConfig, rows_per_call: int,
                   generator: torch.Generator | None) -> Rollout:
     """G completions of each prompt, whole groups per generate call of at most
@@ -140,6 +151,13 @@ def rl_step(policy: Policy, optimizer: torch.optim.Optimizer, task: Task, rows: 
     t0 = time.perf_counter()
     batch = sample_and_score(policy, task, rows, cfg, more_rows, generator=generator,
                              gen_batch=gen_batch)
+    if cfg.dynamic_sampling and distributed.world_size() > 1:
+        # A rank whose rounds ran out before its share was full: every rank trains on as many
+        # groups as the one that found fewest, so that they take the same number of optimizer
+        # steps (and collectives). One exchange, after the sampling rounds, never inside them.
+        found = distributed.every_rank([len(batch.rewards) // cfg.group_size],
+                                       "counting the groups kept")
+        batch = first_groups(batch, int(min(n for n, in found)), cfg.group_size)
     sync_device(policy.device)
     t_gen = time.perf_counter()
 
@@ -281,14 +299,57 @@ class TrainingRows:
         """The next n rows that fit (the caller has checked that at least one does)."""
         picks = []
         while len(picks) < n:
-            i = self.order[self.drawn % len(self.order)]
+            row = self.at(self.drawn)
             self.drawn += 1
-            if i not in self.fit:
-                self.fit[i] = self.fits(self.rows[i])
-            if self.fit[i]:
-                picks.append(self.rows[i])
-            else:
+            if row is None:
                 self.dropped += 1
+            else:
+                picks.append(row)
+        return picks
+
+    def at(self, position: int) -> dict | None:
+        """The row at `position` of the stream; None when its prompt is too long."""
+        i = self.order[position % len(self.order)]
+        if i not in self.fit:
+            self.fit[i] = self.fits(self.rows[i])
+        return self.rows[i] if self.fit[i] else None
+
+    def lane(self) -> "Lane":
+        """This rank's refills for dynamic sampling, from the current position on."""
+        return Lane(self, self.drawn, distributed.rank(), distributed.world_size())
+
+    def settle(self, lane: "Lane") -> None:
+        """Move past the rows every rank's lane passed over: the next position (and the count of
+        dropped rows) are then the same on every rank, as a resumed run needs. A collective
+        on several ranks."""
+        table = distributed.every_rank([lane.used, lane.dropped], "agreeing on the data position")
+        self.drawn = lane.start + int(max(used for used, _ in table)) * lane.world
+        self.dropped += int(sum(dropped for _, dropped in table))
+
+
+@dataclass
+class Lane:
+    """One rank's further rows for dynamic-sampling refills: positions start + rank,
+    start + rank + world, start + rank + 2 world, ... of the shared stream. Ranks that refill by
+    different amounts draw different rows without talking to each other; `TrainingRows.settle`
+    then moves every rank past the longest lane used (rows the others skipped are not seen
+    again until the stream cycles). On one rank the lane is the stream itself."""
+    rows: TrainingRows
+    start: int
+    rank: int
+    world: int
+    used: int = 0      # positions of the lane passed over
+    dropped: int = 0   # of them, prompts too long for --max-prompt-tokens
+
+    def take(self, n: int) -> list[dict]:
+        picks = []
+        while len(picks) < n:
+            row = self.rows.at(self.start + self.rank + self.used * self.world)
+            self.used += 1
+            if row is None:
+                self.dropped += 1
+            else:
+                picks.append(row)
         return picks
 
 
@@ -312,10 +373,14 @@ def task_job(task: Task, policy: Policy, optimizer, cfg: TrainConfig, objective:
 
     def step() -> dict:
         dropped = rows.dropped
-        # Every rank draws the step's global prompts (one data position) and keeps its share.
+        # Every rank draws the step's global prompts (one data position) and keeps its share;
+        # dynamic sampling refills each rank's share from its own lane of the rows after them.
         mine = distributed.shard(rows.take(cfg.prompts_per_step))
-        metrics = rl_step(policy, optimizer, task, mine, cfg, objective, rows.take,
+        lane = rows.lane()
+        metrics = rl_step(policy, optimizer, task, mine, cfg, objective, lane.take,
                           generator=generator, gen_batch=gen_batch, micro=micro)
+        if cfg.dynamic_sampling:
+            rows.settle(lane)
         return {**metrics, "prompts_dropped": rows.dropped - dropped, **task.reward_metrics()}
 
     def score(label: str) -> float:

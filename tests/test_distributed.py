@@ -24,9 +24,13 @@ TRAIN = ["--steps", "3", "--prompts-per-step", "4", "--group-size", "4", "--eval
 
 
 def worker(log: str, argv: list[str]) -> None:
-    """`onelayer train` with the global-batch sampler; logs each checkpoint write's rank.
+    """`onelayer train` with the global-batch sampler; logs each checkpoint write's rank, and
+    each rank's groups and data position after every step (LOG.steps, JSON lines).
     ONELAYER_TEST_DIE=N: rank 1 dies (os._exit) when it samples its N-th batch;
-    ONELAYER_TEST_HANG=N: rank 1 sleeps there instead."""
+    ONELAYER_TEST_HANG=N: rank 1 sleeps there instead;
+    ONELAYER_TEST_OWN_SAMPLING=1: the trainer's own sampler (each rank samples its shard);
+    ONELAYER_TEST_FLAT_FIRST_ROUND=1: rank 1's first sampling round of every step scores 0 for
+    every completion (no group of it is kept: rank 1 needs more rounds than rank 0)."""
     import hashlib
     import signal
 
@@ -69,7 +73,43 @@ def worker(log: str, argv: list[str]) -> None:
             f.write(f"{rank()} {state.step}\n")
         return real_save(output, *args, state=state, **kwargs)
 
-    train.sample_and_score, train.save_checkpoint = sample_globally, logged_save
+    real_rl_step, real_task_job, real_load_task = train.rl_step, train.task_job, train.load_task
+    rounds = []
+
+    def flat_first_round(*args, **kwargs):
+        task = real_load_task(*args, **kwargs)
+        real_rewards = task.rewards
+
+        def rewards(completions, rows, *more):
+            rounds.append(1)
+            scores = real_rewards(completions, rows, *more)
+            return [0.0] * len(scores) if rank() == 1 and len(rounds) == 1 else scores
+        object.__setattr__(task, "rewards", rewards)   # a frozen dataclass
+        return task
+
+    def counted_rl_step(*args, **kwargs):
+        rounds.clear()
+        return real_rl_step(*args, **kwargs)
+
+    def logged_task_job(*args, **kwargs):
+        job = real_task_job(*args, **kwargs)
+        real_step = job.step
+
+        def step():
+            metrics = real_step()
+            with open(f"{log}.steps", "a") as f:
+                f.write(json.dumps({"rank": rank(), **job.state(),
+                                    **{k: metrics[k] for k in ("groups_sampled", "groups_kept")
+                                       if k in metrics}}) + "\n")
+            return metrics
+        job.step = step
+        return job
+
+    if not os.environ.get("ONELAYER_TEST_OWN_SAMPLING"):
+        train.sample_and_score = sample_globally
+    if os.environ.get("ONELAYER_TEST_FLAT_FIRST_ROUND"):
+        train.load_task, train.rl_step = flat_first_round, counted_rl_step
+    train.save_checkpoint, train.task_job = logged_save, logged_task_job
     cli.main(["train", "--quiet", *argv])
 
 
@@ -117,6 +157,33 @@ def test_two_ranks_equal_one_and_resume_on_one(tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resume: 2 -> 1 ranks" in resumed.stdout
     assert_close(layer(tmp_path / "resumed"), layer(tmp_path / "two"))
+
+
+def steps_by_rank(log, ranks=2):
+    """Per rank, what it logged after each step (rank r's list in step order)."""
+    rows = [json.loads(line) for line in Path(f"{log}.steps").read_text().splitlines()]
+    return [[row for row in rows if row["rank"] == r] for r in range(ranks)]
+
+
+def test_dynamic_sampling_on_two_ranks(tmp_path):
+    """Each rank refills its own share: every step trains on --prompts-per-step groups in all,
+    half on each rank, though rank 1 always needs more sampling rounds than rank 0 (its first
+    round is forced to score 0); the data position is the same on both ranks after a step."""
+    proc, saves = launch(tmp_path, "dynamic", "--dynamic-sampling", ranks=2,
+                         env={"ONELAYER_TEST_OWN_SAMPLING": "1",
+                              "ONELAYER_TEST_FLAT_FIRST_ROUND": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert saves.read_text().split("\n")[:-1] == ["0 1", "0 2", "0 3"]
+    assert proc.stdout.count("saved layer") == 1
+    first, second = steps_by_rank(saves)
+    assert len(first) == len(second) == 3
+    for step, (a, b) in enumerate(zip(first, second), 1):
+        assert a["groups_kept"] == b["groups_kept"] == 2, (a, b)     # 4 prompts / 2 ranks
+        assert (a["drawn"], a["dropped"]) == (b["drawn"], b["dropped"]), (a, b)
+        assert b["groups_sampled"] > 2 and a["drawn"] > 4 * step    # rank 1 refilled
+    assert any(a["groups_sampled"] < b["groups_sampled"] for a, b in zip(first, second))
+    rows = [json.loads(r) for r in (tmp_path / "dynamic" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["groups_kept"] for r in rows] == [4, 4, 4]
 
 
 def test_a_hung_rank_stops_the_job_after_dist_timeout(tmp_path):
