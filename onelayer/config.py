@@ -194,6 +194,12 @@ class TrainConfig:
         choices=('nf4', 'bf16', 'fp32'))
     device: str | None = option(
         None, "cpu, cuda, cuda:1 ... [default: cuda when available]")
+    optimizer_sharding: str = option(
+        "zero1", "Several processes: shard AdamW's state over them (zero1: each keeps 1/N of "
+                 "exp_avg and exp_avg_sq, for a Qwen3-8B layer 0.77 GB less per GPU on 2 GPUs, "
+                 "1.35 GB on 8, for one all-gather of the layer per optimizer step) or keep it "
+                 "whole on each (none). [default: zero1]",
+        choices=("none", "zero1"))
     dist_timeout: float = option(
         1800.0, "Several processes (torchrun): seconds a rank waits for the others at a "
                 "collective before the job stops; more than the longest step phase that has none "

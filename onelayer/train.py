@@ -29,6 +29,7 @@ from .algos.advantages import STD_EPS
 from .checkpoint import (CHECKPOINTS, CONFIG_FILE, LAYER_FILE, TrainingState, checkpoints, load_checkpoint,
                          save_checkpoint, save_layer)
 from .config import TrainConfig, config_json, resume_changes, reward_options, task_options
+from .data_parallel import build_optimizer, full_state_dict
 from .errors import RunStopped, UserError
 from .export import patch_manifest
 from .evaluate import drop_long_prompts, evaluate as score_task
@@ -458,8 +459,7 @@ def train(cfg: TrainConfig, *, progress: bool = True, echo: Callable[[str], None
         echo(f"starting from the trained layer in {cfg.patch}")
     out = distributed.broadcast_object(output_dir(cfg, policy, resumed))
     objective = build_objective(cfg, policy.device)
-    optimizer = torch.optim.AdamW(policy.layer.parameters(), lr=cfg.lr,
-                                  weight_decay=cfg.weight_decay)
+    optimizer = build_optimizer(policy.layer, cfg)   # sharded over the ranks with zero1
     # The run's own random stream: sampling and minibatch order. Evals draw from generators of
     # their own, so scoring held-out rows never shifts what training samples.
     generator = torch.Generator(policy.device).manual_seed(cfg.seed)
@@ -508,11 +508,12 @@ def train(cfg: TrainConfig, *, progress: bool = True, echo: Callable[[str], None
         """A training checkpoint of the state after `step`; None (and a warning) when it could
         not be written, in which case the previous one is untouched."""
         nonlocal last_saved
+        optimizer_state = full_state_dict(optimizer)   # with zero1, gathered from every rank
         if not distributed.is_main():   # rank 0 writes it; every rank holds the same state
             return out / CHECKPOINTS / f"step-{step:06d}"
         run_config = dataclasses.replace(cfg, generation_batch=gen_batch.size,
                                          micro_batch=micro.size, resume=None)
-        state = TrainingState(step, optimizer.state_dict(), random_state(generator, job),
+        state = TrainingState(step, optimizer_state, random_state(generator, job),
                               {"score_before": before, "history": history, "output": str(out),
                                "world_size": distributed.world_size()})
         try:
