@@ -36,6 +36,7 @@ def worker(log: str, argv: list[str]) -> None:
     ONELAYER_TEST_OWN_SAMPLING=1: the trainer's own sampler (each rank samples its shard);
     ONELAYER_TEST_FLAT_FIRST_ROUND=1: rank 1's first sampling round of every step scores 0 for
     every completion (no group of it is kept: rank 1 needs more rounds than rank 0);
+    ONELAYER_TEST_FLAT_STEP=N: so does every round of rank 1's N-th step (it finds no group);
     ONELAYER_TEST_TRACE=1: each rank writes LOG.trace.RANK, its updates' backward calls and
     collectives in order (`trace` below), with each gradient tensor in a bucket of its own."""
     import hashlib
@@ -81,7 +82,8 @@ def worker(log: str, argv: list[str]) -> None:
         return real_save(output, *args, state=state, **kwargs)
 
     real_rl_step, real_task_job, real_load_task = train.rl_step, train.task_job, train.load_task
-    rounds = []
+    rounds, steps = [], []
+    flat_step = int(os.environ.get("ONELAYER_TEST_FLAT_STEP", 0))
 
     def flat_first_round(*args, **kwargs):
         task = real_load_task(*args, **kwargs)
@@ -90,12 +92,14 @@ def worker(log: str, argv: list[str]) -> None:
         def rewards(completions, rows, *more):
             rounds.append(1)
             scores = real_rewards(completions, rows, *more)
-            return [0.0] * len(scores) if rank() == 1 and len(rounds) == 1 else scores
+            flat = rank() == 1 and (len(rounds) == 1 or len(steps) == flat_step)
+            return [0.0] * len(scores) if flat else scores
         object.__setattr__(task, "rewards", rewards)   # a frozen dataclass
         return task
 
     def counted_rl_step(*args, **kwargs):
         rounds.clear()
+        steps.append(1)
         return real_rl_step(*args, **kwargs)
 
     def logged_task_job(*args, **kwargs):
@@ -306,22 +310,32 @@ def steps_by_rank(log, ranks=2):
 def test_dynamic_sampling_on_two_ranks(tmp_path):
     """Each rank refills its own share: every step trains on --prompts-per-step groups in all,
     half on each rank, though rank 1 always needs more sampling rounds than rank 0 (its first
-    round is forced to score 0); the data position is the same on both ranks after a step."""
-    proc, saves = launch(tmp_path, "dynamic", "--dynamic-sampling", ranks=2,
+    round is forced to score 0); the data position is the same on both ranks after a step. In
+    step 3 rank 1 finds no group in its 4 rounds: neither rank trains (the same number of
+    optimizer steps on both), and the run goes on."""
+    # A collective inside the sampling rounds would pair up differently on the two ranks: a
+    # hang, stopped after 60 s.
+    proc, saves = launch(tmp_path, "dynamic", "--dynamic-sampling", "--dist-timeout", "60",
+                         "--steps", "4", ranks=2,
                          env={"ONELAYER_TEST_OWN_SAMPLING": "1",
-                              "ONELAYER_TEST_FLAT_FIRST_ROUND": "1"})
+                              "ONELAYER_TEST_FLAT_FIRST_ROUND": "1", "ONELAYER_TEST_FLAT_STEP": "3"})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert saves.read_text().split("\n")[:-1] == ["0 1", "0 2", "0 3"]
+    assert saves.read_text().split("\n")[:-1] == ["0 1", "0 2", "0 3", "0 4"]
     assert proc.stdout.count("saved layer") == 1
     first, second = steps_by_rank(saves)
-    assert len(first) == len(second) == 3
+    assert len(first) == len(second) == 4
+    # Step 4 depends on what the policy samples by then: whatever each rank found, they agree.
+    kept = [2, 2, 0, first[3]["groups_kept"]]   # 4 prompts a step: 2 groups per rank when full
     for step, (a, b) in enumerate(zip(first, second), 1):
-        assert a["groups_kept"] == b["groups_kept"] == 2, (a, b)     # 4 prompts / 2 ranks
+        assert a["groups_kept"] == b["groups_kept"] == kept[step - 1], (a, b)
         assert (a["drawn"], a["dropped"]) == (b["drawn"], b["dropped"]), (a, b)
         assert b["groups_sampled"] > 2 and a["drawn"] > 4 * step    # rank 1 refilled
+    assert second[2]["groups_sampled"] > first[2]["groups_sampled"] >= 2
     assert any(a["groups_sampled"] < b["groups_sampled"] for a, b in zip(first, second))
-    metrics = (tmp_path / "dynamic" / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(row)["groups_kept"] for row in metrics] == [4, 4, 4]
+    metrics = [json.loads(row) for row in
+               (tmp_path / "dynamic" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["groups_kept"] for row in metrics] == [2 * k for k in kept]
+    assert [row["loss"] == 0 for row in metrics] == [False, False, True, kept[3] == 0]
 
 
 def test_a_hung_rank_stops_the_job_after_dist_timeout(tmp_path):
