@@ -226,7 +226,8 @@ class GradientSync:
                 rows = [_rows(g, self.chunk[i], self.world) for g, i in zip(grads, bucket)]
                 sent = rows[0] if len(rows) == 1 else torch.cat(rows, dim=1)
                 received = sent.new_empty(sent.shape[1])
-                handle = distributed.reduce_scatter_flat(received, sent.reshape(-1), async_op=True)
+                handle = distributed.reduce_scatter_flat(received, sent.reshape(-1),
+                                                         async_op=True)
             else:
                 sent = grads[0] if len(grads) == 1 else torch.cat([g.reshape(-1) for g in grads])
                 received, handle = None, dist.all_reduce(sent, async_op=True)
