@@ -1,18 +1,21 @@
 """Data parallelism over torch.distributed: `torchrun --nproc-per-node N -m onelayer train ...`.
 
 Every rank holds its own frozen copy of the model and its own trained layer; they start equal
-and stay equal, because every rank applies the same summed gradient with the same AdamW step.
+and stay equal, because every rank applies the same summed gradient with the same AdamW step
+(or, with ZeRO-1, steps its slice of the layer and gathers the others').
 
     global prompts of a step (the same list on every rank: one data position, one seed)
         -> this rank's contiguous shard of whole prompts (a group never spans ranks)
         -> its rollouts, rewards, advantages (`--scale-rewards batch`: the std of all ranks')
         -> per optimizer step: the normalisers of the GLOBAL minibatch (sequences, tokens),
-           this rank's micro-batches' gradients, one bucketed all-reduce (sum), clip, AdamW
+           this rank's micro-batches' gradients, their sum over the ranks sent bucket by
+           bucket during the last backward, clip, AdamW (onelayer.data_parallel)
     metrics: reduced across ranks; rank 0 alone writes logs, checkpoints and the layer
 
-Only what crosses the wire is the layer's fp32 gradient (~0.77 GB for a Qwen3-8B layer) once
-per optimizer step, plus a few scalars. Without WORLD_SIZE > 1 in the environment nothing here
-starts a process group and every helper is the identity: the single-process run is unchanged.
+What crosses the wire is the layer's fp32 gradient (~0.77 GB for a Qwen3-8B layer) once per
+optimizer step (with ZeRO-1, a reduce-scatter of it and an all-gather of the updated layer),
+plus a few scalars. Without WORLD_SIZE > 1 in the environment nothing here starts a process
+group and every helper is the identity: the single-process run is unchanged.
 
 Sampling: each rank's run generator is reseeded every step from (seed, step, rank), so a
 resumed run samples as an uninterrupted one with the same world size would, whatever world
@@ -25,7 +28,7 @@ import contextlib
 import hashlib
 import os
 from datetime import timedelta
-from typing import Iterable, Iterator, TypeVar
+from typing import Iterator, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -34,16 +37,6 @@ from torch import Tensor
 from .errors import RunStopped, UserError
 
 T = TypeVar("T")
-
-# Seconds any collective may wait for the slowest rank before the job is stopped: longer than
-# the slowest step phase that has no collective in it (a long rollout, a checkpoint write, a
-# held-out eval shard). ONELAYER_DIST_TIMEOUT overrides it.
-DEFAULT_TIMEOUT_S = 1800
-# Gradient buckets: tensors smaller than this are flattened together into one all-reduce; a
-# larger tensor (an 8B layer's MLP matrices: 4096 x 12288 fp32 = 192 MiB) is reduced in place,
-# so at most one bucket of extra memory is ever allocated.
-BUCKET_BYTES = 32 * 2**20
-
 
 def world_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
@@ -58,14 +51,22 @@ def is_main() -> bool:
     return rank() == 0
 
 
-def timeout_s() -> float:
-    return float(os.environ.get("ONELAYER_DIST_TIMEOUT", DEFAULT_TIMEOUT_S))
+# The collectives over one flat tensor: torch 2.13 names them *_single (its older names warn);
+# torch 2.11 has only the older ones.
+all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+reduce_scatter_flat = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+# The process group's collective timeout (--dist-timeout), kept for the message of a stop.
+_timeout_s: float | None = None
 
 
-def init_from_env(device: str | None = None) -> bool:
+def init_from_env(device: str | None, timeout_s: float) -> bool:
     """Join the process group that torchrun / accelerate launch describe in the environment
     (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT). NCCL on GPUs, each rank on its
-    LOCAL_RANK card; gloo on CPU. False (and nothing done) when WORLD_SIZE is unset or 1."""
+    LOCAL_RANK card; gloo on CPU. A collective that waits more than `timeout_s` seconds for
+    the other ranks fails (and stops the job). False (and nothing done) when WORLD_SIZE is
+    unset or 1."""
+    global _timeout_s
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return False
     if dist.is_initialized():
@@ -73,7 +74,8 @@ def init_from_env(device: str | None = None) -> bool:
     cuda = torch.cuda.is_available() and not (device or "").startswith("cpu")
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s()))
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s))
+    _timeout_s = timeout_s
     atexit.register(shutdown)
     return True
 
@@ -95,9 +97,6 @@ def check_run(cfg) -> None:
     if cfg.minibatch % world:
         raise UserError(f"--minibatch {cfg.minibatch} counts the sequences of all {world} ranks: "
                         f"it must be a multiple of {world}")
-    if cfg.dynamic_sampling:
-        raise UserError("--dynamic-sampling refills each rank's batch by a different amount: not "
-                        "supported on several ranks yet")
 
 
 def device() -> torch.device:
@@ -115,9 +114,9 @@ def collective(what: str) -> Iterator[None]:
         yield
     except (RuntimeError, dist.DistError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        waited = f"within {_timeout_s:g} s (--dist-timeout)" if _timeout_s else "in time"
         raise RunStopped(f"rank {rank()} of {world_size()} lost the other ranks while {what}: "
-                         f"a rank died or did not answer within {timeout_s():.0f} s "
-                         f"(ONELAYER_DIST_TIMEOUT). {first}", 1) from exc
+                         f"a rank died or did not answer {waited}. {first}", 1) from exc
 
 
 def shard(items: list[T]) -> list[T]:
@@ -137,6 +136,17 @@ def _sum(values: list[float], what: str, dtype=torch.float64) -> list[float]:
     with collective(what):
         dist.all_reduce(t)
     return t.tolist()
+
+
+def every_rank(values: list[float], what: str) -> list[list[float]]:
+    """Each rank's `values` (the same number on every rank), in rank order, on every rank."""
+    if world_size() == 1:
+        return [list(values)]
+    mine = torch.tensor(values, dtype=torch.float64, device=device())
+    table = torch.empty(world_size() * len(values), dtype=torch.float64, device=device())
+    with collective(what):
+        all_gather_flat(table, mine)
+    return table.view(world_size(), len(values)).tolist()
 
 
 def any_rank(flag: bool, what: str = "agreeing on a stop") -> bool:
@@ -169,53 +179,10 @@ def global_counts(num_seqs: int, num_tokens: Tensor) -> tuple[int, Tensor]:
     return int(seqs), torch.tensor(tokens, dtype=num_tokens.dtype, device=num_tokens.device)
 
 
-def _buckets(tensors: list[Tensor]) -> Iterator[list[Tensor]]:
-    bucket, size = [], 0
-    for t in tensors:
-        nbytes = t.numel() * t.element_size()
-        if bucket and (size + nbytes > BUCKET_BYTES or t.dtype != bucket[0].dtype):
-            yield bucket
-            bucket, size = [], 0
-        bucket.append(t)
-        size += nbytes
-    if bucket:
-        yield bucket
-
-
-def sum_gradients(params: Iterable[Tensor], loss, metrics: dict) -> tuple[Tensor, dict]:
-    """Sum the trained parameters' gradients over the ranks, in place (each rank's is its
-    micro-batches' share of the global minibatch's loss, so the sum is the global gradient),
-    with the loss and the token-weighted metrics riding along. One bucketed all-reduce per
-    optimizer step, the buckets in flight together; the identity on one rank."""
-    if world_size() == 1:
-        return loss, metrics
-    grads = []
-    for p in params:
-        if p.grad is None:  # no token of this rank reached it: a zero share
-            p.grad = torch.zeros_like(p)
-        grads.append(p.grad)
-    stats = torch.stack([torch.as_tensor(v, dtype=torch.float64).to(device())
-                         for v in (loss, *metrics.values())])
-    with collective("summing the layer's gradients"):
-        work = []
-        for bucket in _buckets(grads):
-            flat = bucket[0] if len(bucket) == 1 else torch.cat([g.reshape(-1) for g in bucket])
-            work.append((bucket, flat, dist.all_reduce(flat, async_op=True)))
-        dist.all_reduce(stats)
-        for bucket, flat, handle in work:
-            handle.wait()
-            if len(bucket) > 1:
-                for g, part in zip(bucket, flat.split([g.numel() for g in bucket])):
-                    g.copy_(part.view_as(g))
-    values = stats.tolist()
-    summed_loss = torch.tensor(values[0], dtype=torch.float32)
-    return summed_loss, dict(zip(metrics, values[1:]))
-
-
 # Step metrics that add up over ranks (throughput, counts of events per rank's share) and those
 # whose slowest / largest rank is the one to report (times, memory); the rest are means (equal
 # shards: the mean of the ranks' means is the global mean; values equal on every rank stay).
-SUMMED = {"tokens_per_s", "reward_errors", "reward_timeouts"}
+SUMMED = {"tokens_per_s", "reward_errors", "reward_timeouts", "groups_sampled", "groups_kept"}
 MAXED = {"step_s", "gen_s", "update_s", "peak_mem_gib", "rss_gib"}
 
 

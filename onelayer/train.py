@@ -29,6 +29,7 @@ from .algos.advantages import STD_EPS
 from .checkpoint import (CHECKPOINTS, CONFIG_FILE, LAYER_FILE, TrainingState, checkpoints, load_checkpoint,
                          save_checkpoint, save_layer)
 from .config import TrainConfig, config_json, resume_changes, reward_options, task_options
+from .data_parallel import build_optimizer, full_state_dict
 from .errors import RunStopped, UserError
 from .export import patch_manifest
 from .evaluate import drop_long_prompts, evaluate as score_task
@@ -79,7 +80,9 @@ def sample_and_score(policy: Policy, task: Task, rows: list[dict], cfg: TrainCon
                      generator: torch.Generator | None = None,
                      gen_batch: HalveOnOOM | None = None) -> ScoredBatch:
     """Sample G completions for each row and score them. With dynamic sampling, groups whose
-    rewards are all equal (no learning signal) are dropped and `more_rows` refills the batch.
+    rewards are all equal (no learning signal) are dropped and `more_rows` refills the batch
+    (on several ranks, each rank its own share, from its own rows: no collective in here, so
+    ranks that need different numbers of rounds never wait for each other).
     generator: the run's random stream (None: torch's global one). gen_batch: rows per
     generate call, halved when the device runs out of memory (None: --generation-batch)."""
     G = cfg.group_size
@@ -113,6 +116,15 @@ def sample_and_score(policy: Policy, task: Task, rows: list[dict], cfg: TrainCon
     return ScoredBatch(rollout, rewards, group_ids, sampled)
 
 
+def first_groups(batch: ScoredBatch, groups: int, G: int) -> ScoredBatch:
+    """The batch's first `groups` groups (all of them when it has no more)."""
+    if groups * G >= len(batch.rewards):
+        return batch
+    rows = torch.arange(groups * G)
+    return ScoredBatch(select_rollout(batch.rollout, rows), batch.rewards[rows],
+                       batch.group_ids[rows], batch.groups_sampled)
+
+
 def sample_groups(policy: Policy, prompts: list[str], cfg: TrainConfig, rows_per_call: int,
                   generator: torch.Generator | None) -> Rollout:
     """G completions of each prompt, whole groups per generate call of at most
@@ -140,6 +152,13 @@ def rl_step(policy: Policy, optimizer: torch.optim.Optimizer, task: Task, rows: 
     t0 = time.perf_counter()
     batch = sample_and_score(policy, task, rows, cfg, more_rows, generator=generator,
                              gen_batch=gen_batch)
+    if cfg.dynamic_sampling and distributed.world_size() > 1:
+        # A rank whose rounds ran out before its share was full: every rank trains on as many
+        # groups as the one that found fewest, so that they take the same number of optimizer
+        # steps (and collectives). One exchange, after the sampling rounds, never inside them.
+        found = distributed.every_rank([len(batch.rewards) // cfg.group_size],
+                                       "counting the groups kept")
+        batch = first_groups(batch, int(min(n for n, in found)), cfg.group_size)
     sync_device(policy.device)
     t_gen = time.perf_counter()
 
@@ -281,14 +300,57 @@ class TrainingRows:
         """The next n rows that fit (the caller has checked that at least one does)."""
         picks = []
         while len(picks) < n:
-            i = self.order[self.drawn % len(self.order)]
+            row = self.at(self.drawn)
             self.drawn += 1
-            if i not in self.fit:
-                self.fit[i] = self.fits(self.rows[i])
-            if self.fit[i]:
-                picks.append(self.rows[i])
-            else:
+            if row is None:
                 self.dropped += 1
+            else:
+                picks.append(row)
+        return picks
+
+    def at(self, position: int) -> dict | None:
+        """The row at `position` of the stream; None when its prompt is too long."""
+        i = self.order[position % len(self.order)]
+        if i not in self.fit:
+            self.fit[i] = self.fits(self.rows[i])
+        return self.rows[i] if self.fit[i] else None
+
+    def lane(self) -> "Lane":
+        """This rank's refills for dynamic sampling, from the current position on."""
+        return Lane(self, self.drawn, distributed.rank(), distributed.world_size())
+
+    def settle(self, lane: "Lane") -> None:
+        """Move past the rows every rank's lane passed over: the next position (and the count of
+        dropped rows) are then the same on every rank, as a resumed run needs. A collective
+        on several ranks."""
+        table = distributed.every_rank([lane.used, lane.dropped], "agreeing on the data position")
+        self.drawn = lane.start + int(max(used for used, _ in table)) * lane.world
+        self.dropped += int(sum(dropped for _, dropped in table))
+
+
+@dataclass
+class Lane:
+    """One rank's further rows for dynamic-sampling refills: positions start + rank,
+    start + rank + world, start + rank + 2 world, ... of the shared stream. Ranks that refill by
+    different amounts draw different rows without talking to each other; `TrainingRows.settle`
+    then moves every rank past the longest lane used (rows the others skipped are not seen
+    again until the stream cycles). On one rank the lane is the stream itself."""
+    rows: TrainingRows
+    start: int
+    rank: int
+    world: int
+    used: int = 0      # positions of the lane passed over
+    dropped: int = 0   # of them, prompts too long for --max-prompt-tokens
+
+    def take(self, n: int) -> list[dict]:
+        picks = []
+        while len(picks) < n:
+            row = self.rows.at(self.start + self.rank + self.used * self.world)
+            self.used += 1
+            if row is None:
+                self.dropped += 1
+            else:
+                picks.append(row)
         return picks
 
 
@@ -312,10 +374,14 @@ def task_job(task: Task, policy: Policy, optimizer, cfg: TrainConfig, objective:
 
     def step() -> dict:
         dropped = rows.dropped
-        # Every rank draws the step's global prompts (one data position) and keeps its share.
+        # Every rank draws the step's global prompts (one data position) and keeps its share;
+        # dynamic sampling refills each rank's share from its own lane of the rows after them.
         mine = distributed.shard(rows.take(cfg.prompts_per_step))
-        metrics = rl_step(policy, optimizer, task, mine, cfg, objective, rows.take,
+        lane = rows.lane()
+        metrics = rl_step(policy, optimizer, task, mine, cfg, objective, lane.take,
                           generator=generator, gen_batch=gen_batch, micro=micro)
+        if cfg.dynamic_sampling:
+            rows.settle(lane)
         return {**metrics, "prompts_dropped": rows.dropped - dropped, **task.reward_metrics()}
 
     def score(label: str) -> float:
@@ -365,7 +431,7 @@ def train(cfg: TrainConfig, *, progress: bool = True, echo: Callable[[str], None
 
     t_start = time.perf_counter()
     # torchrun / accelerate launch with several processes: join them (docs/distributed.md).
-    if distributed.init_from_env(cfg.device):
+    if distributed.init_from_env(cfg.device, cfg.dist_timeout):
         distributed.check_run(cfg)
         if not distributed.is_main():   # rank 0 alone speaks and writes
             echo, progress = (lambda line: None), False
@@ -393,8 +459,7 @@ def train(cfg: TrainConfig, *, progress: bool = True, echo: Callable[[str], None
         echo(f"starting from the trained layer in {cfg.patch}")
     out = distributed.broadcast_object(output_dir(cfg, policy, resumed))
     objective = build_objective(cfg, policy.device)
-    optimizer = torch.optim.AdamW(policy.layer.parameters(), lr=cfg.lr,
-                                  weight_decay=cfg.weight_decay)
+    optimizer = build_optimizer(policy.layer, cfg)   # sharded over the ranks with zero1
     # The run's own random stream: sampling and minibatch order. Evals draw from generators of
     # their own, so scoring held-out rows never shifts what training samples.
     generator = torch.Generator(policy.device).manual_seed(cfg.seed)
@@ -443,11 +508,12 @@ def train(cfg: TrainConfig, *, progress: bool = True, echo: Callable[[str], None
         """A training checkpoint of the state after `step`; None (and a warning) when it could
         not be written, in which case the previous one is untouched."""
         nonlocal last_saved
+        optimizer_state = full_state_dict(optimizer)   # with zero1, gathered from every rank
         if not distributed.is_main():   # rank 0 writes it; every rank holds the same state
             return out / CHECKPOINTS / f"step-{step:06d}"
         run_config = dataclasses.replace(cfg, generation_batch=gen_batch.size,
                                          micro_batch=micro.size, resume=None)
-        state = TrainingState(step, optimizer.state_dict(), random_state(generator, job),
+        state = TrainingState(step, optimizer_state, random_state(generator, job),
                               {"score_before": before, "history": history, "output": str(out),
                                "world_size": distributed.world_size()})
         try:

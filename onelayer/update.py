@@ -11,7 +11,8 @@ Micro-batching is exact: the aggregation's normaliser (the minibatch's sequence 
 for token-mean, its unmasked token count) is the minibatch's, handed to every micro-batch, so
 the micro-batches' losses and gradients add up to those of the whole minibatch. On several
 ranks (onelayer.distributed) the normalisers are the global minibatch's, and the ranks'
-gradients are summed before the clip: the same step as one process on the whole minibatch.
+gradients are summed before the clip (onelayer.data_parallel, during the last micro-batch's
+backward): the same step as one process on the whole minibatch.
 
 Several trained layers take the same path (h_L is the input of the first of them); `--layer
 all` caches nothing (h_L is the token ids) and its loss also gives lm_head a gradient.
@@ -30,6 +31,7 @@ from . import distributed
 from .algos import advantages_fn, default_chunk_size, select_loss_impl
 from .algos.loss import policy_loss_with_entropy
 from .config import TrainConfig
+from .data_parallel import gradient_sync
 from .errors import UserError
 from .model import Policy, full_parameter
 from .resilience import HalveOnOOM
@@ -223,25 +225,35 @@ def update(policy: Policy, optimizer, h: Tensor, rollout: Rollout, rows: Tensor,
     is one rank's share of it (None: `rows` is all of it)."""
     # The minibatch's normalisers (no sync on one rank).
     num_seqs, num_tokens = counts or (len(rows), rollout.completion_mask[rows].sum())
+    # Several ranks: each gradient is its rank's share of the global minibatch's, summed over
+    # the ranks while the last micro-batch's backward runs (nothing to do on one rank).
+    sync = gradient_sync(optimizer, policy.layer)
     optimizer.zero_grad(set_to_none=True)
+    parts = list(micro_batches(rows, plan.micro_batch))
     loss, weighted = 0.0, {}
-    for part in micro_batches(rows, plan.micro_batch):
-        part_loss, metrics = micro_batch_loss(policy, h, rollout, part, token_advantages,
-                                              old_logprobs, ref_logprobs, objective,
-                                              num_seqs=num_seqs, num_tokens=num_tokens)
-        part_loss.backward()
-        loss += part_loss.detach()
-        # Metrics are means over a micro-batch's tokens: weigh them by its share of the tokens.
-        share = rollout.completion_mask[part].sum() / num_tokens.clamp_min(1)
-        for k, v in metrics.items():
-            weighted[k] = weighted.get(k, 0.0) + v * share
-    # Several ranks: each gradient is its rank's share of the global minibatch's; sum them.
-    loss, weighted = distributed.sum_gradients(policy.layer.parameters(), loss, weighted)
-    grad_norm = torch.nn.utils.clip_grad_norm_(policy.layer.parameters(), plan.max_grad_norm)
-    # A NaN or Inf loss or gradient would poison AdamW's moments for good: skip the step.
-    finite = bool(torch.isfinite(grad_norm) and torch.isfinite(loss))
-    if finite:
-        optimizer.step()
+    with sync:
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            params = sync.leaves() if last else policy.layer.policy_params()
+            part_loss, metrics = micro_batch_loss(policy, h, rollout, part, token_advantages,
+                                                  old_logprobs, ref_logprobs, objective,
+                                                  num_seqs=num_seqs, num_tokens=num_tokens,
+                                                  params=params)
+            if last:   # each bucket of the gradient is sent as soon as it is final
+                sync.arm(part_loss, params)
+            part_loss.backward()
+            loss += part_loss.detach()
+            # Metrics are means over a micro-batch's tokens: weigh them by its share of the tokens.
+            share = rollout.completion_mask[part].sum() / num_tokens.clamp_min(1)
+            for k, v in metrics.items():
+                weighted[k] = weighted.get(k, 0.0) + v * share
+        loss, weighted = sync.finish(loss, weighted)
+        grad_norm = sync.clip_(plan.max_grad_norm)   # the norm of the whole summed gradient
+        # A NaN or Inf loss or gradient would poison AdamW's moments for good: skip the step
+        # (on every rank alike: the loss and the norm are the same everywhere).
+        finite = bool(torch.isfinite(grad_norm) and torch.isfinite(loss))
+        if finite:
+            optimizer.step()
     # Free the gradient now: the fp32 copy of the layer (0.72 GiB at 8B) would otherwise live
     # through the next rollout, the phase that long completions fill.
     optimizer.zero_grad(set_to_none=True)
@@ -252,11 +264,12 @@ def update(policy: Policy, optimizer, h: Tensor, rollout: Rollout, rows: Tensor,
 
 def micro_batch_loss(policy: Policy, h: Tensor, rollout: Rollout, rows: Tensor,
                      token_advantages: Tensor, old_logprobs: Tensor, ref_logprobs: Tensor | None,
-                     objective: Objective, *, num_seqs: int, num_tokens: Tensor
-                     ) -> tuple[Tensor, dict]:
-    """The loss of rows `rows` as their share of the minibatch's loss (its normalisers)."""
+                     objective: Objective, *, num_seqs: int, num_tokens: Tensor,
+                     params: dict | None = None) -> tuple[Tensor, dict]:
+    """The loss of rows `rows` as their share of the minibatch's loss (its normalisers).
+    params: the trained tensors to use (None: `policy.layer.policy_params()`)."""
     mask, targets, seq_ids = completion_tokens(rollout, rows)
-    params = policy.layer.policy_params()
+    params = policy.layer.policy_params() if params is None else params
     hidden = completion_hidden(policy, h, rollout, rows, params)
     (weight, bias), logits = policy.split.head(params), policy.split.logits
     return objective.loss_fn(
