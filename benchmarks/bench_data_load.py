@@ -38,7 +38,7 @@ t0 = time.perf_counter()
 task = load_task(sys.argv[1], test_size=1000)
 t_loaded = time.perf_counter()
 rows = task.train
-order = random.Random(0).sample(range(len(rows)), len(rows))  # as train.TrainingRows
+order = random.Random(0).sample(range(len(rows)), len(rows))  # as tasks.stream.TrainingRows
 drawn = [rows[i] for i in order[:16]]
 t_drawn = time.perf_counter()
 assert len(drawn) == 16 and all(r["prompt"] and r["answer"] for r in drawn)

@@ -97,6 +97,10 @@ def check_run(cfg) -> None:
     if cfg.minibatch % world:
         raise UserError(f"--minibatch {cfg.minibatch} counts the sequences of all {world} ranks: "
                         f"it must be a multiple of {world}")
+    if cfg.minibatch and cfg.history_turns is not None:
+        raise UserError(f"--history-turns trains one sequence per decision, and each rank plays a "
+                        f"different number of them: with {world} ranks use --minibatch 0 (one "
+                        "optimizer step per epoch)")
 
 
 def device() -> torch.device:

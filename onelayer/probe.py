@@ -38,6 +38,7 @@ from .config import TrainConfig, task_options
 from .errors import UserError
 from .model.load import AUTO_DEPTH
 from .model.shared import FrozenModel, load_frozen
+from .tasks.stream import TrainingRows
 
 ADAM_EPS = 1e-16        # inside the sqrt: 1e-8 on the gradient's scale, as AdamW's eps
 DEFAULT_BAND = (0.4, 0.6)
@@ -210,7 +211,7 @@ def backward_to(split, batch: ProbeBatch, objective, lowest: int, micro_batch: i
 def sample_batches(base: FrozenModel, task, cfg: TrainConfig, batches: int, objective) -> list[ProbeBatch]:
     """`batches` rollout batches of the base model, drawn as `onelayer train` draws its first."""
     from .prompting import prompt_fits
-    from .train import TrainingRows, prompt_style, sample_and_score
+    from .train import prompt_style, sample_and_score
 
     fits = prompt_fits(base.tokenizer, task, prompt_style(cfg), cfg.max_prompt_tokens)
     rows = TrainingRows(task.train, cfg.seed, fits)

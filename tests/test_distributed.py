@@ -370,3 +370,20 @@ def test_a_dead_rank_stops_the_job(tmp_path):
 
 if __name__ == "__main__":
     worker(sys.argv[1], sys.argv[2:])
+
+
+def test_what_ranks_cannot_split_evenly_is_refused(monkeypatch):
+    import pytest
+
+    from onelayer import distributed
+    from onelayer.config import build_config
+    from onelayer.errors import UserError
+
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    agent = {"model": "x", "algo": "gigpo", "env": "gridworld", "history_turns": 0}
+    for values, message in [({"prompts_per_step": 3}, "multiple of the 2 ranks"),
+                            ({"minibatch": 3}, "must be a multiple of 2"),
+                            ({**agent, "prompts_per_step": 4, "minibatch": 4}, "--minibatch 0")]:
+        with pytest.raises(UserError, match=message):
+            distributed.check_run(build_config(values))
+    distributed.check_run(build_config({**agent, "prompts_per_step": 4}))   # accepted

@@ -14,7 +14,8 @@ from onelayer.model import load_policy
 from onelayer.prompting import PromptStyle, check_style, prompt_fits, render_prompt
 from onelayer.tasks import Task
 from onelayer.tasks.arithmetic import arithmetic_task
-from onelayer.train import TrainingRows, rl_step, without_truncated
+from onelayer.tasks.stream import TrainingRows
+from onelayer.train import rl_step, without_truncated
 from onelayer.update import build_objective
 
 # A template with a Qwen3-style switch: thinking unless enable_thinking is false.
