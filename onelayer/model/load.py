@@ -31,19 +31,18 @@ DEMO_PATH = Path(__file__).resolve().parent.parent / "demo"
 DEMO_AGENT_MODEL = "demo-agent"
 DEMO_AGENT_PATH = Path(__file__).resolve().parent.parent / "demo_agent"
 DEMO_MODELS = {DEMO_MODEL: DEMO_PATH, DEMO_AGENT_MODEL: DEMO_AGENT_PATH}
-# `--env` without `--model`: the agent demo on a 2-core CPU (docs/agentic-demo.md). Short
-# actions, 12 turns (a 5x5 maze needs 4 to 12 moves), plain text (the demo has no chat
-# template), a held-out set small enough to score in a minute.
-DEMO_ENV_PRESET = dict(model=DEMO_AGENT_MODEL, algo="gigpo", steps=30, prompts_per_step=4,
-                       group_size=4, lr=2e-3, max_new_tokens=8, max_turns=12, eval_samples=32,
-                       chat=False, save_every=0)
+# `--env` without `--model`: the agent demo on a 2-core CPU (docs/agentic-demo.md). One row per
+# decision seeing the current observation only (what the demo was taught on), short actions,
+# 12 turns (a 5x5 maze needs 4 to 12 moves), plain text (the demo has no chat template).
+DEMO_ENV_PRESET = dict(model=DEMO_AGENT_MODEL, algo="gigpo", steps=60, prompts_per_step=4,
+                       group_size=8, lr=1e-3, epochs=2, max_new_tokens=8, max_turns=12,
+                       history_turns=0, eval_samples=32, chat=False, save_every=0)
 
 
 def env_demo_values(values: dict) -> dict:
     """Run options with the agent-demo preset underneath when an environment is given without a
-    model (the user's own values win); `values` unchanged otherwise, and while the agent demo
-    is not built (scripts/make_agent_demo.py; docs/agentic-demo.md says why it is not yet)."""
-    if values.get("env") and not values.get("model") and (DEMO_AGENT_PATH / "config.json").is_file():
+    model (the user's own values win); `values` unchanged otherwise."""
+    if values.get("env") and not values.get("model"):
         return {**DEMO_ENV_PRESET, **values}
     return values
 
