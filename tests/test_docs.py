@@ -20,8 +20,8 @@ def text(path: Path) -> str:
 def not_built_yet() -> str:
     """The README's paragraph that lists what is not built, where unbuilt flags may appear."""
     readme = text(ROOT / "README.md")
-    start = readme.index("Not built yet:")
-    return readme[start:readme.index("\n\n", start)]
+    start = readme.find("Not built yet:")
+    return "" if start < 0 else readme[start:readme.index("\n\n", start)]
 
 
 # A launcher's own flags (torchrun, accelerate launch), up to the `-m onelayer` it starts on

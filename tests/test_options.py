@@ -52,7 +52,8 @@ def test_every_field_is_an_option_and_a_config_key(name, tmp_path):
 
 
 # Options that are valid only beside another one.
-CONTEXT = {"reward_weight": {"reward": ["task", "task"]}, "env": {"algo": "gigpo"}}
+CONTEXT = {"reward_weight": {"reward": ["task", "task"]}, "env": {"algo": "gigpo"},
+           "history_turns": {"algo": "gigpo", "env": "gridworld"}}
 # Options naming a directory: "abc" is not one, and saying so shows the value was read.
 DIRECTORIES = {"resume", "patch"}
 
