@@ -37,13 +37,24 @@ DEMO_MODELS = {DEMO_MODEL: DEMO_PATH, DEMO_AGENT_MODEL: DEMO_AGENT_PATH}
 DEMO_ENV_PRESET = dict(model=DEMO_AGENT_MODEL, algo="gigpo", steps=60, prompts_per_step=4,
                        group_size=8, lr=1e-3, epochs=2, max_new_tokens=8, max_turns=12,
                        history_turns=0, eval_samples=32, chat=False, save_every=0)
+# Per environment (docs/agentic-demo.md): sokoban and household steps cost 2.5-3x a gridworld
+# one (longer observations and episodes), and they show their gain in 40 and 30 steps; a
+# household task takes the demo's teacher 11 turns on average (at most 20), its longest actions
+# ("put tomato 2 on countertop 1") are 8 tokens + <eos>, and groups of 4 halve its step time.
+DEMO_ENV_SPECIFIC = {"sokoban": dict(steps=40),
+                     "household": dict(steps=30, group_size=4, max_turns=20, max_new_tokens=12)}
+
+
+def demo_env_preset(env: str) -> dict:
+    """The agent-demo preset for `env` (a built-in name, options after '?' allowed)."""
+    return {**DEMO_ENV_PRESET, **DEMO_ENV_SPECIFIC.get(env.partition("?")[0].strip(), {})}
 
 
 def env_demo_values(values: dict) -> dict:
     """Run options with the agent-demo preset underneath when an environment is given without a
     model (the user's own values win); `values` unchanged otherwise."""
     if values.get("env") and not values.get("model"):
-        return {**DEMO_ENV_PRESET, **values}
+        return {**demo_env_preset(values["env"]), **values}
     return values
 
 

@@ -23,14 +23,10 @@ class TrainingRows:
 
     def take(self, n: int) -> list[dict]:
         """The next n rows that fit (the caller has checked that at least one does)."""
-        picks = []
-        while len(picks) < n:
-            row = self.at(self.drawn)
-            self.drawn += 1
-            if row is None:
-                self.dropped += 1
-            else:
-                picks.append(row)
+        lane = Lane(self, self.drawn, rank=0, world=1)
+        picks = lane.take(n)
+        self.drawn += lane.used
+        self.dropped += lane.dropped
         return picks
 
     def at(self, position: int) -> dict | None:
