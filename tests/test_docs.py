@@ -27,15 +27,25 @@ def not_built_yet() -> str:
 # A launcher's own flags (torchrun, accelerate launch), up to the `-m onelayer` it starts on
 # the same command line (continued lines included).
 LAUNCHER = re.compile(r"(torchrun|accelerate launch)\b(?:\\\n|[^\n])*?(?=-m onelayer)")
+# A repository script's command line (continued lines included): its flags are the script's.
+SCRIPT = re.compile(r"python (scripts/\w+\.py)((?:\\\n|[^\n])*)")
+FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
 
 
 @pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
 def test_documented_flags_are_cli_options(doc):
     known = {"--help"} | {opt for command in cli.commands.values() for param in command.params
                           for opt in (*param.opts, *param.secondary_opts)}
-    flags = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", LAUNCHER.sub("", text(doc))))
-    unbuilt = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", not_built_yet()))
+    flags = set(FLAG.findall(SCRIPT.sub("", LAUNCHER.sub("", text(doc)))))
+    unbuilt = set(FLAG.findall(not_built_yet()))
     assert flags - known - unbuilt == set()
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
+def test_documented_script_flags_exist(doc):
+    for script, args in SCRIPT.findall(text(doc)):
+        source = text(ROOT / script)
+        assert [f for f in FLAG.findall(args) if f'"{f}"' not in source] == [], script
 
 
 def test_documented_config_keys_are_fields():
