@@ -331,6 +331,11 @@ def save(model, tok, out: Path) -> None:
     model.generation_config.bos_token_id = None
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
+    # A tokenizer loaded with --init writes how it was loaded; that is not part of it.
+    config = json.loads((out / "tokenizer_config.json").read_text())
+    for key in ("is_local", "local_files_only"):
+        config.pop(key, None)
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
     for f in out.iterdir():
         os.chmod(f, 0o644)
 
