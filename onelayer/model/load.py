@@ -40,7 +40,7 @@ DEMO_ENV_PRESET = dict(model=DEMO_AGENT_MODEL, algo="gigpo", steps=60, prompts_p
 # Per environment (docs/agentic-demo.md): sokoban and household steps cost 2.5-3x a gridworld
 # one (longer observations and episodes), and they show their gain in 40 and 30 steps; a
 # household task takes the demo's teacher 11 turns on average (at most 20), its longest actions
-# ("put tomato 2 on countertop 1") are 8 tokens + <eos>, and groups of 4 halve its step time.
+# ("put tomato 2 on countertop 1") are 8 tokens + <eos>, and groups of 4 play half the rows.
 DEMO_ENV_SPECIFIC = {"sokoban": dict(steps=40),
                      "household": dict(steps=30, group_size=4, max_turns=20, max_new_tokens=12)}
 
