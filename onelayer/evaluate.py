@@ -16,6 +16,7 @@ import torch
 from .checkpoint import load_layer
 from .errors import UserError
 from .prompting import PromptStyle, check_style, prompt_fits, render_prompt
+from .resilience import HalveOnOOM
 from .rollout import SamplingParams, generate_completions
 from .tasks import Row, Task
 
@@ -38,30 +39,40 @@ class EvalResult:
 
 
 def evaluate(lm, tokenizer, task: Task, rows: Sequence[Row], *, max_new_tokens: int, k: int = 1,
-             temperature: float = 1.0, batch_size: int = 64, seed: int = 0,
+             temperature: float = 1.0, batch_size: int | HalveOnOOM = 64, seed: int = 0,
              style: PromptStyle = PromptStyle(), stop: tuple[str, ...] = (),
              progress=None) -> EvalResult:
     """Greedy (k = 1) or k samples at `temperature` per row; deterministic for a fixed seed.
 
-    Samples come from a generator of its own, seeded with `seed`: an eval in the middle of a
-    run leaves the training run's random stream where it was."""
+    batch_size: rows per generation call, or a HalveOnOOM that the caller keeps, so that a size
+    halved once stays halved for its later evals. Out of memory, the batch is retried at half
+    the size (greedy completions change only by float rounding; k > 1 draws other samples). Samples come from
+    a generator of its own, seeded with `seed`: an eval in the middle of a run leaves the
+    training run's random stream where it was."""
     t0 = time.perf_counter()
+    batch = (batch_size if isinstance(batch_size, HalveOnOOM)
+             else HalveOnOOM("--batch-size", batch_size))
     generator = torch.Generator(next(lm.parameters()).device).manual_seed(seed)
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature,
                             greedy=k == 1, stop=stop)
-    per_problem = []
-    for start in range(0, len(rows), batch_size):
-        chunk = list(rows[start:start + batch_size])
+
+    def score_rows(chunk: list[Row]) -> list[dict]:
         prompts = [render_prompt(tokenizer, task, r, style) for r in chunk]
         rollout = generate_completions(lm, tokenizer, prompts, params, repeat=k,
                                        generator=generator)
         rewards = task.eval_rewards(rollout.texts, [r for r in chunk for _ in range(k)])
-        for i, row in enumerate(chunk):
-            mine = rewards[i * k:(i + 1) * k]
-            per_problem.append({"prompt": task.prompt(row), "completions": rollout.texts[i * k:(i + 1) * k],
-                                "rewards": mine, "solved": max(mine) >= SOLVED})
+        return [{"prompt": task.prompt(row), "completions": rollout.texts[i * k:(i + 1) * k],
+                 "rewards": rewards[i * k:(i + 1) * k],
+                 "solved": max(rewards[i * k:(i + 1) * k]) >= SOLVED}
+                for i, row in enumerate(chunk)]
+
+    per_problem: list[dict] = []
+    while len(per_problem) < len(rows):
+        start = len(per_problem)
+        per_problem += batch.run(lambda size: score_rows(list(rows[start:start + size])),
+                                 len(rows) - start)
         if progress is not None:
-            progress.update(len(chunk))
+            progress.update(len(per_problem) - start)
     n = len(per_problem)
     all_rewards = [r for p in per_problem for r in p["rewards"]]
     return EvalResult(task.name, n, k, sum(p["solved"] for p in per_problem) / n if n else 0.0,
@@ -172,7 +183,8 @@ def run_eval(cfg: EvalConfig, *, progress: bool = True, echo=print) -> EvalResul
     with tqdm(total=len(rows), desc=f"eval {task.name}", disable=not progress) as bar:
         result = evaluate(policy.split.lm, policy.tokenizer, task, rows, k=cfg.k,
                           max_new_tokens=run.max_new_tokens, temperature=cfg.temperature,
-                          batch_size=cfg.batch_size, seed=cfg.seed, style=style,
+                          batch_size=HalveOnOOM("--batch-size", cfg.batch_size, echo=echo),
+                          seed=cfg.seed, style=style,
                           stop=tuple(run.stop), progress=bar)
     output = Path(cfg.output) if cfg.output else (
         Path(cfg.layer_checkpoint) / f"eval-{task.name}.json" if cfg.layer_checkpoint else

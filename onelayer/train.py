@@ -288,7 +288,7 @@ def memory_gib(device: torch.device) -> dict:
 
 def task_job(task: Task, policy: Policy, optimizer, cfg: TrainConfig, objective: Objective,
              generator: torch.Generator, progress: bool, gen_batch: HalveOnOOM | None = None,
-             micro: HalveOnOOM | None = None) -> Job:
+             micro: HalveOnOOM | None = None, echo: Callable[[str], None] = print) -> Job:
     """Single-turn GRPO on a task's rows; greedy accuracy on its held-out rows."""
     style = prompt_style(cfg)
     # A tokenizer without the task's characters: one line, before any step.
@@ -303,6 +303,8 @@ def task_job(task: Task, policy: Policy, optimizer, cfg: TrainConfig, objective:
                                                 list(task.test[:cfg.eval_samples]),
                                                 cfg.max_prompt_tokens)
     rows = TrainingRows(task.train, cfg.seed, fits)
+    # Greedy rows, one sequence each; a size halved out of memory stays halved for later evals.
+    eval_batch = HalveOnOOM("the held-out eval batch", cfg.generation_batch or 64, echo=echo)
 
     def step() -> dict:
         dropped = rows.dropped
@@ -322,7 +324,7 @@ def task_job(task: Task, policy: Policy, optimizer, cfg: TrainConfig, objective:
                   leave=False) as bar:
             result = score_task(policy.split.lm, policy.tokenizer, task, mine,
                                 max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, style=style,
-                                stop=tuple(cfg.stop), batch_size=cfg.generation_batch or 64,
+                                stop=tuple(cfg.stop), batch_size=eval_batch,
                                 progress=bar)
         return distributed.weighted_mean(result.score, len(mine))
 
@@ -400,7 +402,8 @@ def train(cfg: TrainConfig, *, progress: bool = True, echo: Callable[[str], None
     micro = HalveOnOOM("--micro-batch", cfg.micro_batch,
                        needs=lambda size: planned_need(cfg, micro_batch=size), echo=echo)
     job = (agentic_job(policy, optimizer, cfg, objective, generator, micro) if cfg.env else
-           task_job(task, policy, optimizer, cfg, objective, generator, progress, gen_batch, micro))
+           task_job(task, policy, optimizer, cfg, objective, generator, progress, gen_batch, micro,
+                    echo))
     echo(f"onelayer: {cfg.model} ({policy.split.num_layers} layers), training "
          f"{policy.layer.label} with {cfg.algo} on {job.name}; frozen {policy.frozen_dtype}, "
          f"{policy.device.type}; output {out}")

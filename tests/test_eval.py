@@ -61,6 +61,36 @@ def test_greedy_eval_prints_a_table(tmp_path):
     assert lines[1].startswith("wrote ")
 
 
+def test_out_of_memory_halves_the_eval_batch_and_the_scores_stay(tmp_path, monkeypatch):
+    """A generation call of more than 3 rows runs out of memory: the batch halves (and stays
+    halved), and greedy scoring gives what it gives without the failures."""
+    import torch
+
+    from onelayer import evaluate as evaluate_module
+
+    def run(name, lines):
+        run_eval(EvalConfig(samples=10, batch_size=8, output=str(tmp_path / name)),
+                 progress=False, echo=lines.append)
+        return json.loads((tmp_path / name).read_text())["per_problem"]
+
+    plain = run("plain.json", [])
+    real = evaluate_module.generate_completions
+    calls = []
+
+    def short_of_memory(lm, tokenizer, prompts, *args, **kwargs):
+        calls.append(len(prompts))
+        if len(prompts) > 3:
+            raise torch.OutOfMemoryError("simulated: CUDA out of memory")
+        return real(lm, tokenizer, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(evaluate_module, "generate_completions", short_of_memory)
+    lines = []
+    assert run("oom.json", lines) == plain
+    assert calls == [8, 4, 2, 2, 2, 2, 2]
+    assert lines[:2] == ["out of memory: --batch-size 8 -> 4, retrying",
+                         "out of memory: --batch-size 4 -> 2, retrying"]
+
+
 def test_eval_errors(tmp_path, tiny_models):
     with pytest.raises(UserError, match="run_config.json"):
         run_eval(EvalConfig(layer_checkpoint=str(tmp_path)), progress=False, echo=print)

@@ -220,8 +220,10 @@ def test_out_of_memory_halves_the_batches_and_completes(tmp_path, monkeypatch):
     oom_above(monkeypatch, 4)
     lines = []
     out = tmp_path / "oom"
-    result = run(out, echo=lines.append, steps=2)
+    result = run(out, echo=lines.append, steps=2, eval_samples=6)
     assert result.steps == 2 and (out / ck.LAYER_FILE).exists()
+    # The held-out eval too; halved once, for the eval after training as well.
+    assert lines.count("out of memory: the held-out eval batch 6 -> 3, retrying") == 1
     assert "out of memory: --generation-batch 16 -> 8, retrying" in lines
     assert "out of memory: --generation-batch 8 -> 4, retrying" in lines
     assert "out of memory: --micro-batch 16 -> 8, retrying" in lines
