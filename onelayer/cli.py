@@ -12,6 +12,7 @@ from .errors import RunStopped, UserError
 TASK_FIELDS = ("prompt_field", "answer_field", "tests_field", "entry_point_field", "dataset_config",
                "split", "test_split", "test_size", "system_prompt", "format_bonus")
 PROMPT_FIELDS = ("chat", "chat_template_kwargs", "stop", "max_prompt_tokens")
+ENV_FIELDS = ("env", "max_turns", "history_turns")
 PLAN_FIELDS = ("model", "layer", "prompts_per_step", "group_size", "max_new_tokens", "beta",
                "minibatch", "micro_batch", "generation_batch", "max_prompt_tokens",
                "frozen_dtype", "loss_impl", "temperature", "top_p", "top_k")
@@ -58,9 +59,11 @@ def train(config_file, quiet, **options):
                    "checkpoints): score the model with it. Refused if it was trained on "
                    "another base model.")
 @click.option("--task", help="Built-in task or dataset. [default: the checkpoint's, else arithmetic]")
-@click.option("--samples", type=int, help="Held-out problems to score. [default: all]")
+@click.option("--samples", type=int, help="Held-out problems (environment tasks) to score. "
+                                          "[default: all; with --env, the run's --eval-samples]")
 @click.option("--k", type=int, default=1, show_default=True,
-              help="1: greedy accuracy; K > 1: pass@K of K samples at --temperature.")
+              help="1: greedy accuracy (an environment's greedy success rate); K > 1: pass@K "
+                   "of K samples (episodes) at --temperature.")
 @click.option("--temperature", type=float, default=1.0, show_default=True)
 @click.option("--max-new-tokens", type=int, help="[default: the checkpoint's run, else 512]")
 @click.option("--batch-size", type=int, default=64, show_default=True,
@@ -70,13 +73,14 @@ def train(config_file, quiet, **options):
 @click.option("--device")
 @click.option("--output", help="JSON result file. [default: CHECKPOINT/eval-TASK.json, else "
                                "runs/eval-MODEL-TASK-TIME.json]")
-@config_options(TASK_FIELDS + PROMPT_FIELDS)
+@config_options(TASK_FIELDS + PROMPT_FIELDS + ENV_FIELDS)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def eval_command(quiet, model, layer_checkpoint, task, samples, k, temperature, max_new_tokens,
                  batch_size, seed, frozen_dtype, device, output, **run_options):
-    """Score a model (optionally with a trained layer) on a task's held-out problems: a short
-    table on stdout and every completion in a JSON file. Deterministic for a fixed seed.
-    Task and prompt options default to the checkpoint's run."""
+    """Score a model (optionally with a trained layer) on a task's held-out problems, or on an
+    environment's held-out tasks (--env, or a patch trained with one): a short table on stdout
+    and every completion (episode) in a JSON file. Deterministic for a fixed seed. Task,
+    environment and prompt options default to the checkpoint's run."""
     from .evaluate import EvalConfig, run_eval
 
     _quiet_loading(quiet)

@@ -32,10 +32,11 @@ class EvalResult:
     mean_reward: float          # over every completion
     seconds: float
     per_problem: list[dict] = field(default_factory=list)
+    greedy_metric: str = "greedy accuracy"   # what k = 1 measures: "success rate" for an env
 
     @property
     def metric(self) -> str:
-        return "greedy accuracy" if self.k == 1 else f"pass@{self.k}"
+        return self.greedy_metric if self.k == 1 else f"pass@{self.k}"
 
 
 def evaluate(lm, tokenizer, task: Task, rows: Sequence[Row], *, max_new_tokens: int, k: int = 1,
@@ -78,6 +79,32 @@ def evaluate(lm, tokenizer, task: Task, rows: Sequence[Row], *, max_new_tokens: 
     return EvalResult(task.name, n, k, sum(p["solved"] for p in per_problem) / n if n else 0.0,
                       sum(all_rewards) / len(all_rewards) if all_rewards else 0.0,
                       time.perf_counter() - t0, per_problem)
+
+
+def evaluate_env(policy, cfg, tasks: int, *, k: int = 1, temperature: float = 1.0,
+                 seed: int = 0) -> EvalResult:
+    """Success rate (k = 1, greedy episodes) or pass@k (k sampled episodes a task) on the first
+    `tasks` held-out tasks of cfg.env: the tasks `onelayer train` scores, so that a greedy eval
+    of a trained run's patch reproduces the run's score after training."""
+    from .agentic import HELD_OUT_SEED, play
+
+    t0 = time.perf_counter()
+    seeds = list(range(HELD_OUT_SEED, HELD_OUT_SEED + tasks))
+    params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=temperature,
+                            greedy=k == 1, stop=tuple(cfg.stop))
+    generator = torch.Generator(policy.device).manual_seed(seed)
+    episodes = play(policy, cfg, seeds, k, params, generator)   # k consecutive rows a task
+    per_problem = []
+    for i, task_seed in enumerate(seeds):
+        rows = range(i * k, (i + 1) * k)
+        per_problem.append({"seed": task_seed, "episodes": [episodes.texts[r] for r in rows],
+                            "returns": [episodes.returns[r].item() for r in rows],
+                            "turns": [episodes.turns[r].item() for r in rows],
+                            "solved": bool(episodes.success[i * k:(i + 1) * k].any())})
+    return EvalResult(f"env {cfg.env}", tasks, k,
+                      sum(p["solved"] for p in per_problem) / tasks if tasks else 0.0,
+                      episodes.returns.mean().item() if tasks else 0.0,
+                      time.perf_counter() - t0, per_problem, greedy_metric="success rate")
 
 
 def drop_long_prompts(tokenizer, task: Task, style: PromptStyle, rows: list[Row],
@@ -139,14 +166,44 @@ class EvalConfig:
 
 def run_eval(cfg: EvalConfig, *, progress: bool = True, echo=print) -> EvalResult:
     import json
+    import re
     from datetime import datetime
 
-    from tqdm.auto import tqdm
+    from .model import load_policy
+
+    if cfg.k < 1 or cfg.batch_size < 1 or (cfg.samples is not None and cfg.samples < 1):
+        raise UserError("--k, --batch-size and --samples must be >= 1")
+    run = eval_run_config(cfg)
+    score = env_scorer(cfg, run) if run.env else task_scorer(cfg, run, echo)   # input checked
+    policy = load_policy(run.model, layer=run.layer, frozen_dtype=cfg.frozen_dtype, device=cfg.device)
+    label = run.model
+    if cfg.layer_checkpoint:
+        load_trained_layer(policy, cfg.layer_checkpoint)
+        label += f" + {policy.layer.label} ({cfg.layer_checkpoint})"
+    result, dropped = score(policy, progress)
+    name = re.sub(r"[^\w.-]+", "-", result.task)
+    output = Path(cfg.output) if cfg.output else (
+        Path(cfg.layer_checkpoint) / f"eval-{name}.json" if cfg.layer_checkpoint else
+        Path("runs") / f"eval-{Path(run.model).name}-{name}-{datetime.now():%Y%m%d-%H%M%S}.json")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    record = {"model": run.model, "layer_checkpoint": cfg.layer_checkpoint, "task": result.task,
+              "metric": result.metric, "score": result.score, "mean_reward": result.mean_reward,
+              "problems": result.problems, "prompts_dropped": dropped, "k": cfg.k, "seed": cfg.seed,
+              "max_new_tokens": run.max_new_tokens, "seconds": result.seconds,
+              "per_problem": result.per_problem}
+    output.write_text(json.dumps(record, indent=1) + "\n")
+    echo(format_table([(label, result.task, result)]))
+    echo(f"wrote {output}")
+    return result
+
+
+def eval_run_config(cfg: EvalConfig):
+    """The run being scored: what the user typed, then the trained run's options, then the
+    defaults (--env without --model: the agent demo, as for `onelayer train`)."""
+    import json
 
     from .checkpoint import CONFIG_FILE
-    from .config import build_config, task_options
-    from .model import load_policy
-    from .tasks import load_task
+    from .config import build_config
 
     trained = {}
     if cfg.layer_checkpoint:
@@ -154,51 +211,55 @@ def run_eval(cfg: EvalConfig, *, progress: bool = True, echo=print) -> EvalResul
         if not path.is_file():
             raise UserError(f"--layer-checkpoint {cfg.layer_checkpoint}: no {CONFIG_FILE} here")
         trained = json.loads(path.read_text())
-    if cfg.k < 1 or cfg.batch_size < 1 or (cfg.samples is not None and cfg.samples < 1):
-        raise UserError("--k, --batch-size and --samples must be >= 1")
-    # What the user typed wins; the rest comes from the trained run, then the defaults.
     typed = {k: v for k, v in {"model": cfg.model, "task": cfg.task,
                                "max_new_tokens": cfg.max_new_tokens, **cfg.run_options}.items()
              if v is not None}
-    run = build_config({k: v for k, v in {"model": "demo", "task": "arithmetic", **trained,
-                                          **typed}.items() if v is not None})
-    if run.env:
-        raise UserError("eval scores single-turn tasks; a multi-turn (--env) run reports its "
-                        "held-out success rate itself (metrics.jsonl, --eval-every)")
+    return build_config({k: v for k, v in {"task": "arithmetic", **trained, **typed}.items()
+                         if v is not None})
+
+
+def task_scorer(cfg: EvalConfig, run, echo):
+    """Checks the task now; returns score(policy, progress) -> (result, prompts dropped)."""
+    from tqdm.auto import tqdm
+
+    from .config import task_options
+    from .tasks import load_task
+
     task = load_task(run.task, **task_options(run))
     rows = list(task.test[:cfg.samples] if cfg.samples else task.test)
     if not rows:
         raise UserError(f"task {run.task}: no held-out rows to score")
-    policy = load_policy(run.model, layer=run.layer, frozen_dtype=cfg.frozen_dtype, device=cfg.device)
-    style = PromptStyle(run.chat, run.chat_template_kwargs)
-    check_style(policy.tokenizer, style, run.model)
-    rows, dropped = drop_long_prompts(policy.tokenizer, task, style, rows, run.max_prompt_tokens)
-    if dropped:
-        echo(f"dropped {dropped} of {len(rows) + dropped} held-out problems longer than "
-             f"--max-prompt-tokens {run.max_prompt_tokens}")
-    label = run.model
-    if cfg.layer_checkpoint:
-        load_trained_layer(policy, cfg.layer_checkpoint)
-        label += f" + {policy.layer.label} ({cfg.layer_checkpoint})"
-    with tqdm(total=len(rows), desc=f"eval {task.name}", disable=not progress) as bar:
-        result = evaluate(policy.split.lm, policy.tokenizer, task, rows, k=cfg.k,
-                          max_new_tokens=run.max_new_tokens, temperature=cfg.temperature,
-                          batch_size=HalveOnOOM("--batch-size", cfg.batch_size, echo=echo),
-                          seed=cfg.seed, style=style,
-                          stop=tuple(run.stop), progress=bar)
-    output = Path(cfg.output) if cfg.output else (
-        Path(cfg.layer_checkpoint) / f"eval-{task.name}.json" if cfg.layer_checkpoint else
-        Path("runs") / f"eval-{Path(run.model).name}-{task.name}-{datetime.now():%Y%m%d-%H%M%S}.json")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    record = {"model": run.model, "layer_checkpoint": cfg.layer_checkpoint, "task": task.name,
-              "metric": result.metric, "score": result.score, "mean_reward": result.mean_reward,
-              "problems": result.problems, "prompts_dropped": dropped, "k": cfg.k, "seed": cfg.seed,
-              "max_new_tokens": run.max_new_tokens, "seconds": result.seconds,
-              "per_problem": result.per_problem}
-    output.write_text(json.dumps(record, indent=1) + "\n")
-    echo(format_table([(label, task.name, result)]))
-    echo(f"wrote {output}")
-    return result
+
+    def score(policy, progress: bool) -> tuple[EvalResult, int]:
+        style = PromptStyle(run.chat, run.chat_template_kwargs)
+        check_style(policy.tokenizer, style, run.model)
+        kept, dropped = drop_long_prompts(policy.tokenizer, task, style, rows,
+                                          run.max_prompt_tokens)
+        if dropped:
+            echo(f"dropped {dropped} of {len(rows)} held-out problems longer than "
+                 f"--max-prompt-tokens {run.max_prompt_tokens}")
+        with tqdm(total=len(kept), desc=f"eval {task.name}", disable=not progress) as bar:
+            result = evaluate(policy.split.lm, policy.tokenizer, task, kept, k=cfg.k,
+                              max_new_tokens=run.max_new_tokens, temperature=cfg.temperature,
+                              batch_size=HalveOnOOM("--batch-size", cfg.batch_size, echo=echo),
+                              seed=cfg.seed, style=style, stop=tuple(run.stop), progress=bar)
+        return result, dropped
+
+    return score
+
+
+def env_scorer(cfg: EvalConfig, run):
+    """Checks the environment now; returns score(policy, progress) -> (result, 0): the first
+    --samples held-out tasks (default: as many as the run scored, --eval-samples)."""
+    from .agentic import check_env
+
+    check_env(run)
+
+    def score(policy, progress: bool) -> tuple[EvalResult, int]:
+        return evaluate_env(policy, run, cfg.samples or run.eval_samples, k=cfg.k,
+                            temperature=cfg.temperature, seed=cfg.seed), 0
+
+    return score
 
 
 def format_table(lines: list[tuple[str, str, EvalResult]]) -> str:

@@ -10,6 +10,7 @@ from transformers import AutoTokenizer
 from onelayer.cli import main
 from onelayer.config import DEMO_PRESET, build_config
 from onelayer.errors import UserError
+from onelayer.evaluate import EvalConfig, run_eval
 from onelayer.model.load import (DEMO_AGENT_MODEL, DEMO_AGENT_PATH, DEMO_ENV_PRESET,
                                  DEMO_ENV_SPECIFIC, DEMO_PATH, resolve_model_path)
 from onelayer.model.vocab import check_encodes, unencodable
@@ -121,3 +122,9 @@ def test_agent_demo_learns_gridworld(tmp_path):
     assert cfg.model == DEMO_AGENT_MODEL and cfg.history_turns == 0
     result = train(cfg, progress=False, echo=lambda line: None)
     assert result.accuracy_after >= result.accuracy_before + LEARN_MARGIN, result
+    # `onelayer eval --patch RUN` replays the run's held-out tasks: the same greedy success.
+    scored = run_eval(EvalConfig(layer_checkpoint=str(tmp_path / "run"),
+                                 output=str(tmp_path / "eval.json")),
+                      progress=False, echo=lambda line: None)
+    assert (scored.metric, scored.problems) == ("success rate", 32)
+    assert scored.score == result.accuracy_after

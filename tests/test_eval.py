@@ -91,6 +91,24 @@ def test_out_of_memory_halves_the_eval_batch_and_the_scores_stay(tmp_path, monke
                          "out of memory: --batch-size 4 -> 2, retrying"]
 
 
+def test_an_environment_scores_pass_at_k_over_sampled_episodes(tmp_path):
+    """`onelayer eval --env gridworld --k 2`: the agent demo plays each held-out task twice; a
+    task is solved when one of its episodes is."""
+    result = run_eval(EvalConfig(samples=3, k=2, run_options={"env": "gridworld"},
+                                 output=str(tmp_path / "env.json")),
+                      progress=False, echo=lambda _: None)
+    record = json.loads((tmp_path / "env.json").read_text())
+    assert record["model"] == "demo-agent" and record["task"] == "env gridworld"
+    assert (result.metric, result.problems) == ("pass@2", 3)
+    problems = record["per_problem"]
+    assert [p["seed"] for p in problems] == [2**31, 2**31 + 1, 2**31 + 2]
+    assert all(len(p["episodes"]) == len(p["returns"]) == len(p["turns"]) == 2 for p in problems)
+    assert result.score == sum(p["solved"] for p in problems) / 3
+    assert result.mean_reward == pytest.approx(sum(sum(p["returns"]) for p in problems) / 6)
+    with pytest.raises(UserError, match="unknown environment .nowhere."):
+        run_eval(EvalConfig(run_options={"env": "nowhere"}), progress=False, echo=lambda _: None)
+
+
 def test_eval_errors(tmp_path, tiny_models):
     with pytest.raises(UserError, match="run_config.json"):
         run_eval(EvalConfig(layer_checkpoint=str(tmp_path)), progress=False, echo=print)
