@@ -96,8 +96,10 @@ def step_advantages(episodes: Episodes, cfg: TrainConfig, device: torch.device) 
 
 
 def to_device(rollout: Rollout, device: torch.device) -> Rollout:
+    logprobs = None if rollout.logprobs is None else rollout.logprobs.to(device)
     return Rollout(rollout.sequences.to(device), rollout.attention_mask.to(device),
-                   rollout.completion_mask.to(device), rollout.prompt_len, rollout.texts)
+                   rollout.completion_mask.to(device), rollout.prompt_len, rollout.texts,
+                   logprobs)
 
 
 def gigpo_step(policy: Policy, optimizer: torch.optim.Optimizer, cfg: TrainConfig,

@@ -14,6 +14,12 @@ ranks (onelayer.distributed) the normalisers are the global minibatch's, and the
 gradients are summed before the clip (onelayer.data_parallel, during the last micro-batch's
 backward): the same step as one process on the whole minibatch.
 
+The sampler's own log-probs (`Rollout.logprobs`), where they describe the loss's distribution,
+are compared with the recomputed old log-probs once per batch: `sampler_logprob_gap` and
+`sampler_kl` measure how far the rollout path (static-cache decoder, CUDA graph, NF4 decode
+kernels) drifts from the training path (cached prefix, bitsandbytes), i.e. how off-policy the
+"old" policy of the ratio really is.
+
 Several trained layers take the same path (h_L is the input of the first of them); `--layer
 all` caches nothing (h_L is the token ids) and its loss also gives lm_head a gradient.
 """
@@ -28,7 +34,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from . import distributed
-from .algos import advantages_fn, default_chunk_size, select_loss_impl
+from .algos import advantages_fn, default_chunk_size, k3, select_loss_impl
 from .algos.loss import policy_loss_with_entropy
 from .config import TrainConfig
 from .data_parallel import gradient_sync
@@ -56,6 +62,8 @@ class Objective:
     beta: float
     max_len: int
     trains_head: bool = False   # loss_fn gives lm_head's weight a gradient (--layer all)
+    # Top-k / top-p renormalise what the sampler's log-probs describe: compare them only without.
+    sampler_unfiltered: bool = False
 
 
 @dataclass(frozen=True)
@@ -94,7 +102,8 @@ def build_objective(cfg: TrainConfig, device: torch.device) -> Objective:
         loss_fn, logprobs_fn = select_loss_impl(cfg.loss_impl, device)
     return Objective(loss_fn, logprobs_fn, advantages_fn(cfg.loss_impl, device),
                      ADVANTAGE_MODE[cfg.reward_scaling], cfg.aggregation, cfg.temperature, cfg.eps_low,
-                     cfg.eps_high, cfg.beta, cfg.max_new_tokens, trains_head)
+                     cfg.eps_high, cfg.beta, cfg.max_new_tokens, trains_head,
+                     sampler_unfiltered=cfg.top_k == 0 and cfg.top_p == 1.0)
 
 
 def schedule(cfg: TrainConfig) -> Schedule:
@@ -175,6 +184,16 @@ def frozen_logprobs(policy: Policy, h: Tensor, rollout: Rollout, objective: Obje
     return out
 
 
+def sampler_mismatch(rollout: Rollout, old_logprobs: Tensor) -> dict[str, float]:
+    """The sampler's log-probs against the recomputed ones over the tokens that carry loss:
+    mean |difference| and the mean k3 estimate of KL(sampler || trainer)."""
+    mask = rollout.completion_mask.bool()
+    d = old_logprobs[mask] - rollout.logprobs[mask]
+    n = max(len(d), 1)   # a rank whose share trains no token reports 0, not NaN
+    gap, kl = torch.stack([d.abs().sum(), k3(d).sum()]).div(n).tolist()   # one host sync
+    return {"sampler_logprob_gap": gap, "sampler_kl": kl}
+
+
 # ---------------------------------------------------------------------------------------------
 # Epochs, minibatches, micro-batches
 # ---------------------------------------------------------------------------------------------
@@ -184,7 +203,8 @@ def optimize(policy: Policy, optimizer, rollout: Rollout, token_advantages: Tens
              generator: torch.Generator | None = None,
              micro: HalveOnOOM | None = None) -> list[dict]:
     """PPO epochs and minibatches over one rollout batch; token_advantages [B, C]. Returns one
-    metrics dict per optimizer step.
+    metrics dict per optimizer step (each with the batch's `sampler_mismatch` when the
+    rollout has the sampler's log-probs and the objective says they are comparable).
 
     A rollout's completion_mask marks the tokens that carry loss (the policy's own), its
     attention_mask every token of context. generator draws the minibatch order (None:
@@ -202,6 +222,8 @@ def optimize(policy: Policy, optimizer, rollout: Rollout, token_advantages: Tens
     ref_logprobs = (micro.run(lambda size: frozen_logprobs(
         policy, h, rollout, objective, policy.layer.reference, size), batch)
         if objective.beta > 0 else None)
+    mismatch = (sampler_mismatch(rollout, old_logprobs)
+                if objective.sampler_unfiltered and rollout.logprobs is not None else {})
     minibatch = plan.minibatch or batch
     stats = []
     for _ in range(plan.epochs):
@@ -210,10 +232,10 @@ def optimize(policy: Policy, optimizer, rollout: Rollout, token_advantages: Tens
             rows = order[start:start + minibatch]
             # Outside the retry: a collective with several ranks (the identity on one).
             counts = distributed.global_counts(len(rows), rollout.completion_mask[rows].sum())
-            stats.append(micro.run(lambda size: update(
+            stats.append({**micro.run(lambda size: update(
                 policy, optimizer, h, rollout, rows, token_advantages, old_logprobs,
                 ref_logprobs, objective, dataclasses.replace(plan, micro_batch=size), counts),
-                len(rows)))
+                len(rows)), **mismatch})
     return stats
 
 

@@ -19,7 +19,7 @@ from onelayer.rollout.multiturn import TurnFormat, hf_actor, run_episodes
 from onelayer.tasks.envs import TextEnv
 from onelayer.tasks.envs.base import normalize_action
 from onelayer.tasks.envs.gridworld import GridWorld
-from onelayer.update import build_objective
+from onelayer.update import build_objective, frozen_logprobs, prefix_cache
 
 
 def grid_tokenizer():
@@ -121,7 +121,7 @@ def test_masks_and_token_history_with_a_random_model(tmp_path):
 
     def actor(histories, rows, budgets):  # the real sampler, recorded
         out = inner(histories, rows, budgets)
-        calls.extend(zip(rows, out, histories))
+        calls.extend(zip(rows, out.ids, histories))
         return out
 
     torch.manual_seed(0)
@@ -131,6 +131,28 @@ def test_masks_and_token_history_with_a_random_model(tmp_path):
     # A random model writes nonsense: invalid actions, feedback lines, some rows without EOS.
     assert not ep.valid.all() and len(ep.actions) == 24
     check_tokens(ep, calls, envs, TurnFormat(tok))
+
+
+@pytest.mark.parametrize("history", [None, 0], ids=["whole", "windowed"])
+def test_rollout_holds_the_samplers_logprobs_of_action_tokens(tmp_path, history):
+    """hf_actor's log-probs land on the action tokens of either layout, and they are the ones
+    the engine recomputes (fp32 on CPU: the same math); every other token holds 0."""
+    path = make_tiny_model(tmp_path / "m", "qwen3", max_position_embeddings=512)
+    cfg = build_config(dict(model=path, temperature=0.7))
+    policy = load_policy(path, layer=1, device="cpu")
+    actor = hf_actor(policy.split.lm, policy.tokenizer, SamplingParams(6, temperature=0.7),
+                     torch.Generator().manual_seed(0))
+    envs = [SmallGrid(max_turns=3) for _ in range(4)]
+    ep = run_episodes(actor, policy.tokenizer, envs, [0, 0, 1, 1], [0, 0, 1, 1],
+                      max_new_tokens=6, max_turns=3, max_len=512, history=history)
+    r = ep.rollout
+    assert ep.turns.max() > 1                          # later actions follow environment turns
+    old = frozen_logprobs(policy, prefix_cache(policy, r, 0), r,
+                          build_objective(cfg, policy.device), None)
+    mask = r.completion_mask.bool()
+    assert r.logprobs.shape == mask.shape and (r.logprobs[mask] < 0).all()
+    assert torch.equal(r.logprobs[~mask], torch.zeros_like(r.logprobs[~mask]))
+    torch.testing.assert_close(r.logprobs[mask], old[mask], rtol=0, atol=2e-5)
 
 
 def test_chat_template_history_matches_a_full_render():
@@ -219,6 +241,7 @@ def test_windowed_history_one_row_per_decision(history):
     assert ep.texts[:2] == whole.texts[:2] and ep.returns.tolist() == pytest.approx([1, 1, -0.1])
     r = ep.rollout
     assert r.sequences.shape[0] == len(ep.actions) == 8 and ep.rows.tolist() == list(range(8))
+    assert r.logprobs is None                          # a scripted actor gives ids alone
     calls = iter(act.calls)
     for s in range(8):   # steps are turn-major, like the actor's calls
         b, ids, context = next(calls)
@@ -324,7 +347,7 @@ def test_gigpo_raises_gridworld_success(tmp_path):
 
 
 METRICS = {"reward_mean", "success_rate", "episode_len", "valid_actions", "loss", "kl",
-           "step_s", "gen_s", "update_s", "tokens_per_s"}
+           "sampler_logprob_gap", "sampler_kl", "step_s", "gen_s", "update_s", "tokens_per_s"}
 
 
 class Length(TextEnv):
@@ -443,4 +466,6 @@ def test_gigpo_step_trains_on_one_row_per_decision(tmp_path, monkeypatch):
     assert rollout.sequences.shape[0] == round(row["episode_len"] * 8)   # one row per decision
     assert torch.equal(adv != 0, rollout.completion_mask.bool() & (adv != 0))
     assert max(rollout.attention_mask.sum(1)) <= rollout.prompt_len + 4  # bounded contexts
+    # The windowed rows carry the sampler's log-probs to the update, where they match (fp32).
+    assert rollout.logprobs is not None and 0 <= row["sampler_logprob_gap"] < 1e-4
     assert any(not torch.equal(a, b) for a, b in zip(before, policy.layer.parameters()))

@@ -1,5 +1,7 @@
 """Sampling: onelayer's own decode loop, its log-probs, stops, padding and masks."""
+import dataclasses
 import json
+import math
 
 import pytest
 import torch
@@ -12,6 +14,8 @@ from onelayer.model import load_policy
 from onelayer.rollout import SamplingParams, concat_rollouts, generate_completions, select_rollout
 from onelayer.rollout.generate import (StopStrings, end_of_turn_id, restrict, sample,
                                        stop_token_ids)
+from onelayer.tasks.arithmetic import arithmetic_task
+from onelayer.train import rl_step
 from onelayer.update import build_objective, frozen_logprobs, optimize, schedule
 
 # Different lengths, so that the batch is left-padded.
@@ -87,6 +91,56 @@ def test_sampler_logprobs_are_the_engines_and_the_first_ratio_is_one(tmp_path, a
     assert len(stats) == 4                                 # 2 epochs x 2 minibatches
     assert stats[0]["ratio_mean"] == 1.0 and stats[0]["clip_ratio"] == 0.0
     assert stats[-1]["ratio_mean"] != 1.0                  # the control: the layer did move
+
+
+MISMATCH = {"sampler_logprob_gap", "sampler_kl"}
+
+
+def one_step(model: str, **options) -> dict:
+    """The metrics of one GRPO step on the arithmetic task (sampled at temperature 0.7)."""
+    cfg = build_config({"model": model, "temperature": 0.7, "group_size": 4,
+                        "prompts_per_step": 2, "max_new_tokens": 8, "lr": 1e-2, **options})
+    policy = load_policy(model, layer=1, device="cpu")
+    task = arithmetic_task(n_train=4, n_test=1)
+    optimizer = torch.optim.AdamW(policy.layer.parameters(), lr=cfg.lr)
+    return rl_step(policy, optimizer, task, task.train[:2], cfg,
+                   build_objective(cfg, policy.device), generator=torch.Generator().manual_seed(0))
+
+
+def test_step_reports_the_samplers_distance_from_the_trainer(tiny_models):
+    """fp32 on CPU: the decoder and the engine compute the same log-probs, so the gap and the
+    KL are float rounding."""
+    metrics = one_step(tiny_models["qwen3"])
+    assert 0 <= metrics["sampler_logprob_gap"] < 1e-4 and 0 <= metrics["sampler_kl"] < 1e-4
+
+
+def test_mismatch_measures_the_samplers_logprobs_on_the_trained_tokens(tiny_models):
+    """The control: sampler log-probs shifted by 0.25 on the completion tokens (not on the
+    padding, which a mean over every entry would dilute) give a gap of 0.25 and the k3 KL of
+    d = -0.25 in every optimizer step."""
+    cfg = build_config({"model": tiny_models["qwen3"], "temperature": 0.7, "epochs": 2,
+                        "minibatch": 4, "lr": 1e-2})
+    policy = load_policy(cfg.model, layer=1, device="cpu")
+    rollout = generate_completions(policy.split.lm, policy.tokenizer, PROMPTS[:4],
+                                   SamplingParams(8, temperature=0.7), repeat=2,
+                                   generator=torch.Generator().manual_seed(0))
+    mask = rollout.completion_mask
+    assert not mask.all()                                   # there is padding to leave alone
+    shifted = dataclasses.replace(rollout, logprobs=rollout.logprobs + 0.25 * mask)
+    stats = optimize(policy, torch.optim.AdamW(policy.layer.parameters(), lr=cfg.lr), shifted,
+                     torch.zeros(mask.shape), schedule(cfg), build_objective(cfg, policy.device))
+    k3 = math.exp(-0.25) + 0.25 - 1
+    for step in stats:
+        assert step["sampler_logprob_gap"] == pytest.approx(0.25, abs=1e-4)
+        assert step["sampler_kl"] == pytest.approx(k3, abs=1e-4)
+
+
+@pytest.mark.parametrize("options", [{"top_k": 5}, {"top_p": 0.9}], ids=["top_k", "top_p"])
+def test_filtered_sampling_reports_no_mismatch(tiny_models, options):
+    """With top-k or top-p the sampler's log-probs are of another distribution than the
+    loss's: nothing to compare, so no such metrics (the step is otherwise whole)."""
+    metrics = one_step(tiny_models["qwen3"], **options)
+    assert not MISMATCH & set(metrics) and {"loss", "kl", "grad_norm"} <= set(metrics)
 
 
 def test_top_k_and_top_p_keep_the_smallest_nucleus():

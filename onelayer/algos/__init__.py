@@ -20,6 +20,7 @@ from onelayer.algos.logprobs import chunked_logprobs, default_chunk_size
 from onelayer.algos.loss import (
     AGGREGATIONS,
     fused_linear_policy_loss_reference,
+    k3,
     policy_loss,
     token_weights,
 )
@@ -27,7 +28,7 @@ from onelayer.algos.loss import (
 __all__ = [
     "AGGREGATIONS", "advantages_fn", "anchor_ids", "chunked_logprobs", "default_chunk_size",
     "discounted_returns", "episode_returns", "fused_linear_policy_loss_reference",
-    "gigpo_advantages_fn", "gigpo_advantages_reference", "group_advantages_reference", "hash_observation", "policy_loss",
+    "gigpo_advantages_fn", "gigpo_advantages_reference", "group_advantages_reference", "hash_observation", "k3", "policy_loss",
     "select_loss_impl", "token_weights",
 ]
 

@@ -29,6 +29,12 @@ from onelayer.algos.logprobs import chunked_logprobs
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 
 
+def k3(d: Tensor) -> Tensor:
+    """Per-token k3 estimate of KL(q || p) from d = log p - log q at tokens drawn from q:
+    unbiased, never negative, and exactly 0 where the two log-probs agree."""
+    return torch.exp(d) - d - 1.0
+
+
 def _token_mean(mask: Tensor, seq_ids: Tensor, num_seqs: int, max_len: int | None,
                 num_tokens: Tensor | float | None) -> Tensor:
     total = mask.sum() if num_tokens is None else torch.as_tensor(num_tokens, dtype=mask.dtype,
@@ -114,7 +120,7 @@ def policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask
     kl = None
     if ref_logprobs is not None:
         d = torch.where(valid, ref_logprobs.float() - logp, zero)
-        kl = torch.exp(d) - d - 1.0
+        kl = k3(d)
         if beta > 0:
             per_token = per_token + beta * kl
     loss = (per_token * c).sum()

@@ -10,7 +10,8 @@ The loss takes log-probs of the unfiltered softmax(logits / T). With top-k or to
 come from the renormalised filtered distribution, and the importance ratio treats them as drawn
 from the full one; old log-probs are recomputed from h_L, so the ratio is still exactly 1 at the
 first update. With top_p = 1 and top_k = 0, `Rollout.logprobs` (the sampler's own) equal the
-engine's old log-probs up to float rounding.
+engine's old log-probs up to float rounding; each training step reports how far apart they
+are (`sampler_logprob_gap`, `sampler_kl`: onelayer.update).
 
 Positions follow the engine (`SplitModel.context`): a token's position is the number of real
 tokens before it, so left padding shifts nothing.
@@ -60,8 +61,9 @@ class Rollout:
     up to and including its stop (a stop token, or the token that completed a stop string).
     Row b's completion starts at column `prompt_len`. texts: the completions decoded, each
     ending at its stop string. logprobs [B, C] (0 off the mask): each token's log-prob under the
-    distribution it was drawn from; truncated [B]: no stop within max_new_tokens. Both are None
-    for rollouts assembled from several turns (multi-turn episodes).
+    distribution it was drawn from (multi-turn: of every action token, None when the actor gave
+    ids alone). truncated [B]: no stop within max_new_tokens (None for multi-turn episodes,
+    whose actions end at a budget of their own).
     """
     sequences: Tensor
     attention_mask: Tensor

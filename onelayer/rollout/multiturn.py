@@ -3,7 +3,9 @@
 Every episode keeps the exact token ids of its conversation. The environment's text is
 tokenized once, as a delta appended to the history; the policy's action tokens are kept as
 generated (never decoded and re-tokenized), so the log-probs the trainer computes later are
-those of the tokens that were sampled.
+those of the tokens that were sampled. An actor that samples (`hf_actor`) also gives the
+sampler's log-prob of each action token; the Rollout carries them (0 on environment tokens),
+for the trainer to compare with its own.
 
 Text format of one episode:
 - With a chat template: [system: env.system_prompt, user: obs_0] + generation prompt; each
@@ -33,6 +35,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -40,9 +43,18 @@ from torch import Tensor
 from ..algos.advantages import anchor_ids as hash_anchors
 from .generate import Rollout, SamplingParams, StopStrings, cut_at_stop, sample, stop_token_ids
 
+
+class Sampled(NamedTuple):
+    """Actions as a sampler returns them: the ids, and the log-prob of each id under the
+    distribution it was drawn from."""
+    ids: list[list[int]]
+    logprobs: list[list[float]]
+
+
 # (histories, episode rows, token budgets) -> action ids per history, each at most its budget
-# and cut after its first stop token. Rows let a scripted actor (tests) look at its env.
-Actor = Callable[[list[list[int]], list[int], list[int]], list[list[int]]]
+# and cut after its first stop token; or `Sampled`, those ids with their log-probs. Rows let a
+# scripted actor (tests) look at its env; it returns ids alone (no log-probs to report).
+Actor = Callable[[list[list[int]], list[int], list[int]], list[list[int]] | Sampled]
 
 SENTINEL = "<<onelayer-action-sentinel>>"
 
@@ -118,19 +130,21 @@ class TurnFormat:
 def hf_actor(lm, tokenizer, params: SamplingParams,
              generator: torch.Generator | None = None) -> Actor:
     """onelayer's sampler over left-padded histories of a Hugging Face model; an action stops
-    at EOS, the end-of-turn token or a stop string of `params`, or at its row's budget."""
+    at EOS, the end-of-turn token or a stop string of `params`, or at its row's budget. Gives
+    `Sampled` actions: the ids and the sampler's log-probs."""
     device = next(lm.parameters()).device
     stop_ids = stop_token_ids(tokenizer, lm)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
     stop_strings = StopStrings(tokenizer, params.stop)
 
-    def act(histories: list[list[int]], rows: list[int], budgets: list[int]) -> list[list[int]]:
+    def act(histories: list[list[int]], rows: list[int], budgets: list[int]) -> Sampled:
         ids, mask = left_pad(histories, pad)
         out = sample(lm, ids.to(device), mask.to(device),
                      dataclasses.replace(params, max_new_tokens=max(budgets)), stop_ids=stop_ids,
                      stop_strings=stop_strings, pad_id=pad, generator=generator)
-        keep = out.mask.sum(1).tolist()
-        return [out.tokens[i, :min(k, b)].tolist() for i, (k, b) in enumerate(zip(keep, budgets))]
+        keep = [min(k, b) for k, b in zip(out.mask.sum(1).tolist(), budgets)]
+        return Sampled([out.tokens[i, :n].tolist() for i, n in enumerate(keep)],
+                       [out.logprobs[i, :n].tolist() for i, n in enumerate(keep)])
 
     return act
 
@@ -153,6 +167,7 @@ class _Trajectory:
     pending: list[int]            # environment tokens to add before the next action
     heads: list[list[int]]        # per turn t: the first-prompt form of obs_t (windowed contexts)
     action_starts: list[int] = field(default_factory=list)   # per turn t: where a_t starts in tokens
+    logprobs: list[float] = field(default_factory=list)      # the sampler's per token, 0 off actions
     live: bool = True
     success: bool = False
     turns: int = 0
@@ -184,6 +199,7 @@ def run_episodes(actor: Actor, tokenizer, envs: Sequence, seeds: Sequence[int],
     """
     fmt = fmt or TurnFormat(tokenizer)
     obs = [env.reset(seed) for env, seed in zip(envs, seeds)]
+    scored = True   # every action came with the sampler's log-probs
     trajs = []
     for env, o in zip(envs, obs):
         first = fmt.first(env.system_prompt, o)
@@ -197,26 +213,39 @@ def run_episodes(actor: Actor, tokenizer, envs: Sequence, seeds: Sequence[int],
             if tr.live:
                 tr.tokens += tr.pending
                 tr.is_action += [0] * len(tr.pending)
+                tr.logprobs += [0.0] * len(tr.pending)
                 tr.pending = []
                 rows.append(b)
                 budgets.append(min(max_new_tokens, max_len - len(context)))
                 contexts.append(context)
         if not rows:
             break
-        actions = actor(contexts, rows, budgets)
-        for b, ids, context in zip(rows, actions, contexts):
-            step = _play(trajs[b], envs[b], obs, b, t, ids, fmt, windowed=history is not None)
+        actions, logprobs = _unpack(actor(contexts, rows, budgets))
+        scored = scored and logprobs is not None
+        for b, ids, scores, context in zip(rows, actions, logprobs or [None] * len(rows), contexts):
+            step = _play(trajs[b], envs[b], obs, b, t, ids, scores, fmt,
+                         windowed=history is not None)
             steps.append((*step, context))
-    return _collect(trajs, steps, group_ids, tokenizer, windowed=history is not None)
+    return _collect(trajs, steps, group_ids, tokenizer, windowed=history is not None,
+                    scored=scored)
+
+
+def _unpack(actions: list[list[int]] | Sampled) -> tuple[list[list[int]], list[list[float]] | None]:
+    """(ids, log-probs or None) of what an actor returned."""
+    return (actions.ids, actions.logprobs) if isinstance(actions, Sampled) else (actions, None)
 
 
 def _play(tr: _Trajectory, env, obs: list[str], b: int, t: int, ids: list[int],
-          fmt: TurnFormat, windowed: bool) -> tuple:
-    """Append action `ids` to trajectory b, step its env, queue the next user turn."""
+          logprobs: list[float] | None, fmt: TurnFormat, windowed: bool) -> tuple:
+    """Append action `ids` (and their log-probs, None: unknown) to trajectory b, step its env,
+    queue the next user turn."""
+    if logprobs is not None and len(logprobs) != len(ids):
+        raise ValueError(f"the actor gave {len(logprobs)} log-probs for {len(ids)} action ids")
     start = len(tr.tokens)
     tr.action_starts.append(start)
     tr.tokens += ids
     tr.is_action += [1] * len(ids)
+    tr.logprobs += [0.0] * len(ids) if logprobs is None else logprobs
     text = fmt.action_text(ids)
     state = obs[b]
     obs[b], reward, done, info = env.step(text)
@@ -244,8 +273,18 @@ def _padded_right(rows: Sequence[list[int]], pad: int, marks: Sequence[list[int]
     return ids, attn, mask
 
 
+def _padded_floats(rows: Sequence[list[float]], width: int) -> Tensor:
+    """float32 [len(rows), width], each row's values then 0."""
+    out = torch.zeros((len(rows), width), dtype=torch.float32)
+    for b, r in enumerate(rows):
+        out[b, :len(r)] = torch.tensor(r, dtype=torch.float32)
+    return out
+
+
 def _collect(trajs: list[_Trajectory], steps: list[tuple], group_ids: Sequence[int],
-             tokenizer, windowed: bool) -> Episodes:
+             tokenizer, windowed: bool, scored: bool) -> Episodes:
+    """The Episodes of finished trajectories; scored: the Rollout gets the sampler's
+    log-probs (every action came with them)."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     texts = tokenizer.batch_decode([tr.tokens for tr in trajs], skip_special_tokens=True)
     row, t, state, reward, start, end, action, valid, context = (
@@ -253,17 +292,21 @@ def _collect(trajs: list[_Trajectory], steps: list[tuple], group_ids: Sequence[i
     long = lambda v: torch.tensor(v, dtype=torch.long)  # noqa: E731
     if windowed:   # one row per decision: its context, then its action
         prompt_ids, prompt_mask = left_pad(context or [[pad]], pad)
-        actions = [tr.tokens[s:e] for tr, s, e in zip((trajs[b] for b in row), start, end)]
+        played = [(trajs[b], s, e) for b, s, e in zip(row, start, end)]
+        actions = [tr.tokens[s:e] for tr, s, e in played]
         comp, comp_attn, comp_mask = _padded_right(actions or [[]], pad)
+        comp_logprobs = [tr.logprobs[s:e] for tr, s, e in played] or [[]]
         rollout_rows, spans = long(range(len(row))), long([(0, e - s) for s, e in zip(start, end)])
         rollout_texts = list(action)
     else:          # one row per trajectory: its first prompt, then everything played
         prompt_ids, prompt_mask = left_pad([tr.prompt for tr in trajs], pad)
         comp, comp_attn, comp_mask = _padded_right([tr.tokens for tr in trajs], pad,
                                                    [tr.is_action for tr in trajs])
+        comp_logprobs = [tr.logprobs for tr in trajs]
         rollout_rows, spans, rollout_texts = long(row), long(list(zip(start, end))), texts
+    logprobs = _padded_floats(comp_logprobs, comp.shape[1]) if scored else None
     rollout = Rollout(torch.cat([prompt_ids, comp], 1), torch.cat([prompt_mask, comp_attn], 1),
-                      comp_mask, prompt_ids.shape[1], rollout_texts)
+                      comp_mask, prompt_ids.shape[1], rollout_texts, logprobs)
     rewards = torch.tensor(reward, dtype=torch.float32)
     returns = torch.zeros(len(trajs)).index_add_(0, long(row), rewards)
     return Episodes(
