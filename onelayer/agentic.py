@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import random
 import time
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -65,12 +66,14 @@ def turn_format(policy: Policy, cfg: TrainConfig) -> TurnFormat:
 
 
 def play(policy: Policy, cfg: TrainConfig, seeds: list[int], group_size: int,
-         sampling: SamplingParams, generator: torch.Generator | None = None) -> Episodes:
+         sampling: SamplingParams, generator: torch.Generator | None = None,
+         batch: HalveOnOOM | None = None) -> Episodes:
     """group_size episodes of each seed's task, in consecutive rows. A task (seed) is one
-    episode group, even when `seeds` names it more than once; group id = its first index."""
+    episode group, even when `seeds` names it more than once; group id = its first index.
+    batch: the episodes that act at once (None: all), halved out of memory."""
     first = {s: i for i, s in reversed(list(enumerate(seeds)))}
     rows = [(first[s], s) for s in seeds for _ in range(group_size)]
-    actor = hf_actor(policy.split.lm, policy.tokenizer, sampling, generator)
+    actor = hf_actor(policy.split.lm, policy.tokenizer, sampling, generator, batch)
     return run_episodes(actor, policy.tokenizer, make_envs(cfg, len(rows)), [s for _, s in rows],
                         [g for g, _ in rows], max_new_tokens=cfg.max_new_tokens,
                         max_turns=cfg.max_turns, max_len=episode_token_cap(policy),
@@ -104,11 +107,12 @@ def to_device(rollout: Rollout, device: torch.device) -> Rollout:
 
 def gigpo_step(policy: Policy, optimizer: torch.optim.Optimizer, cfg: TrainConfig,
                objective: Objective, seeds: list[int],
-               generator: torch.Generator | None = None, micro: HalveOnOOM | None = None) -> dict:
+               generator: torch.Generator | None = None, micro: HalveOnOOM | None = None,
+               gen_batch: HalveOnOOM | None = None) -> dict:
     """One GiGPO step on the tasks `seeds`, cfg.group_size episodes each; generator: the run's
     random stream for sampling and minibatch order (None: torch's global one)."""
     t0 = time.perf_counter()
-    episodes = play(policy, cfg, seeds, cfg.group_size, sampling_params(cfg), generator)
+    episodes = play(policy, cfg, seeds, cfg.group_size, sampling_params(cfg), generator, gen_batch)
     release_decoder(policy.split.lm)   # its KV cache is not needed by the update
     sync_device(policy.device)
     t_gen = time.perf_counter()
@@ -154,11 +158,12 @@ def episode_samples(episodes: Episodes, step_advantages: Tensor) -> StepSamples:
 
 @torch.no_grad()
 def success_rate(policy: Policy, cfg: TrainConfig, seeds: list[int], *, greedy: bool = True,
-                 generator: torch.Generator | None = None) -> float:
+                 generator: torch.Generator | None = None,
+                 batch: HalveOnOOM | None = None) -> float:
     """Fraction of the tasks `seeds` solved, one episode each (greedy, or sampled as in
     training from `generator`: repeat a seed to average over several sampled episodes)."""
     sampling = sampling_params(cfg, greedy=greedy)
-    return play(policy, cfg, seeds, 1, sampling, generator).success.float().mean().item()
+    return play(policy, cfg, seeds, 1, sampling, generator, batch).success.float().mean().item()
 
 
 # Held-out tasks are environment seeds from here on; training draws its seeds below it.
@@ -175,14 +180,9 @@ def check_env(cfg: TrainConfig) -> None:
         raise UserError(f"--env {cfg.env}: {exc}") from None
 
 
-def agentic_job(policy: Policy, optimizer: torch.optim.Optimizer, cfg: TrainConfig,
-                objective: Objective, generator: torch.Generator,
-                micro: HalveOnOOM | None = None) -> Job:
-    """GiGPO on cfg.env: each step draws cfg.prompts_per_step fresh tasks (seeds); the score is
-    the greedy success rate on cfg.eval_samples held-out tasks. generator: the run's random
-    stream (greedy scoring draws nothing from it)."""
-    rng = random.Random(cfg.seed)
-    held_out = list(range(HELD_OUT_SEED, HELD_OUT_SEED + cfg.eval_samples))
+def check_playable(policy: Policy, cfg: TrainConfig) -> None:
+    """The model's tokenizer writes the environment's text, and a first prompt with one action
+    fits an episode: else a one-line UserError."""
     env = make_envs(cfg, 1)[0]
     obs = env.reset(HELD_OUT_SEED)
     check_encodes(policy.tokenizer, f"{env.system_prompt}\n{obs}", model=cfg.model,
@@ -193,11 +193,26 @@ def agentic_job(policy: Policy, optimizer: torch.optim.Optimizer, cfg: TrainConf
                         f"do not fit the episode cap of {episode_token_cap(policy)} tokens "
                         "(the model's context)")
 
+
+def agentic_job(policy: Policy, optimizer: torch.optim.Optimizer, cfg: TrainConfig,
+                objective: Objective, generator: torch.Generator,
+                micro: HalveOnOOM | None = None, gen_batch: HalveOnOOM | None = None,
+                echo: Callable[[str], None] = print) -> Job:
+    """GiGPO on cfg.env: each step draws cfg.prompts_per_step fresh tasks (seeds); the score is
+    the greedy success rate on cfg.eval_samples held-out tasks. generator: the run's random
+    stream (greedy scoring draws nothing from it)."""
+    check_playable(policy, cfg)
+    rng = random.Random(cfg.seed)
+    held_out = list(range(HELD_OUT_SEED, HELD_OUT_SEED + cfg.eval_samples))
+    # A size halved out of memory stays halved for later evals.
+    eval_batch = HalveOnOOM("the held-out eval batch", cfg.generation_batch or 64, echo=echo)
+
     def step() -> dict:
         # Every rank draws the step's global tasks and plays its share (several ranks).
         seeds = distributed.shard([rng.randrange(HELD_OUT_SEED) for _ in range(cfg.prompts_per_step)])
-        return gigpo_step(policy, optimizer, cfg, objective, seeds, generator, micro)
+        return gigpo_step(policy, optimizer, cfg, objective, seeds, generator, micro, gen_batch)
 
-    return Job(f"env {cfg.env}", step, lambda label: success_rate(policy, cfg, held_out),
+    return Job(f"env {cfg.env}", step,
+               lambda label: success_rate(policy, cfg, held_out, batch=eval_batch),
                "success rate", len(held_out), state=lambda: {"seeds": rng.getstate()},
                restore=lambda state: rng.setstate(state["seeds"]))

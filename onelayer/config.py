@@ -184,8 +184,9 @@ class TrainConfig:
            "accumulate over the minibatch, so the update is the same, in less memory. 0 = the "
            "whole minibatch. [default: 0, or the memory plan's choice on CUDA]")
     generation_batch: int = option(
-        0, "Rows per generate call (whole groups of --group-size); also the eval batch. 0 = all "
-           "rows at once. [default: 0, or the memory plan's choice on CUDA]")
+        0, "Rows per generate call (whole groups of --group-size; with --env, episodes acting "
+           "at once); 0 = all rows at once. Also the held-out eval batch (0: 64). Halved when "
+           "the device runs out of memory. [default: 0, or the memory plan's choice on CUDA]")
 
     # Memory, devices, kernels
     max_memory: str | None = option(

@@ -82,18 +82,23 @@ def evaluate(lm, tokenizer, task: Task, rows: Sequence[Row], *, max_new_tokens: 
 
 
 def evaluate_env(policy, cfg, tasks: int, *, k: int = 1, temperature: float = 1.0,
-                 seed: int = 0) -> EvalResult:
+                 batch_size: int | HalveOnOOM = 0, seed: int = 0) -> EvalResult:
     """Success rate (k = 1, greedy episodes) or pass@k (k sampled episodes a task) on the first
     `tasks` held-out tasks of cfg.env: the tasks `onelayer train` scores, so that a greedy eval
-    of a trained run's patch reproduces the run's score after training."""
-    from .agentic import HELD_OUT_SEED, play
+    of a trained run's patch reproduces the run's score after training. batch_size: episodes
+    acting at once (0: all), as for `evaluate`."""
+    from .agentic import HELD_OUT_SEED, check_playable, play
+
+    check_playable(policy, cfg)
+    batch = (batch_size if isinstance(batch_size, HalveOnOOM)
+             else HalveOnOOM("--batch-size", batch_size))
 
     t0 = time.perf_counter()
     seeds = list(range(HELD_OUT_SEED, HELD_OUT_SEED + tasks))
     params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=temperature,
                             greedy=k == 1, stop=tuple(cfg.stop))
     generator = torch.Generator(policy.device).manual_seed(seed)
-    episodes = play(policy, cfg, seeds, k, params, generator)   # k consecutive rows a task
+    episodes = play(policy, cfg, seeds, k, params, generator, batch)   # k consecutive rows a task
     per_problem = []
     for i, task_seed in enumerate(seeds):
         rows = range(i * k, (i + 1) * k)
@@ -174,7 +179,7 @@ def run_eval(cfg: EvalConfig, *, progress: bool = True, echo=print) -> EvalResul
     if cfg.k < 1 or cfg.batch_size < 1 or (cfg.samples is not None and cfg.samples < 1):
         raise UserError("--k, --batch-size and --samples must be >= 1")
     run = eval_run_config(cfg)
-    score = env_scorer(cfg, run) if run.env else task_scorer(cfg, run, echo)   # input checked
+    score = env_scorer(cfg, run, echo) if run.env else task_scorer(cfg, run, echo)   # input checked
     policy = load_policy(run.model, layer=run.layer, frozen_dtype=cfg.frozen_dtype, device=cfg.device)
     label = run.model
     if cfg.layer_checkpoint:
@@ -248,7 +253,7 @@ def task_scorer(cfg: EvalConfig, run, echo):
     return score
 
 
-def env_scorer(cfg: EvalConfig, run):
+def env_scorer(cfg: EvalConfig, run, echo):
     """Checks the environment now; returns score(policy, progress) -> (result, 0): the first
     --samples held-out tasks (default: as many as the run scored, --eval-samples)."""
     from .agentic import check_env
@@ -257,7 +262,8 @@ def env_scorer(cfg: EvalConfig, run):
 
     def score(policy, progress: bool) -> tuple[EvalResult, int]:
         return evaluate_env(policy, run, cfg.samples or run.eval_samples, k=cfg.k,
-                            temperature=cfg.temperature, seed=cfg.seed), 0
+                            temperature=cfg.temperature, seed=cfg.seed,
+                            batch_size=HalveOnOOM("--batch-size", cfg.batch_size, echo=echo)), 0
 
     return score
 

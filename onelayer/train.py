@@ -397,11 +397,14 @@ def train(cfg: TrainConfig, *, progress: bool = True, echo: Callable[[str], None
     # The run's own random stream: sampling and minibatch order. Evals draw from generators of
     # their own, so scoring held-out rows never shifts what training samples.
     generator = torch.Generator(policy.device).manual_seed(cfg.seed)
-    gen_batch = HalveOnOOM("--generation-batch", cfg.generation_batch, unit=cfg.group_size,
+    # A turn of multi-turn episodes samples any number of live rows; a single-turn step, groups.
+    gen_batch = HalveOnOOM("--generation-batch", cfg.generation_batch,
+                           unit=1 if cfg.env else cfg.group_size,
                            needs=lambda size: planned_need(cfg, generation_batch=size), echo=echo)
     micro = HalveOnOOM("--micro-batch", cfg.micro_batch,
                        needs=lambda size: planned_need(cfg, micro_batch=size), echo=echo)
-    job = (agentic_job(policy, optimizer, cfg, objective, generator, micro) if cfg.env else
+    job = (agentic_job(policy, optimizer, cfg, objective, generator, micro, gen_batch, echo)
+           if cfg.env else
            task_job(task, policy, optimizer, cfg, objective, generator, progress, gen_batch, micro,
                     echo))
     echo(f"onelayer: {cfg.model} ({policy.split.num_layers} layers), training "
@@ -574,7 +577,10 @@ def resume_hint(checkpoint: Path | None) -> str:
 
 
 def planned_need(cfg: TrainConfig, **batches: int) -> str:
-    """What the memory plan says a step needs at these batch sizes ('' where it cannot say)."""
+    """What the memory plan says a step needs at these batch sizes ('' where it cannot say:
+    the plan models single-turn steps)."""
+    if cfg.env:
+        return ""
     from .memory import DEFAULT_PROMPT_TOKENS, ModelDims, plan_onelayer, read_model_config, workload_from_config
     try:
         dims = ModelDims.from_config(read_model_config(cfg.model), cfg.model)

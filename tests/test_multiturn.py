@@ -155,6 +155,41 @@ def test_rollout_holds_the_samplers_logprobs_of_action_tokens(tmp_path, history)
     torch.testing.assert_close(r.logprobs[mask], old[mask], rtol=0, atol=2e-5)
 
 
+def test_out_of_memory_halves_the_rows_acting_at_once(tmp_path, monkeypatch):
+    """A sampling call of more than 2 rows runs out of memory: the live episodes act in chunks
+    of 2 from then on (the size stays halved), and greedy episodes are what they were."""
+    from onelayer.resilience import HalveOnOOM
+    from onelayer.rollout import multiturn
+
+    path = make_tiny_model(tmp_path / "m", "qwen3", max_position_embeddings=512)
+    policy = load_policy(path, layer=1, device="cpu")
+
+    def episodes(batch):
+        actor = hf_actor(policy.split.lm, policy.tokenizer, SamplingParams(6, greedy=True),
+                         batch=batch)
+        return run_episodes(actor, policy.tokenizer, [SmallGrid(max_turns=3) for _ in range(5)],
+                            [0, 1, 2, 3, 4], [0, 1, 2, 3, 4], max_new_tokens=6, max_turns=3,
+                            max_len=512)
+
+    whole = episodes(None)
+    real, calls, lines = multiturn.sample, [], []
+
+    def short_of_memory(lm, input_ids, *args, **kwargs):
+        calls.append(len(input_ids))
+        if len(input_ids) > 2:
+            raise torch.OutOfMemoryError("simulated: CUDA out of memory")
+        return real(lm, input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(multiturn, "sample", short_of_memory)
+    batch = HalveOnOOM("--generation-batch", 0, echo=lines.append)
+    chunked = episodes(batch)
+    assert lines == ["out of memory: --generation-batch 5 -> 2, retrying"] and batch.size == 2
+    assert calls[:4] == [5, 2, 2, 1] and max(calls[4:]) == 2
+    assert chunked.actions == whole.actions and torch.equal(chunked.turns, whole.turns)
+    assert torch.equal(chunked.rollout.sequences, whole.rollout.sequences)
+    torch.testing.assert_close(chunked.rollout.logprobs, whole.rollout.logprobs)
+
+
 def test_chat_template_history_matches_a_full_render():
     tok = grid_tokenizer()
     tok.chat_template = ("{% for m in messages %}{{ m['role'][0] }}={{ m['content'] }}<eos>"

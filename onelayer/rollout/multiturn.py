@@ -41,6 +41,7 @@ import torch
 from torch import Tensor
 
 from ..algos.advantages import anchor_ids as hash_anchors
+from ..resilience import HalveOnOOM
 from .generate import Rollout, SamplingParams, StopStrings, cut_at_stop, sample, stop_token_ids
 
 
@@ -127,17 +128,19 @@ class TurnFormat:
         return self.encode(delta)
 
 
-def hf_actor(lm, tokenizer, params: SamplingParams,
-             generator: torch.Generator | None = None) -> Actor:
+def hf_actor(lm, tokenizer, params: SamplingParams, generator: torch.Generator | None = None,
+             batch: HalveOnOOM | None = None) -> Actor:
     """onelayer's sampler over left-padded histories of a Hugging Face model; an action stops
     at EOS, the end-of-turn token or a stop string of `params`, or at its row's budget. Gives
-    `Sampled` actions: the ids and the sampler's log-probs."""
+    `Sampled` actions: the ids and the sampler's log-probs. batch: the rows sampled at once
+    (None: every live episode), halved when the device runs out of memory."""
     device = next(lm.parameters()).device
     stop_ids = stop_token_ids(tokenizer, lm)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
     stop_strings = StopStrings(tokenizer, params.stop)
+    batch = batch or HalveOnOOM("--generation-batch", 0)
 
-    def act(histories: list[list[int]], rows: list[int], budgets: list[int]) -> Sampled:
+    def act_on(histories: list[list[int]], budgets: list[int]) -> Sampled:
         ids, mask = left_pad(histories, pad)
         out = sample(lm, ids.to(device), mask.to(device),
                      dataclasses.replace(params, max_new_tokens=max(budgets)), stop_ids=stop_ids,
@@ -145,6 +148,16 @@ def hf_actor(lm, tokenizer, params: SamplingParams,
         keep = [min(k, b) for k, b in zip(out.mask.sum(1).tolist(), budgets)]
         return Sampled([out.tokens[i, :n].tolist() for i, n in enumerate(keep)],
                        [out.logprobs[i, :n].tolist() for i, n in enumerate(keep)])
+
+    def act(histories: list[list[int]], rows: list[int], budgets: list[int]) -> Sampled:
+        done = Sampled([], [])
+        while len(done.ids) < len(histories):
+            start = len(done.ids)
+            part = batch.run(lambda size: act_on(histories[start:start + size],
+                                                 budgets[start:start + size]),
+                             len(histories) - start)
+            done = Sampled(done.ids + part.ids, done.logprobs + part.logprobs)
+        return done
 
     return act
 
