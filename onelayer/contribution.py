@@ -9,10 +9,14 @@ One sweep, one model load, one base evaluation:
     single-layer RL, "tuned"    with --layer-lrs, each layer at each of those lrs; the layer's
                                 best lr (mean over seeds) gives its S_k and C(k)
 
-Every run is the step loop of `onelayer train` (train.task_job / rl_step, same seeding) on the
-shared model (onelayer.model.shared), saved in OUTPUT/runs/NAME with its trained layer, metrics
-and scores.json; a rerun of the same command skips every run whose scores.json exists. The
-sweep writes contribution.json, contribution.csv, contribution.md and contribution.png.
+Every run is the step loop of `onelayer train` (train.task_job / rl_step, same seeding and
+optimizer) on the shared model (onelayer.model.shared), saved in OUTPUT/runs/NAME with its
+trained layer, metrics and scores.json. A rerun of the same command skips every run whose
+scores.json exists and continues an interrupted run exactly from its newest training checkpoint
+(OUTPUT/runs/NAME/checkpoints, written as `onelayer train` writes them: every --save-every steps,
+at the last step and on SIGINT / SIGTERM); a run's checkpoints are deleted once its scores.json
+is written. The sweep writes contribution.json, contribution.csv, contribution.md and
+contribution.png.
 """
 from __future__ import annotations
 
@@ -21,6 +25,8 @@ import dataclasses
 import json
 import os
 import random
+import shutil
+import signal
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -30,9 +36,9 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import save_layer
+from .checkpoint import CHECKPOINTS, Checkpoint, checkpoints, load_checkpoint, save_layer
 from .config import TrainConfig, config_json, task_options
-from .errors import UserError
+from .errors import RunStopped, UserError
 from .model.shared import FrozenModel, attach, load_frozen
 
 
@@ -230,21 +236,22 @@ def base_score(base: FrozenModel, task, cfg: TrainConfig) -> float:
 def run_or_skip(base: FrozenModel, task, cfg: TrainConfig, run: Run, out: Path, progress: bool,
                 echo: Callable[[str], None]) -> float:
     """The run's held-out score after training: read from OUT/scores.json when the run
-    finished before, else trained now (an unfinished run starts again from the base model)."""
+    finished before, else trained now (from its newest checkpoint when it was interrupted)."""
     done = out / SCORES_FILE
     rcfg = dataclasses.replace(cfg, layer=run.layer, lr=run.lr, seed=run.seed, output=str(out), resume=None)
     settings = run_settings(rcfg)
     if done.is_file():
         kept = json.loads(done.read_text())
-        changed = sorted(k for k in settings if kept["config"].get(k) != settings[k])
-        if changed:
-            raise UserError(f"{out} was trained with other settings ({', '.join(changed[:3])}): "
-                            "resume the sweep with its own options, or choose another --output")
-        return kept["after"]
-    score, seconds = train_run(base, task, rcfg, out, progress)
-    _write_json(done, {"run": run.name, "layer": run.layer, "lr": run.lr, "seed": run.seed,
-                       "after": score, "seconds": seconds, "config": settings})
-    echo(f"{run.name}: {score:.1%} ({seconds:.0f} s)")
+        refuse_other_settings(out, kept["config"], settings)
+        score = kept["after"]
+    else:
+        score, seconds = train_run(base, task, rcfg, out, progress, echo)
+        _write_json(done, {"run": run.name, "layer": run.layer, "lr": run.lr, "seed": run.seed,
+                           "after": score, "seconds": seconds, "config": settings})
+        echo(f"{run.name}: {score:.1%} ({seconds:.0f} s)")
+    # The result is kept: its checkpoints would only fill the disk (an optimizer state per run).
+    # Also on the skip path, for a sweep stopped between writing scores.json and this.
+    shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
     return score
 
 
@@ -256,45 +263,121 @@ def run_settings(cfg: TrainConfig) -> dict:
     return {**settings, "device": default_device(cfg.device).type}
 
 
-def train_run(base: FrozenModel, task, cfg: TrainConfig, out: Path, progress: bool) -> tuple[float, float]:
-    """`onelayer train`'s step loop for cfg.layer on the shared model: same seeding, rollouts,
-    update and greedy scoring, without its checkpoints (a run is redone whole if interrupted) and
-    without its before-score (the sweep's base score is that). Returns (score after, seconds)."""
+def refuse_other_settings(path: Path, kept: dict, settings: dict) -> None:
+    """A run's scores or checkpoint made with other settings would mix two sweeps into one."""
+    changed = sorted(k for k in settings if kept.get(k) != settings[k])
+    if changed:
+        raise UserError(f"{path} is from a run with other settings ({', '.join(changed[:3])}): "
+                        "resume the sweep with its own options, or choose another --output")
+
+
+def newest_checkpoint(out: Path, settings: dict) -> Checkpoint | None:
+    """The run's newest training checkpoint (None when it has none), refused when it was saved
+    with other settings."""
+    found = checkpoints(out)
+    if not found:
+        return None
+    saved = load_checkpoint(found[-1])
+    refuse_other_settings(found[-1], saved.state.trainer.get("settings", {}), settings)
+    return saved
+
+
+def train_run(base: FrozenModel, task, cfg: TrainConfig, out: Path, progress: bool,
+              echo: Callable[[str], None] = print) -> tuple[float, float]:
+    """`onelayer train`'s step loop for cfg.layer on the shared model: same seeding, optimizer,
+    rollouts, update, greedy scoring and training checkpoints in OUT/checkpoints, without its
+    before-score (the sweep's base score is that). A run with a checkpoint in OUT continues
+    from the newest one exactly: layer, AdamW state, random streams, data position and lr
+    schedule. Returns (score after, seconds over every sitting)."""
+    from .data_parallel import build_optimizer
+    from .evaluate import load_trained_layer
     from .export import patch_manifest
-    from .resilience import HalveOnOOM
     from .reporting import write_jsonl
-    from .train import advance, fit_batches, lr_schedule, task_job
+    from .resilience import HalveOnOOM
+    from .train import Checkpointer, fit_batches, in_use, lr_schedule, restore_random, task_job
     from .update import build_objective
 
     t0 = time.perf_counter()
-    cfg = fit_batches(cfg, lambda line: None)   # on CUDA: the memory plan's batch sizes, as train's
+    settings = run_settings(cfg)
+    saved = newest_checkpoint(out, settings)
+    # A resumed run goes on at the batch sizes it had reached (planned, or halved after running
+    # out of memory), not at those a new memory plan would choose now.
+    cfg = (dataclasses.replace(cfg, micro_batch=saved.run_config["micro_batch"],
+                               generation_batch=saved.run_config["generation_batch"])
+           if saved else fit_batches(cfg, lambda line: None))
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     with attach(base, cfg.layer, keep_reference=cfg.beta > 0) as policy:
         objective = build_objective(cfg, policy.device)
-        optimizer = torch.optim.AdamW(policy.layer.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        optimizer = build_optimizer(policy.layer, cfg)
         generator = torch.Generator(policy.device).manual_seed(cfg.seed)
-        gen_batch = HalveOnOOM("--generation-batch", cfg.generation_batch, unit=cfg.group_size)
-        micro = HalveOnOOM("--micro-batch", cfg.micro_batch)
+        gen_batch = HalveOnOOM("--generation-batch", cfg.generation_batch, unit=cfg.group_size,
+                               echo=echo)
+        micro = HalveOnOOM("--micro-batch", cfg.micro_batch, echo=echo)
         job = task_job(task, policy, optimizer, cfg, objective, generator, False, gen_batch, micro)
-        scheduler = lr_schedule(optimizer, cfg, done_steps=0)
-        history = []
-        for step in tqdm(range(1, cfg.steps + 1), desc=f"L{cfg.layer} lr {cfg.lr:g} seed {cfg.seed}",
-                         disable=not progress, leave=False):
-            history.append({"step": step, "lr": scheduler.get_last_lr()[0], **job.step()})
-            advance(scheduler)
+        manifest = None if policy.split.full else patch_manifest(cfg.model, policy.model_path,
+                                                                  policy.layer_indices)
+        history, done_steps, earlier = [], 0, 0.0
+        if saved:
+            load_trained_layer(policy, saved.path)
+            optimizer.load_state_dict(saved.state.optimizer)
+            restore_random(saved.state.random, generator, job)
+            history, earlier = saved.state.trainer["history"], saved.state.trainer["seconds"]
+            done_steps = saved.state.step
+            echo(f"{out.name}: resuming after step {done_steps} of {cfg.steps} from {saved.path}")
+        checkpointer = Checkpointer(
+            out, policy, cfg, optimizer, generator, job, gen_batch, micro, manifest, echo,
+            last=saved.path if saved else None,
+            trainer=lambda: {"history": history, "settings": settings,
+                             "seconds": earlier + time.perf_counter() - t0})
+        del saved   # the optimizer holds its state now: no second copy for the rest of the run
+        scheduler = lr_schedule(optimizer, cfg, done_steps=done_steps)
+        run_steps(job, scheduler, checkpointer, cfg, history, done_steps + 1, progress, echo)
         score = job.score("after")
         out.mkdir(parents=True, exist_ok=True)
         write_jsonl(out / "metrics.jsonl", history)
-        manifest = None if policy.split.full else patch_manifest(cfg.model, policy.model_path,
-                                                                  policy.layer_indices)
         scores = {"metric": job.metric, "task": job.name, "after": score, "held_out": job.held_out,
                   "steps": cfg.steps}
         save_layer(out, policy.layer.state_dict(), layer_index=policy.split.layer_index,
                    layers=policy.layer.spec, base_model=cfg.model,
-                   run_config=json.loads(config_json(cfg)), step=cfg.steps,
+                   run_config=json.loads(config_json(in_use(cfg, gen_batch, micro))), step=cfg.steps,
                    manifest=manifest and {**manifest, "scores": scores})
-    return score, time.perf_counter() - t0
+    return score, earlier + time.perf_counter() - t0
+
+
+def run_steps(job, scheduler, checkpointer, cfg: TrainConfig, history: list[dict], first_step: int,
+              progress: bool, echo: Callable[[str], None]) -> None:
+    """Steps first_step..--steps, checkpointed as `onelayer train` does: every --save-every
+    steps, the last step, and the step during which SIGINT or SIGTERM came, which then stops
+    the sweep (a second signal abandons the step)."""
+    from .resilience import stop_between_steps
+    from .train import advance
+
+    name = checkpointer.out.name
+    with stop_between_steps(echo) as stop, \
+            tqdm(range(first_step, cfg.steps + 1), desc=f"L{cfg.layer} lr {cfg.lr:g} seed {cfg.seed}",
+                 disable=not progress, leave=False, initial=first_step - 1, total=cfg.steps) as bar:
+        step = first_step - 1
+        try:
+            for step in bar:
+                history.append({"step": step, "lr": scheduler.get_last_lr()[0], **job.step()})
+                advance(scheduler)
+                if stop.signal is not None:
+                    path = checkpointer.save(step)
+                    raise RunStopped(f"stopped by {signal.Signals(stop.signal).name} after step {step} "
+                                     f"of {name}. {rerun_hint(path or checkpointer.last)}",
+                                     stop.exit_code)
+                if step == cfg.steps or (cfg.save_every and step % cfg.save_every == 0):
+                    checkpointer.save(step)
+        except KeyboardInterrupt:
+            raise RunStopped(f"abandoned step {step + 1} of {name}. {rerun_hint(checkpointer.last)}",
+                             128 + signal.SIGINT) from None
+
+
+def rerun_hint(checkpoint: Path | None) -> str:
+    if checkpoint is None:
+        return "No checkpoint was saved: the same command trains this run again from the start."
+    return f"Checkpoint: {checkpoint}; the same command continues the sweep from it."
 
 
 # ---------------------------------------------------------------------------------------------

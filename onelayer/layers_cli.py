@@ -48,7 +48,8 @@ def _run_config(config_file: str | None, options: dict[str, Any]):
                                   "best one kept (comma-separated).")
 @click.option("--full-score", type=float, help="S_full measured elsewhere (a share in [0, 1]): no "
                                                "full-parameter runs; layers train at --lr.")
-@click.option("--output", help="Sweep directory (a rerun skips finished runs). [default: runs/contribution]")
+@click.option("--output", help="Sweep directory (a rerun skips finished runs and continues an "
+                               "interrupted one from its checkpoint). [default: runs/contribution]")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False),
               help="TOML or YAML file of train options (CLI options win).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")

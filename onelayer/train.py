@@ -356,6 +356,51 @@ def restore_random(state: dict, generator: torch.Generator, job: Job) -> None:
     job.restore(state["job"])
 
 
+def in_use(cfg: TrainConfig, gen_batch: HalveOnOOM, micro: HalveOnOOM) -> TrainConfig:
+    """The run's config as it runs now: the batch sizes it has halved to, no --resume."""
+    return dataclasses.replace(cfg, generation_batch=gen_batch.size, micro_batch=micro.size,
+                               resume=None)
+
+
+@dataclass
+class Checkpointer:
+    """Writes a run's training checkpoints into OUT/checkpoints; `last` is the newest one
+    written (or resumed from), for the message of a run that stops."""
+    out: Path
+    policy: Policy
+    cfg: TrainConfig
+    optimizer: torch.optim.Optimizer
+    generator: torch.Generator
+    job: Job
+    gen_batch: HalveOnOOM
+    micro: HalveOnOOM
+    manifest: dict | None
+    echo: Callable[[str], None]
+    trainer: Callable[[], dict]    # what the run itself keeps: scores, metrics so far
+    last: Path | None = None
+
+    def save(self, step: int) -> Path | None:
+        """A training checkpoint of the state after `step`; None (and a warning) when it could
+        not be written, in which case the previous one is untouched."""
+        optimizer_state = full_state_dict(self.optimizer)   # with zero1, gathered from every rank
+        if not distributed.is_main():   # rank 0 writes it; every rank holds the same state
+            return self.out / CHECKPOINTS / f"step-{step:06d}"
+        state = TrainingState(step, optimizer_state, random_state(self.generator, self.job),
+                              self.trainer())
+        run_config = in_use(self.cfg, self.gen_batch, self.micro)
+        try:
+            self.last = save_checkpoint(self.out, self.policy.layer.state_dict(),
+                                        layer_index=self.policy.split.layer_index,
+                                        layers=self.policy.layer.spec, base_model=self.cfg.model,
+                                        run_config=json.loads(config_json(run_config)),
+                                        state=state, keep=self.cfg.keep, manifest=self.manifest)
+        except OSError as exc:
+            kept = f"the previous one, {self.last}, is intact" if self.last else "none saved yet"
+            self.echo(f"could not save the checkpoint of step {step}: {exc}; {kept}")
+            return None
+        return self.last
+
+
 def train(cfg: TrainConfig, *, progress: bool = True, echo: Callable[[str], None] = print) -> TrainResult:
     """Run single-layer RL as `cfg` says. All input is checked before anything is written.
     With cfg.resume (a checkpoint directory), continue that run exactly where it was saved."""
@@ -440,31 +485,10 @@ def train(cfg: TrainConfig, *, progress: bool = True, echo: Callable[[str], None
                          config=json.loads(config_json(cfg)), optimizer=optimizer, lines=lines,
                          echo=echo)
                 if distributed.is_main() else NoReporter())
-    last_saved = resumed
-
-    def save(step: int) -> Path | None:
-        """A training checkpoint of the state after `step`; None (and a warning) when it could
-        not be written, in which case the previous one is untouched."""
-        nonlocal last_saved
-        optimizer_state = full_state_dict(optimizer)   # with zero1, gathered from every rank
-        if not distributed.is_main():   # rank 0 writes it; every rank holds the same state
-            return out / CHECKPOINTS / f"step-{step:06d}"
-        run_config = dataclasses.replace(cfg, generation_batch=gen_batch.size,
-                                         micro_batch=micro.size, resume=None)
-        state = TrainingState(step, optimizer_state, random_state(generator, job),
-                              {"score_before": before, "history": history, "output": str(out),
-                               "world_size": distributed.world_size()})
-        try:
-            last_saved = save_checkpoint(out, policy.layer.state_dict(),
-                                         layer_index=policy.split.layer_index,
-                                         layers=policy.layer.spec, base_model=cfg.model,
-                                         run_config=json.loads(config_json(run_config)),
-                                         state=state, keep=cfg.keep, manifest=manifest)
-        except OSError as exc:
-            echo(f"could not save the checkpoint of step {step}: {exc}; "
-                 f"{f'the previous one, {last_saved}, is intact' if last_saved else 'none saved yet'}")
-            return None
-        return last_saved
+    checkpointer = Checkpointer(
+        out, policy, cfg, optimizer, generator, job, gen_batch, micro, manifest, echo, last=resumed,
+        trainer=lambda: {"score_before": before, "history": history, "output": str(out),
+                         "world_size": distributed.world_size()})
 
     scheduler = lr_schedule(optimizer, cfg, done_steps=first_step - 1)
     if saved:
@@ -493,24 +517,24 @@ def train(cfg: TrainConfig, *, progress: bool = True, echo: Callable[[str], None
                     echo(f"step {step}: NaN/Inf loss or gradient, {row['skipped_updates']} "
                          f"update(s) skipped ({bad_in_a_row} step(s) in a row)")
                 if bad_in_a_row >= cfg.max_bad_steps:
-                    path = save(step)
+                    path = checkpointer.save(step)
                     raise RunStopped(f"stopped: {bad_in_a_row} steps in a row had a NaN/Inf loss or "
                                      f"gradient (--max-bad-steps {cfg.max_bad_steps}); lower --lr or "
-                                     f"check the rewards. {resume_hint(path or last_saved)}", 1)
+                                     f"check the rewards. {resume_hint(path or checkpointer.last)}", 1)
                 if distributed.any_rank(stop.signal is not None):
-                    path = save(step)
+                    path = checkpointer.save(step)
                     name = signal.Signals(stop.signal or signal.SIGTERM).name   # another rank's
                     raise RunStopped(f"stopped by {name} after step {step}. "
-                                     f"{resume_hint(path or last_saved)}", stop.exit_code)
+                                     f"{resume_hint(path or checkpointer.last)}", stop.exit_code)
                 if step == cfg.steps or (cfg.save_every and step % cfg.save_every == 0):
-                    if save(step) is None and step == cfg.steps:
+                    if checkpointer.save(step) is None and step == cfg.steps:
                         raise RunStopped(f"the final checkpoint could not be written. "
-                                         f"{resume_hint(last_saved)}", 1)
+                                         f"{resume_hint(checkpointer.last)}", 1)
         except KeyboardInterrupt:
-            raise RunStopped(f"abandoned step {step + 1}. {resume_hint(last_saved)}",
+            raise RunStopped(f"abandoned step {step + 1}. {resume_hint(checkpointer.last)}",
                              128 + signal.SIGINT) from None
         except UserError as exc:  # out of memory even at the smallest batch
-            raise UserError(f"{exc}. {resume_hint(last_saved)}") from None
+            raise UserError(f"{exc}. {resume_hint(checkpointer.last)}") from None
 
     after = job.score("after")
     echo(f"held-out {job.metric} after:  {after:.1%} ({job.held_out} held out, greedy; "
@@ -522,8 +546,7 @@ def train(cfg: TrainConfig, *, progress: bool = True, echo: Callable[[str], None
     skipped = sum(row["skipped_updates"] for row in history)
     if skipped:
         echo(f"skipped {skipped} update(s) for a NaN/Inf loss or gradient (skipped_updates in the metrics)")
-    final_config = dataclasses.replace(cfg, generation_batch=gen_batch.size, micro_batch=micro.size,
-                                       resume=None)
+    final_config = in_use(cfg, gen_batch, micro)
     scores = {"metric": job.metric, "task": job.name, "before": before, "after": after,
               "held_out": job.held_out, "steps": cfg.steps}
     if not distributed.is_main():

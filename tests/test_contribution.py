@@ -5,6 +5,7 @@ import json
 from types import SimpleNamespace
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from onelayer.checkpoint import load_layer
@@ -196,3 +197,65 @@ def test_a_sweep_launched_as_two_processes_shares_out_its_runs(tmp_path):
     trained_here = [line for line in done.stdout.splitlines() if "-seed0: " in line]
     assert 1 <= len(trained_here) < len(runs)
     assert done.stdout.count("wrote ") == 1
+
+
+RESUMABLE = ["--model", "demo", "--layers", "2", "--seeds", "1", "--full-score", "0.5", "--lr", "1e-3",
+             "--steps", "4", "--save-every", "2", "--eval-samples", "8", "--prompts-per-step", "2",
+             "--group-size", "4", "--max-new-tokens", "6", "--quiet"]
+TIMING = {"step_s", "gen_s", "update_s", "tokens_per_s"}
+
+
+def counting_steps(monkeypatch, interrupt_at=None):
+    """Count the RL steps taken; SIGINT (Ctrl-C) arrives during step `interrupt_at`."""
+    import signal
+
+    from onelayer import train as train_module
+
+    real, calls = train_module.rl_step, []
+
+    def step(*args, **kwargs):
+        calls.append(len(calls) + 1)
+        if calls[-1] == interrupt_at:
+            signal.raise_signal(signal.SIGINT)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "rl_step", step)
+    return calls
+
+
+def run_files(run):
+    metrics = [{k: v for k, v in json.loads(line).items() if k not in TIMING}
+               for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return load_layer(run)[0], json.loads((run / "scores.json").read_text())["after"], metrics
+
+
+def test_an_interrupted_run_resumes_exactly_where_it_stopped(tmp_path, monkeypatch):
+    from onelayer.checkpoint import checkpoints
+    from onelayer.errors import RunStopped
+
+    whole, stopped = tmp_path / "whole", tmp_path / "stopped"
+    invoke([*RESUMABLE, "--output", str(whole)])
+    run = "L2-lr0.001-seed0"
+    assert not (whole / "runs" / run / "checkpoints").exists()   # gone once scores.json is written
+
+    calls = counting_steps(monkeypatch, interrupt_at=3)
+    with pytest.raises(RunStopped, match=f"stopped by SIGINT after step 3 of {run}"):
+        invoke([*RESUMABLE, "--output", str(stopped)])
+    saved = checkpoints(stopped / "runs" / run)
+    assert [p.name for p in saved] == ["step-000002", "step-000003"]   # --save-every 2, the stop
+    assert not (stopped / "runs" / run / "scores.json").exists()
+
+    with pytest.raises(UserError, match=r"other settings \(steps\)") as refused:
+        invoke([*RESUMABLE, "--steps", "5", "--output", str(stopped)])
+    assert "\n" not in str(refused.value)
+    assert checkpoints(stopped / "runs" / run) == saved           # refused, and left alone
+
+    calls.clear()
+    resumed = invoke([*RESUMABLE, "--output", str(stopped)])
+    assert f"{run}: resuming after step 3 of 4" in resumed and calls == [1]   # one step, the 4th
+    assert not (stopped / "runs" / run / "checkpoints").exists()
+    ours, score, metrics = run_files(stopped / "runs" / run)
+    theirs, whole_score, whole_metrics = run_files(whole / "runs" / run)
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert score == whole_score and metrics == whole_metrics
+    assert [row["step"] for row in metrics] == [1, 2, 3, 4]
