@@ -223,6 +223,7 @@ def _write_json(path: Path, data: dict) -> None:
 def base_score(base: FrozenModel, task, cfg: TrainConfig) -> float:
     """Greedy held-out accuracy of the untrained model, as `onelayer train` scores it."""
     from .evaluate import drop_long_prompts, evaluate
+    from .resilience import HalveOnOOM
     from .train import prompt_style
 
     style = prompt_style(cfg)
@@ -230,7 +231,8 @@ def base_score(base: FrozenModel, task, cfg: TrainConfig) -> float:
                                 cfg.max_prompt_tokens)
     return evaluate(base.lm, base.tokenizer, task, rows, max_new_tokens=cfg.max_new_tokens,
                     seed=cfg.seed, style=style, stop=tuple(cfg.stop),
-                    batch_size=cfg.generation_batch or 64).score
+                    batch_size=HalveOnOOM("the held-out eval batch",
+                                          cfg.generation_batch or 64)).score
 
 
 def run_or_skip(base: FrozenModel, task, cfg: TrainConfig, run: Run, out: Path, progress: bool,
