@@ -9,8 +9,8 @@ One sweep, one model load, one base evaluation:
     single-layer RL, "tuned"    with --layer-lrs, each layer at each of those lrs; the layer's
                                 best lr (mean over seeds) gives its S_k and C(k)
 
-Every run is the step loop of `onelayer train` (train.task_job / rl_step, same seeding and
-optimizer) on the shared model (onelayer.model.shared), saved in OUTPUT/runs/NAME with its
+Every run is the step loop of `onelayer train` (train.run_steps over train.task_job, same
+seeding and optimizer) on the shared model (onelayer.model.shared), saved in OUTPUT/runs/NAME with its
 trained layer, metrics and scores.json. A rerun of the same command skips every run whose
 scores.json exists and continues an interrupted run exactly from its newest training checkpoint
 (OUTPUT/runs/NAME/checkpoints, written as `onelayer train` writes them: every --save-every steps,
@@ -26,7 +26,6 @@ import json
 import os
 import random
 import shutil
-import signal
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -38,7 +37,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import CHECKPOINTS, Checkpoint, checkpoints, load_checkpoint, save_layer
 from .config import TrainConfig, config_json, task_options
-from .errors import RunStopped, UserError
+from .errors import UserError
 from .model.shared import FrozenModel, attach, load_frozen
 
 
@@ -296,7 +295,8 @@ def train_run(base: FrozenModel, task, cfg: TrainConfig, out: Path, progress: bo
     from .export import patch_manifest
     from .reporting import write_jsonl
     from .resilience import HalveOnOOM
-    from .train import Checkpointer, fit_batches, in_use, lr_schedule, restore_random, task_job
+    from .train import (Checkpointer, fit_batches, in_use, lr_schedule, restore_random, run_steps,
+                        task_job)
     from .update import build_objective
 
     t0 = time.perf_counter()
@@ -334,7 +334,10 @@ def train_run(base: FrozenModel, task, cfg: TrainConfig, out: Path, progress: bo
                              "seconds": earlier + time.perf_counter() - t0})
         del saved   # the optimizer holds its state now: no second copy for the rest of the run
         scheduler = lr_schedule(optimizer, cfg, done_steps=done_steps)
-        run_steps(job, scheduler, checkpointer, cfg, history, done_steps + 1, progress, echo)
+        run_steps(job, cfg, history, done_steps + 1, scheduler=scheduler,
+                  checkpointer=checkpointer, progress=progress,
+                  desc=f"L{cfg.layer} lr {cfg.lr:g} seed {cfg.seed}", leave=False,
+                  stopped=lambda path: rerun_hint(out.name, path), echo=echo)
         score = job.score("after")
         out.mkdir(parents=True, exist_ok=True)
         write_jsonl(out / "metrics.jsonl", history)
@@ -347,39 +350,10 @@ def train_run(base: FrozenModel, task, cfg: TrainConfig, out: Path, progress: bo
     return score, earlier + time.perf_counter() - t0
 
 
-def run_steps(job, scheduler, checkpointer, cfg: TrainConfig, history: list[dict], first_step: int,
-              progress: bool, echo: Callable[[str], None]) -> None:
-    """Steps first_step..--steps, checkpointed as `onelayer train` does: every --save-every
-    steps, the last step, and the step during which SIGINT or SIGTERM came, which then stops
-    the sweep (a second signal abandons the step)."""
-    from .resilience import stop_between_steps
-    from .train import advance
-
-    name = checkpointer.out.name
-    with stop_between_steps(echo) as stop, \
-            tqdm(range(first_step, cfg.steps + 1), desc=f"L{cfg.layer} lr {cfg.lr:g} seed {cfg.seed}",
-                 disable=not progress, leave=False, initial=first_step - 1, total=cfg.steps) as bar:
-        step = first_step - 1
-        try:
-            for step in bar:
-                history.append({"step": step, "lr": scheduler.get_last_lr()[0], **job.step()})
-                advance(scheduler)
-                if stop.signal is not None:
-                    path = checkpointer.save(step)
-                    raise RunStopped(f"stopped by {signal.Signals(stop.signal).name} after step {step} "
-                                     f"of {name}. {rerun_hint(path or checkpointer.last)}",
-                                     stop.exit_code)
-                if step == cfg.steps or (cfg.save_every and step % cfg.save_every == 0):
-                    checkpointer.save(step)
-        except KeyboardInterrupt:
-            raise RunStopped(f"abandoned step {step + 1} of {name}. {rerun_hint(checkpointer.last)}",
-                             128 + signal.SIGINT) from None
-
-
-def rerun_hint(checkpoint: Path | None) -> str:
+def rerun_hint(name: str, checkpoint: Path | None) -> str:
     if checkpoint is None:
-        return "No checkpoint was saved: the same command trains this run again from the start."
-    return f"Checkpoint: {checkpoint}; the same command continues the sweep from it."
+        return f"No checkpoint of run {name} was saved: the same command trains it again."
+    return f"Run {name}'s checkpoint: {checkpoint}; the same command continues the sweep from it."
 
 
 # ---------------------------------------------------------------------------------------------

@@ -26,8 +26,8 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .algos.advantages import STD_EPS
-from .checkpoint import (CHECKPOINTS, CONFIG_FILE, LAYER_FILE, TrainingState, checkpoints, load_checkpoint,
-                         save_checkpoint, save_layer)
+from .checkpoint import (CHECKPOINTS, CONFIG_FILE, LAYER_FILE, Checkpoint, TrainingState, checkpoints,
+                         load_checkpoint, save_checkpoint, save_layer)
 from .config import TrainConfig, config_json, resume_changes, reward_options, task_options
 from .data_parallel import build_optimizer, full_state_dict
 from .errors import RunStopped, UserError
@@ -404,16 +404,62 @@ class Checkpointer:
 def train(cfg: TrainConfig, *, progress: bool = True, echo: Callable[[str], None] = print) -> TrainResult:
     """Run single-layer RL as `cfg` says. All input is checked before anything is written.
     With cfg.resume (a checkpoint directory), continue that run exactly where it was saved."""
-    from .agentic import agentic_job, check_env
-    from .evaluate import load_trained_layer
-    from .probe import probe_choice
-
     t_start = time.perf_counter()
     # torchrun / accelerate launch with several processes: join them (docs/distributed.md).
     if distributed.init_from_env(cfg.device, cfg.dist_timeout):
         distributed.check_run(cfg)
         if not distributed.is_main():   # rank 0 alone speaks and writes
             echo, progress = (lambda line: None), False
+    run = set_up(cfg, progress, echo)
+    cfg, job, saved = run.cfg, run.job, run.saved
+    if saved:
+        before, history = saved.state.trainer["score_before"], saved.state.trainer["history"]
+        first_step = saved.state.step + 1
+    else:
+        before, history, first_step = job.score("before"), [], 1
+        echo(f"held-out {job.metric} before: {before:.1%} ({job.held_out} held out, greedy)")
+    lines = terminal_lines(progress)   # a log file gets one line per step, not a bar
+    reporter = (Reporter(run.out, report_to=cfg.report_to, log_completions=cfg.log_completions,
+                         history=history, first_step=first_step, steps=cfg.steps,
+                         metrics_path=Path(cfg.metrics) if cfg.metrics else None,
+                         config=json.loads(config_json(cfg)), optimizer=run.optimizer,
+                         lines=lines, echo=echo)
+                if distributed.is_main() else NoReporter())
+    checkpointer = Checkpointer(
+        run.out, run.policy, cfg, run.optimizer, run.generator, job, run.gen_batch, run.micro,
+        run.manifest, echo, last=saved.path if saved else None,
+        trainer=lambda: {"score_before": before, "history": history, "output": str(run.out),
+                         "world_size": distributed.world_size()})
+    scheduler = lr_schedule(run.optimizer, cfg, done_steps=first_step - 1)
+    if saved:
+        restore_random(saved.state.random, run.generator, job)
+    with reporter:
+        run_steps(job, cfg, history, first_step, scheduler=scheduler, checkpointer=checkpointer,
+                  reporter=reporter, progress=progress and not lines, echo=echo)
+    return finish(run, before, history, reporter, t_start, echo)
+
+
+@dataclass
+class RunSetUp:
+    """What `train` has built and checked before its first step."""
+    cfg: TrainConfig             # with the probe's layer and the memory plan's batch sizes
+    policy: Policy
+    job: Job
+    optimizer: torch.optim.Optimizer
+    generator: torch.Generator   # the run's own random stream: sampling and minibatch order
+    gen_batch: HalveOnOOM
+    micro: HalveOnOOM
+    out: Path
+    manifest: dict | None        # None for a full-parameter run (no patch)
+    saved: Checkpoint | None     # the checkpoint resumed, restored into policy and optimizer
+
+
+def set_up(cfg: TrainConfig, progress: bool, echo: Callable[[str], None]) -> RunSetUp:
+    """Check every input, load the model, build the job; restore a resumed checkpoint."""
+    from .agentic import agentic_job, check_env
+    from .evaluate import load_trained_layer
+    from .probe import probe_choice
+
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     resumed = Path(cfg.resume) if cfg.resume else None
@@ -439,8 +485,8 @@ def train(cfg: TrainConfig, *, progress: bool = True, echo: Callable[[str], None
     out = distributed.broadcast_object(output_dir(cfg, policy, resumed))
     objective = build_objective(cfg, policy.device)
     optimizer = build_optimizer(policy.layer, cfg)   # sharded over the ranks with zero1
-    # The run's own random stream: sampling and minibatch order. Evals draw from generators of
-    # their own, so scoring held-out rows never shifts what training samples.
+    # Evals draw from generators of their own, so scoring held-out rows never shifts what
+    # training samples.
     generator = torch.Generator(policy.device).manual_seed(cfg.seed)
     # A turn of multi-turn episodes samples any number of live rows; a single-turn step, groups.
     gen_batch = HalveOnOOM("--generation-batch", cfg.generation_batch,
@@ -467,42 +513,37 @@ def train(cfg: TrainConfig, *, progress: bool = True, echo: Callable[[str], None
     if saved:
         load_trained_layer(policy, resumed)
         optimizer.load_state_dict(saved.state.optimizer)
-        before, history = saved.state.trainer["score_before"], saved.state.trainer["history"]
-        first_step = saved.state.step + 1
-        if saved.state.trainer.get("world_size", 1) != distributed.world_size():
-            echo(f"resume: {saved.state.trainer.get('world_size', 1)} -> "
-                 f"{distributed.world_size()} ranks")
+        saved.state.optimizer = {}   # the optimizer holds it now: no second copy for the run
+        ranks = saved.state.trainer.get("world_size", 1)
+        if ranks != distributed.world_size():
+            echo(f"resume: {ranks} -> {distributed.world_size()} ranks")
         echo(f"resuming from {resumed} at step {saved.state.step} of {cfg.steps}; held-out "
-             f"{job.metric} before training: {before:.1%}")
-    else:
-        before, history, first_step = job.score("before"), [], 1
-        echo(f"held-out {job.metric} before: {before:.1%} ({job.held_out} held out, greedy)")
+             f"{job.metric} before training: {saved.state.trainer['score_before']:.1%}")
+    return RunSetUp(cfg, policy, job, optimizer, generator, gen_batch, micro, out, manifest, saved)
 
-    lines = terminal_lines(progress)   # a log file gets one line per step, not a bar
-    reporter = (Reporter(out, report_to=cfg.report_to, log_completions=cfg.log_completions,
-                         history=history, first_step=first_step, steps=cfg.steps,
-                         metrics_path=Path(cfg.metrics) if cfg.metrics else None,
-                         config=json.loads(config_json(cfg)), optimizer=optimizer, lines=lines,
-                         echo=echo)
-                if distributed.is_main() else NoReporter())
-    checkpointer = Checkpointer(
-        out, policy, cfg, optimizer, generator, job, gen_batch, micro, manifest, echo, last=resumed,
-        trainer=lambda: {"score_before": before, "history": history, "output": str(out),
-                         "world_size": distributed.world_size()})
 
-    scheduler = lr_schedule(optimizer, cfg, done_steps=first_step - 1)
-    if saved:
-        restore_random(saved.state.random, generator, job)
+def run_steps(job: Job, cfg: TrainConfig, history: list[dict], first_step: int, *,
+              scheduler, checkpointer: Checkpointer, reporter=NoReporter(),
+              progress: bool = True, desc: str = "train", leave: bool = True,
+              stopped: Callable[[Path | None], str] | None = None,
+              echo: Callable[[str], None] = print) -> None:
+    """Steps first_step..cfg.steps: each step's metrics row (reported, appended to `history`),
+    the --eval-every scores, a checkpoint every --save-every steps and at the last. A run stops
+    with a checkpoint and RunStopped after --max-bad-steps NaN/Inf steps in a row, or after the
+    step during which SIGINT or SIGTERM came (a second signal abandons the step); stopped(path)
+    tells how to go on from the newest checkpoint (default: `onelayer train --resume`)."""
+    stopped = stopped or resume_hint
+    device, generator = checkpointer.policy.device, checkpointer.generator
     bad_in_a_row = 0
-    with reporter, stop_between_steps(echo) as stop, \
-            tqdm(range(first_step, cfg.steps + 1), desc="train", disable=not progress or lines,
+    with stop_between_steps(echo) as stop, \
+            tqdm(range(first_step, cfg.steps + 1), desc=desc, disable=not progress, leave=leave,
                  initial=first_step - 1, total=cfg.steps) as bar:
         step = first_step - 1
         try:
             for step in bar:
                 if distributed.world_size() > 1:
                     generator.manual_seed(distributed.step_seed(cfg.seed, step))
-                measured = {**job.step(), **memory_gib(policy.device)}
+                measured = {**job.step(), **memory_gib(device)}
                 samples = measured.pop("samples", None)
                 row = {"step": step, "lr": scheduler.get_last_lr()[0],
                        **distributed.reduce_metrics(measured)}
@@ -517,25 +558,31 @@ def train(cfg: TrainConfig, *, progress: bool = True, echo: Callable[[str], None
                     echo(f"step {step}: NaN/Inf loss or gradient, {row['skipped_updates']} "
                          f"update(s) skipped ({bad_in_a_row} step(s) in a row)")
                 if bad_in_a_row >= cfg.max_bad_steps:
-                    path = checkpointer.save(step)
+                    path = checkpointer.save(step) or checkpointer.last
                     raise RunStopped(f"stopped: {bad_in_a_row} steps in a row had a NaN/Inf loss or "
                                      f"gradient (--max-bad-steps {cfg.max_bad_steps}); lower --lr or "
-                                     f"check the rewards. {resume_hint(path or checkpointer.last)}", 1)
+                                     f"check the rewards. {stopped(path)}", 1)
                 if distributed.any_rank(stop.signal is not None):
-                    path = checkpointer.save(step)
+                    path = checkpointer.save(step) or checkpointer.last
                     name = signal.Signals(stop.signal or signal.SIGTERM).name   # another rank's
-                    raise RunStopped(f"stopped by {name} after step {step}. "
-                                     f"{resume_hint(path or checkpointer.last)}", stop.exit_code)
+                    raise RunStopped(f"stopped by {name} after step {step}. {stopped(path)}",
+                                     stop.exit_code)
                 if step == cfg.steps or (cfg.save_every and step % cfg.save_every == 0):
                     if checkpointer.save(step) is None and step == cfg.steps:
                         raise RunStopped(f"the final checkpoint could not be written. "
-                                         f"{resume_hint(checkpointer.last)}", 1)
+                                         f"{stopped(checkpointer.last)}", 1)
         except KeyboardInterrupt:
-            raise RunStopped(f"abandoned step {step + 1}. {resume_hint(checkpointer.last)}",
+            raise RunStopped(f"abandoned step {step + 1}. {stopped(checkpointer.last)}",
                              128 + signal.SIGINT) from None
         except UserError as exc:  # out of memory even at the smallest batch
-            raise UserError(f"{exc}. {resume_hint(checkpointer.last)}") from None
+            raise UserError(f"{exc}. {stopped(checkpointer.last)}") from None
 
+
+def finish(run: RunSetUp, before: float, history: list[dict], reporter, t_start: float,
+           echo: Callable[[str], None]) -> TrainResult:
+    """Score after training, say what was dropped or skipped, save the layer (a patch), the
+    summary and the reward plot."""
+    cfg, job, policy = run.cfg, run.job, run.policy
     after = job.score("after")
     echo(f"held-out {job.metric} after:  {after:.1%} ({job.held_out} held out, greedy; "
          f"{after - before:+.1%})")
@@ -546,22 +593,21 @@ def train(cfg: TrainConfig, *, progress: bool = True, echo: Callable[[str], None
     skipped = sum(row["skipped_updates"] for row in history)
     if skipped:
         echo(f"skipped {skipped} update(s) for a NaN/Inf loss or gradient (skipped_updates in the metrics)")
-    final_config = in_use(cfg, gen_batch, micro)
+    if not distributed.is_main():
+        return TrainResult(before, after, cfg.steps, time.perf_counter() - t_start, run.out)
     scores = {"metric": job.metric, "task": job.name, "before": before, "after": after,
               "held_out": job.held_out, "steps": cfg.steps}
-    if not distributed.is_main():
-        return TrainResult(before, after, cfg.steps, time.perf_counter() - t_start, out)
-    save_layer(out, policy.layer.state_dict(), layer_index=policy.split.layer_index,
+    save_layer(run.out, policy.layer.state_dict(), layer_index=policy.split.layer_index,
                layers=policy.layer.spec, base_model=cfg.model,
-               run_config=json.loads(config_json(final_config)), step=cfg.steps,
-               manifest=manifest and {**manifest, "scores": scores})
-    reporter.finish({f"{job.metric.replace(' ', '_')}_before": before,
-                     f"{job.metric.replace(' ', '_')}_after": after})
+               run_config=json.loads(config_json(in_use(cfg, run.gen_batch, run.micro))),
+               step=cfg.steps, manifest=run.manifest and {**run.manifest, "scores": scores})
+    metric = job.metric.replace(" ", "_")
+    reporter.finish({f"{metric}_before": before, f"{metric}_after": after})
     if history:
-        plot_rewards(history, before, after, job.metric, out / "reward.png")
+        plot_rewards(history, before, after, job.metric, run.out / "reward.png")
     seconds = time.perf_counter() - t_start
-    echo(f"saved {policy.layer.label} to {out / LAYER_FILE} ({seconds:.0f} s in all)")
-    return TrainResult(before, after, cfg.steps, seconds, out)
+    echo(f"saved {policy.layer.label} to {run.out / LAYER_FILE} ({seconds:.0f} s in all)")
+    return TrainResult(before, after, cfg.steps, seconds, run.out)
 
 
 # --lr-scheduler -> transformers' schedule: each warms up linearly over the warmup steps.

@@ -202,7 +202,7 @@ def test_a_sweep_launched_as_two_processes_shares_out_its_runs(tmp_path):
 RESUMABLE = ["--model", "demo", "--layers", "2", "--seeds", "1", "--full-score", "0.5", "--lr", "1e-3",
              "--steps", "4", "--save-every", "2", "--eval-samples", "8", "--prompts-per-step", "2",
              "--group-size", "4", "--max-new-tokens", "6", "--quiet"]
-TIMING = {"step_s", "gen_s", "update_s", "tokens_per_s"}
+TIMING = {"step_s", "gen_s", "update_s", "tokens_per_s", "rss_gib", "peak_mem_gib"}
 
 
 def counting_steps(monkeypatch, interrupt_at=None):
@@ -239,7 +239,7 @@ def test_an_interrupted_run_resumes_exactly_where_it_stopped(tmp_path, monkeypat
     assert not (whole / "runs" / run / "checkpoints").exists()   # gone once scores.json is written
 
     calls = counting_steps(monkeypatch, interrupt_at=3)
-    with pytest.raises(RunStopped, match=f"stopped by SIGINT after step 3 of {run}"):
+    with pytest.raises(RunStopped, match=f"stopped by SIGINT after step 3. Run {run}'s checkpoint"):
         invoke([*RESUMABLE, "--output", str(stopped)])
     saved = checkpoints(stopped / "runs" / run)
     assert [p.name for p in saved] == ["step-000002", "step-000003"]   # --save-every 2, the stop
