@@ -32,7 +32,8 @@ from onelayer.config import build_config
 from onelayer.model import load_policy
 from onelayer.rollout import SamplingParams, attention, decoder, generate_completions
 from onelayer.tasks import Task
-from onelayer.train import memory_gib, rl_step
+from onelayer.single_turn import rl_step
+from onelayer.train import memory_gib
 from onelayer.update import build_objective
 
 CONFIGS = {
@@ -204,6 +205,9 @@ def main() -> None:
                   decode_ms_per_step=round(1e3 * last["gen_s"] / decode_steps, 2),
                   device=torch.cuda.get_device_name() if cuda else "cpu",
                   torch=torch.__version__, **{k: round(v, 2) for k, v in memory_gib(policy.device).items()})
+    # How far the rollout path (decoder, CUDA graph, NF4 decode kernels) is from the engine's.
+    result.update({k: float(f"{last[k]:.3g}") for k in ("sampler_logprob_gap", "sampler_kl")
+                   if k in last})
     if cuda:
         weight_bytes = decode_bytes(policy)
         limit_ms = 1e3 * weight_bytes / (bandwidth / 2)   # bandwidth counts read + write

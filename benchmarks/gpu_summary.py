@@ -44,13 +44,15 @@ def main(folder: Path) -> None:
                                          f"at {r.get('copy_bandwidth_tb_s', '?')} TB/s copy bandwidth): "
                                          f"{100 * r.get('decode_share_of_limit', 0):.1f}% of the limit"),
             ("decoder graph (training steps)", r.get("decode_graph", "?")),
+            ("sampler vs engine log-probs (last step)",
+             f"mean abs gap {r.get('sampler_logprob_gap', '?')}, KL {r.get('sampler_kl', '?')}"),
             *[(f"decode, mode {m}, {r.get('mode_tokens', '?')} greedy tokens",
                f"{v['ms']:.2f} ms a step ({v['status']}; tokens == eager: {v['same_as_eager']})")
               for m, v in r.get("decode_ms_by_mode", {}).items()],
             *[(f"decode, GQA fold vs repeat, {g['rows']} rows x {g['context']} cache columns",
                f"{g['fold']['tokens_per_s']:.0f} vs {g['repeat']['tokens_per_s']:.0f} tokens/s "
                f"({g['fold']['ms']:.2f} vs {g['repeat']['ms']:.2f} ms a step; tokens equal: {g['same_tokens']})")
-              for g in [r["decode_gqa"]] if "decode_gqa" in r],
+              for g in ([r["decode_gqa"]] if "decode_gqa" in r else [])],
             *[("decode, mode compile", f"{c['ms']:.2f} ms a step ({c['status']}; first call {c['first_call_s']} s; "
                                        f"tokens == eager: {c['same_as_eager']})" if "ms" in c else c.get("error", "?"))
               for c in compiled],

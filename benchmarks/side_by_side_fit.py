@@ -37,7 +37,7 @@ from onelayer.memory import GiB, ModelDims, largest_fit, plan_onelayer, read_mod
 from onelayer.memory.report import CUDA_CONTEXT  # noqa: E402
 from onelayer.model import load_policy  # noqa: E402
 from onelayer.tasks import Task  # noqa: E402
-from onelayer.train import rl_step  # noqa: E402
+from onelayer.single_turn import rl_step  # noqa: E402
 from onelayer.update import build_objective  # noqa: E402
 
 PROMPT = " ".join(f"t{(7 * j) % 1000 + 3}" for j in range(48))   # bench_train_step's prompt

@@ -1,4 +1,4 @@
-"""The memory planner against real steps: peak memory of `onelayer.train.rl_step`.
+"""The memory planner against real steps: peak memory of `onelayer.single_turn.rl_step`.
 
 CPU: a TorchDispatchMode sees every tensor an op returns; each storage is counted once when it
 first appears and uncounted when it is freed (a weakref finalizer on the storage). Before the
@@ -40,11 +40,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
-import onelayer.train as engine
+import onelayer.single_turn as engine
 from onelayer.config import TrainConfig, build_config
 from onelayer.memory import ModelDims, Workload, plan_onelayer
 from onelayer.model import load_policy
 from onelayer.tasks import Task
+from onelayer.update import build_objective
 
 CONFIGS = {
     # small enough for seconds a step on 2 cores; big enough that activations, not weights,
@@ -129,10 +130,9 @@ def resident_tensors(policy, optimizer) -> list[torch.Tensor]:
     return tensors
 
 
-# (module, function, stage): the engine's functions that begin each stage. The PPO update
-# moves to onelayer.update with micro-batching; whichever module holds it is labelled.
-STAGE_STARTS = [("onelayer.train", "sample_and_score", "generate"), ("onelayer.train", "optimize", "log-probs"),
-                ("onelayer.train", "update", "update"), ("onelayer.update", "update", "update")]
+# (module, function, stage): the engine's functions that begin each stage.
+STAGE_STARTS = [("onelayer.single_turn", "sample_and_score", "generate"),
+                ("onelayer.single_turn", "optimize", "log-probs"), ("onelayer.update", "update", "update")]
 
 
 @contextlib.contextmanager
@@ -256,7 +256,7 @@ def _measure(case: Case, root: str) -> Result:
     if case.micro_batch:
         options["micro_batch"] = case.micro_batch
     cfg = build_config(options)
-    objective = engine.build_objective(cfg, torch.device(cfg.device))
+    objective = build_objective(cfg, torch.device(cfg.device))
     policy, optimizer = _loaded(cfg)
     # A short step creates the AdamW state and the gradients, whose sizes do not depend on it.
     engine.rl_step(policy, optimizer, task, rows, build_config({**options, "max_new_tokens": 2}), objective)

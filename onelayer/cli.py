@@ -67,7 +67,8 @@ def train(config_file, quiet, **options):
 @click.option("--temperature", type=float, default=1.0, show_default=True)
 @click.option("--max-new-tokens", type=int, help="[default: the checkpoint's run, else 512]")
 @click.option("--batch-size", type=int, default=64, show_default=True,
-              help="Problems per generation call; halved when the device runs out of memory.")
+              help="Problems (with --env, episodes) per generation call; halved when the "
+                   "device runs out of memory.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--frozen-dtype", type=click.Choice(["nf4", "bf16", "fp32"]))
 @click.option("--device")

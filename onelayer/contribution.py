@@ -9,14 +9,14 @@ One sweep, one model load, one base evaluation:
     single-layer RL, "tuned"    with --layer-lrs, each layer at each of those lrs; the layer's
                                 best lr (mean over seeds) gives its S_k and C(k)
 
-Every run is the step loop of `onelayer train` (train.run_steps over train.task_job, same
-seeding and optimizer) on the shared model (onelayer.model.shared), saved in OUTPUT/runs/NAME with its
-trained layer, metrics and scores.json. A rerun of the same command skips every run whose
-scores.json exists and continues an interrupted run exactly from its newest training checkpoint
-(OUTPUT/runs/NAME/checkpoints, written as `onelayer train` writes them: every --save-every steps,
-at the last step and on SIGINT / SIGTERM); a run's checkpoints are deleted once its scores.json
-is written. The sweep writes contribution.json, contribution.csv, contribution.md and
-contribution.png.
+Every run is the step loop of `onelayer train` (train.run_steps over single_turn.task_job,
+same seeding and optimizer) on the shared model (onelayer.model.shared), saved in
+OUTPUT/runs/NAME with its trained layer, metrics and scores.json. A rerun of the same command
+skips every run whose scores.json exists and continues an interrupted run exactly from its
+newest training checkpoint (OUTPUT/runs/NAME/checkpoints, written as `onelayer train` writes
+them: every --save-every steps, at the last step and on SIGINT / SIGTERM); a run's checkpoints
+are deleted once its scores.json is written. The sweep writes contribution.json,
+contribution.csv, contribution.md and contribution.png.
 """
 from __future__ import annotations
 
@@ -223,7 +223,7 @@ def base_score(base: FrozenModel, task, cfg: TrainConfig) -> float:
     """Greedy held-out accuracy of the untrained model, as `onelayer train` scores it."""
     from .evaluate import drop_long_prompts, evaluate
     from .resilience import HalveOnOOM
-    from .train import prompt_style
+    from .single_turn import prompt_style
 
     style = prompt_style(cfg)
     rows, _ = drop_long_prompts(base.tokenizer, task, style, list(task.test[:cfg.eval_samples]),
@@ -295,8 +295,8 @@ def train_run(base: FrozenModel, task, cfg: TrainConfig, out: Path, progress: bo
     from .export import patch_manifest
     from .reporting import write_jsonl
     from .resilience import HalveOnOOM
-    from .train import (Checkpointer, fit_batches, in_use, lr_schedule, restore_random, run_steps,
-                        task_job)
+    from .single_turn import task_job
+    from .train import Checkpointer, fit_batches, in_use, lr_schedule, restore_random, run_steps
     from .update import build_objective
 
     t0 = time.perf_counter()
@@ -316,7 +316,8 @@ def train_run(base: FrozenModel, task, cfg: TrainConfig, out: Path, progress: bo
         gen_batch = HalveOnOOM("--generation-batch", cfg.generation_batch, unit=cfg.group_size,
                                echo=echo)
         micro = HalveOnOOM("--micro-batch", cfg.micro_batch, echo=echo)
-        job = task_job(task, policy, optimizer, cfg, objective, generator, False, gen_batch, micro)
+        job = task_job(task, policy, optimizer, cfg, objective, generator, False, gen_batch, micro,
+                       echo)
         manifest = None if policy.split.full else patch_manifest(cfg.model, policy.model_path,
                                                                   policy.layer_indices)
         history, done_steps, earlier = [], 0, 0.0

@@ -47,9 +47,9 @@ def evaluate(lm, tokenizer, task: Task, rows: Sequence[Row], *, max_new_tokens: 
 
     batch_size: rows per generation call, or a HalveOnOOM that the caller keeps, so that a size
     halved once stays halved for its later evals. Out of memory, the batch is retried at half
-    the size (greedy completions change only by float rounding; k > 1 draws other samples). Samples come from
-    a generator of its own, seeded with `seed`: an eval in the middle of a run leaves the
-    training run's random stream where it was."""
+    the size (greedy completions change only by float rounding; k > 1 draws other samples).
+    Samples come from a generator of its own, seeded with `seed`: an eval in the middle of a
+    run leaves the training run's random stream where it was."""
     t0 = time.perf_counter()
     batch = (batch_size if isinstance(batch_size, HalveOnOOM)
              else HalveOnOOM("--batch-size", batch_size))
@@ -86,14 +86,13 @@ def evaluate_env(policy, cfg, tasks: int, *, k: int = 1, temperature: float = 1.
     """Success rate (k = 1, greedy episodes) or pass@k (k sampled episodes a task) on the first
     `tasks` held-out tasks of cfg.env: the tasks `onelayer train` scores, so that a greedy eval
     of a trained run's patch reproduces the run's score after training. batch_size: episodes
-    acting at once (0: all), as for `evaluate`."""
+    acting at once (0: all), an int or a HalveOnOOM as for `evaluate`."""
     from .agentic import HELD_OUT_SEED, check_playable, play
 
+    t0 = time.perf_counter()
     check_playable(policy, cfg)
     batch = (batch_size if isinstance(batch_size, HalveOnOOM)
              else HalveOnOOM("--batch-size", batch_size))
-
-    t0 = time.perf_counter()
     seeds = list(range(HELD_OUT_SEED, HELD_OUT_SEED + tasks))
     params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=temperature,
                             greedy=k == 1, stop=tuple(cfg.stop))

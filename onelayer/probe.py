@@ -211,7 +211,7 @@ def backward_to(split, batch: ProbeBatch, objective, lowest: int, micro_batch: i
 def sample_batches(base: FrozenModel, task, cfg: TrainConfig, batches: int, objective) -> list[ProbeBatch]:
     """`batches` rollout batches of the base model, drawn as `onelayer train` draws its first."""
     from .prompting import prompt_fits
-    from .train import prompt_style, sample_and_score
+    from .single_turn import prompt_style, sample_and_score
 
     fits = prompt_fits(base.tokenizer, task, prompt_style(cfg), cfg.max_prompt_tokens)
     rows = TrainingRows(task.train, cfg.seed, fits)

@@ -209,9 +209,9 @@ def counting_steps(monkeypatch, interrupt_at=None):
     """Count the RL steps taken; SIGINT (Ctrl-C) arrives during step `interrupt_at`."""
     import signal
 
-    from onelayer import train as train_module
+    from onelayer import single_turn
 
-    real, calls = train_module.rl_step, []
+    real, calls = single_turn.rl_step, []
 
     def step(*args, **kwargs):
         calls.append(len(calls) + 1)
@@ -219,7 +219,7 @@ def counting_steps(monkeypatch, interrupt_at=None):
             signal.raise_signal(signal.SIGINT)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(train_module, "rl_step", step)
+    monkeypatch.setattr(single_turn, "rl_step", step)
     return calls
 
 

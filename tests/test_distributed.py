@@ -45,10 +45,10 @@ def worker(log: str, argv: list[str]) -> None:
     import torch
     import torch.distributed as dist
 
-    from onelayer import cli, train
+    from onelayer import cli, single_turn, train
     from onelayer.rollout import select_rollout
 
-    real_sample, real_save = train.sample_and_score, train.save_checkpoint
+    real_sample, real_save = single_turn.sample_and_score, train.save_checkpoint
     calls = []
 
     def rank() -> int:
@@ -73,7 +73,7 @@ def worker(log: str, argv: list[str]) -> None:
         batch = real_sample(policy, task, everyone, cfg, generator=torch.Generator().manual_seed(seed))
         n = len(rows) * cfg.group_size
         mine = torch.arange(rank() * n, (rank() + 1) * n)
-        return train.ScoredBatch(select_rollout(batch.rollout, mine), batch.rewards[mine],
+        return single_turn.ScoredBatch(select_rollout(batch.rollout, mine), batch.rewards[mine],
                                  batch.group_ids[mine], len(rows))
 
     def logged_save(output, *args, state, **kwargs):
@@ -81,7 +81,7 @@ def worker(log: str, argv: list[str]) -> None:
             f.write(f"{rank()} {state.step}\n")
         return real_save(output, *args, state=state, **kwargs)
 
-    real_rl_step, real_task_job, real_load_task = train.rl_step, train.task_job, train.load_task
+    real_rl_step, real_task_job, real_load_task = single_turn.rl_step, train.task_job, train.load_task
     rounds, steps = [], []
     flat_step = int(os.environ.get("ONELAYER_TEST_FLAT_STEP", 0))
 
@@ -117,9 +117,9 @@ def worker(log: str, argv: list[str]) -> None:
         return job
 
     if not os.environ.get("ONELAYER_TEST_OWN_SAMPLING"):
-        train.sample_and_score = sample_globally
+        single_turn.sample_and_score = sample_globally
     if os.environ.get("ONELAYER_TEST_FLAT_FIRST_ROUND"):
-        train.load_task, train.rl_step = flat_first_round, counted_rl_step
+        train.load_task, single_turn.rl_step = flat_first_round, counted_rl_step
     train.save_checkpoint, train.task_job = logged_save, logged_task_job
     events = trace() if os.environ.get("ONELAYER_TEST_TRACE") else None
     try:

@@ -109,7 +109,7 @@ def test_max_memory_chooses_batches_before_loading():
 
 def test_generation_batch_keeps_groups_whole(tiny_models):
     from onelayer.tasks import load_task
-    from onelayer.train import sample_and_score
+    from onelayer.single_turn import sample_and_score
 
     policy = load_policy(tiny_models["qwen3"], layer=1, frozen_dtype="fp32", device="cpu")
     task = load_task("arithmetic")

@@ -15,7 +15,7 @@ from onelayer.prompting import PromptStyle, check_style, prompt_fits, render_pro
 from onelayer.tasks import Task
 from onelayer.tasks.arithmetic import arithmetic_task
 from onelayer.tasks.stream import TrainingRows
-from onelayer.train import rl_step, without_truncated
+from onelayer.single_turn import rl_step, without_truncated
 from onelayer.update import build_objective
 
 # A template with a Qwen3-style switch: thinking unless enable_thinking is false.

@@ -15,7 +15,7 @@ from onelayer.rollout import SamplingParams, concat_rollouts, generate_completio
 from onelayer.rollout.generate import (StopStrings, end_of_turn_id, restrict, sample,
                                        stop_token_ids)
 from onelayer.tasks.arithmetic import arithmetic_task
-from onelayer.train import rl_step
+from onelayer.single_turn import rl_step
 from onelayer.update import build_objective, frozen_logprobs, optimize, schedule
 
 # Different lengths, so that the batch is left-padded.

@@ -1,0 +1,231 @@
+"""Single-turn RL on a task: the whole step in `rl_step`, and the task's `Job` for the run.
+
+One step:  prompts -> G completions each (current policy) -> rewards -> group advantages
+           -> prefix once (h_L cached) -> old (and reference) log-probs from h_L, no grad
+           -> for each epoch and minibatch: layer L + suffix from h_L with grad, policy loss,
+              backward into layer L's fp32 master weights, AdamW step, refresh compute copy.
+
+agentic.py is the same for multi-turn environments (GiGPO); train.py runs either job.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from . import distributed
+from .algos.advantages import STD_EPS
+from .config import TrainConfig
+from .errors import UserError
+from .evaluate import drop_long_prompts, evaluate as score_task
+from .model import Policy
+from .model.vocab import check_encodes
+from .prompting import PromptStyle, prompt_fits, render_prompt
+from .reporting import StepSamples, prompt_texts
+from .resilience import HalveOnOOM
+from .rollout import (Rollout, concat_rollouts, generate_completions, release_decoder,
+                      select_rollout)
+from .tasks import Task
+from .tasks.stream import TrainingRows
+from .update import (Job, Objective, optimize, sampling_params, schedule, step_metrics,
+                     sync_device)
+
+
+def prompt_style(cfg: TrainConfig) -> PromptStyle:
+    return PromptStyle(cfg.chat, cfg.chat_template_kwargs)
+
+
+# DAPO dynamic sampling draws at most this many batches of prompts per step to find groups
+# whose rewards differ; what it found by then is trained on.
+MAX_SAMPLING_ROUNDS = 4
+
+
+@dataclass
+class ScoredBatch:
+    """G completions per prompt, their rewards [B] and group ids [B] (consecutive rows)."""
+    rollout: Rollout
+    rewards: Tensor
+    group_ids: Tensor
+    groups_sampled: int
+
+
+def sample_and_score(policy: Policy, task: Task, rows: list[dict], cfg: TrainConfig,
+                     more_rows: Callable[[int], list[dict]] | None = None, *,
+                     generator: torch.Generator | None = None,
+                     gen_batch: HalveOnOOM | None = None) -> ScoredBatch:
+    """Sample G completions for each row and score them. With dynamic sampling, groups whose
+    rewards are all equal (no learning signal) are dropped and `more_rows` refills the batch
+    (on several ranks, each rank its own share, from its own rows: no collective in here, so
+    ranks that need different numbers of rounds never wait for each other).
+    generator: the run's random stream (None: torch's global one). gen_batch: rows per
+    generate call, halved when the device runs out of memory (None: --generation-batch)."""
+    G = cfg.group_size
+    tokenizer = policy.tokenizer
+    gen_batch = gen_batch or HalveOnOOM("--generation-batch", cfg.generation_batch, unit=G)
+    kept, kept_rewards, sampled, wanted, groups_kept = [], [], 0, len(rows), 0
+    for round_ in range(MAX_SAMPLING_ROUNDS if cfg.dynamic_sampling and more_rows else 1):
+        if round_:
+            rows = more_rows(wanted - groups_kept)
+        prompts = [render_prompt(tokenizer, task, r, prompt_style(cfg)) for r in rows]
+        rollout = gen_batch.run(lambda size: sample_groups(policy, prompts, cfg, size, generator),
+                                len(prompts) * G)
+        rewards = torch.tensor(task.rewards(rollout.texts, [r for r in rows for _ in range(G)]),
+                               dtype=torch.float32)
+        sampled += len(rows)
+        if cfg.dynamic_sampling:
+            informative = rewards.view(-1, G).std(1) > 0
+            keep = informative.repeat_interleave(G).nonzero().squeeze(1)
+            rollout, rewards = select_rollout(rollout, keep), rewards[keep]
+        kept.append(rollout)
+        kept_rewards.append(rewards)
+        groups_kept += len(rewards) // G
+        if groups_kept >= wanted:
+            break
+    # The decoder's KV cache (at 8 x 8K tokens of an 8B model, the largest thing on the card)
+    # is freed before the update; the next step allocates it (and captures its graph) again.
+    release_decoder(policy.split.lm)
+    rewards = torch.cat(kept_rewards)
+    rollout = concat_rollouts(kept, tokenizer.pad_token_id) if len(kept) > 1 else kept[0]
+    group_ids = torch.arange(groups_kept).repeat_interleave(G)
+    return ScoredBatch(rollout, rewards, group_ids, sampled)
+
+
+def first_groups(batch: ScoredBatch, groups: int, G: int) -> ScoredBatch:
+    """The batch's first `groups` groups (all of them when it has no more)."""
+    if groups * G >= len(batch.rewards):
+        return batch
+    rows = torch.arange(groups * G)
+    return ScoredBatch(select_rollout(batch.rollout, rows), batch.rewards[rows],
+                       batch.group_ids[rows], batch.groups_sampled)
+
+
+def sample_groups(policy: Policy, prompts: list[str], cfg: TrainConfig, rows_per_call: int,
+                  generator: torch.Generator | None) -> Rollout:
+    """G completions of each prompt, whole groups per generate call of at most
+    `rows_per_call` rows."""
+    G, tokenizer = cfg.group_size, policy.tokenizer
+    per_call = max(1, rows_per_call // G)
+    parts = [generate_completions(policy.split.lm, tokenizer, prompts[i:i + per_call],
+                                  sampling_params(cfg), repeat=G, generator=generator)
+             for i in range(0, len(prompts), per_call)]
+    return concat_rollouts(parts, tokenizer.pad_token_id) if len(parts) > 1 else parts[0]
+
+
+def without_truncated(rollout: Rollout) -> Rollout:
+    """The rollout with no loss on completions cut at max_new_tokens (DAPO's overlong
+    filtering); they stay in the batch, and their rewards in their group's statistics."""
+    keep = (~rollout.truncated).long()[:, None]
+    return dataclasses.replace(rollout, completion_mask=rollout.completion_mask * keep)
+
+
+def rl_step(policy: Policy, optimizer: torch.optim.Optimizer, task: Task, rows: list[dict],
+            cfg: TrainConfig, objective: Objective,
+            more_rows: Callable[[int], list[dict]] | None = None, *,
+            generator: torch.Generator | None = None, gen_batch: HalveOnOOM | None = None,
+            micro: HalveOnOOM | None = None) -> dict:
+    t0 = time.perf_counter()
+    batch = sample_and_score(policy, task, rows, cfg, more_rows, generator=generator,
+                             gen_batch=gen_batch)
+    if cfg.dynamic_sampling and distributed.world_size() > 1:
+        # A rank whose rounds ran out before its share was full: every rank trains on as many
+        # groups as the one that found fewest, so that they take the same number of optimizer
+        # steps (and collectives). One exchange, after the sampling rounds, never inside them.
+        found = distributed.every_rank([len(batch.rewards) // cfg.group_size],
+                                       "counting the groups kept")
+        batch = first_groups(batch, int(min(n for n, in found)), cfg.group_size)
+    sync_device(policy.device)
+    t_gen = time.perf_counter()
+
+    rollout, rewards = batch.rollout, batch.rewards
+    trained = without_truncated(rollout) if cfg.mask_truncated else rollout
+    stats, advantages = [], torch.zeros(len(rewards))
+    if distributed.any_rank(bool(trained.completion_mask.any()), "agreeing on an update"):
+        advantages = group_advantages(objective, rewards.to(policy.device),
+                                      batch.group_ids.to(policy.device))
+        # One advantage per sequence, on every one of its tokens.
+        token_advantages = advantages[:, None].expand_as(trained.completion_mask)
+        stats = optimize(policy, optimizer, trained, token_advantages, schedule(cfg), objective,
+                         generator, micro)
+    sync_device(policy.device)
+    t_end = time.perf_counter()
+
+    completion_len = rollout.completion_mask.sum(1).float()
+    metrics = step_metrics(stats) if stats else {
+        "loss": 0.0, "kl": 0.0, "clip_ratio": 0.0, "skipped_updates": 0}
+    metrics.update(
+        reward_mean=rewards.mean().item() if len(rewards) else 0.0,
+        reward_std=distributed.global_std(rewards),
+        completion_len=completion_len.mean().item() if len(rewards) else 0.0,
+        truncated=rollout.truncated.float().mean().item() if len(rewards) else 0.0,
+        step_s=t_end - t0, gen_s=t_gen - t0, update_s=t_end - t_gen,
+        tokens_per_s=completion_len.sum().item() / (t_end - t0))
+    if cfg.dynamic_sampling:
+        metrics.update(groups_sampled=batch.groups_sampled, groups_kept=len(rewards) // cfg.group_size)
+    if cfg.log_completions:   # what was sampled, for --log-completions (the loop pops it)
+        metrics["samples"] = StepSamples(
+            prompt_texts(policy.tokenizer, rollout), list(rollout.texts), rewards.tolist(),
+            advantages.tolist(), batch.group_ids.tolist())
+    return metrics
+
+
+def group_advantages(objective: Objective, rewards: Tensor, group_ids: Tensor) -> Tensor:
+    """Advantages [B] of this rank's groups. On several ranks `--scale-rewards batch` divides
+    by the std of every rank's rewards: (r - group mean) / (global std + eps)."""
+    if objective.advantage_mode != "batch" or distributed.world_size() == 1:
+        return objective.advantages_fn(rewards, group_ids, mode=objective.advantage_mode)
+    centred = objective.advantages_fn(rewards, group_ids, mode="dr_grpo")
+    return centred / (distributed.global_std(rewards) + STD_EPS)
+
+
+def task_job(task: Task, policy: Policy, optimizer, cfg: TrainConfig, objective: Objective,
+             generator: torch.Generator, progress: bool, gen_batch: HalveOnOOM | None = None,
+             micro: HalveOnOOM | None = None, echo: Callable[[str], None] = print) -> Job:
+    """Single-turn GRPO on a task's rows; greedy accuracy on its held-out rows."""
+    style = prompt_style(cfg)
+    # A tokenizer without the task's characters: one line, before any step.
+    for row in [task.train[i] for i in range(min(4, len(task.train)))]:
+        check_encodes(policy.tokenizer, render_prompt(policy.tokenizer, task, row, style),
+                      what=f"the prompts of task {task.name}", model=cfg.model)
+    fits = prompt_fits(policy.tokenizer, task, style, cfg.max_prompt_tokens)
+    if not any(fits(row) for row in task.train):
+        raise UserError(f"no training prompt of task {task.name} fits --max-prompt-tokens "
+                        f"{cfg.max_prompt_tokens}")
+    test_rows, test_dropped = drop_long_prompts(policy.tokenizer, task, style,
+                                                list(task.test[:cfg.eval_samples]),
+                                                cfg.max_prompt_tokens)
+    rows = TrainingRows(task.train, cfg.seed, fits)
+    # Greedy rows, one sequence each; a size halved out of memory stays halved for later evals.
+    eval_batch = HalveOnOOM("the held-out eval batch", cfg.generation_batch or 64, echo=echo)
+
+    def step() -> dict:
+        dropped = rows.dropped
+        # Every rank draws the step's global prompts (one data position) and keeps its share;
+        # dynamic sampling refills each rank's share from its own lane of the rows after them.
+        mine = distributed.shard(rows.take(cfg.prompts_per_step))
+        lane = rows.lane()
+        metrics = rl_step(policy, optimizer, task, mine, cfg, objective, lane.take,
+                          generator=generator, gen_batch=gen_batch, micro=micro)
+        if cfg.dynamic_sampling:
+            rows.settle(lane)
+        return {**metrics, "prompts_dropped": rows.dropped - dropped, **task.reward_metrics()}
+
+    def score(label: str) -> float:
+        mine = distributed.shard(test_rows)   # several ranks: each scores its share
+        with tqdm(total=len(mine), desc=f"eval ({label})", disable=not progress,
+                  leave=False) as bar:
+            result = score_task(policy.split.lm, policy.tokenizer, task, mine,
+                                max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, style=style,
+                                stop=tuple(cfg.stop), batch_size=eval_batch,
+                                progress=bar)
+        return distributed.weighted_mean(result.score, len(mine))
+
+    def restore(state: dict) -> None:
+        rows.drawn, rows.dropped = state["drawn"], state["dropped"]
+
+    return Job(task.name, step, score, "accuracy", len(test_rows), test_dropped,
+               state=lambda: {"drawn": rows.drawn, "dropped": rows.dropped}, restore=restore)
