@@ -213,13 +213,15 @@ def eval_run_config(cfg: EvalConfig):
     if cfg.layer_checkpoint:
         path = Path(cfg.layer_checkpoint) / CONFIG_FILE
         if not path.is_file():
-            raise UserError(f"--layer-checkpoint {cfg.layer_checkpoint}: no {CONFIG_FILE} here")
+            raise UserError(f"--patch {cfg.layer_checkpoint}: no {CONFIG_FILE} here")
         trained = json.loads(path.read_text())
     typed = {k: v for k, v in {"model": cfg.model, "task": cfg.task,
                                "max_new_tokens": cfg.max_new_tokens, **cfg.run_options}.items()
              if v is not None}
-    return build_config({k: v for k, v in {"task": "arithmetic", **trained, **typed}.items()
-                         if v is not None})
+    values = {k: v for k, v in {"task": "arithmetic", **trained, **typed}.items() if v is not None}
+    if values.get("env"):   # what trains in an environment; scoring it needs no choice
+        values = {"algo": "gigpo", **values}
+    return build_config(values)
 
 
 def task_scorer(cfg: EvalConfig, run, echo):

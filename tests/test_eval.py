@@ -107,6 +107,9 @@ def test_an_environment_scores_pass_at_k_over_sampled_episodes(tmp_path):
     assert result.mean_reward == pytest.approx(sum(sum(p["returns"]) for p in problems) / 6)
     with pytest.raises(UserError, match="unknown environment .nowhere."):
         run_eval(EvalConfig(run_options={"env": "nowhere"}), progress=False, echo=lambda _: None)
+    with pytest.raises(UserError, match="model demo: its tokenizer has no token for"):
+        run_eval(EvalConfig(model="demo", samples=1, run_options={"env": "gridworld"}),
+                 progress=False, echo=lambda _: None)
 
 
 def test_eval_errors(tmp_path, tiny_models):
