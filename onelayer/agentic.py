@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from . import distributed
 from .algos import gigpo_advantages_fn
@@ -67,17 +68,19 @@ def turn_format(policy: Policy, cfg: TrainConfig) -> TurnFormat:
 
 def play(policy: Policy, cfg: TrainConfig, seeds: list[int], group_size: int,
          sampling: SamplingParams, generator: torch.Generator | None = None,
-         batch: HalveOnOOM | None = None) -> Episodes:
+         batch: HalveOnOOM | None = None, progress=None) -> Episodes:
     """group_size episodes of each seed's task, in consecutive rows. A task (seed) is one
     episode group, even when `seeds` names it more than once; group id = its first index.
-    batch: the episodes that act at once (None: all), halved out of memory."""
+    batch: the episodes that act at once (None: all), halved out of memory. progress: a bar
+    counting the episodes that ended."""
     first = {s: i for i, s in reversed(list(enumerate(seeds)))}
     rows = [(first[s], s) for s in seeds for _ in range(group_size)]
     actor = hf_actor(policy.split.lm, policy.tokenizer, sampling, generator, batch)
     return run_episodes(actor, policy.tokenizer, make_envs(cfg, len(rows)), [s for _, s in rows],
                         [g for g, _ in rows], max_new_tokens=cfg.max_new_tokens,
                         max_turns=cfg.max_turns, max_len=episode_token_cap(policy),
-                        fmt=turn_format(policy, cfg), history=cfg.history_turns)
+                        fmt=turn_format(policy, cfg), history=cfg.history_turns,
+                        progress=progress)
 
 
 def token_advantages(episodes: Episodes, step_advantages: Tensor) -> Tensor:
@@ -159,11 +162,12 @@ def episode_samples(episodes: Episodes, step_advantages: Tensor) -> StepSamples:
 @torch.no_grad()
 def success_rate(policy: Policy, cfg: TrainConfig, seeds: list[int], *, greedy: bool = True,
                  generator: torch.Generator | None = None,
-                 batch: HalveOnOOM | None = None) -> float:
+                 batch: HalveOnOOM | None = None, progress=None) -> float:
     """Fraction of the tasks `seeds` solved, one episode each (greedy, or sampled as in
     training from `generator`: repeat a seed to average over several sampled episodes)."""
     sampling = sampling_params(cfg, greedy=greedy)
-    return play(policy, cfg, seeds, 1, sampling, generator, batch).success.float().mean().item()
+    episodes = play(policy, cfg, seeds, 1, sampling, generator, batch, progress)
+    return episodes.success.float().mean().item()
 
 
 # Held-out tasks are environment seeds from here on; training draws its seeds below it.
@@ -197,7 +201,7 @@ def check_playable(policy: Policy, cfg: TrainConfig) -> None:
 def agentic_job(policy: Policy, optimizer: torch.optim.Optimizer, cfg: TrainConfig,
                 objective: Objective, generator: torch.Generator,
                 micro: HalveOnOOM | None = None, gen_batch: HalveOnOOM | None = None,
-                echo: Callable[[str], None] = print) -> Job:
+                echo: Callable[[str], None] = print, progress: bool = False) -> Job:
     """GiGPO on cfg.env: each step draws cfg.prompts_per_step fresh tasks (seeds); the score is
     the greedy success rate on cfg.eval_samples held-out tasks. generator: the run's random
     stream (greedy scoring draws nothing from it)."""
@@ -212,7 +216,10 @@ def agentic_job(policy: Policy, optimizer: torch.optim.Optimizer, cfg: TrainConf
         seeds = distributed.shard([rng.randrange(HELD_OUT_SEED) for _ in range(cfg.prompts_per_step)])
         return gigpo_step(policy, optimizer, cfg, objective, seeds, generator, micro, gen_batch)
 
-    return Job(f"env {cfg.env}", step,
-               lambda label: success_rate(policy, cfg, held_out, batch=eval_batch),
-               "success rate", len(held_out), state=lambda: {"seeds": rng.getstate()},
+    def score(label: str) -> float:
+        with tqdm(total=len(held_out), desc=f"eval ({label})", unit="episode",
+                  disable=not progress, leave=False) as bar:
+            return success_rate(policy, cfg, held_out, batch=eval_batch, progress=bar)
+
+    return Job(f"env {cfg.env}", step, score, "success rate", len(held_out), state=lambda: {"seeds": rng.getstate()},
                restore=lambda state: rng.setstate(state["seeds"]))

@@ -82,11 +82,12 @@ def evaluate(lm, tokenizer, task: Task, rows: Sequence[Row], *, max_new_tokens: 
 
 
 def evaluate_env(policy, cfg, tasks: int, *, k: int = 1, temperature: float = 1.0,
-                 batch_size: int | HalveOnOOM = 0, seed: int = 0) -> EvalResult:
+                 batch_size: int | HalveOnOOM = 0, seed: int = 0, progress=None) -> EvalResult:
     """Success rate (k = 1, greedy episodes) or pass@k (k sampled episodes a task) on the first
     `tasks` held-out tasks of cfg.env: the tasks `onelayer train` scores, so that a greedy eval
     of a trained run's patch reproduces the run's score after training. batch_size: episodes
-    acting at once (0: all), an int or a HalveOnOOM as for `evaluate`."""
+    acting at once (0: all), an int or a HalveOnOOM as for `evaluate`; progress: a bar that
+    counts the episodes as they end."""
     from .agentic import HELD_OUT_SEED, check_playable, play
 
     t0 = time.perf_counter()
@@ -97,7 +98,7 @@ def evaluate_env(policy, cfg, tasks: int, *, k: int = 1, temperature: float = 1.
     params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=temperature,
                             greedy=k == 1, stop=tuple(cfg.stop))
     generator = torch.Generator(policy.device).manual_seed(seed)
-    episodes = play(policy, cfg, seeds, k, params, generator, batch)   # k consecutive rows a task
+    episodes = play(policy, cfg, seeds, k, params, generator, batch, progress)   # k rows a task
     per_problem = []
     for i, task_seed in enumerate(seeds):
         rows = range(i * k, (i + 1) * k)
@@ -262,9 +263,15 @@ def env_scorer(cfg: EvalConfig, run, echo):
     check_env(run)
 
     def score(policy, progress: bool) -> tuple[EvalResult, int]:
-        return evaluate_env(policy, run, cfg.samples or run.eval_samples, k=cfg.k,
-                            temperature=cfg.temperature, seed=cfg.seed,
-                            batch_size=HalveOnOOM("--batch-size", cfg.batch_size, echo=echo)), 0
+        from tqdm.auto import tqdm
+
+        tasks = cfg.samples or run.eval_samples
+        with tqdm(total=tasks * cfg.k, desc=f"eval env {run.env}", unit="episode",
+                  disable=not progress) as bar:
+            return evaluate_env(policy, run, tasks, k=cfg.k, temperature=cfg.temperature,
+                                seed=cfg.seed, progress=bar,
+                                batch_size=HalveOnOOM("--batch-size", cfg.batch_size,
+                                                      echo=echo)), 0
 
     return score
 

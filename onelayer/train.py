@@ -290,8 +290,8 @@ def set_up(cfg: TrainConfig, progress: bool, echo: Callable[[str], None]) -> Run
                            needs=lambda size: planned_need(cfg, generation_batch=size), echo=echo)
     micro = HalveOnOOM("--micro-batch", cfg.micro_batch,
                        needs=lambda size: planned_need(cfg, micro_batch=size), echo=echo)
-    job = (agentic_job(policy, optimizer, cfg, objective, generator, micro, gen_batch, echo)
-           if cfg.env else
+    job = (agentic_job(policy, optimizer, cfg, objective, generator, micro, gen_batch, echo,
+                       progress=progress) if cfg.env else
            task_job(task, policy, optimizer, cfg, objective, generator, progress, gen_batch, micro,
                     echo))
     echo(f"onelayer: {cfg.model} ({policy.split.num_layers} layers), training "

@@ -190,6 +190,26 @@ def test_out_of_memory_halves_the_rows_acting_at_once(tmp_path, monkeypatch):
     torch.testing.assert_close(chunked.rollout.logprobs, whole.rollout.logprobs)
 
 
+def test_progress_counts_episodes_as_they_end():
+    """Row 0 walks "a a" (ends at turn 2), row 1 "b a a" (turn 3), row 2 always "b" (still
+    going when max_turns = 3 ends it): the bar moves 0, 1, 1, then the last one at the end."""
+    class Bar:
+        def __init__(self):
+            self.updates = []
+
+        def update(self, n):
+            self.updates.append(n)
+
+    tok = grid_tokenizer()
+    plans = ["aa", "baa", "bbb"]
+    act = scripted(tok, lambda b, t: plans[b][t])
+    bar = Bar()
+    ep = run_episodes(act, tok, [Line(max_turns=9) for _ in range(3)], [0, 0, 0], [0, 1, 2],
+                      max_new_tokens=4, max_turns=3, max_len=200, progress=bar)
+    assert ep.turns.tolist() == [2, 3, 3] and ep.success.tolist() == [True, True, False]
+    assert bar.updates == [0, 1, 1, 1]
+
+
 def test_chat_template_history_matches_a_full_render():
     tok = grid_tokenizer()
     tok.chat_template = ("{% for m in messages %}{{ m['role'][0] }}={{ m['content'] }}<eos>"

@@ -200,7 +200,7 @@ class _Trajectory:
 def run_episodes(actor: Actor, tokenizer, envs: Sequence, seeds: Sequence[int],
                  group_ids: Sequence[int], *, max_new_tokens: int, max_turns: int,
                  max_len: int, fmt: TurnFormat | None = None,
-                 history: int | None = None) -> Episodes:
+                 history: int | None = None, progress=None) -> Episodes:
     """Play one episode in each env (env b reset with seeds[b]) until all are done.
 
     group_ids[b] is the episode group of trajectory b (equal for equal tasks). Each turn, the
@@ -208,7 +208,8 @@ def run_episodes(actor: Actor, tokenizer, envs: Sequence, seeds: Sequence[int],
     the action (a whole trajectory, or one windowed context): an episode whose next context
     would leave no room for one action token ends there. fmt: the text format (default:
     TurnFormat(tokenizer)). history: None for whole-episode rows, K for one row per decision
-    seeing the last K turns (the module docstring).
+    seeing the last K turns (the module docstring). progress: a bar (tqdm) that counts the
+    episodes as they end.
     """
     fmt = fmt or TurnFormat(tokenizer)
     obs = [env.reset(seed) for env, seed in zip(envs, seeds)]
@@ -218,6 +219,7 @@ def run_episodes(actor: Actor, tokenizer, envs: Sequence, seeds: Sequence[int],
         first = fmt.first(env.system_prompt, o)
         trajs.append(_Trajectory(first, [], [], [], [first]))
     steps: list[tuple] = []  # (row, t, observation, reward, start, end, action, valid, context)
+    ended = 0                # episodes counted on the progress bar
     for t in range(max_turns):
         rows, budgets, contexts = [], [], []
         for b, tr in enumerate(trajs):
@@ -239,8 +241,16 @@ def run_episodes(actor: Actor, tokenizer, envs: Sequence, seeds: Sequence[int],
             step = _play(trajs[b], envs[b], obs, b, t, ids, scores, fmt,
                          windowed=history is not None)
             steps.append((*step, context))
+        ended = _report(progress, sum(not tr.live for tr in trajs), ended)
+    _report(progress, len(trajs), ended)   # episodes still going at max_turns end here
     return _collect(trajs, steps, group_ids, tokenizer, windowed=history is not None,
                     scored=scored)
+
+
+def _report(progress, ended: int, reported: int) -> int:
+    if progress is not None:
+        progress.update(ended - reported)
+    return ended
 
 
 def _unpack(actions: list[list[int]] | Sampled) -> tuple[list[list[int]], list[list[float]] | None]:
