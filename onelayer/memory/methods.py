@@ -208,10 +208,6 @@ class BatchChoice:
     generation_batch: int
     plan: Plan
 
-    def describe(self, budget: int) -> str:
-        return (f"micro-batch {self.micro_batch}, generation batch {self.generation_batch}: peak "
-                f"{self.plan.reserved / GiB:.1f} GiB reserved of {budget / GiB:.1f} GiB")
-
 
 def choose_batches(dims: ModelDims, w: Workload, budget: int) -> BatchChoice:
     """The largest micro-batch and generation batch whose step fits `budget` bytes (reserved).
