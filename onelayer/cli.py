@@ -15,7 +15,7 @@ PROMPT_FIELDS = ("chat", "chat_template_kwargs", "stop", "max_prompt_tokens")
 ENV_FIELDS = ("env", "max_turns", "history_turns")
 PLAN_FIELDS = ("model", "layer", "prompts_per_step", "group_size", "max_new_tokens", "beta",
                "minibatch", "micro_batch", "generation_batch", "max_prompt_tokens",
-               "frozen_dtype", "loss_impl", "temperature", "top_p", "top_k")
+               "frozen_dtype", "loss_impl", "temperature", "top_p", "top_k", "optimizer_sharding")
 
 
 def _given(options: dict) -> dict:
@@ -131,14 +131,17 @@ _register_layer_commands()
               help="A `train` config file (TOML or YAML): plan that run (CLI options win).")
 @click.option("--gpu-memory", default="24GiB", show_default=True,
               help="Memory of the card (24GiB, 22.5GB, 81559MiB); 0.5 GiB of it goes to the CUDA context.")
+@click.option("--gpus", type=int, default=1, show_default=True,
+              help="Data-parallel processes (torchrun), one GPU each: with --optimizer-sharding "
+                   "zero1 each holds 1/N of AdamW's state.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
-def plan(config_file, gpu_memory, as_json, **options):
+def plan(config_file, gpu_memory, gpus, as_json, **options):
     """Estimate the peak GPU memory of one training step, part by part, from the model's
     config.json alone (no weights), beside QLoRA and full-parameter RL on the same workload."""
     from .memory import plan_command
 
     click.echo(plan_command(options, config_file=config_file, gpu_memory=gpu_memory,
-                            as_json=as_json))
+                            as_json=as_json, gpus=gpus))
 
 
 def _quiet_loading(quiet: bool) -> None:

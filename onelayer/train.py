@@ -450,7 +450,7 @@ def planned_need(cfg: TrainConfig, **batches: int) -> str:
     try:
         dims = ModelDims.from_config(read_model_config(cfg.model), cfg.model)
         work = workload_from_config(cfg, dims, prompt_tokens=cfg.max_prompt_tokens or DEFAULT_PROMPT_TOKENS,
-                                    **batches)
+                                    processes=distributed.world_size(), **batches)
         return f"the memory plan says {plan_onelayer(dims, work).reserved / 2**30:.1f} GiB at that size"
     except Exception:  # the plan is a courtesy in an error message, never a second error
         return ""

@@ -160,6 +160,35 @@ def test_plan_command_reads_only_config_json(tmp_path):
     assert report["budget_bytes"] == 80 * GiB - GiB // 2
 
 
+def test_zero1_over_gpus_holds_a_share_of_adamw_state(tmp_path):
+    """Each of N processes keeps 1/N of AdamW's moments (and of the foreach step's sqrt(v)) and
+    receives 1/N of the summed gradient; without sharding every GPU holds the whole state."""
+    n = DIMS.block_params
+    one, two = plan_onelayer(DIMS, MEASURED), plan_onelayer(DIMS, dataclasses.replace(MEASURED, optimizer_shards=2))
+
+    def part(plan, phase, name):
+        return sum(p.bytes for p in next(ph for ph in plan.phases if ph.name == phase).parts
+                   if p.name.startswith(name))
+
+    assert part(one, "decode", "layer 16: AdamW m + v") == 8 * n
+    assert part(two, "decode", "layer 16: AdamW m + v") == 4 * n
+    assert part(two, "optimizer", "zero1: 1/2 of the summed gradient") == 2 * n
+    assert part(two, "optimizer", "AdamW temporaries") == part(one, "optimizer", "AdamW temporaries") // 2
+    assert two.allocated < one.allocated
+
+    (tmp_path / "config.json").write_text(json.dumps(QWEN3_8B))
+    plans = {(gpus, sharding): json.loads(plan_command(
+        {"model": str(tmp_path), "optimizer_sharding": sharding}, gpus=gpus, as_json=True))["plans"][0]
+        for gpus, sharding in [(1, "zero1"), (2, "zero1"), (2, "none")]}
+    # Each GPU plans its share of the 8 prompts; the state is what differs with the sharding.
+    half = json.loads(plan_command({"model": str(tmp_path), "prompts_per_step": 4}, as_json=True))
+    assert plans[(2, "none")]["allocated_bytes"] == half["plans"][0]["allocated_bytes"]
+    assert (plans[(2, "zero1")]["allocated_bytes"] < plans[(2, "none")]["allocated_bytes"]
+            < plans[(1, "zero1")]["allocated_bytes"])
+    with pytest.raises(UserError, match="multiples of the 3 GPUs"):
+        plan_command({"model": str(tmp_path)}, gpus=3)
+
+
 def test_shipped_config_is_planned_with_the_batches_that_fit(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(QWEN3_8B))
     text = plan_command({"model": str(tmp_path)}, config_file=str(ROOT / "configs" / "math-qwen3-8b-base.toml"))

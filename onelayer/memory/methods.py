@@ -15,7 +15,7 @@ from .parts import (GiB, LORA_RANK, ModelDims, Part, Phase, Plan, Workload, bloc
 
 def _onelayer_state(dims: ModelDims, w: Workload) -> tuple[list[Part], Part, int]:
     """(steady parts without the gradient, the fp32 gradient, trainable params)."""
-    c, n = w.c, dims.block_params
+    c, n, shards = w.c, dims.block_params, w.optimizer_shards
     embeddings = dims.vocab * dims.hidden * (1 if dims.tied else 2)
     frozen = Part(f"frozen blocks, {w.frozen} ({dims.layers - 1} x {dims.block_params / 1e6:.0f} M)",
                   (dims.layers - 1) * frozen_block_bytes(dims, w.frozen, c), "weights", True)
@@ -23,7 +23,8 @@ def _onelayer_state(dims: ModelDims, w: Workload) -> tuple[list[Part], Part, int
              Part("embeddings + lm_head" + (" (tied)" if dims.tied else "") + f" ({w.compute})",
                   (embeddings + dims.hidden) * c, "weights", True),
              Part(f"layer {w.layer}: fp32 master weights", 4 * n, "state", True),
-             Part(f"layer {w.layer}: AdamW m + v (fp32)", 8 * n, "state", True)]
+             Part(f"layer {w.layer}: AdamW m + v (fp32" + (f", 1/{shards}: zero1" if shards > 1 else "")
+                  + ")", -(-8 * n // shards), "state", True)]
     if c != 4:
         parts.append(Part(f"layer {w.layer}: {w.compute} compute copy", c * n, "state", True))
     if w.beta > 0:
@@ -86,18 +87,24 @@ def plan_onelayer(dims: ModelDims, w: Workload) -> Plan:
             *state, *grad_in_backward, *base, checkpointed, block_grads, *dequant_part(dims, w),
             Part("suffix block recomputed: saved activations",
                  tok * saved_per_token(dims, c, w.seq, w.padded, "frozen"), "activations"))))
-    phases.append(Phase("update: layer bwd", (*state, grad, *base, block_grads,
+    # zero1: the reduce-scatter delivers this process's slice of the summed gradient during the
+    # last backward; it lives beside the whole local gradient until the optimizer step ends.
+    slices = ([Part(f"zero1: 1/{w.optimizer_shards} of the summed gradient (fp32)",
+                    -(-4 * n // w.optimizer_shards), "state")] if w.optimizer_shards > 1 else [])
+    phases.append(Phase("update: layer bwd", (*state, grad, *slices, *base, block_grads,
                                               Part(f"a weight gradient in {w.compute}", largest_weight(dims) * c,
                                                    "activations"))))
-    phases.append(Phase("optimizer", (*state, grad, *kept, _adamw_part(dims, w))))
+    phases.append(Phase("optimizer", (*state, grad, *slices, *kept, _adamw_part(dims, w))))
     return Plan(f"onelayer (layer {w.layer}, {w.frozen} frozen)", n, tuple(phases), w.device)
 
 
 def _adamw_part(dims: ModelDims, w: Workload) -> Part:
     """torch AdamW. CUDA: the foreach path makes sqrt(v) for all the layer's parameters at once
-    (fp32). CPU: the single-tensor loop makes sqrt(v) and the denominator per tensor and keeps
-    the previous tensor's denominator until the next replaces it (3 of the largest matrix)."""
-    size = 4 * dims.block_params if w.device == "cuda" else 3 * 4 * largest_weight(dims)
+    (fp32; with zero1, for this process's slices). CPU: the single-tensor loop makes sqrt(v) and
+    the denominator per tensor and keeps the previous tensor's denominator until the next
+    replaces it (3 of the largest matrix)."""
+    size = (-(-4 * dims.block_params // w.optimizer_shards) if w.device == "cuda"
+            else 3 * 4 * largest_weight(dims))
     return Part("AdamW temporaries", size, "activations")
 
 

@@ -119,6 +119,7 @@ class Workload:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
+    optimizer_shards: int = 1     # zero1 over N processes: each holds 1/N of AdamW's moments
 
     @property
     def rows(self) -> int:

@@ -53,35 +53,49 @@ def read_model_config(model: str) -> dict:
 
 
 def workload_from_config(cfg, dims: ModelDims, *, prompt_tokens: int, micro_batch: int = 0,
-                         generation_batch: int = 0) -> Workload:
-    """The Workload of a `onelayer train` run configuration (onelayer.config.TrainConfig). The
-    planner models one trained layer: several (`3,5`, `mid-k`, `all`) are refused."""
+                         generation_batch: int = 0, processes: int = 1) -> Workload:
+    """The Workload of a `onelayer train` run configuration (onelayer.config.TrainConfig) on
+    each of `processes` data-parallel GPUs: its share of the prompts and of each minibatch
+    (--micro-batch and --generation-batch are per GPU already). The planner models one trained
+    layer: several (`3,5`, `mid-k`, `all`) are refused."""
     from ..model.load import resolve_layer, resolve_layers
 
     if len(resolve_layers(cfg.layer, dims.layers)) > 1:
         raise UserError(f"--layer {cfg.layer}: the memory plan models one trained layer (its "
                         "'full-parameter' rows are TRL's bf16 AdamW, less than onelayer's fp32 "
                         "--layer all)")
+    if processes < 1:
+        raise UserError("--gpus must be >= 1")
+    if cfg.prompts_per_step % processes or cfg.minibatch % processes:
+        raise UserError(f"--prompts-per-step {cfg.prompts_per_step} and --minibatch "
+                        f"{cfg.minibatch} must be multiples of the {processes} GPUs")
 
     device = "cpu" if str(cfg.device or "cuda").startswith("cpu") else "cuda"
     frozen = cfg.frozen_dtype or ("nf4" if device == "cuda" else "fp32")
     # As onelayer.model.load.compute_dtype_for: NF4 computes in bf16 on GPU, fp32 on CPU.
     compute = "bf16" if frozen == "bf16" or (frozen == "nf4" and device == "cuda") else "fp32"
     loss = "triton" if cfg.loss_impl == "triton" or (cfg.loss_impl == "auto" and device == "cuda") else "torch"
-    return Workload(prompts=cfg.prompts_per_step, group_size=cfg.group_size, prompt_tokens=prompt_tokens,
+    return Workload(prompts=cfg.prompts_per_step // processes, group_size=cfg.group_size,
+                    prompt_tokens=prompt_tokens,
                     new_tokens=cfg.max_new_tokens, layer=resolve_layer(cfg.layer, dims.layers),
                     micro_batch=micro_batch or cfg.micro_batch,
                     generation_batch=generation_batch or cfg.generation_batch,
-                    minibatch=cfg.minibatch, beta=cfg.beta, frozen=frozen, compute=compute, device=device,
-                    loss_impl=loss, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k)
+                    minibatch=cfg.minibatch // processes, beta=cfg.beta, frozen=frozen, compute=compute,
+                    device=device,
+                    loss_impl=loss, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+                    optimizer_shards=processes if cfg.optimizer_sharding == "zero1" else 1)
 
 
 def batches_for_run(cfg, budget: int, *, prompt_tokens: int) -> BatchChoice:
     """For `onelayer train --max-memory`, before any weight is loaded: the largest micro-batch and
     generation batch whose step fits `budget` bytes (reserved), or a UserError that names the
     knob to change and by how much."""
+    from .. import distributed
+
     dims = ModelDims.from_config(read_model_config(cfg.model), cfg.model)
-    return choose_batches(dims, workload_from_config(cfg, dims, prompt_tokens=prompt_tokens), budget)
+    work = workload_from_config(cfg, dims, prompt_tokens=prompt_tokens,
+                                processes=distributed.world_size())
+    return choose_batches(dims, work, budget)
 
 
 @dataclass(frozen=True)
@@ -94,15 +108,23 @@ class Report:
     plans: tuple[Plan, ...]
     largest_new_tokens: int
     largest_group_size: int
+    gpus: int = 1                 # data-parallel processes; the workload is each one's share
 
 
-def build_report(dims: ModelDims, w: Workload, card_bytes: int) -> Report:
+def build_report(dims: ModelDims, w: Workload, card_bytes: int, gpus: int = 1) -> Report:
     budget = card_bytes - (CUDA_CONTEXT if w.device == "cuda" else 0)
     if budget <= 0:
         raise UserError(f"--gpu-memory {card_bytes / GiB:.2f} GiB leaves nothing beside the CUDA context")
     return Report(dims, w, card_bytes, budget, tuple(plan_all(dims, w)),
                   largest_fit(dims, w, budget, "new_tokens", dims.max_positions - w.prompt_tokens),
-                  largest_fit(dims, w, budget, "group_size", 1 << 16))
+                  largest_fit(dims, w, budget, "group_size", 1 << 16), gpus)
+
+
+def _per_gpu(gpus: int, w: Workload) -> str:
+    if gpus == 1:
+        return ""
+    state = "1/N of AdamW's state (zero1)" if w.optimizer_shards > 1 else "all of AdamW's state"
+    return f"; on each of {gpus} GPUs: its share of the prompts, {state}"
 
 
 def _gib(n: int) -> str:
@@ -174,8 +196,8 @@ def format_plan(report: Report) -> str:
         f"## onelayer plan: {d.name}, layer {w.layer} of {d.layers}", "",
         f"{w.prompts} prompts x {w.group_size} completions = {w.rows} sequences of {w.prompt_tokens} prompt + "
         f"{w.new_tokens} new tokens (all full length); micro-batch {w.mb}, generation batch {w.gen_rows}; "
-        f"beta {w.beta:g}; {w.frozen} frozen blocks, {w.compute} compute, {w.loss_impl} loss, {w.device}. "
-        f"Budget: {card}{report.budget_bytes / GiB:.1f} GiB for tensors.", "",
+        f"beta {w.beta:g}; {w.frozen} frozen blocks, {w.compute} compute, {w.loss_impl} loss, {w.device}"
+        f"{_per_gpu(report.gpus, w)}. Budget: {card}{report.budget_bytes / GiB:.1f} GiB for tensors.", "",
         *_parts_table(onelayer), "",
         "Phases (allocated / reserved GiB): " + ", ".join(
             f"{p.name} {_gib(p.allocated)} / {_gib(onelayer.reserved_at(p))}" for p in onelayer.phases), "",
@@ -191,7 +213,8 @@ def report_json(report: Report) -> str:
                             "parts": [dataclasses.asdict(part) for part in ph.parts]} for ph in p.phases]}
 
     return json.dumps({"model": dataclasses.asdict(report.model), "workload": dataclasses.asdict(report.workload),
-                       "card_bytes": report.card_bytes, "budget_bytes": report.budget_bytes,
+                       "gpus": report.gpus, "card_bytes": report.card_bytes,
+                       "budget_bytes": report.budget_bytes,
                        "largest_fit": {"max_new_tokens": report.largest_new_tokens,
                                        "group_size": report.largest_group_size},
                        "plans": [plan(p) for p in report.plans]}, indent=2)
@@ -203,7 +226,7 @@ DEFAULT_PROMPT_TOKENS = 512
 
 
 def plan_command(options: dict, *, config_file: str | None = None, gpu_memory: str = "24GiB",
-                 as_json: bool = False) -> str:
+                 as_json: bool = False, gpus: int = 1) -> str:
     """`onelayer plan`: `options` are train options (model, layer, group_size, prompts_per_step,
     max_new_tokens, max_prompt_tokens, micro_batch, generation_batch, beta, frozen_dtype, ...;
     None = unset) over the config file's; returns the text to print."""
@@ -211,7 +234,8 @@ def plan_command(options: dict, *, config_file: str | None = None, gpu_memory: s
 
     cfg = build_config({k: v for k, v in options.items() if v is not None}, config_file)
     dims = ModelDims.from_config(read_model_config(cfg.model), cfg.model)
-    w = workload_from_config(cfg, dims, prompt_tokens=cfg.max_prompt_tokens or DEFAULT_PROMPT_TOKENS)
+    w = workload_from_config(cfg, dims, prompt_tokens=cfg.max_prompt_tokens or DEFAULT_PROMPT_TOKENS,
+                             processes=gpus)
     w.check(dims)
-    report = build_report(dims, w, parse_size(gpu_memory))
+    report = build_report(dims, w, parse_size(gpu_memory), gpus)
     return report_json(report) if as_json else format_plan(report)
