@@ -14,8 +14,8 @@ from onelayer.model import load_policy
 from onelayer.rollout import SamplingParams, concat_rollouts, generate_completions, select_rollout
 from onelayer.rollout.generate import (StopStrings, end_of_turn_id, restrict, sample,
                                        stop_token_ids)
-from onelayer.tasks.arithmetic import arithmetic_task
 from onelayer.single_turn import rl_step
+from onelayer.tasks.arithmetic import arithmetic_task
 from onelayer.update import build_objective, frozen_logprobs, optimize, schedule
 
 # Different lengths, so that the batch is left-padded.
