@@ -9,8 +9,8 @@ from onelayer.algos import chunked_logprobs, policy_loss
 from onelayer.config import build_config
 from onelayer.model import load_policy
 from onelayer.rollout import SamplingParams, generate_completions
-from onelayer.tasks.arithmetic import arithmetic_task
 from onelayer.single_turn import rl_step
+from onelayer.tasks.arithmetic import arithmetic_task
 from onelayer.update import build_objective, completion_hidden, completion_tokens
 
 PROMPTS = ["12+34=", "7-800=", "999+1=", "5-5="]

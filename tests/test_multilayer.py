@@ -13,8 +13,8 @@ from onelayer.config import build_config
 from onelayer.errors import UserError
 from onelayer.evaluate import load_trained_layer
 from onelayer.model import full_parameter, load_policy, resolve_layer, resolve_layers
-from onelayer.tasks.arithmetic import arithmetic_task
 from onelayer.single_turn import rl_step
+from onelayer.tasks.arithmetic import arithmetic_task
 from onelayer.update import (build_objective, completion_hidden, completion_tokens, frozen_logprobs,
                              head_trained_loss, prefix_cache)
 from test_engine import loss_from_logprobs, rollout_and_advantages, varied_rewards

@@ -6,8 +6,8 @@ import torch
 
 from onelayer.config import build_config
 from onelayer.model import load_policy
-from onelayer.tasks import Task
 from onelayer.single_turn import sample_and_score
+from onelayer.tasks import Task
 from onelayer.update import build_objective
 
 REWARDS = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0])

@@ -12,10 +12,10 @@ from onelayer.errors import UserError
 from onelayer.evaluate import EvalConfig, drop_long_prompts, run_eval
 from onelayer.model import load_policy
 from onelayer.prompting import PromptStyle, check_style, prompt_fits, render_prompt
+from onelayer.single_turn import rl_step, without_truncated
 from onelayer.tasks import Task
 from onelayer.tasks.arithmetic import arithmetic_task
 from onelayer.tasks.stream import TrainingRows
-from onelayer.single_turn import rl_step, without_truncated
 from onelayer.update import build_objective
 
 # A template with a Qwen3-style switch: thinking unless enable_thinking is false.
