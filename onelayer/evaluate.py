@@ -39,6 +39,11 @@ class EvalResult:
         return self.greedy_metric if self.k == 1 else f"pass@{self.k}"
 
 
+def halving(batch_size: int | HalveOnOOM) -> HalveOnOOM:
+    """The caller's HalveOnOOM (kept across evals), or a fresh one for a plain size."""
+    return batch_size if isinstance(batch_size, HalveOnOOM) else HalveOnOOM("--batch-size", batch_size)
+
+
 def evaluate(lm, tokenizer, task: Task, rows: Sequence[Row], *, max_new_tokens: int, k: int = 1,
              temperature: float = 1.0, batch_size: int | HalveOnOOM = 64, seed: int = 0,
              style: PromptStyle = PromptStyle(), stop: tuple[str, ...] = (),
@@ -51,8 +56,7 @@ def evaluate(lm, tokenizer, task: Task, rows: Sequence[Row], *, max_new_tokens: 
     Samples come from a generator of its own, seeded with `seed`: an eval in the middle of a
     run leaves the training run's random stream where it was."""
     t0 = time.perf_counter()
-    batch = (batch_size if isinstance(batch_size, HalveOnOOM)
-             else HalveOnOOM("--batch-size", batch_size))
+    batch = halving(batch_size)
     generator = torch.Generator(next(lm.parameters()).device).manual_seed(seed)
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature,
                             greedy=k == 1, stop=stop)
@@ -92,8 +96,7 @@ def evaluate_env(policy, cfg, tasks: int, *, k: int = 1, temperature: float = 1.
 
     t0 = time.perf_counter()
     check_playable(policy, cfg)
-    batch = (batch_size if isinstance(batch_size, HalveOnOOM)
-             else HalveOnOOM("--batch-size", batch_size))
+    batch = halving(batch_size)
     seeds = list(range(HELD_OUT_SEED, HELD_OUT_SEED + tasks))
     params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=temperature,
                             greedy=k == 1, stop=tuple(cfg.stop))
