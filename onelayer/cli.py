@@ -58,7 +58,10 @@ def train(config_file, quiet, **options):
               help="A trained layer (a `onelayer train` output directory or one of its "
                    "checkpoints): score the model with it. Refused if it was trained on "
                    "another base model.")
-@click.option("--task", help="Built-in task or dataset. [default: the checkpoint's, else arithmetic]")
+@click.option("--task", help="Task, test set (math500, olympiadbench, amc23, aime24, aime25) or "
+                              "dataset; several comma-separated, or paper-math, for a row each "
+                              "and their mean. [default: the sets the checkpoint's run scored, "
+                              "else arithmetic]")
 @click.option("--samples", type=int, help="Held-out problems (environment tasks) to score. "
                                           "[default: all; with --env, the run's --eval-samples]")
 @click.option("--k", type=int, default=1, show_default=True,

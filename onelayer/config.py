@@ -223,9 +223,16 @@ class TrainConfig:
 
     # Evaluation and output
     eval_samples: int = option(
-        256, "Held-out problems scored greedily before and after. [default: 256]")
+        256, "Held-out problems (of each --eval-task set) scored greedily before and after. "
+             "[default: 256]")
     eval_every: int = option(
         0, "Also score held-out accuracy every N steps; 0 = only before/after.")
+    eval_task: list[str] = option(
+        list, "Held-out sets to score instead of the task's own test rows (repeatable or "
+              "comma-separated): tasks, test sets (math500, olympiadbench, amc23, aime24, "
+              "aime25), datasets, or paper-math (math500, gsm8k, olympiadbench, amc23: the "
+              "paper's math score). The held-out score is the mean of their accuracies; each "
+              "is reported too. [default: the task's test rows]")
     output: str | None = option(
         None, "Directory for the trained layer, its run config, metrics and reward plot. [default: "
               "runs/MODEL-LLAYER-TIME]")
@@ -342,7 +349,7 @@ RESUME_FIXED = ("model", "layer", "task", "prompt_field", "answer_field", "tests
                 "entry_point_field", "dataset_config", "split", "test_split", "test_size",
                 "system_prompt", "format_bonus", "reward", "reward_weight", "algo", "env",
                 "history_turns", "prompts_per_step", "group_size", "seed", "frozen_dtype", "chat",
-                "chat_template_kwargs", "max_prompt_tokens")
+                "chat_template_kwargs", "max_prompt_tokens", "eval_task")
 
 
 def resumed_values(values: dict[str, Any]) -> dict[str, Any]:
@@ -505,6 +512,8 @@ def validate(cfg: TrainConfig) -> None:
     need((cfg.algo == "gigpo") == (cfg.env is not None),
          "--algo gigpo trains on a multi-turn --env, and an --env needs --algo gigpo")
     need(cfg.eval_samples >= 0 and cfg.eval_every >= 0, "--eval-samples/--eval-every must be >= 0")
+    need(not (cfg.env and cfg.eval_task),
+         "--eval-task applies to single-turn tasks; an --env scores its own held-out tasks")
     need(all(cfg.stop), "--stop: a stop string cannot be empty")
     need(cfg.max_prompt_tokens >= 0, "--max-prompt-tokens must be >= 0 (0: no limit)")
     need(len(cfg.reward_weight) in (0, len(cfg.reward)), "--reward-weight: give one weight per --reward")

@@ -36,9 +36,10 @@ import torch
 from tqdm.auto import tqdm
 
 from .checkpoint import CHECKPOINTS, Checkpoint, checkpoints, load_checkpoint, save_layer
-from .config import TrainConfig, config_json, task_options
+from .config import TrainConfig, config_json
 from .errors import UserError
 from .model.shared import FrozenModel, attach, load_frozen
+from .tasks import eval_task_names
 
 
 def default_device(device: str | None) -> torch.device:
@@ -113,13 +114,13 @@ def best_lr(scores: dict[tuple[float, int], float], lrs: list[float], seeds: lis
 
 def run_sweep(sweep: Sweep, *, progress: bool = True, echo: Callable[[str], None] = print) -> dict:
     """Run (or resume) the sweep and write its files; returns the JSON result."""
-    from .tasks import load_task
+    from .evaluate import describe_sets, held_out_tasks
+    from .single_turn import load_training_task
 
     t0 = time.perf_counter()
     cfg = sweep.cfg
-    task = load_task(cfg.task, **task_options(cfg))
-    if not task.train:
-        raise UserError(f"task {cfg.task}: no training rows")
+    task = load_training_task(cfg)
+    eval_tasks = held_out_tasks(cfg, task)
     if sweep.full_score is None and cfg.frozen_dtype == "nf4":
         raise UserError("the full-parameter baseline cannot train NF4 weights: use --frozen-dtype "
                         "bf16 or fp32, or give --full-score measured elsewhere")
@@ -146,10 +147,12 @@ def run_sweep(sweep: Sweep, *, progress: bool = True, echo: Callable[[str], None
         s_base = json.loads(base_file.read_text())["score"]
         echo(f"base score (kept from {base_file}): {s_base:.1%}")
     else:
-        s_base = base_score(base, task, cfg)
+        s_base, sets = base_score(base, eval_tasks, cfg)
         _write_json(base_file, {"score": s_base, "model": cfg.model, "task": cfg.task,
-                                "eval_samples": cfg.eval_samples})
-        echo(f"base score: {s_base:.1%} ({cfg.eval_samples} held-out problems, greedy)")
+                                "eval_samples": cfg.eval_samples, "sets": sets})
+        each = describe_sets(sets)
+        echo(f"base score: {s_base:.1%} ({cfg.eval_samples} held-out problems, greedy"
+             + (f"; {each})" if each else ")"))
 
     full_runs = ([] if sweep.full_score is not None else
                  [Run("all", lr, s) for lr in sweep.full_lrs for s in sweep.seeds])
@@ -162,12 +165,14 @@ def run_sweep(sweep: Sweep, *, progress: bool = True, echo: Callable[[str], None
         def run_all(runs: list[Run]) -> None:
             pending = [run for run in dict.fromkeys(runs) if run not in scores]
             for run in pending[rank::world]:     # launched as several processes: a share each
-                scores[run] = run_or_skip(base, task, cfg, run, out / "runs" / run.name, progress, echo)
+                scores[run] = run_or_skip(base, task, eval_tasks, cfg, run, out / "runs" / run.name,
+                                          progress, echo)
                 bar.update(1)
             others = [run for run in pending if run not in scores]
             wait_for([out / "runs" / run.name / SCORES_FILE for run in others])
             for run in others:
-                scores[run] = run_or_skip(base, task, cfg, run, out / "runs" / run.name, progress, echo)
+                scores[run] = run_or_skip(base, task, eval_tasks, cfg, run, out / "runs" / run.name,
+                                          progress, echo)
                 bar.update(1)
 
         run_all(full_runs)
@@ -219,23 +224,25 @@ def _write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def base_score(base: FrozenModel, task, cfg: TrainConfig) -> float:
-    """Greedy held-out accuracy of the untrained model, as `onelayer train` scores it."""
-    from .evaluate import drop_long_prompts, evaluate
+def base_score(base: FrozenModel, eval_tasks: list, cfg: TrainConfig) -> tuple[float, dict]:
+    """Greedy held-out accuracy of the untrained model, as `onelayer train` scores it, and its
+    per-task scores when there are several held-out tasks."""
+    from .evaluate import HeldOut
     from .resilience import HalveOnOOM
     from .single_turn import prompt_style
 
     style = prompt_style(cfg)
-    rows, _ = drop_long_prompts(base.tokenizer, task, style, list(task.test[:cfg.eval_samples]),
-                                cfg.max_prompt_tokens)
-    return evaluate(base.lm, base.tokenizer, task, rows, max_new_tokens=cfg.max_new_tokens,
-                    seed=cfg.seed, style=style, stop=tuple(cfg.stop),
-                    batch_size=HalveOnOOM("the held-out eval batch",
-                                          cfg.generation_batch or 64)).score
+    held_out = HeldOut.build(base.tokenizer, eval_tasks, style, cfg.eval_samples,
+                             cfg.max_prompt_tokens, cfg.model)
+    score = held_out.score(base.lm, base.tokenizer, max_new_tokens=cfg.max_new_tokens,
+                           seed=cfg.seed, style=style, stop=tuple(cfg.stop),
+                           batch_size=HalveOnOOM("the held-out eval batch",
+                                                 cfg.generation_batch or 64))
+    return score, held_out.last
 
 
-def run_or_skip(base: FrozenModel, task, cfg: TrainConfig, run: Run, out: Path, progress: bool,
-                echo: Callable[[str], None]) -> float:
+def run_or_skip(base: FrozenModel, task, eval_tasks: list, cfg: TrainConfig, run: Run, out: Path,
+                progress: bool, echo: Callable[[str], None]) -> float:
     """The run's held-out score after training: read from OUT/scores.json when the run
     finished before, else trained now (from its newest checkpoint when it was interrupted)."""
     done = out / SCORES_FILE
@@ -246,7 +253,7 @@ def run_or_skip(base: FrozenModel, task, cfg: TrainConfig, run: Run, out: Path, 
         refuse_other_settings(out, kept["config"], settings)
         score = kept["after"]
     else:
-        score, seconds = train_run(base, task, rcfg, out, progress, echo)
+        score, seconds = train_run(base, task, rcfg, out, progress, echo, eval_tasks)
         _write_json(done, {"run": run.name, "layer": run.layer, "lr": run.lr, "seed": run.seed,
                            "after": score, "seconds": seconds, "config": settings})
         echo(f"{run.name}: {score:.1%} ({seconds:.0f} s)")
@@ -284,7 +291,8 @@ def newest_checkpoint(out: Path, settings: dict) -> Checkpoint | None:
 
 
 def train_run(base: FrozenModel, task, cfg: TrainConfig, out: Path, progress: bool,
-              echo: Callable[[str], None] = print) -> tuple[float, float]:
+              echo: Callable[[str], None] = print,
+              eval_tasks: list | None = None) -> tuple[float, float]:
     """`onelayer train`'s step loop for cfg.layer on the shared model: same seeding, optimizer,
     rollouts, update, greedy scoring and training checkpoints in OUT/checkpoints, without its
     before-score (the sweep's base score is that). A run with a checkpoint in OUT continues
@@ -317,7 +325,7 @@ def train_run(base: FrozenModel, task, cfg: TrainConfig, out: Path, progress: bo
                                echo=echo)
         micro = HalveOnOOM("--micro-batch", cfg.micro_batch, echo=echo)
         job = task_job(task, policy, optimizer, cfg, objective, generator, False, gen_batch, micro,
-                       echo)
+                       echo, eval_tasks)
         manifest = None if policy.split.full else patch_manifest(cfg.model, policy.model_path,
                                                                   policy.layer_indices)
         history, done_steps, earlier = [], 0, 0.0
@@ -344,6 +352,8 @@ def train_run(base: FrozenModel, task, cfg: TrainConfig, out: Path, progress: bo
         write_jsonl(out / "metrics.jsonl", history)
         scores = {"metric": job.metric, "task": job.name, "after": score, "held_out": job.held_out,
                   "steps": cfg.steps}
+        if job.breakdown():
+            scores["sets"] = job.breakdown()
         save_layer(out, policy.layer.state_dict(), layer_index=policy.split.layer_index,
                    layers=policy.layer.spec, base_model=cfg.model,
                    run_config=json.loads(config_json(in_use(cfg, gen_batch, micro))), step=cfg.steps,
@@ -393,6 +403,7 @@ def summarise(sweep: Sweep, base: FrozenModel, s_base: float, s_full: float, lr_
     return {
         "model": sweep.cfg.model, "task": sweep.cfg.task, "num_layers": base.num_layers,
         "metric": "greedy accuracy", "eval_samples": sweep.cfg.eval_samples,
+        "held_out_sets": eval_task_names(sweep.cfg.eval_task) or [sweep.cfg.task],
         "seeds": seeds, "S_base": s_base,
         "full": {"S_full": s_full, "lr": lr_full, "measured_elsewhere": sweep.full_score is not None,
                  "sweep": full_sweep, "undefined_reason": undefined},
@@ -427,9 +438,13 @@ def _fmt_c(mean: float | None, std: float | None) -> str:
 def markdown_table(result: dict) -> str:
     full = result["full"]
     protocols = result["protocols"]
-    lines = [f"Layer contribution C(k) = (S_k - S_base) / (S_full - S_base) of {result['model']} on "
-             f"{result['task']} ({result['metric']}, {result['eval_samples']} held-out problems, "
-             f"seeds {', '.join(map(str, result['seeds']))}; mean ± std over seeds).", "",
+    sets = result.get("held_out_sets", [result["task"]])
+    scored = (f"on {result['task']}" if sets == [result["task"]] else
+              f"trained on {result['task']}, S the mean over {', '.join(sets)}")
+    lines = [f"Layer contribution C(k) = (S_k - S_base) / (S_full - S_base) of {result['model']} "
+             f"{scored} ({result['metric']}, {result['eval_samples']} held-out problems"
+             f"{' each' * (len(sets) > 1)}, seeds {', '.join(map(str, result['seeds']))}; "
+             "mean ± std over seeds).", "",
              f"S_base = {result['S_base']:.1%}; S_full = {full['S_full']:.1%} (full-parameter RL, lr "
              f"{full['lr']:g}{', measured elsewhere' if full['measured_elsewhere'] else ''}).", ""]
     if full["undefined_reason"]:

@@ -13,6 +13,7 @@ from typing import Sequence
 
 import torch
 
+from . import distributed
 from .checkpoint import load_layer
 from .errors import UserError
 from .prompting import PromptStyle, check_style, prompt_fits, render_prompt
@@ -115,6 +116,17 @@ def evaluate_env(policy, cfg, tasks: int, *, k: int = 1, temperature: float = 1.
                       time.perf_counter() - t0, per_problem, greedy_metric="success rate")
 
 
+def check_prompts_encode(tokenizer, task: Task, rows: Sequence[Row], style: PromptStyle,
+                         model: str) -> None:
+    """A UserError when the tokenizer cannot write the task's prompts (its first few rows): a
+    model scored or trained on text it has no tokens for learns nothing and scores noise."""
+    from .model.vocab import check_encodes
+
+    for row in [rows[i] for i in range(min(4, len(rows)))]:
+        check_encodes(tokenizer, render_prompt(tokenizer, task, row, style),
+                      what=f"the prompts of task {task.name}", model=model)
+
+
 def drop_long_prompts(tokenizer, task: Task, style: PromptStyle, rows: list[Row],
                       max_tokens: int) -> tuple[list[Row], int]:
     """(the rows whose prompt fits max_tokens, how many were dropped); a UserError when none
@@ -125,6 +137,72 @@ def drop_long_prompts(tokenizer, task: Task, style: PromptStyle, rows: list[Row]
         raise UserError(f"no held-out prompt of task {task.name} fits --max-prompt-tokens "
                         f"{max_tokens}")
     return kept, len(rows) - len(kept)
+
+
+def held_out_tasks(cfg, task: Task) -> list[Task]:
+    """The tasks whose test rows a run scores: --eval-task's, else the training task `task`
+    alone. Loaded before the model, so that a bad name costs no model load."""
+    from .tasks import eval_task_names
+
+    return load_named(eval_task_names(cfg.eval_task), cfg, task) or [task]
+
+
+def load_named(names: list[str], cfg, loaded: Task | None = None) -> list[Task]:
+    """The tasks `names` to score. cfg.task, the run's own task, comes with the user's field
+    and split options and its held-out rows (or is `loaded`, when given); any other is scored
+    only: its test set, or every row of a dataset without one, with the run's system prompt."""
+    from .config import task_options
+    from .tasks import load_task
+
+    options = task_options(cfg)
+    prompt_only = {k: v for k, v in options.items() if k == "system_prompt"}
+    return [(loaded or load_task(name, **options)) if name == cfg.task else
+            load_task(name, scoring_only=True, **prompt_only) for name in names]
+
+
+@dataclass
+class HeldOut:
+    """What a run scores before and after training: the first `samples` test rows of each
+    held-out task whose prompts fit. Its score is the mean over the tasks of each task's greedy
+    accuracy (the paper's S is such a mean over benchmarks); one task: its accuracy."""
+    sets: list[tuple[Task, list[Row]]]
+    dropped: int                                          # prompts longer than the limit
+    last: dict[str, float] = field(default_factory=dict)  # per task, from the latest score
+
+    @classmethod
+    def build(cls, tokenizer, tasks: Sequence[Task], style: PromptStyle, samples: int,
+              max_prompt_tokens: int, model: str) -> "HeldOut":
+        sets, dropped = [], 0
+        for task in tasks:
+            check_prompts_encode(tokenizer, task, task.test, style, model)
+            rows, n = drop_long_prompts(tokenizer, task, style, list(task.test[:samples]),
+                                        max_prompt_tokens)
+            sets.append((task, rows))
+            dropped += n
+        return cls(sets, dropped)
+
+    @property
+    def problems(self) -> int:
+        return sum(len(rows) for _, rows in self.sets)
+
+    def score(self, lm, tokenizer, *, max_new_tokens: int, seed: int, style: PromptStyle,
+              stop: tuple[str, ...], batch_size: int | HalveOnOOM, progress=None) -> float:
+        """Greedy accuracy on every set (several ranks: each scores its share of each set)."""
+        self.last = {}
+        for task, rows in self.sets:
+            mine = distributed.shard(rows)
+            result = evaluate(lm, tokenizer, task, mine, max_new_tokens=max_new_tokens,
+                              seed=seed, style=style, stop=stop, batch_size=batch_size,
+                              progress=progress)
+            self.last[task.name] = distributed.weighted_mean(result.score, len(mine))
+        return sum(self.last.values()) / len(self.last)
+
+
+def describe_sets(scores: dict[str, float]) -> str:
+    """Per-set scores for a log line ("mean of a 40.0%, b 12.5%"); empty for one set."""
+    if len(scores) < 2:
+        return ""
+    return "mean of " + ", ".join(f"{name} {score:.1%}" for name, score in scores.items())
 
 
 def load_trained_layer(policy, directory: str | Path) -> dict:
@@ -172,7 +250,8 @@ class EvalConfig:
     run_options: dict = field(default_factory=dict)  # task fields, prompt and stop options
 
 
-def run_eval(cfg: EvalConfig, *, progress: bool = True, echo=print) -> EvalResult:
+def run_eval(cfg: EvalConfig, *, progress: bool = True, echo=print) -> list[EvalResult]:
+    """Score as `cfg` says; one result per task scored (several for a list or a suite)."""
     import json
     import re
     from datetime import datetime
@@ -188,21 +267,26 @@ def run_eval(cfg: EvalConfig, *, progress: bool = True, echo=print) -> EvalResul
     if cfg.layer_checkpoint:
         load_trained_layer(policy, cfg.layer_checkpoint)
         label += f" + {policy.layer.label} ({cfg.layer_checkpoint})"
-    result, dropped = score(policy, progress)
-    name = re.sub(r"[^\w.-]+", "-", result.task)
+    results = score(policy, progress)
+    name = re.sub(r"[^\w.-]+", "-", cfg.task or ",".join(r.task for r, _ in results))
     output = Path(cfg.output) if cfg.output else (
         Path(cfg.layer_checkpoint) / f"eval-{name}.json" if cfg.layer_checkpoint else
         Path("runs") / f"eval-{Path(run.model).name}-{name}-{datetime.now():%Y%m%d-%H%M%S}.json")
     output.parent.mkdir(parents=True, exist_ok=True)
-    record = {"model": run.model, "layer_checkpoint": cfg.layer_checkpoint, "task": result.task,
-              "metric": result.metric, "score": result.score, "mean_reward": result.mean_reward,
-              "problems": result.problems, "prompts_dropped": dropped, "k": cfg.k, "seed": cfg.seed,
-              "max_new_tokens": run.max_new_tokens, "seconds": result.seconds,
-              "per_problem": result.per_problem}
+    records = [{"task": r.task, "metric": r.metric, "score": r.score, "mean_reward": r.mean_reward,
+                "problems": r.problems, "prompts_dropped": dropped, "seconds": r.seconds,
+                "per_problem": r.per_problem} for r, dropped in results]
+    head = {"model": run.model, "layer_checkpoint": cfg.layer_checkpoint, "k": cfg.k,
+            "seed": cfg.seed, "max_new_tokens": run.max_new_tokens}
+    if len(records) == 1:
+        record = {**head, **records[0]}
+    else:   # the mean over the tasks, as `--eval-task` scores a run
+        record = {**head, "score": sum(r["score"] for r in records) / len(records),
+                  "tasks": records}
     output.write_text(json.dumps(record, indent=1) + "\n")
-    echo(format_table([(label, result.task, result)]))
+    echo(format_table([(label, r) for r, _ in results]))
     echo(f"wrote {output}")
-    return result
+    return [r for r, _ in results]
 
 
 def eval_run_config(cfg: EvalConfig):
@@ -229,37 +313,46 @@ def eval_run_config(cfg: EvalConfig):
 
 
 def task_scorer(cfg: EvalConfig, run, echo):
-    """Checks the task now; returns score(policy, progress) -> (result, prompts dropped)."""
+    """Checks the tasks now: --task (a task, a comma-separated list or a suite), else the
+    held-out sets the run scored (--eval-task), else its task. Returns score(policy, progress)
+    -> [(result, prompts dropped)], a pair per task."""
     from tqdm.auto import tqdm
 
-    from .config import task_options
-    from .tasks import load_task
+    from .tasks import eval_task_names
 
-    task = load_task(run.task, **task_options(run))
-    rows = list(task.test[:cfg.samples] if cfg.samples else task.test)
-    if not rows:
-        raise UserError(f"task {run.task}: no held-out rows to score")
+    names = eval_task_names([cfg.task]) if cfg.task else eval_task_names(run.eval_task)
+    tasks = load_named(names or [run.task], run)
+    sets = [(task, list(task.test[:cfg.samples] if cfg.samples else task.test)) for task in tasks]
+    for task, rows in sets:
+        if not rows:
+            raise UserError(f"task {task.name}: no held-out rows to score")
+    batch = HalveOnOOM("--batch-size", cfg.batch_size, echo=echo)
 
-    def score(policy, progress: bool) -> tuple[EvalResult, int]:
+    def score(policy, progress: bool) -> list[tuple[EvalResult, int]]:
         style = PromptStyle(run.chat, run.chat_template_kwargs)
         check_style(policy.tokenizer, style, run.model)
-        kept, dropped = drop_long_prompts(policy.tokenizer, task, style, rows,
-                                          run.max_prompt_tokens)
-        if dropped:
-            echo(f"dropped {dropped} of {len(rows)} held-out problems longer than "
-                 f"--max-prompt-tokens {run.max_prompt_tokens}")
-        with tqdm(total=len(kept), desc=f"eval {task.name}", disable=not progress) as bar:
-            result = evaluate(policy.split.lm, policy.tokenizer, task, kept, k=cfg.k,
-                              max_new_tokens=run.max_new_tokens, temperature=cfg.temperature,
-                              batch_size=HalveOnOOM("--batch-size", cfg.batch_size, echo=echo),
-                              seed=cfg.seed, style=style, stop=tuple(run.stop), progress=bar)
-        return result, dropped
+        results = []
+        for task, rows in sets:
+            check_prompts_encode(policy.tokenizer, task, rows, style, run.model)
+            kept, dropped = drop_long_prompts(policy.tokenizer, task, style, rows,
+                                              run.max_prompt_tokens)
+            if dropped:
+                of = f" of {task.name}" if len(sets) > 1 else ""
+                echo(f"dropped {dropped} of {len(rows)} held-out problems{of} longer than "
+                     f"--max-prompt-tokens {run.max_prompt_tokens}")
+            with tqdm(total=len(kept), desc=f"eval {task.name}", disable=not progress) as bar:
+                results.append((evaluate(policy.split.lm, policy.tokenizer, task, kept, k=cfg.k,
+                                         max_new_tokens=run.max_new_tokens,
+                                         temperature=cfg.temperature, batch_size=batch,
+                                         seed=cfg.seed, style=style, stop=tuple(run.stop),
+                                         progress=bar), dropped))
+        return results
 
     return score
 
 
 def env_scorer(cfg: EvalConfig, run, echo):
-    """Checks the environment now; returns score(policy, progress) -> (result, 0): the first
+    """Checks the environment now; returns score(policy, progress) -> [(result, 0)]: the first
     --samples held-out tasks (default: as many as the run scored, --eval-samples)."""
     from .agentic import check_env
 
@@ -271,17 +364,22 @@ def env_scorer(cfg: EvalConfig, run, echo):
         tasks = cfg.samples or run.eval_samples
         with tqdm(total=tasks * cfg.k, desc=f"eval env {run.env}", unit="episode",
                   disable=not progress) as bar:
-            return evaluate_env(policy, run, tasks, k=cfg.k, temperature=cfg.temperature,
-                                seed=cfg.seed, progress=bar,
-                                batch_size=HalveOnOOM("--batch-size", cfg.batch_size,
-                                                      echo=echo)), 0
+            return [(evaluate_env(policy, run, tasks, k=cfg.k, temperature=cfg.temperature,
+                                  seed=cfg.seed, progress=bar,
+                                  batch_size=HalveOnOOM("--batch-size", cfg.batch_size,
+                                                        echo=echo)), 0)]
 
     return score
 
 
-def format_table(lines: list[tuple[str, str, EvalResult]]) -> str:
+def format_table(lines: list[tuple[str, EvalResult]]) -> str:
+    """A row per (model, result); with several results, a last row of their mean score."""
     header = ("model", "task", "problems", "metric", "score", "mean reward")
-    body = [(m, t, str(r.problems), r.metric, f"{r.score:.1%}", f"{r.mean_reward:.3f}")
-            for m, t, r in lines]
+    body = [(m, r.task, str(r.problems), r.metric, f"{r.score:.1%}", f"{r.mean_reward:.3f}")
+            for m, r in lines]
+    if len(lines) > 1:
+        mean = sum(r.score for _, r in lines) / len(lines)
+        body.append((lines[0][0], "mean", str(sum(r.problems for _, r in lines)),
+                     lines[0][1].metric, f"{mean:.1%}", ""))
     widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in [header, *body])

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .config import TrainConfig, task_options
+from .config import TrainConfig
 from .errors import UserError
 from .model.load import AUTO_DEPTH
 from .model.shared import FrozenModel, load_frozen
@@ -231,7 +231,7 @@ def sample_batches(base: FrozenModel, task, cfg: TrainConfig, batches: int, obje
 def run_probe(cfg: TrainConfig, *, batches: int | None = None, base: FrozenModel | None = None,
               progress: bool = True) -> ProbeResult:
     """Score every block of cfg.model on cfg.task (see the module docstring)."""
-    from .tasks import load_task
+    from .single_turn import load_training_task
     from .train import fit_batches
     from .update import build_objective
 
@@ -245,9 +245,7 @@ def run_probe(cfg: TrainConfig, *, batches: int | None = None, base: FrozenModel
     # is the memory plan's for that run where the plan chooses batch sizes (CUDA, --max-memory).
     cfg = fit_batches(dataclasses.replace(cfg, layer="0"), lambda line: None)
     torch.manual_seed(cfg.seed)
-    task = load_task(cfg.task, **task_options(cfg))
-    if not task.train:
-        raise UserError(f"task {cfg.task}: no training rows")
+    task = load_training_task(cfg)
     base = base or load_frozen(cfg.model, frozen_dtype=cfg.frozen_dtype, device=cfg.device, attn=cfg.attn)
     # The single-layer objective: its loss gives the hidden states (not lm_head) a gradient.
     objective = build_objective(dataclasses.replace(cfg, layer="0"), base.device)

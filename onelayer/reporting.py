@@ -132,6 +132,8 @@ def step_line(row: dict, steps: int) -> str:
     if "lr" in row:
         parts.append(f"lr {row['lr']:.2e}")
     parts += [f"{key} {value:.3f}" for key, value in row.items() if key.startswith("eval_")]
+    if "sampler_logprob_gap" in row:   # the sampler and the trainer disagreeing: worth a look
+        parts.append(f"sampler gap {row['sampler_logprob_gap']:.1e}")
     parts.append(f"{row.get('step_s', 0.0):.1f} s")
     return "  ".join(parts)
 

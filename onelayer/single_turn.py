@@ -22,9 +22,8 @@ from . import distributed
 from .algos.advantages import STD_EPS
 from .config import TrainConfig
 from .errors import UserError
-from .evaluate import drop_long_prompts, evaluate as score_task
+from .evaluate import HeldOut, check_prompts_encode
 from .model import Policy
-from .model.vocab import check_encodes
 from .prompting import PromptStyle, prompt_fits, render_prompt
 from .reporting import StepSamples, prompt_texts
 from .resilience import HalveOnOOM
@@ -182,22 +181,36 @@ def group_advantages(objective: Objective, rewards: Tensor, group_ids: Tensor) -
     return centred / (distributed.global_std(rewards) + STD_EPS)
 
 
+def load_training_task(cfg: TrainConfig) -> Task:
+    """cfg.task with the user's options and --reward plug-ins; a UserError for a task with
+    nothing to train on (a test set such as amc23: refused by name, before any download)."""
+    from .config import reward_options, task_options
+    from .tasks import BENCHMARK_NAMES, load_task
+
+    if cfg.task in BENCHMARK_NAMES:
+        raise UserError(f"task {cfg.task} is a test set with nothing to train on: train on another "
+                        f"task and score it with --eval-task {cfg.task}")
+    task = load_task(cfg.task, **task_options(cfg), **reward_options(cfg))
+    if not task.train:
+        raise UserError(f"task {cfg.task}: no training rows")
+    return task
+
+
 def task_job(task: Task, policy: Policy, optimizer, cfg: TrainConfig, objective: Objective,
              generator: torch.Generator, progress: bool, gen_batch: HalveOnOOM | None = None,
-             micro: HalveOnOOM | None = None, echo: Callable[[str], None] = print) -> Job:
-    """Single-turn GRPO on a task's rows; greedy accuracy on its held-out rows."""
+             micro: HalveOnOOM | None = None, echo: Callable[[str], None] = print,
+             eval_tasks: list[Task] | None = None) -> Job:
+    """Single-turn GRPO on a task's rows; greedy accuracy on the held-out rows of eval_tasks
+    (evaluate.held_out_tasks; None: the task's own), their mean when there are several."""
     style = prompt_style(cfg)
     # A tokenizer without the task's characters: one line, before any step.
-    for row in [task.train[i] for i in range(min(4, len(task.train)))]:
-        check_encodes(policy.tokenizer, render_prompt(policy.tokenizer, task, row, style),
-                      what=f"the prompts of task {task.name}", model=cfg.model)
+    check_prompts_encode(policy.tokenizer, task, task.train, style, cfg.model)
     fits = prompt_fits(policy.tokenizer, task, style, cfg.max_prompt_tokens)
     if not any(fits(row) for row in task.train):
         raise UserError(f"no training prompt of task {task.name} fits --max-prompt-tokens "
                         f"{cfg.max_prompt_tokens}")
-    test_rows, test_dropped = drop_long_prompts(policy.tokenizer, task, style,
-                                                list(task.test[:cfg.eval_samples]),
-                                                cfg.max_prompt_tokens)
+    held_out = HeldOut.build(policy.tokenizer, eval_tasks or [task], style, cfg.eval_samples,
+                             cfg.max_prompt_tokens, cfg.model)
     rows = TrainingRows(task.train, cfg.seed, fits)
     # Greedy rows, one sequence each; a size halved out of memory stays halved for later evals.
     eval_batch = HalveOnOOM("the held-out eval batch", cfg.generation_batch or 64, echo=echo)
@@ -215,17 +228,15 @@ def task_job(task: Task, policy: Policy, optimizer, cfg: TrainConfig, objective:
         return {**metrics, "prompts_dropped": rows.dropped - dropped, **task.reward_metrics()}
 
     def score(label: str) -> float:
-        mine = distributed.shard(test_rows)   # several ranks: each scores its share
-        with tqdm(total=len(mine), desc=f"eval ({label})", disable=not progress,
-                  leave=False) as bar:
-            result = score_task(policy.split.lm, policy.tokenizer, task, mine,
-                                max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, style=style,
-                                stop=tuple(cfg.stop), batch_size=eval_batch,
-                                progress=bar)
-        return distributed.weighted_mean(result.score, len(mine))
+        mine = sum(len(distributed.shard(rows)) for _, rows in held_out.sets)
+        with tqdm(total=mine, desc=f"eval ({label})", disable=not progress, leave=False) as bar:
+            return held_out.score(policy.split.lm, policy.tokenizer,
+                                  max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, style=style,
+                                  stop=tuple(cfg.stop), batch_size=eval_batch, progress=bar)
 
     def restore(state: dict) -> None:
         rows.drawn, rows.dropped = state["drawn"], state["dropped"]
 
-    return Job(task.name, step, score, "accuracy", len(test_rows), test_dropped,
+    return Job(task.name, step, score, "accuracy", held_out.problems, held_out.dropped,
+               breakdown=lambda: dict(held_out.last) if len(held_out.sets) > 1 else {},
                state=lambda: {"drawn": rows.drawn, "dropped": rows.dropped}, restore=restore)

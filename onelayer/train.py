@@ -26,16 +26,16 @@ from tqdm.auto import tqdm
 from . import distributed
 from .checkpoint import (CHECKPOINTS, CONFIG_FILE, LAYER_FILE, Checkpoint, TrainingState, checkpoints,
                          load_checkpoint, save_checkpoint, save_layer)
-from .config import TrainConfig, config_json, resume_changes, reward_options, task_options
+from .config import TrainConfig, config_json, resume_changes
 from .data_parallel import build_optimizer, full_state_dict
 from .errors import RunStopped, UserError
+from .evaluate import describe_sets
 from .export import patch_manifest
 from .model import Policy, load_policy
 from .prompting import check_style
 from .reporting import NoReporter, Reporter, check_report_to, terminal_lines
 from .resilience import HalveOnOOM, stop_between_steps
-from .single_turn import prompt_style, task_job
-from .tasks import load_task
+from .single_turn import load_training_task, prompt_style, task_job
 from .update import Job, build_objective
 
 
@@ -210,10 +210,12 @@ def train(cfg: TrainConfig, *, progress: bool = True, echo: Callable[[str], None
     cfg, job, saved = run.cfg, run.job, run.saved
     if saved:
         before, history = saved.state.trainer["score_before"], saved.state.trainer["history"]
+        sets_before = saved.state.trainer.get("sets_before", {})
         first_step = saved.state.step + 1
     else:
         before, history, first_step = job.score("before"), [], 1
-        echo(f"held-out {job.metric} before: {before:.1%} ({job.held_out} held out, greedy)")
+        sets_before = job.breakdown()
+        echo(f"held-out {job.metric} before: {before:.1%} ({held_out_note(job)})")
     lines = terminal_lines(progress)   # a log file gets one line per step, not a bar
     reporter = (Reporter(run.out, report_to=cfg.report_to, log_completions=cfg.log_completions,
                          history=history, first_step=first_step, steps=cfg.steps,
@@ -224,15 +226,21 @@ def train(cfg: TrainConfig, *, progress: bool = True, echo: Callable[[str], None
     checkpointer = Checkpointer(
         run.out, run.policy, cfg, run.optimizer, run.generator, job, run.gen_batch, run.micro,
         run.manifest, echo, last=saved.path if saved else None,
-        trainer=lambda: {"score_before": before, "history": history, "output": str(run.out),
-                         "world_size": distributed.world_size()})
+        trainer=lambda: {"score_before": before, "sets_before": sets_before, "history": history,
+                         "output": str(run.out), "world_size": distributed.world_size()})
     scheduler = lr_schedule(run.optimizer, cfg, done_steps=first_step - 1)
     if saved:
         restore_random(saved.state.random, run.generator, job)
     with reporter:
         run_steps(job, cfg, history, first_step, scheduler=scheduler, checkpointer=checkpointer,
                   reporter=reporter, progress=progress and not lines, echo=echo)
-    return finish(run, before, history, reporter, t_start, echo)
+    return finish(run, before, sets_before, history, reporter, t_start, echo)
+
+
+def held_out_note(job: Job) -> str:
+    """What a held-out score is over, for its log line."""
+    each = describe_sets(job.breakdown())
+    return f"{job.held_out} held out, greedy" + (f"; {each}" if each else "")
 
 
 @dataclass
@@ -253,7 +261,7 @@ class RunSetUp:
 def set_up(cfg: TrainConfig, progress: bool, echo: Callable[[str], None]) -> RunSetUp:
     """Check every input, load the model, build the job; restore a resumed checkpoint."""
     from .agentic import agentic_job, check_env
-    from .evaluate import load_trained_layer
+    from .evaluate import held_out_tasks, load_trained_layer
     from .probe import probe_choice
 
     random.seed(cfg.seed)
@@ -267,9 +275,8 @@ def set_up(cfg: TrainConfig, progress: bool, echo: Callable[[str], None]) -> Run
     if cfg.env:
         check_env(cfg)
     else:
-        task = load_task(cfg.task, **task_options(cfg), **reward_options(cfg))
-        if not task.train:
-            raise UserError(f"task {cfg.task}: no training rows")
+        task = load_training_task(cfg)
+        eval_tasks = held_out_tasks(cfg, task)
     cfg = probe_choice(cfg, echo)   # --layer auto / top-k: the layer probe's choice, before loading
     cfg = fit_batches(cfg, echo)
     policy = load_policy(cfg.model, layer=cfg.layer, frozen_dtype=cfg.frozen_dtype,
@@ -293,7 +300,7 @@ def set_up(cfg: TrainConfig, progress: bool, echo: Callable[[str], None]) -> Run
     job = (agentic_job(policy, optimizer, cfg, objective, generator, micro, gen_batch, echo,
                        progress=progress) if cfg.env else
            task_job(task, policy, optimizer, cfg, objective, generator, progress, gen_batch, micro,
-                    echo))
+                    echo, eval_tasks))
     echo(f"onelayer: {cfg.model} ({policy.split.num_layers} layers), training "
          f"{policy.layer.label} with {cfg.algo} on {job.name}; frozen {policy.frozen_dtype}, "
          f"{policy.device.type}; output {out}")
@@ -345,7 +352,9 @@ def run_steps(job: Job, cfg: TrainConfig, history: list[dict], first_step: int, 
                        **distributed.reduce_metrics(measured)}
                 advance(scheduler)
                 if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps:
-                    row[f"eval_{job.metric.replace(' ', '_')}"] = job.score(f"step {step}")
+                    metric = f"eval_{job.metric.replace(' ', '_')}"
+                    row[metric] = job.score(f"step {step}")
+                    row.update((f"{metric}/{name}", s) for name, s in job.breakdown().items())
                 reporter.step(row, samples)
                 history.append(row)
                 bar.set_postfix(reward=f"{row['reward_mean']:.3f}", kl=f"{row['kl']:.4f}")
@@ -374,14 +383,13 @@ def run_steps(job: Job, cfg: TrainConfig, history: list[dict], first_step: int, 
             raise UserError(f"{exc}. {stopped(checkpointer.last)}") from None
 
 
-def finish(run: RunSetUp, before: float, history: list[dict], reporter, t_start: float,
-           echo: Callable[[str], None]) -> TrainResult:
+def finish(run: RunSetUp, before: float, sets_before: dict, history: list[dict], reporter,
+           t_start: float, echo: Callable[[str], None]) -> TrainResult:
     """Score after training, say what was dropped or skipped, save the layer (a patch), the
     summary and the reward plot."""
     cfg, job, policy = run.cfg, run.job, run.policy
     after = job.score("after")
-    echo(f"held-out {job.metric} after:  {after:.1%} ({job.held_out} held out, greedy; "
-         f"{after - before:+.1%})")
+    echo(f"held-out {job.metric} after:  {after:.1%} ({after - before:+.1%}; {held_out_note(job)})")
     dropped = sum(row.get("prompts_dropped", 0) for row in history)
     if dropped:
         echo(f"dropped {dropped} training prompts longer than --max-prompt-tokens "
@@ -393,6 +401,9 @@ def finish(run: RunSetUp, before: float, history: list[dict], reporter, t_start:
         return TrainResult(before, after, cfg.steps, time.perf_counter() - t_start, run.out)
     scores = {"metric": job.metric, "task": job.name, "before": before, "after": after,
               "held_out": job.held_out, "steps": cfg.steps}
+    if sets_before:   # --eval-task: the score is their mean
+        scores["sets"] = {name: {"before": score, "after": job.breakdown()[name]}
+                          for name, score in sets_before.items()}
     save_layer(run.out, policy.layer.state_dict(), layer_index=policy.split.layer_index,
                layers=policy.layer.spec, base_model=cfg.model,
                run_config=json.loads(config_json(in_use(cfg, run.gen_batch, run.micro))),

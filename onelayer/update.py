@@ -84,6 +84,7 @@ class Job:
     metric: str                        # what the score is ("accuracy", "success rate")
     held_out: int                      # problems / tasks scored
     held_out_dropped: int = 0          # held-out prompts longer than --max-prompt-tokens
+    breakdown: Callable[[], dict] = field(default=dict)  # the latest score per set, if several
     state: Callable[[], dict] = field(default=dict)      # where the job is in its data
     restore: Callable[[dict], None] = field(default=lambda state: None)
 

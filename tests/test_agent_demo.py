@@ -123,8 +123,8 @@ def test_agent_demo_learns_gridworld(tmp_path):
     result = train(cfg, progress=False, echo=lambda line: None)
     assert result.accuracy_after >= result.accuracy_before + LEARN_MARGIN, result
     # `onelayer eval --patch RUN` replays the run's held-out tasks: the same greedy success.
-    scored = run_eval(EvalConfig(layer_checkpoint=str(tmp_path / "run"),
-                                 output=str(tmp_path / "eval.json")),
-                      progress=False, echo=lambda line: None)
+    (scored,) = run_eval(EvalConfig(layer_checkpoint=str(tmp_path / "run"),
+                                    output=str(tmp_path / "eval.json")),
+                         progress=False, echo=lambda line: None)
     assert (scored.metric, scored.problems) == ("success rate", 32)
     assert scored.score == result.accuracy_after

@@ -259,3 +259,24 @@ def test_an_interrupted_run_resumes_exactly_where_it_stopped(tmp_path, monkeypat
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
     assert score == whole_score and metrics == whole_metrics
     assert [row["step"] for row in metrics] == [1, 2, 3, 4]
+
+
+def test_s_over_several_held_out_sets_is_their_mean_and_the_table_names_them():
+    import dataclasses
+
+    from onelayer.contribution import base_score
+
+    cfg = build_config({"eval_samples": 10})
+    base = load_frozen(cfg.model, device="cpu")
+    task = load_task(cfg.task)
+    sets = [dataclasses.replace(task, name="first", test=task.test[:10]),
+            dataclasses.replace(task, name="second", test=task.test[100:])]
+    s_base, each = base_score(base, sets, cfg)
+    assert list(each) == ["first", "second"] and s_base == pytest.approx(sum(each.values()) / 2)
+    assert base_score(base, sets[1:], cfg)[0] == each["second"]
+    sweep = Sweep(build_config({"eval_task": ["paper-math"]}), [0], [0], [1e-4])
+    scores = {Run("all", 1e-4, 0): 0.5, Run("0", 1e-4, 0): 0.45}
+    result = summarise(sweep, SimpleNamespace(num_layers=2), 0.4, 0.5, 1e-4, scores, 1.0)
+    assert result["held_out_sets"] == ["math500", "gsm8k", "olympiadbench", "amc23"]
+    assert ("trained on arithmetic, S the mean over math500, gsm8k, olympiadbench, amc23 "
+            "(greedy accuracy, 256 held-out problems each" in markdown_table(result))

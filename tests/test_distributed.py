@@ -81,7 +81,7 @@ def worker(log: str, argv: list[str]) -> None:
             f.write(f"{rank()} {state.step}\n")
         return real_save(output, *args, state=state, **kwargs)
 
-    real_rl_step, real_task_job, real_load_task = single_turn.rl_step, train.task_job, train.load_task
+    real_rl_step, real_task_job, real_load_task = single_turn.rl_step, train.task_job, train.load_training_task
     rounds, steps = [], []
     flat_step = int(os.environ.get("ONELAYER_TEST_FLAT_STEP", 0))
 
@@ -119,7 +119,7 @@ def worker(log: str, argv: list[str]) -> None:
     if not os.environ.get("ONELAYER_TEST_OWN_SAMPLING"):
         single_turn.sample_and_score = sample_globally
     if os.environ.get("ONELAYER_TEST_FLAT_FIRST_ROUND"):
-        train.load_task, single_turn.rl_step = flat_first_round, counted_rl_step
+        train.load_training_task, single_turn.rl_step = flat_first_round, counted_rl_step
     train.save_checkpoint, train.task_job = logged_save, logged_task_job
     events = trace() if os.environ.get("ONELAYER_TEST_TRACE") else None
     try:

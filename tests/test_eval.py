@@ -20,8 +20,8 @@ def solves(prompt: str, completion: str) -> bool:
 
 def test_pass_at_k_is_deterministic_for_a_seed(tmp_path):
     def run(name, seed, k=4):
-        result = run_eval(EvalConfig(samples=16, k=k, seed=seed, output=str(tmp_path / name)),
-                          progress=False, echo=lambda _: None)
+        (result,) = run_eval(EvalConfig(samples=16, k=k, seed=seed, output=str(tmp_path / name)),
+                            progress=False, echo=lambda _: None)
         return result, json.loads((tmp_path / name).read_text())
 
     a, record_a = run("a.json", 0)
@@ -52,8 +52,8 @@ def test_pass_at_k_is_deterministic_for_a_seed(tmp_path):
 
 def test_greedy_eval_prints_a_table(tmp_path):
     lines = []
-    result = run_eval(EvalConfig(samples=8, output=str(tmp_path / "g.json")), progress=False,
-                      echo=lines.append)
+    (result,) = run_eval(EvalConfig(samples=8, output=str(tmp_path / "g.json")), progress=False,
+                         echo=lines.append)
     assert result.metric == "greedy accuracy"
     header, row = lines[0].splitlines()
     assert header.split()[:3] == ["model", "task", "problems"]
@@ -94,9 +94,9 @@ def test_out_of_memory_halves_the_eval_batch_and_the_scores_stay(tmp_path, monke
 def test_an_environment_scores_pass_at_k_over_sampled_episodes(tmp_path):
     """`onelayer eval --env gridworld --k 2`: the agent demo plays each held-out task twice; a
     task is solved when one of its episodes is."""
-    result = run_eval(EvalConfig(samples=3, k=2, run_options={"env": "gridworld"},
-                                 output=str(tmp_path / "env.json")),
-                      progress=False, echo=lambda _: None)
+    (result,) = run_eval(EvalConfig(samples=3, k=2, run_options={"env": "gridworld"},
+                                    output=str(tmp_path / "env.json")),
+                         progress=False, echo=lambda _: None)
     record = json.loads((tmp_path / "env.json").read_text())
     assert record["model"] == "demo-agent" and record["task"] == "env gridworld"
     assert (result.metric, result.problems) == ("pass@2", 3)

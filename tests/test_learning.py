@@ -41,7 +41,7 @@ def test_demo_run_improves_held_out_accuracy(tmp_path):
     assert any(not torch.equal(t, original[k]) for k, t in tensors.items())
 
     # `onelayer eval` of the saved layer reproduces the accuracy the run reported.
-    scored = run_eval(EvalConfig(layer_checkpoint=str(out), samples=128), progress=False,
-                      echo=lambda _: None)
+    (scored,) = run_eval(EvalConfig(layer_checkpoint=str(out), samples=128), progress=False,
+                         echo=lambda _: None)
     assert scored.score == result.accuracy_after
     assert (out / "eval-arithmetic.json").is_file()

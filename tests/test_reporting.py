@@ -151,6 +151,8 @@ def test_one_line_per_step_when_not_a_terminal(tmp_path, monkeypatch):
     line = step_line({"step": 3, "reward_mean": 0.5, "kl": 0.001, "loss": -0.1, "lr": 1e-3,
                       "step_s": 1.25, "eval_accuracy": 0.4}, 10)
     assert "\n" not in line and line.startswith("step 3/10") and "eval_accuracy 0.400" in line
+    assert "sampler gap" not in line
+    assert "sampler gap 2.5e-07" in step_line({"step": 1, "sampler_logprob_gap": 2.5e-7}, 10)
     cfg = build_config({**SHORT, "output": str(tmp_path / "run")})
     lines = []
     train(cfg, progress=True, echo=lines.append)

@@ -27,7 +27,7 @@ def recorded_task(monkeypatch):
         return float(len(completion) % 2)
 
     task = dataclasses.replace(base, reward=reward)
-    monkeypatch.setattr("onelayer.train.load_task", lambda name, **options: task)
+    monkeypatch.setattr("onelayer.train.load_training_task", lambda cfg: task)
     return seen
 
 

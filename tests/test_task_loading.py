@@ -243,3 +243,48 @@ def test_generic_code_dataset(tmp_path):
     assert task.extra["kind"] == "code"
     assert task.reward("def sq(x):\n    return x * x", task.train[0]) == 1.0
     assert task.reward("def sq(x):\n    return 4", task.train[0]) == 0.5
+
+
+# -- test sets: scored, never trained on -----------------------------------------------------
+
+def test_test_sets_read_the_real_field_names(tmp_path):
+    """Local copies with the hub datasets' fields: OlympiadBench's final_answer is a list
+    (several answers for some problems), AMC23's answer a float."""
+    olympiad = [{"question": "Solve 2x = 1.", "final_answer": ["$\\frac{1}{2}$"], "unit": None},
+                {"question": "Find all x with x^2 = 1.", "final_answer": ["$-1$", "$1$"],
+                 "unit": None}]
+    table = pa.table({k: [r[k] for r in olympiad] for k in ("question", "final_answer")})
+    pq.write_table(table, tmp_path / "o.parquet")
+    for copy in (write_jsonl(tmp_path / "o.jsonl", olympiad), str(tmp_path / "o.parquet")):
+        task = load_task("olympiadbench", dataset=copy)
+        assert len(task.train) == 0
+        assert [r["answer"] for r in task.test] == ["\\frac{1}{2}", "-1, 1"]
+        assert task.reward("so \\boxed{0.5}", task.test[0]) == 1.0
+        assert task.reward("\\boxed{1, -1}", task.test[1]) == 1.0
+        assert task.reward("\\boxed{1}", task.test[1]) == 0.0
+    amc = load_task("amc23", dataset=write_jsonl(tmp_path / "a.jsonl", [
+        {"id": 0, "question": "How many?", "answer": 27.0, "url": "x"}]))
+    (row,) = amc.test
+    assert (row["prompt"], row["answer"]) == ("How many?", "27.0")
+    assert amc.reward("\\boxed{27}", row) == 1.0 and amc.prompt(row).startswith("How many?")
+    aime = write_jsonl(tmp_path / "aime.jsonl", [{"problem": "Find N.", "answer": "204",
+                                                  "solution": "..."}])
+    for name in ("aime24", "aime25"):
+        (row,) = load_task(name, dataset=aime).test
+        assert (row["prompt"], row["answer"]) == ("Find N.", "204")
+    math500 = write_jsonl(tmp_path / "m.jsonl", [{"problem": "2+2?", "solution": "\\boxed{4}",
+                                                  "answer": "4", "level": 1}])
+    (row,) = load_task("math500", dataset=math500).test
+    assert (row["prompt"], row["answer"], row["level"]) == ("2+2?", "4", 1)
+
+
+def test_eval_task_names_expand_suites_in_order_once():
+    from onelayer.tasks import BENCHMARK_NAMES, eval_task_names
+    from onelayer.tasks.catalog import BENCHMARKS
+
+    assert set(BENCHMARK_NAMES) == set(BENCHMARKS)
+    assert eval_task_names(["paper-math", "gsm8k, aime24", " amc23 ,"]) == [
+        "math500", "gsm8k", "olympiadbench", "amc23", "aime24"]
+    assert eval_task_names([]) == []
+    with pytest.raises(UserError, match="test set .*amc23"):
+        load_task("amc24")

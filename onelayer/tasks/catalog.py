@@ -35,7 +35,7 @@ class Source:
 @dataclass(frozen=True)
 class Spec:
     kind: str  # "math" or "code"
-    train: Source
+    train: Source | None  # None: a benchmark, a test set and nothing to train on
     test: Source | None  # None: hold out `test_size` rows of train
     style: str = "plain"  # code prompts: "mbpp" shows a test, "humaneval" the signature
 
@@ -71,6 +71,21 @@ BUILTIN: dict[str, Spec] = {
                       None, style="humaneval"),
 }
 
+# Test sets with no training split: scored by `onelayer eval` and `--eval-task`, never trained
+# on. The paper's math score S is the mean of math500, gsm8k, olympiadbench and amc23.
+BENCHMARKS: dict[str, Source] = {
+    "math500": BUILTIN["math"].test,
+    # the English, text-only, open-ended competition-math subset; final_answer is a list
+    "olympiadbench": Source("Hothan/OlympiadBench", "OE_TO_maths_en_COMP", "train",
+                            {"prompt": "question", "answer": "final_answer"}),
+    "amc23": Source("math-ai/amc23", None, "test", {"prompt": "question", "answer": "answer"}),
+    "aime24": Source("HuggingFaceH4/aime_2024", None, "train",
+                     {"prompt": "problem", "answer": "answer"}),
+    "aime25": Source("math-ai/aime25", None, "test", {"prompt": "problem", "answer": "answer"}),
+}
+# Names that stand for several held-out sets (the training task's own name means its test set).
+SUITES = {"paper-math": ("math500", "gsm8k", "olympiadbench", "amc23")}
+
 FIELD_OPTIONS = {"prompt_field": "prompt", "answer_field": "answer", "tests_field": "tests",
                  "entry_point_field": "entry_point"}
 _GUESSES = {"prompt": ("prompt", "question", "problem", "text", "instruction"),
@@ -79,7 +94,7 @@ _GUESSES = {"prompt": ("prompt", "question", "problem", "text", "instruction"),
 
 
 def builtin_task(name: str, **options) -> Task:
-    spec = BUILTIN[name]
+    spec = BUILTIN[name] if name in BUILTIN else Spec("math", None, BENCHMARKS[name])
     return build_task(name, spec, **options)
 
 
@@ -111,21 +126,29 @@ def build_task(name: str, spec: Spec, *, dataset: str | None = None,
                test_split: str | None = None, config: str | None = None,
                test_size: float = 0.1, limit: int | None = None, seed: int = 0,
                chat: bool = True, system_prompt: str | None = None, format_bonus: float = 0.0,
-               timeout: float = 5.0, workers: int | None = None, **mapping) -> Task:
+               timeout: float = 5.0, workers: int | None = None, scoring_only: bool = False,
+               **mapping) -> Task:
+    """scoring_only: the task is scored, never trained on (--eval-task): no training rows are
+    read where it has a test set of its own, and every row is held out where it has none."""
     unknown = set(mapping) - set(FIELD_OPTIONS)
     if unknown:
         raise UserError(f"unknown task option(s) {', '.join(sorted(unknown))} for task {name!r}")
     remap = {FIELD_OPTIONS[k]: v for k, v in mapping.items() if v}
+    if spec.train is None:   # a benchmark: scored only, and `dataset` is a copy of its test set
+        spec, test_dataset, dataset = replace(spec, train=spec.test), test_dataset or dataset, None
+        scoring_only = True
     train_src = _override(spec.train, dataset, config, split, remap)
-    train = _canonical_rows(train_src, spec.kind)
     # A test set of its own when one is named (by the user, or by the built-in unless the user
     # swapped in another train dataset); otherwise `test_size` rows held out of train.
     if test_dataset or (spec.test is not None and not dataset):
         base = spec.test or replace(spec.train, split="test")
         test = _canonical_rows(_override(base, test_dataset, config, test_split, remap),
                                spec.kind)
+        train = test.take([]) if scoring_only else _canonical_rows(train_src, spec.kind)
     else:
-        train, test = _hold_out(train, test_size, seed, name)
+        train = _canonical_rows(train_src, spec.kind)
+        train, test = ((train.take([]), train) if scoring_only else
+                       _hold_out(train, test_size, seed, name))
     if limit is not None:
         train = train[:limit]
     if spec.kind == "math":
@@ -165,7 +188,10 @@ def _canonical(row: dict, number: int, *, fields: dict, optional: dict, kind: st
     canon.update({c: row.get(f) or "" for c, f in optional.items()})
     canon["prompt"], canon["line"] = str(canon["prompt"]), number
     if kind == "math":
-        canon["answer"] = str(canon["answer"])
+        answer = canon["answer"]
+        if isinstance(answer, (list, tuple, np.ndarray)):   # OlympiadBench: ["$-1$", "$1$"]
+            answer = ", ".join(str(a).strip().strip("$") for a in answer)
+        canon["answer"] = str(answer)
     else:
         canon["tests"] = _tests_list(canon["tests"], canon.get("entry_point"))
         canon.setdefault("entry_point", "")

@@ -1,0 +1,124 @@
+"""--eval-task: a run scored on several held-out sets (the paper's S is a mean over benchmarks),
+and `onelayer eval` of a list or of the sets a run scored."""
+import dataclasses
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from onelayer.cli import main
+from onelayer.config import build_config
+from onelayer.evaluate import HeldOut, describe_sets, evaluate
+from onelayer.model import load_policy
+from onelayer.single_turn import prompt_style
+from onelayer.tasks import load_task
+
+
+def run_cli(args, capsys):
+    try:
+        main(args)
+        code = 0
+    except SystemExit as exc:
+        code = exc.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_the_held_out_score_is_the_mean_of_each_set_scored_alone():
+    cfg = build_config({})   # the demo: its model, task, prompts and generation length
+    policy = load_policy(cfg.model, layer=3, device="cpu")
+    style = prompt_style(cfg)
+    task = load_task(cfg.task)
+    first = dataclasses.replace(task, name="first", test=task.test[:9])
+    second = dataclasses.replace(task, name="second", test=task.test[9:25])
+    held_out = HeldOut.build(policy.tokenizer, [first, second], style, cfg.eval_samples,
+                             cfg.max_prompt_tokens, cfg.model)
+    assert held_out.problems == 25
+    options = dict(max_new_tokens=cfg.max_new_tokens, seed=0, style=style, stop=())
+    score = held_out.score(policy.split.lm, policy.tokenizer, batch_size=7, **options)
+    alone = {t.name: evaluate(policy.split.lm, policy.tokenizer, t, list(t.test), **options).score
+             for t in (first, second)}
+    assert held_out.last == alone
+    assert score == pytest.approx((alone["first"] + alone["second"]) / 2)
+    # The demo solves some but not all of them, unevenly: a mean over the 25 problems would differ.
+    assert 0 < alone["first"] != alone["second"] < 1
+    assert describe_sets(held_out.last) == (f"mean of first {alone['first']:.1%}, "
+                                            f"second {alone['second']:.1%}")
+    assert describe_sets({"first": 0.5}) == ""
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_train_scores_every_eval_task_and_eval_of_the_patch_reproduces_them(tiny_models,
+                                                                            tmp_path, capsys):
+    data = write_jsonl(tmp_path / "train.jsonl", [
+        {"q": f"what is {i} plus {i}", "sol": f"#### {2 * i}"} for i in range(12)])
+    sums = write_jsonl(tmp_path / "sums.jsonl", [
+        {"question": f"add {i} and {i + 1}", "answer": str(2 * i + 1)} for i in range(5)])
+    products = write_jsonl(tmp_path / "products.jsonl", [
+        {"problem": f"multiply {i} by 3", "answer": str(3 * i)} for i in range(5)])
+    out = tmp_path / "run"
+    code, stdout, stderr = run_cli(
+        ["train", "--model", tiny_models["qwen3"], "--task", data, "--prompt-field", "q",
+         "--answer-field", "sol", "--test-size", "4", "--eval-task", f"{sums},{products}",
+         "--eval-task", sums, "--steps", "2", "--eval-every", "1", "--prompts-per-step", "2",
+         "--group-size", "2", "--max-new-tokens", "4", "--eval-samples", "3", "--lr", "1e-4",
+         "--output", str(out), "--quiet"], capsys)
+    assert code == 0, stderr
+    scores = json.loads((out / "manifest.json").read_text())["scores"]
+    assert list(scores["sets"]) == [sums, products] and scores["held_out"] == 6
+    for when in ("before", "after"):
+        each = [scores["sets"][name][when] for name in (sums, products)]
+        assert scores[when] == pytest.approx(sum(each) / 2)
+    assert re.search(r"held-out accuracy before: .*mean of .*sums\.jsonl .*products\.jsonl",
+                     stdout)
+    first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["eval_accuracy"] == pytest.approx(
+        (first[f"eval_accuracy/{sums}"] + first[f"eval_accuracy/{products}"]) / 2)
+
+    # `onelayer eval --patch` scores the sets the run scored, with the run's options.
+    code, stdout, stderr = run_cli(["eval", "--patch", str(out), "--samples", "3", "--quiet"],
+                                   capsys)
+    assert code == 0, stderr
+    header, *rows, wrote = stdout.splitlines()
+    assert [re.split(r"\s{2,}", r.strip())[1] for r in rows] == [sums, products, "mean"]
+    written = Path(wrote.removeprefix("wrote "))
+    assert written.parent == out and written.name.startswith("eval-")
+    record = json.loads(written.read_text())
+    assert [t["task"] for t in record["tasks"]] == [sums, products]
+    assert [t["score"] for t in record["tasks"]] == [scores["sets"][n]["after"]
+                                                     for n in (sums, products)]
+    assert record["score"] == pytest.approx(scores["after"])
+
+
+def test_eval_task_input_errors_exit_2_before_loading(tiny_models, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "d.jsonl", [{"question": "what is one", "answer": "1"}] * 6)
+    cases = [
+        (["train", "--task", "amc23"], "task amc23 is a test set with nothing to train on"),
+        (["train", "--task", data, "--eval-task", "amc24"], "unknown task 'amc24'"),
+        (["train", "--env", "gridworld", "--eval-task", "gsm8k"], "--eval-task applies to"),
+        # the demo's tokenizer writes digits and signs, not a math dataset's prompts
+        (["train", "--eval-task", data], "its tokenizer has no token for"),
+        (["eval", "--task", f"arithmetic,{tmp_path / 'missing.jsonl'}"], "does not exist"),
+    ]
+    for args, message in cases:
+        code, stdout, stderr = run_cli(args + ["--output", str(tmp_path / "never"), "--quiet"],
+                                       capsys)
+        assert code == 2, (args, stderr)
+        assert message in stderr and len(stderr.strip().splitlines()) == 1, stderr
+    assert not (tmp_path / "never").exists()
+
+
+def test_the_training_task_carries_its_reward_plugins():
+    """One loader for every command that trains: --reward used to be dropped by contribution
+    and the probe, which then trained and ranked layers on the task's own reward."""
+    from onelayer.single_turn import load_training_task
+
+    task = load_training_task(build_config({"reward": ["task", "length"],
+                                            "reward_weight": [1.0, 0.5]}))
+    assert task.scorer is not None
+    assert load_training_task(build_config({})).scorer is None
