@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from statistics import fmean
 from typing import Sequence
 
 import torch
@@ -34,6 +35,7 @@ class EvalResult:
     seconds: float
     per_problem: list[dict] = field(default_factory=list)
     greedy_metric: str = "greedy accuracy"   # what k = 1 measures: "success rate" for an env
+    mean_at_k: float = 0.0      # share of all k samples that solve their problem (avg@k)
 
     @property
     def metric(self) -> str:
@@ -69,7 +71,8 @@ def evaluate(lm, tokenizer, task: Task, rows: Sequence[Row], *, max_new_tokens: 
         rewards = task.eval_rewards(rollout.texts, [r for r in chunk for _ in range(k)])
         return [{"prompt": task.prompt(row), "completions": rollout.texts[i * k:(i + 1) * k],
                  "rewards": rewards[i * k:(i + 1) * k],
-                 "solved": max(rewards[i * k:(i + 1) * k]) >= SOLVED}
+                 "solved": max(rewards[i * k:(i + 1) * k]) >= SOLVED,
+                 "samples_solved": sum(r >= SOLVED for r in rewards[i * k:(i + 1) * k])}
                 for i, row in enumerate(chunk)]
 
     per_problem: list[dict] = []
@@ -83,7 +86,8 @@ def evaluate(lm, tokenizer, task: Task, rows: Sequence[Row], *, max_new_tokens: 
     all_rewards = [r for p in per_problem for r in p["rewards"]]
     return EvalResult(task.name, n, k, sum(p["solved"] for p in per_problem) / n if n else 0.0,
                       sum(all_rewards) / len(all_rewards) if all_rewards else 0.0,
-                      time.perf_counter() - t0, per_problem)
+                      time.perf_counter() - t0, per_problem,
+                      mean_at_k=sum(p["samples_solved"] for p in per_problem) / (n * k or 1))
 
 
 def evaluate_env(policy, cfg, tasks: int, *, k: int = 1, temperature: float = 1.0,
@@ -113,7 +117,8 @@ def evaluate_env(policy, cfg, tasks: int, *, k: int = 1, temperature: float = 1.
     return EvalResult(f"env {cfg.env}", tasks, k,
                       sum(p["solved"] for p in per_problem) / tasks if tasks else 0.0,
                       episodes.returns.mean().item() if tasks else 0.0,
-                      time.perf_counter() - t0, per_problem, greedy_metric="success rate")
+                      time.perf_counter() - t0, per_problem, greedy_metric="success rate",
+                      mean_at_k=episodes.success.float().mean().item() if tasks else 0.0)
 
 
 def check_prompts_encode(tokenizer, task: Task, rows: Sequence[Row], style: PromptStyle,
@@ -273,8 +278,8 @@ def run_eval(cfg: EvalConfig, *, progress: bool = True, echo=print) -> list[Eval
         Path(cfg.layer_checkpoint) / f"eval-{name}.json" if cfg.layer_checkpoint else
         Path("runs") / f"eval-{Path(run.model).name}-{name}-{datetime.now():%Y%m%d-%H%M%S}.json")
     output.parent.mkdir(parents=True, exist_ok=True)
-    records = [{"task": r.task, "metric": r.metric, "score": r.score, "mean_reward": r.mean_reward,
-                "problems": r.problems, "prompts_dropped": dropped, "seconds": r.seconds,
+    records = [{"task": r.task, "metric": r.metric, "score": r.score, "mean_at_k": r.mean_at_k,
+                "mean_reward": r.mean_reward, "problems": r.problems, "prompts_dropped": dropped, "seconds": r.seconds,
                 "per_problem": r.per_problem} for r, dropped in results]
     head = {"model": run.model, "layer_checkpoint": cfg.layer_checkpoint, "k": cfg.k,
             "seed": cfg.seed, "max_new_tokens": run.max_new_tokens}
@@ -373,13 +378,21 @@ def env_scorer(cfg: EvalConfig, run, echo):
 
 
 def format_table(lines: list[tuple[str, EvalResult]]) -> str:
-    """A row per (model, result); with several results, a last row of their mean score."""
-    header = ("model", "task", "problems", "metric", "score", "mean reward")
-    body = [(m, r.task, str(r.problems), r.metric, f"{r.score:.1%}", f"{r.mean_reward:.3f}")
-            for m, r in lines]
+    """A row per (model, result); with several results, a last row of their means. With k > 1
+    samples a problem, mean@k (the share of samples that solve theirs) beside pass@k."""
+    sampled = lines[0][1].k > 1
+
+    def row(model, task, problems, result_metric, score, at_k, reward):
+        return (model, task, problems, result_metric, score, *([at_k] if sampled else []), reward)
+
+    header = row("model", "task", "problems", "metric", "score", f"mean@{lines[0][1].k}",
+                 "mean reward")
+    body = [row(m, r.task, str(r.problems), r.metric, f"{r.score:.1%}", f"{r.mean_at_k:.1%}",
+                f"{r.mean_reward:.3f}") for m, r in lines]
     if len(lines) > 1:
-        mean = sum(r.score for _, r in lines) / len(lines)
-        body.append((lines[0][0], "mean", str(sum(r.problems for _, r in lines)),
-                     lines[0][1].metric, f"{mean:.1%}", ""))
+        results = [r for _, r in lines]
+        body.append(row(lines[0][0], "mean", str(sum(r.problems for r in results)),
+                        results[0].metric, f"{fmean(r.score for r in results):.1%}",
+                        f"{fmean(r.mean_at_k for r in results):.1%}", ""))
     widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in [header, *body])

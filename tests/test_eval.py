@@ -38,6 +38,9 @@ def test_pass_at_k_is_deterministic_for_a_seed(tmp_path):
     assert [p["rewards"] for p in problems] == [[float(x) for x in r] for r in right]
     assert a.score == sum(any(r) for r in right) / 16
     assert a.mean_reward == sum(map(sum, right)) / 64
+    # mean@4: the share of the 64 samples that are right (what RL papers call avg@k).
+    assert [p["samples_solved"] for p in problems] == [sum(r) for r in right]
+    assert a.mean_at_k == record_a["mean_at_k"] == sum(map(sum, right)) / 64 < a.score
     assert record_a["score"] == a.score and record_a["mean_reward"] == a.mean_reward
 
     # The same problems, greedy: pass@4 counts problems that only sampling solved. Measured
@@ -45,7 +48,7 @@ def test_pass_at_k_is_deterministic_for_a_seed(tmp_path):
     greedy, record_g = run("g.json", 0, k=1)
     greedy_right = [solves(p["prompt"], p["completions"][0]) for p in record_g["per_problem"]]
     assert [p["prompt"] for p in record_g["per_problem"]] == [p["prompt"] for p in problems]
-    assert greedy.score == sum(greedy_right) / 16
+    assert greedy.score == greedy.mean_at_k == sum(greedy_right) / 16
     assert any(any(r) and not g for r, g in zip(right, greedy_right))
     assert a.score > greedy.score
 
@@ -126,3 +129,15 @@ def test_eval_errors(tmp_path, tiny_models):
                  echo=print)
     with pytest.raises(UserError):
         run_eval(EvalConfig(samples=0), progress=False, echo=print)
+
+
+def test_the_table_of_several_sampled_sets_has_mean_at_k_and_a_mean_row():
+    from onelayer.evaluate import EvalResult, format_table
+
+    results = [EvalResult("a", 10, 4, 0.5, 0.3, 1.0, mean_at_k=0.25),
+               EvalResult("b", 30, 4, 0.7, 0.6, 1.0, mean_at_k=0.45)]
+    header, a, b, mean = [re.split(r"\s{2,}", line.strip())
+                          for line in format_table([("m", r) for r in results]).splitlines()]
+    assert header == ["model", "task", "problems", "metric", "score", "mean@4", "mean reward"]
+    assert a == ["m", "a", "10", "pass@4", "50.0%", "25.0%", "0.300"]
+    assert mean == ["m", "mean", "40", "pass@4", "60.0%", "35.0%"]   # unweighted over the sets
