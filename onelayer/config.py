@@ -227,6 +227,13 @@ class TrainConfig:
              "[default: 256]")
     eval_every: int = option(
         0, "Also score held-out accuracy every N steps; 0 = only before/after.")
+    eval_k: int = option(
+        1, "Samples per held-out problem: 1 scores greedy accuracy; K > 1 scores mean@K, the "
+           "share of K samples at --eval-temperature that are right (avg@K: less noise on small "
+           "test sets such as amc23, and the protocol of papers that sample). [default: 1]")
+    eval_temperature: float | None = option(
+        None, "Sampling temperature of the held-out samples when --eval-k > 1. [default: "
+              "--temperature]")
     eval_task: list[str] = option(
         list, "Held-out sets to score instead of the task's own test rows (repeatable or "
               "comma-separated): tasks, test sets (math500, olympiadbench, amc23, aime24, "
@@ -349,7 +356,8 @@ RESUME_FIXED = ("model", "layer", "task", "prompt_field", "answer_field", "tests
                 "entry_point_field", "dataset_config", "split", "test_split", "test_size",
                 "system_prompt", "format_bonus", "reward", "reward_weight", "algo", "env",
                 "history_turns", "prompts_per_step", "group_size", "seed", "frozen_dtype", "chat",
-                "chat_template_kwargs", "max_prompt_tokens", "eval_task")
+                "chat_template_kwargs", "max_prompt_tokens", "eval_task", "eval_k",
+                "eval_temperature")
 
 
 def resumed_values(values: dict[str, Any]) -> dict[str, Any]:
@@ -512,6 +520,11 @@ def validate(cfg: TrainConfig) -> None:
     need((cfg.algo == "gigpo") == (cfg.env is not None),
          "--algo gigpo trains on a multi-turn --env, and an --env needs --algo gigpo")
     need(cfg.eval_samples >= 0 and cfg.eval_every >= 0, "--eval-samples/--eval-every must be >= 0")
+    need(cfg.eval_k >= 1, "--eval-k must be >= 1")
+    need(cfg.eval_temperature is None or cfg.eval_temperature > 0,
+         "--eval-temperature must be positive")
+    need(not (cfg.env and cfg.eval_k > 1),
+         "--eval-k applies to single-turn tasks; an --env run scores greedy success")
     need(not (cfg.env and cfg.eval_task),
          "--eval-task applies to single-turn tasks; an --env scores its own held-out tasks")
     need(all(cfg.stop), "--stop: a stop string cannot be empty")

@@ -39,6 +39,7 @@ from .checkpoint import CHECKPOINTS, Checkpoint, checkpoints, load_checkpoint, s
 from .config import TrainConfig, config_json
 from .errors import UserError
 from .model.shared import FrozenModel, attach, load_frozen
+from .evaluate import held_out_metric
 from .tasks import eval_task_names
 
 
@@ -151,8 +152,8 @@ def run_sweep(sweep: Sweep, *, progress: bool = True, echo: Callable[[str], None
         _write_json(base_file, {"score": s_base, "model": cfg.model, "task": cfg.task,
                                 "eval_samples": cfg.eval_samples, "sets": sets})
         each = describe_sets(sets)
-        echo(f"base score: {s_base:.1%} ({cfg.eval_samples} held-out problems, greedy"
-             + (f"; {each})" if each else ")"))
+        echo(f"base score: {s_base:.1%} ({cfg.eval_samples} held-out problems, "
+             f"{held_out_metric(cfg)[1]}" + (f"; {each})" if each else ")"))
 
     full_runs = ([] if sweep.full_score is not None else
                  [Run("all", lr, s) for lr in sweep.full_lrs for s in sweep.seeds])
@@ -227,7 +228,7 @@ def _write_json(path: Path, data: dict) -> None:
 def base_score(base: FrozenModel, eval_tasks: list, cfg: TrainConfig) -> tuple[float, dict]:
     """Greedy held-out accuracy of the untrained model, as `onelayer train` scores it, and its
     per-task scores when there are several held-out tasks."""
-    from .evaluate import HeldOut
+    from .evaluate import HeldOut, eval_temperature
     from .resilience import HalveOnOOM
     from .single_turn import prompt_style
 
@@ -237,7 +238,8 @@ def base_score(base: FrozenModel, eval_tasks: list, cfg: TrainConfig) -> tuple[f
     score = held_out.score(base.lm, base.tokenizer, max_new_tokens=cfg.max_new_tokens,
                            seed=cfg.seed, style=style, stop=tuple(cfg.stop),
                            batch_size=HalveOnOOM("the held-out eval batch",
-                                                 cfg.generation_batch or 64))
+                                                 max(1, (cfg.generation_batch or 64) // cfg.eval_k)),
+                           k=cfg.eval_k, temperature=eval_temperature(cfg))
     return score, held_out.last
 
 
@@ -400,9 +402,11 @@ def summarise(sweep: Sweep, base: FrozenModel, s_base: float, s_full: float, lr_
             entry["tuned"]["sweep"] = [{"lr": lr, "seed": s, "score": scores[Run(str(k), lr, s)]}
                                        for lr in sweep.layer_lrs for s in seeds]
         layers.append(entry)
+    metric, how = held_out_metric(sweep.cfg)
     return {
         "model": sweep.cfg.model, "task": sweep.cfg.task, "num_layers": base.num_layers,
-        "metric": "greedy accuracy", "eval_samples": sweep.cfg.eval_samples,
+        "metric": "greedy accuracy" if metric == "accuracy" else f"{metric}: {how}",
+        "eval_samples": sweep.cfg.eval_samples,
         "held_out_sets": eval_task_names(sweep.cfg.eval_task) or [sweep.cfg.task],
         "seeds": seeds, "S_base": s_base,
         "full": {"S_full": s_full, "lr": lr_full, "measured_elsewhere": sweep.full_score is not None,

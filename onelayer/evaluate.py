@@ -191,16 +191,32 @@ class HeldOut:
         return sum(len(rows) for _, rows in self.sets)
 
     def score(self, lm, tokenizer, *, max_new_tokens: int, seed: int, style: PromptStyle,
-              stop: tuple[str, ...], batch_size: int | HalveOnOOM, progress=None) -> float:
-        """Greedy accuracy on every set (several ranks: each scores its share of each set)."""
+              stop: tuple[str, ...], batch_size: int | HalveOnOOM, k: int = 1,
+              temperature: float = 1.0, progress=None) -> float:
+        """Greedy accuracy (k = 1) or mean@k at `temperature` on every set (several ranks: each
+        scores its share of each set). The samples come from a generator seeded with `seed`,
+        so that scores before and after training share their random numbers."""
         self.last = {}
         for task, rows in self.sets:
             mine = distributed.shard(rows)
-            result = evaluate(lm, tokenizer, task, mine, max_new_tokens=max_new_tokens,
-                              seed=seed, style=style, stop=stop, batch_size=batch_size,
-                              progress=progress)
-            self.last[task.name] = distributed.weighted_mean(result.score, len(mine))
+            result = evaluate(lm, tokenizer, task, mine, max_new_tokens=max_new_tokens, k=k,
+                              temperature=temperature, seed=seed, style=style, stop=stop,
+                              batch_size=batch_size, progress=progress)
+            self.last[task.name] = distributed.weighted_mean(result.mean_at_k, len(mine))
         return sum(self.last.values()) / len(self.last)
+
+
+def held_out_metric(cfg) -> tuple[str, str]:
+    """(what a run's held-out score is, how it is drawn): ("accuracy", "greedy") or, with
+    --eval-k K, ("mean@K", "K samples a problem at temperature T")."""
+    if cfg.eval_k == 1:
+        return "accuracy", "greedy"
+    return (f"mean@{cfg.eval_k}",
+            f"{cfg.eval_k} samples a problem at temperature {eval_temperature(cfg):g}")
+
+
+def eval_temperature(cfg) -> float:
+    return cfg.eval_temperature if cfg.eval_temperature is not None else cfg.temperature
 
 
 def describe_sets(scores: dict[str, float]) -> str:

@@ -22,7 +22,7 @@ from . import distributed
 from .algos.advantages import STD_EPS
 from .config import TrainConfig
 from .errors import UserError
-from .evaluate import HeldOut, check_prompts_encode
+from .evaluate import HeldOut, check_prompts_encode, eval_temperature, held_out_metric
 from .model import Policy
 from .prompting import PromptStyle, prompt_fits, render_prompt
 from .reporting import StepSamples, prompt_texts
@@ -212,8 +212,11 @@ def task_job(task: Task, policy: Policy, optimizer, cfg: TrainConfig, objective:
     held_out = HeldOut.build(policy.tokenizer, eval_tasks or [task], style, cfg.eval_samples,
                              cfg.max_prompt_tokens, cfg.model)
     rows = TrainingRows(task.train, cfg.seed, fits)
-    # Greedy rows, one sequence each; a size halved out of memory stays halved for later evals.
-    eval_batch = HalveOnOOM("the held-out eval batch", cfg.generation_batch or 64, echo=echo)
+    # Problems per generation call, --eval-k sequences each; a size halved out of memory stays
+    # halved for later evals.
+    eval_batch = HalveOnOOM("the held-out eval batch",
+                            max(1, (cfg.generation_batch or 64) // cfg.eval_k), echo=echo)
+    metric, _ = held_out_metric(cfg)
 
     def step() -> dict:
         dropped = rows.dropped
@@ -232,11 +235,12 @@ def task_job(task: Task, policy: Policy, optimizer, cfg: TrainConfig, objective:
         with tqdm(total=mine, desc=f"eval ({label})", disable=not progress, leave=False) as bar:
             return held_out.score(policy.split.lm, policy.tokenizer,
                                   max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, style=style,
-                                  stop=tuple(cfg.stop), batch_size=eval_batch, progress=bar)
+                                  stop=tuple(cfg.stop), batch_size=eval_batch, k=cfg.eval_k,
+                                  temperature=eval_temperature(cfg), progress=bar)
 
     def restore(state: dict) -> None:
         rows.drawn, rows.dropped = state["drawn"], state["dropped"]
 
-    return Job(task.name, step, score, "accuracy", held_out.problems, held_out.dropped,
+    return Job(task.name, step, score, metric, held_out.problems, held_out.dropped,
                breakdown=lambda: dict(held_out.last) if len(held_out.sets) > 1 else {},
                state=lambda: {"drawn": rows.drawn, "dropped": rows.dropped}, restore=restore)

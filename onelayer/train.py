@@ -29,7 +29,7 @@ from .checkpoint import (CHECKPOINTS, CONFIG_FILE, LAYER_FILE, Checkpoint, Train
 from .config import TrainConfig, config_json, resume_changes
 from .data_parallel import build_optimizer, full_state_dict
 from .errors import RunStopped, UserError
-from .evaluate import describe_sets
+from .evaluate import describe_sets, held_out_metric
 from .export import patch_manifest
 from .model import Policy, load_policy
 from .prompting import check_style
@@ -215,7 +215,7 @@ def train(cfg: TrainConfig, *, progress: bool = True, echo: Callable[[str], None
     else:
         before, history, first_step = job.score("before"), [], 1
         sets_before = job.breakdown()
-        echo(f"held-out {job.metric} before: {before:.1%} ({held_out_note(job)})")
+        echo(f"held-out {job.metric} before: {before:.1%} ({held_out_note(job, cfg)})")
     lines = terminal_lines(progress)   # a log file gets one line per step, not a bar
     reporter = (Reporter(run.out, report_to=cfg.report_to, log_completions=cfg.log_completions,
                          history=history, first_step=first_step, steps=cfg.steps,
@@ -237,10 +237,11 @@ def train(cfg: TrainConfig, *, progress: bool = True, echo: Callable[[str], None
     return finish(run, before, sets_before, history, reporter, t_start, echo)
 
 
-def held_out_note(job: Job) -> str:
+def held_out_note(job: Job, cfg: TrainConfig) -> str:
     """What a held-out score is over, for its log line."""
     each = describe_sets(job.breakdown())
-    return f"{job.held_out} held out, greedy" + (f"; {each}" if each else "")
+    how = held_out_metric(cfg)[1] if not cfg.env else "greedy"
+    return f"{job.held_out} held out, {how}" + (f"; {each}" if each else "")
 
 
 @dataclass
@@ -389,7 +390,7 @@ def finish(run: RunSetUp, before: float, sets_before: dict, history: list[dict],
     summary and the reward plot."""
     cfg, job, policy = run.cfg, run.job, run.policy
     after = job.score("after")
-    echo(f"held-out {job.metric} after:  {after:.1%} ({after - before:+.1%}; {held_out_note(job)})")
+    echo(f"held-out {job.metric} after:  {after:.1%} ({after - before:+.1%}; {held_out_note(job, cfg)})")
     dropped = sum(row.get("prompts_dropped", 0) for row in history)
     if dropped:
         echo(f"dropped {dropped} training prompts longer than --max-prompt-tokens "

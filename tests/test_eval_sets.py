@@ -9,7 +9,7 @@ import pytest
 
 from onelayer.cli import main
 from onelayer.config import build_config
-from onelayer.evaluate import HeldOut, describe_sets, evaluate
+from onelayer.evaluate import HeldOut, describe_sets, evaluate, held_out_metric
 from onelayer.model import load_policy
 from onelayer.single_turn import prompt_style
 from onelayer.tasks import load_task
@@ -46,6 +46,30 @@ def test_the_held_out_score_is_the_mean_of_each_set_scored_alone():
     assert describe_sets(held_out.last) == (f"mean of first {alone['first']:.1%}, "
                                             f"second {alone['second']:.1%}")
     assert describe_sets({"first": 0.5}) == ""
+
+
+def test_eval_k_scores_mean_at_k_of_sampled_problems_with_the_same_samples_each_time():
+    cfg = build_config({"eval_k": 4, "eval_temperature": 1.5})
+    assert held_out_metric(cfg) == ("mean@4", "4 samples a problem at temperature 1.5")
+    assert held_out_metric(build_config({"temperature": 0.7, "eval_k": 2}))[1].endswith("0.7")
+    policy = load_policy(cfg.model, layer=3, device="cpu")
+    style = prompt_style(cfg)
+    task = load_task(cfg.task)
+    sets = [dataclasses.replace(task, name="first", test=task.test[:6]),
+            dataclasses.replace(task, name="second", test=task.test[6:16])]
+    held_out = HeldOut.build(policy.tokenizer, sets, style, cfg.eval_samples, 0, cfg.model)
+    options = dict(max_new_tokens=cfg.max_new_tokens, seed=3, style=style, stop=(), k=4,
+                   temperature=1.5)
+    # The samples depend on the batches they are drawn in: the same batch size as `evaluate`'s.
+    score = held_out.score(policy.split.lm, policy.tokenizer, batch_size=64, **options)
+    alone = {t.name: evaluate(policy.split.lm, policy.tokenizer, t, list(t.test), **options)
+             for t in sets}
+    assert held_out.last == {name: r.mean_at_k for name, r in alone.items()}
+    assert score == pytest.approx(sum(held_out.last.values()) / 2)
+    # Some samples are right, not all; pass@4 counts problems any sample solved.
+    assert 0 < score < 1 and any(r.mean_at_k < r.score for r in alone.values())
+    # The same seed, the same samples: scores before and after training share them.
+    assert held_out.score(policy.split.lm, policy.tokenizer, batch_size=64, **options) == score
 
 
 def write_jsonl(path, rows):
@@ -101,6 +125,8 @@ def test_eval_task_input_errors_exit_2_before_loading(tiny_models, tmp_path, cap
         (["train", "--task", "amc23"], "task amc23 is a test set with nothing to train on"),
         (["train", "--task", data, "--eval-task", "amc24"], "unknown task 'amc24'"),
         (["train", "--env", "gridworld", "--eval-task", "gsm8k"], "--eval-task applies to"),
+        (["train", "--env", "gridworld", "--eval-k", "2"], "--eval-k applies to"),
+        (["train", "--eval-k", "0"], "--eval-k must be >= 1"),
         # the demo's tokenizer writes digits and signs, not a math dataset's prompts
         (["train", "--eval-task", data], "its tokenizer has no token for"),
         (["eval", "--task", f"arithmetic,{tmp_path / 'missing.jsonl'}"], "does not exist"),
@@ -122,3 +148,14 @@ def test_the_training_task_carries_its_reward_plugins():
                                             "reward_weight": [1.0, 0.5]}))
     assert task.scorer is not None
     assert load_training_task(build_config({})).scorer is None
+
+
+def test_a_run_with_eval_k_reports_mean_at_k(tmp_path, capsys):
+    out = tmp_path / "run"
+    code, stdout, stderr = run_cli(["train", "--steps", "1", "--eval-samples", "6", "--eval-k",
+                                    "3", "--output", str(out), "--quiet"], capsys)
+    assert code == 0, stderr
+    assert re.search(r"held-out mean@3 before: [\d.]+% \(6 held out, 3 samples a problem at "
+                     r"temperature 1\)", stdout), stdout
+    scores = json.loads((out / "manifest.json").read_text())["scores"]
+    assert scores["metric"] == "mean@3" and scores["held_out"] == 6
