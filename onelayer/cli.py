@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import click
 
@@ -116,6 +117,37 @@ def export_command(checkpoint, output, dtype, model, repo, private, quiet):
 
     export_to(checkpoint, output, dtype=dtype, model=model, repo=repo, private=private,
               progress=not quiet, echo=click.echo)
+
+
+@cli.command("diff")
+@click.option("--tuned", required=True,
+              help="The trained model: a checkpoint directory or hub id (full-parameter RL from any "
+                   "trainer), or a onelayer run or checkpoint.")
+@click.option("--base", help="The model it was trained from (hub id or directory). [default: a "
+                             "onelayer run's base model]")
+@click.option("--output", type=click.Path(file_okay=False),
+              help="Directory for diff.json, diff.csv and diff.png. [default: runs/diff-NAME]")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def diff_command(tuned, base, output, quiet):
+    """Where training changed a model: per block, the relative change of its weights
+    (||W_tuned - W_base|| / ||W_base||, also split into attention and MLP), its share of the
+    whole change, and the share of weights whose stored value did not change. Reads one tensor
+    at a time from both checkpoints; prints a table and writes JSON, CSV and a bar chart."""
+    from tqdm.auto import tqdm
+
+    from .weight_diff import base_of, format_table, weight_diff, write_outputs
+
+    base = base or base_of(tuned)
+    with tqdm(desc="diff", unit="tensor", disable=quiet) as bar:
+        result = weight_diff(base, tuned, progress=lambda: bar.update(1))
+    out = Path(output) if output else Path("runs") / f"diff-{Path(tuned.rstrip('/')).name}"
+    write_outputs(result, out)
+    click.echo(format_table(result))
+    if result.only_base:
+        click.echo(f"{len(result.only_base)} tensors of the base are not in {tuned} (unchanged "
+                   "there, left out of the sums)")
+    click.echo(f"whole model: relative change {result.total.relative:.3e}; wrote {out}/diff.json, "
+               "diff.csv, diff.png")
 
 
 def _register_layer_commands() -> None:
