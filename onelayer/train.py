@@ -468,6 +468,16 @@ def planned_need(cfg: TrainConfig, **batches: int) -> str:
         return ""
 
 
+def held_out_curve(history: list[dict], before: float, after: float,
+                   metric: str) -> tuple[list[int], list[float]]:
+    """(steps, scores) of the held-out score: before (step 0), every --eval-every, after."""
+    key = f"eval_{metric.replace(' ', '_')}"
+    during = [(row["step"], row[key]) for row in history if key in row]
+    last = history[-1]["step"] if history else 0
+    points = [(0, before), *during, (last, after)]
+    return [step for step, _ in points], [score for _, score in points]
+
+
 def plot_rewards(history: list[dict], before: float, after: float, metric: str, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -482,7 +492,8 @@ def plot_rewards(history: list[dict], before: float, after: float, metric: str, 
     ax.plot(steps, rewards, alpha=0.35, label="reward (sampled)")
     ax.plot(steps, smooth, label=f"moving mean ({window} steps)")
     ax.axhline(before, color="grey", ls="--", lw=1, label=f"held-out {metric} before {before:.0%}")
-    ax.axhline(after, color="green", ls="--", lw=1, label=f"held-out {metric} after {after:.0%}")
+    ax.plot(*held_out_curve(history, before, after, metric), "o-", color="green", ms=3,
+            label=f"held-out {metric} (after: {after:.0%})")
     ax.set_xlabel("step")
     ax.set_ylabel("mean reward")
     ax.legend(fontsize=7)

@@ -182,3 +182,16 @@ def test_cli_options_reach_the_config(tmp_path):
     assert result.exit_code == 0, result.output
     assert seen["cfg"].report_to == ["tensorboard", "wandb"]
     assert seen["cfg"].log_completions == 5
+
+
+def test_the_reward_plot_draws_the_held_out_score_at_every_eval(tmp_path):
+    from onelayer.train import held_out_curve, plot_rewards
+
+    history = [{"step": s, "reward_mean": 0.1 * s} for s in range(1, 7)]
+    history[1]["eval_accuracy"], history[3]["eval_accuracy"] = 0.35, 0.5   # --eval-every 2
+    assert held_out_curve(history, 0.3, 0.55, "accuracy") == ([0, 2, 4, 6], [0.3, 0.35, 0.5, 0.55])
+    history[3]["eval_mean@4"] = 0.42
+    assert held_out_curve(history, 0.3, 0.6, "mean@4") == ([0, 4, 6], [0.3, 0.42, 0.6])
+    assert held_out_curve([], 0.3, 0.3, "accuracy") == ([0, 0], [0.3, 0.3])
+    plot_rewards(history, 0.3, 0.6, "mean@4", tmp_path / "reward.png")
+    assert (tmp_path / "reward.png").stat().st_size > 0
