@@ -495,7 +495,7 @@ def plot_rewards(history: list[dict], before: float, after: float, metric: str, 
     ax.plot(*held_out_curve(history, before, after, metric), "o-", color="green", ms=3,
             label=f"held-out {metric} (after: {after:.0%})")
     ax.set_xlabel("step")
-    ax.set_ylabel("mean reward")
+    ax.set_ylabel("reward, held-out score")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
