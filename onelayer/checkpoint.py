@@ -31,6 +31,7 @@ from .errors import UserError
 
 LAYER_FILE = "layer.safetensors"
 CONFIG_FILE = "run_config.json"
+SCORES_FILE = "scores.json"           # a run's scores where it has no manifest (full-parameter)
 MANIFEST_FILE = "manifest.json"       # base model, its revision, a digest of the replaced block
 OPTIMIZER_FILE = "optimizer.pt"
 RANDOM_FILE = "random_state.pt"

@@ -150,6 +150,24 @@ def diff_command(tuned, base, output, quiet):
                "diff.csv, diff.png")
 
 
+@cli.command("runs")
+@click.argument("directories", nargs=-1, type=click.Path(file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
+def runs_command(directories, as_json):
+    """The runs under DIRECTORIES (default: runs), a row each: model, trained layer(s), task,
+    algorithm, lr, steps done (of those asked, for a run that has not finished), and the
+    held-out score before and after. Contribution sweeps' runs are included."""
+    from .run_table import as_json as rows_json, format_rows, run_table
+
+    rows = run_table([Path(d) for d in directories or ["runs"]])
+    if as_json:
+        click.echo(rows_json(rows))
+    elif rows:
+        click.echo(format_rows(rows))
+    else:
+        click.echo(f"no runs under {', '.join(directories or ['runs'])}")
+
+
 def _register_layer_commands() -> None:
     from .layers_cli import contribution_command, probe_command
     cli.add_command(contribution_command)

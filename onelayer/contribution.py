@@ -35,7 +35,8 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import CHECKPOINTS, Checkpoint, checkpoints, load_checkpoint, save_layer
+from .checkpoint import (CHECKPOINTS, SCORES_FILE, Checkpoint, checkpoints, load_checkpoint,
+                         save_layer)
 from .config import TrainConfig, config_json
 from .errors import UserError
 from .model.shared import FrozenModel, attach, load_frozen
@@ -47,7 +48,6 @@ def default_device(device: str | None) -> torch.device:
     return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 PAPER_FULL_LRS = (1e-6, 3e-6, 5e-6, 1e-5)
-SCORES_FILE = "scores.json"
 
 
 def contribution(score: float, base: float, full: float) -> float | None:

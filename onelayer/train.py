@@ -24,8 +24,8 @@ import torch
 from tqdm.auto import tqdm
 
 from . import distributed
-from .checkpoint import (CHECKPOINTS, CONFIG_FILE, LAYER_FILE, Checkpoint, TrainingState, checkpoints,
-                         load_checkpoint, save_checkpoint, save_layer)
+from .checkpoint import (CHECKPOINTS, CONFIG_FILE, LAYER_FILE, SCORES_FILE, Checkpoint,
+                         TrainingState, checkpoints, load_checkpoint, save_checkpoint, save_layer)
 from .config import TrainConfig, config_json, resume_changes
 from .data_parallel import build_optimizer, full_state_dict
 from .errors import RunStopped, UserError
@@ -409,6 +409,8 @@ def finish(run: RunSetUp, before: float, sets_before: dict, history: list[dict],
                layers=policy.layer.spec, base_model=cfg.model,
                run_config=json.loads(config_json(in_use(cfg, run.gen_batch, run.micro))),
                step=cfg.steps, manifest=run.manifest and {**run.manifest, "scores": scores})
+    if run.manifest is None:   # a full-parameter run is no patch: its scores go beside it
+        (run.out / SCORES_FILE).write_text(json.dumps(scores, indent=2) + "\n")
     metric = job.metric.replace(" ", "_")
     reporter.finish({f"{metric}_before": before, f"{metric}_after": after})
     if history:
