@@ -223,8 +223,8 @@ class TrainConfig:
 
     # Evaluation and output
     eval_samples: int = option(
-        256, "Held-out problems (of each --eval-task set) scored greedily before and after. "
-             "[default: 256]")
+        256, "Held-out problems (of each --eval-task set) scored before and after training, "
+             "greedily or with --eval-k samples each. [default: 256]")
     eval_every: int = option(
         0, "Also score held-out accuracy every N steps; 0 = only before/after.")
     eval_k: int = option(

@@ -169,7 +169,7 @@ def load_named(names: list[str], cfg, loaded: Task | None = None) -> list[Task]:
 class HeldOut:
     """What a run scores before and after training: the first `samples` test rows of each
     held-out task whose prompts fit. Its score is the mean over the tasks of each task's greedy
-    accuracy (the paper's S is such a mean over benchmarks); one task: its accuracy."""
+    accuracy or mean@k (the paper's S is such a mean over benchmarks); one task: its own."""
     sets: list[tuple[Task, list[Row]]]
     dropped: int                                          # prompts longer than the limit
     last: dict[str, float] = field(default_factory=dict)  # per task, from the latest score

@@ -7,8 +7,9 @@
 The contribution metric (docs/contribution.md) says which layer's training helps; this says
 where a finished run (full-parameter RL from any trainer, or a onelayer run) actually moved
 the weights. RL updates are small: in bf16 checkpoints many of them round away, which the
-"unchanged" share shows. The tensors are read one at a time from both checkpoints'
-safetensors files and compared in row chunks, so an 8B model needs about one tensor of memory.
+"unchanged" share shows. The tensors are read one pair at a time from both checkpoints'
+safetensors files and compared in row chunks: memory for the largest pair (Qwen3-8B's
+embeddings, 2.5 GB in bf16), not for two models.
 """
 from __future__ import annotations
 

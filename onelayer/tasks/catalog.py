@@ -83,7 +83,7 @@ BENCHMARKS: dict[str, Source] = {
                      {"prompt": "problem", "answer": "answer"}),
     "aime25": Source("math-ai/aime25", None, "test", {"prompt": "problem", "answer": "answer"}),
 }
-# Names that stand for several held-out sets (the training task's own name means its test set).
+# Names that stand for several held-out sets.
 SUITES = {"paper-math": ("math500", "gsm8k", "olympiadbench", "amc23")}
 
 FIELD_OPTIONS = {"prompt_field": "prompt", "answer_field": "answer", "tests_field": "tests",
