@@ -65,10 +65,12 @@ def train(config_file, quiet, **options):
                               "else arithmetic]")
 @click.option("--samples", type=int, help="Held-out problems (environment tasks) to score. "
                                           "[default: all; with --env, the run's --eval-samples]")
-@click.option("--k", type=int, default=1, show_default=True,
+@click.option("--k", type=int,
               help="1: greedy accuracy (an environment's greedy success rate); K > 1: pass@K "
-                   "of K samples (episodes) at --temperature.")
-@click.option("--temperature", type=float, default=1.0, show_default=True)
+                   "of K samples (episodes) at --temperature, and mean@K. [default: the run's "
+                   "--eval-k, else 1]")
+@click.option("--temperature", type=float,
+              help="[default: the run's --eval-temperature, else its --temperature, else 1]")
 @click.option("--max-new-tokens", type=int, help="[default: the checkpoint's run, else 512]")
 @click.option("--batch-size", type=int, default=64, show_default=True,
               help="Problems (with --env, episodes) per generation call; halved when the "

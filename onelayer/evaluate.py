@@ -6,6 +6,7 @@ after; `onelayer eval` (and the contribution sweep) call `evaluate`.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -260,8 +261,8 @@ class EvalConfig:
     layer_checkpoint: str | None = None
     task: str | None = None
     samples: int | None = None          # problems scored (None: all held-out rows)
-    k: int = 1                          # 1: greedy accuracy; > 1: pass@k at `temperature`
-    temperature: float = 1.0
+    k: int | None = None                # 1: greedy accuracy; > 1: pass@k at `temperature`
+    temperature: float | None = None
     max_new_tokens: int | None = None
     batch_size: int = 64
     seed: int = 0
@@ -279,9 +280,13 @@ def run_eval(cfg: EvalConfig, *, progress: bool = True, echo=print) -> list[Eval
 
     from .model import load_policy
 
+    run = eval_run_config(cfg)
+    # A trained run's own held-out protocol unless told otherwise: its --eval-k samples at its
+    # --eval-temperature (mean@k is then the run's score), else greedy.
+    cfg = dataclasses.replace(cfg, k=run.eval_k if cfg.k is None else cfg.k, temperature=(
+        cfg.temperature if cfg.temperature is not None else eval_temperature(run)))
     if cfg.k < 1 or cfg.batch_size < 1 or (cfg.samples is not None and cfg.samples < 1):
         raise UserError("--k, --batch-size and --samples must be >= 1")
-    run = eval_run_config(cfg)
     score = env_scorer(cfg, run, echo) if run.env else task_scorer(cfg, run, echo)   # input checked
     policy = load_policy(run.model, layer=run.layer, frozen_dtype=cfg.frozen_dtype, device=cfg.device)
     label = run.model

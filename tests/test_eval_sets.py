@@ -159,3 +159,12 @@ def test_a_run_with_eval_k_reports_mean_at_k(tmp_path, capsys):
                      r"temperature 1\)", stdout), stdout
     scores = json.loads((out / "manifest.json").read_text())["scores"]
     assert scores["metric"] == "mean@3" and scores["held_out"] == 6
+    # `onelayer eval --patch` samples as the run did: 3 a problem at its temperature, from the
+    # same seed in one batch, so its mean@3 is the run's score after training.
+    code, stdout, stderr = run_cli(["eval", "--patch", str(out), "--samples", "6",
+                                    "--output", str(tmp_path / "e.json"), "--quiet"], capsys)
+    assert code == 0, stderr
+    record = json.loads((tmp_path / "e.json").read_text())
+    assert (record["k"], record["metric"]) == (3, "pass@3")
+    assert record["mean_at_k"] == scores["after"]
+    assert "mean@3" in stdout.splitlines()[0]
