@@ -47,3 +47,16 @@ def tiny_models(tmp_path_factory):
     """arch -> directory of a saved tiny random model with a character tokenizer."""
     root = tmp_path_factory.mktemp("models")
     return {arch: make_tiny_model(root / arch, arch) for arch in ARCHS}
+
+
+def run_cli(args, capsys):
+    """(exit code, stdout, stderr) of `onelayer ARGS`, run in this process."""
+    from onelayer.cli import main
+
+    try:
+        main(args)
+        code = 0
+    except SystemExit as exc:
+        code = exc.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err

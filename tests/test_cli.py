@@ -7,19 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from onelayer.cli import main
 from onelayer.config import DEMO_PRESET, TrainConfig, build_config
 from onelayer.errors import UserError
 
-
-def run_cli(args, capsys):
-    try:
-        main(args)
-        code = 0
-    except SystemExit as exc:
-        code = exc.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+from conftest import run_cli
 
 
 def bad_inputs(tiny_models, tmp_path):

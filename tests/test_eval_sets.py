@@ -7,22 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from onelayer.cli import main
 from onelayer.config import build_config
 from onelayer.evaluate import HeldOut, describe_sets, evaluate, held_out_metric
 from onelayer.model import load_policy
 from onelayer.single_turn import prompt_style
 from onelayer.tasks import load_task
 
-
-def run_cli(args, capsys):
-    try:
-        main(args)
-        code = 0
-    except SystemExit as exc:
-        code = exc.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+from conftest import run_cli
 
 
 def test_the_held_out_score_is_the_mean_of_each_set_scored_alone():

@@ -2,18 +2,9 @@
 import json
 import shutil
 
-from onelayer.cli import main
 from onelayer.run_table import run_table
 
-
-def run_cli(args, capsys):
-    try:
-        main(args)
-        code = 0
-    except SystemExit as exc:
-        code = exc.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+from conftest import run_cli
 
 
 def test_finished_full_parameter_and_stopped_runs_each_get_a_row(tmp_path, capsys):

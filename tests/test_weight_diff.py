@@ -6,20 +6,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from onelayer.cli import main
 from onelayer.weight_diff import weight_diff
 
-from conftest import make_tiny_model
-
-
-def run_cli(args, capsys):
-    try:
-        main(args)
-        code = 0
-    except SystemExit as exc:
-        code = exc.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+from conftest import make_tiny_model, run_cli
 
 
 @pytest.fixture(scope="module")
