@@ -32,12 +32,16 @@ def check_style(tokenizer, style: PromptStyle, model: str) -> None:
 
 
 def render_prompt(tokenizer, task: Task, row: Row, style: PromptStyle = PromptStyle()) -> str:
-    """The task's prompt text, in the model's chat template when `style` says so."""
-    text = task.prompt(row)
+    """The task's prompt text, in the model's chat template when `style` says so. A row with
+    a conversation of its own ("prompt_messages", TRL's conversational prompts) is rendered
+    from its messages (the task's system prompt first when they have none); as plain text,
+    their contents one after another."""
+    given = row.get("prompt_messages")
     if not style.uses_template(tokenizer, task):
-        return text
-    messages = ([{"role": "system", "content": task.system_prompt}] if task.system_prompt else [])
-    messages.append({"role": "user", "content": text})
+        return "\n\n".join(m["content"] for m in given) if given else task.prompt(row)
+    messages = list(given) if given else [{"role": "user", "content": task.prompt(row)}]
+    if task.system_prompt and messages[0]["role"] != "system":
+        messages.insert(0, {"role": "system", "content": task.system_prompt})
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
                                          **style.template_kwargs)
 

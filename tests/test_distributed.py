@@ -352,7 +352,7 @@ def test_a_hung_rank_stops_the_job_after_dist_timeout(tmp_path):
 
 
 def test_dist_timeout_must_be_positive(tmp_path, capsys):
-    from test_cli import run_cli
+    from conftest import run_cli
     code, _, err = run_cli(["train", "--dist-timeout", "0", "--output", str(tmp_path / "out"),
                             "--quiet"], capsys)
     assert code == 2

@@ -13,7 +13,7 @@ from onelayer.model import load_policy
 from onelayer.model.load import DEMO_PATH
 from onelayer.evaluate import load_trained_layer
 from onelayer.train import train
-from test_cli import run_cli
+from conftest import run_cli
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import torch
 
 from conftest import char_tokenizer
 from onelayer.cli import main
-from test_cli import run_cli
+from conftest import run_cli
 from onelayer.config import build_config
 from onelayer.errors import UserError
 from onelayer.evaluate import EvalConfig, drop_long_prompts, run_eval

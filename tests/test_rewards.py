@@ -187,3 +187,56 @@ def test_broken_math_verify_is_an_error_when_the_task_is_built(data, monkeypatch
     monkeypatch.setattr(math_module, "_equivalent", lambda gold, pred, timeout: False)
     with pytest.raises(UserError, match="finds .* different"):
         load_task(path, test_size=1)
+
+
+CONVERSATIONAL = [{"prompt": [{"role": "system", "content": "Answer in a box."},
+                              {"role": "user", "content": f"What is {i}+{i}?"}],
+                   "solution": str(2 * i)} for i in range(1, 7)]
+
+TRL_STYLE = '''
+import json
+from pathlib import Path
+
+
+def boxed_answer(prompts, completions, solution, **kwargs):
+    """Written for TRL's conversational datasets: completion[0]["content"], prompt messages."""
+    with open(Path(__file__).with_name("seen.jsonl"), "a") as f:
+        f.write(json.dumps([prompts, completions]) + "\\n")
+    return [float(f"\\\\boxed{{{s}}}" in c[0]["content"]) for c, s in zip(completions, solution)]
+'''
+
+
+def test_conversational_prompts_render_from_their_messages_and_reach_plugins_in_trl_form(
+        tmp_path):
+    """TRL's conversational datasets: the prompt field holds role / content messages."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from conftest import char_tokenizer
+    from onelayer.prompting import PromptStyle, render_prompt
+    from test_prompting import TEMPLATE
+
+    jsonl = tmp_path / "chat.jsonl"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in CONVERSATIONAL))
+    pq.write_table(pa.Table.from_pylist(CONVERSATIONAL), tmp_path / "chat.parquet")
+    plugin = tmp_path / "trl_style.py"
+    plugin.write_text(TRL_STYLE)
+    tok = char_tokenizer()
+    tok.chat_template = TEMPLATE
+    for source in (jsonl, tmp_path / "chat.parquet"):
+        task = load_task(str(source), test_size=2, rewards=[f"{plugin}:boxed_answer"])
+        row = task.train[0]
+        assert row["prompt"] == "What is 1+1?" and row["prompt_messages"][0]["role"] == "system"
+        assert task.prompt(row) == "What is 1+1?"   # the dataset's words: no instruction added
+        assert render_prompt(tok, task, row) == (
+            "system: Answer in a box.\nuser: What is 1+1?\nassistant: ")
+        assert render_prompt(tok, task, row, PromptStyle(chat=False)) == (
+            "Answer in a box.\n\nWhat is 1+1?")
+        assert task.rewards(["so \\boxed{2}", "\\boxed{3}"], [row, row]) == [1.0, 0.0]
+        seen = [json.loads(line) for line in (tmp_path / "seen.jsonl").read_text().splitlines()]
+        assert all(prompts == [row["prompt_messages"]] for prompts, _ in seen[-2:])
+        assert {json.dumps(c) for _, c in seen[-2:]} == {json.dumps(c) for c in (
+            [[{"role": "assistant", "content": "\\boxed{3}"}]],
+            [[{"role": "assistant", "content": "so \\boxed{2}"}]])}
+        # The task's own reward (held-out scoring) reads the completion text as always.
+        assert task.eval_rewards(["\\boxed{2}"], [row]) == [1.0]

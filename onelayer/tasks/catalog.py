@@ -10,7 +10,7 @@ import random
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -154,11 +154,12 @@ def build_task(name: str, spec: Spec, *, dataset: str | None = None,
     if spec.kind == "math":
         from .math import check_math_verify
         check_math_verify()
-        return MathTask(name=name, train=train, test=test, prompt=_math_prompt,
-                        reward=None, chat=chat, system_prompt=system_prompt,
-                        extra={"kind": "math", "source": train_src.dataset},
+        return MathTask(name=name, train=train, test=test,
+                        prompt=partial(_as_given, _math_prompt), reward=None, chat=chat,
+                        system_prompt=system_prompt, extra={"kind": "math", "source": train_src.dataset},
                         format_bonus=format_bonus)
-    return CodeTask(name=name, train=train, test=test, prompt=_CODE_PROMPTS[spec.style],
+    return CodeTask(name=name, train=train, test=test,
+                    prompt=partial(_as_given, _CODE_PROMPTS[spec.style]),
                     reward=None, chat=chat, system_prompt=system_prompt,
                     extra={"kind": "code", "source": train_src.dataset},
                     timeout=timeout, workers=workers)
@@ -183,9 +184,15 @@ def _canonical_rows(src: Source, kind: str) -> Rows:
 
 def _canonical(row: dict, number: int, *, fields: dict, optional: dict, kind: str) -> Row:
     """A dataset row as a task row: the canonical fields ("prompt", "answer" / "tests", ...,
-    "line"), then the row's other fields under their own names (for reward plug-ins)."""
+    "line", "prompt_messages"), then the row's other fields under their own names (for reward
+    plug-ins). A conversational prompt (TRL's: a list of role / content messages) is kept
+    whole in "prompt_messages"; "prompt" is then the text of its last user message."""
     canon = {c: row[f] for c, f in fields.items()}
     canon.update({c: row.get(f) or "" for c, f in optional.items()})
+    canon["prompt_messages"] = conversation(canon["prompt"])
+    if canon["prompt_messages"]:
+        canon["prompt"] = next((m["content"] for m in reversed(canon["prompt_messages"])
+                                if m["role"] == "user"), canon["prompt_messages"][-1]["content"])
     canon["prompt"], canon["line"] = str(canon["prompt"]), number
     if kind == "math":
         answer = canon["answer"]
@@ -198,6 +205,16 @@ def _canonical(row: dict, number: int, *, fields: dict, optional: dict, kind: st
         canon.setdefault("setup", "")
     canon.update((k, v) for k, v in row.items() if k not in canon)
     return canon
+
+
+def conversation(value) -> list[dict] | None:
+    """TRL's conversational prompt, a non-empty list of {"role", "content"} messages, as plain
+    dicts of strings; None for anything else."""
+    if not isinstance(value, (list, tuple, np.ndarray)) or not len(value):
+        return None
+    if not all(isinstance(m, dict) and "role" in m and "content" in m for m in value):
+        return None
+    return [{"role": str(m["role"]), "content": str(m["content"])} for m in value]
 
 
 def _tests_list(tests, entry_point) -> list[str]:
@@ -232,6 +249,12 @@ class MathTask(Task):
         from .math import has_answer_format, math_reward
         bonus = self.format_bonus if self.format_bonus and has_answer_format(completion) else 0.0
         return math_reward(completion, row["answer"]) + bonus
+
+
+def _as_given(prompt: Callable[[Row], str], row: Row) -> str:
+    """A conversational row is the dataset's own words (rendered from its messages): no
+    instruction of the task's is added; any other row gets `prompt`."""
+    return row["prompt"] if row.get("prompt_messages") else prompt(row)
 
 
 def _math_prompt(row: Row) -> str:

@@ -12,8 +12,10 @@ works unchanged:
     fn(prompts=[...], completions=[...], **columns) -> list[float | None]
 
 prompts: the task's prompt for each row (the user text the model was given, before the chat
-template); completions: the decoded completions, as strings (TRL's non-conversational form;
-a function that reads completion[0]["content"] needs a one-line change); columns: every field
+template); completions: the decoded completions, as strings (TRL's non-conversational form).
+For a dataset of conversational prompts (lists of role / content messages), plug-ins get
+TRL's conversational form instead: each prompt its messages, each completion
+[{"role": "assistant", "content": text}]; built-ins always get strings. columns: every field
 of the row, each as a list, under the dataset's own names plus the task's canonical ones
 ("prompt": the problem text without the task's instruction, "answer", "tests", "line", ...). completion_ids (lists of token ids) are passed only when the
 trainer hands them to Task.rewards; trainer_state never is. A None score means "does not
@@ -272,6 +274,9 @@ class _Pool:
             for i, row in enumerate(rows):
                 kwargs = {"prompts": [prompts[i]], "completions": [completions[i]],
                           **_columns([row])}
+                if row.get("prompt_messages"):   # TRL's conversational form, as TRL passes it
+                    kwargs["prompts"] = [row["prompt_messages"]]
+                    kwargs["completions"] = [[{"role": "assistant", "content": completions[i]}]]
                 if completion_ids is not None:
                     kwargs["completion_ids"] = [list(completion_ids[i])]
                 job = _Job(r, i, kwargs)
