@@ -154,6 +154,12 @@ class TrainConfig:
         1.0, "Nucleus sampling threshold. [default: 1, off]")
     top_k: int = option(
         0, "Top-k sampling; 0 is off. [default: 0]")
+    tis_cap: float = option(
+        0.0, "Truncated importance sampling: weigh each token's loss by min(pi_trainer / "
+             "pi_sampler, CAP), the trainer's recomputed log-prob against the sampler's own, "
+             "which corrects for a sampler whose numerics differ from the trainer's (a GPU's "
+             "CUDA graph and NF4 decode kernels); needs --top-k 0 and --top-p 1. 0 = off. "
+             "[default: 0]")
     chat: bool | None = option(
         None,
         "Wrap prompts in the model's chat template, or give plain text. [default: the template "
@@ -508,6 +514,10 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.temperature > 0, "--temperature must be positive")
     need(0 < cfg.top_p <= 1, "--top-p must be in (0, 1]")
     need(cfg.top_k >= 0, "--top-k must be >= 0")
+    need(cfg.tis_cap == 0 or cfg.tis_cap >= 1, "--tis-cap must be 0 (off) or >= 1")
+    need(cfg.tis_cap == 0 or (cfg.top_k == 0 and cfg.top_p == 1.0),
+         "--tis-cap compares the sampler's log-probs with the trainer's: it needs --top-k 0 and "
+         "--top-p 1 (filtered sampling draws from another distribution)")
     need(cfg.loss_impl in ("auto", "torch", "triton"), "--loss-impl must be auto, torch or triton")
     need(cfg.scale_rewards in (None, *SCALE_REWARDS),
          f"unknown --scale-rewards {cfg.scale_rewards!r} (choose {', '.join(SCALE_REWARDS)})")

@@ -64,6 +64,7 @@ class Objective:
     trains_head: bool = False   # loss_fn gives lm_head's weight a gradient (--layer all)
     # Top-k / top-p renormalise what the sampler's log-probs describe: compare them only without.
     sampler_unfiltered: bool = False
+    tis_cap: float = 0.0        # truncated importance sampling's cap on pi_old / pi_sampler; 0: off
 
 
 @dataclass(frozen=True)
@@ -104,7 +105,7 @@ def build_objective(cfg: TrainConfig, device: torch.device) -> Objective:
     return Objective(loss_fn, logprobs_fn, advantages_fn(cfg.loss_impl, device),
                      ADVANTAGE_MODE[cfg.reward_scaling], cfg.aggregation, cfg.temperature, cfg.eps_low,
                      cfg.eps_high, cfg.beta, cfg.max_new_tokens, trains_head,
-                     sampler_unfiltered=cfg.top_k == 0 and cfg.top_p == 1.0)
+                     sampler_unfiltered=cfg.top_k == 0 and cfg.top_p == 1.0, tis_cap=cfg.tis_cap)
 
 
 def schedule(cfg: TrainConfig) -> Schedule:
@@ -192,7 +193,30 @@ def sampler_mismatch(rollout: Rollout, old_logprobs: Tensor) -> dict[str, float]
     d = old_logprobs[mask] - rollout.logprobs[mask]
     n = max(len(d), 1)   # a rank whose share trains no token reports 0, not NaN
     gap, kl = torch.stack([d.abs().sum(), k3(d).sum()]).div(n).tolist()   # one host sync
-    return {"sampler_logprob_gap": gap, "sampler_kl": kl}
+    # k3 >= 0 term by term; rounding can leave a sum of near-zero terms a hair below 0.
+    return {"sampler_logprob_gap": gap, "sampler_kl": max(kl, 0.0)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Truncated importance sampling
+# ---------------------------------------------------------------------------------------------
+
+def tis_weights(rollout: Rollout, old_logprobs: Tensor, cap: float) -> Tensor:
+    """min(pi_old / pi_sampler, cap) per token [B, C]: 1 where no loss is carried. The clipped
+    surrogate is linear in the advantage for a weight >= 0, so weighing the token's loss is
+    scaling its advantage: min(w r A, w clip(r) A) = w min(r A, clip(r) A)."""
+    mask = rollout.completion_mask.bool()
+    weights = torch.ones_like(old_logprobs)
+    weights[mask] = (old_logprobs[mask] - rollout.logprobs[mask]).exp().clamp(max=cap)
+    return weights
+
+
+def tis_metrics(rollout: Rollout, weights: Tensor, cap: float) -> dict[str, float]:
+    """Over the tokens that carry loss: the mean weight and the share held at the cap."""
+    w = weights[rollout.completion_mask.bool()]
+    n = max(len(w), 1)
+    mean, capped = torch.stack([w.sum(), (w >= cap).sum()]).div(n).tolist()
+    return {"tis_weight_mean": mean, "tis_capped": capped}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -225,6 +249,10 @@ def optimize(policy: Policy, optimizer, rollout: Rollout, token_advantages: Tens
         if objective.beta > 0 else None)
     mismatch = (sampler_mismatch(rollout, old_logprobs)
                 if objective.sampler_unfiltered and rollout.logprobs is not None else {})
+    if objective.tis_cap and rollout.logprobs is not None:
+        weights = tis_weights(rollout, old_logprobs, objective.tis_cap)
+        token_advantages = token_advantages * weights
+        mismatch.update(tis_metrics(rollout, weights, objective.tis_cap))
     minibatch = plan.minibatch or batch
     stats = []
     for _ in range(plan.epochs):

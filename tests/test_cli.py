@@ -37,6 +37,8 @@ def bad_inputs(tiny_models, tmp_path):
         "missing config": ["--model", model, "--config", str(tmp_path / "none.yaml")],
         "unknown algorithm": ["--model", model, "--algo", "ppo"],
         "unknown device": ["--model", model, "--device", "tpu9"],
+        "tis with top-p": ["--model", model, "--tis-cap", "2", "--top-p", "0.9"],
+        "tis cap below 1": ["--model", model, "--tis-cap", "0.5"],
     }
 
 

@@ -135,6 +135,44 @@ def test_mismatch_measures_the_samplers_logprobs_on_the_trained_tokens(tiny_mode
         assert step["sampler_kl"] == pytest.approx(k3, abs=1e-4)
 
 
+def test_tis_weighs_each_tokens_advantage_by_the_capped_ratio(tiny_models):
+    """--tis-cap 2 with sampler log-probs 0.5 below the trainer's on even rows (weight e^0.5)
+    and 1.0 below on odd rows (e^1 > 2: capped): the update is the one without TIS on
+    advantages scaled by those weights, and another than the unweighted one."""
+    def run(tis_cap: float, scale: torch.Tensor | None):
+        cfg = build_config({"model": tiny_models["qwen3"], "temperature": 0.7, "lr": 0.5,
+                            "tis_cap": tis_cap})
+        policy = load_policy(cfg.model, layer=1, device="cpu")
+        rollout = generate_completions(policy.split.lm, policy.tokenizer, PROMPTS[:4],
+                                       SamplingParams(8, temperature=0.7), repeat=2,
+                                       generator=torch.Generator().manual_seed(0))
+        mask = rollout.completion_mask
+        odd = (torch.arange(mask.shape[0]) % 2 == 1)[:, None]
+        shifted = dataclasses.replace(rollout, logprobs=rollout.logprobs - torch.where(
+            odd, 1.0, 0.5) * mask)
+        advantages = torch.linspace(-1, 1, mask.shape[0])[:, None].expand_as(mask)
+        if scale is not None:
+            advantages = advantages * torch.where(odd, 2.0, math.exp(0.5))
+        # SGD: a step proportional to the gradient, so a weight shows in the weights.
+        (stats,) = optimize(policy, torch.optim.SGD(policy.layer.parameters(), lr=cfg.lr),
+                            shifted, advantages, schedule(cfg), build_objective(cfg, policy.device))
+        tokens = mask.bool()
+        expected_capped = (odd.expand_as(tokens) & tokens).sum().item() / tokens.sum().item()
+        return stats, {k: v.clone() for k, v in policy.layer.state_dict().items()}, expected_capped
+
+    weighted, after, capped = run(2.0, None)
+    assert weighted["tis_capped"] == pytest.approx(capped)
+    assert weighted["tis_weight_mean"] == pytest.approx(2 * capped + math.exp(0.5) * (1 - capped),
+                                                        rel=1e-4)
+    scaled, scaled_after, _ = run(0.0, torch.ones(1))
+    assert "tis_weight_mean" not in scaled
+    assert weighted["loss"] == pytest.approx(scaled["loss"], rel=1e-4)
+    for name in after:
+        torch.testing.assert_close(after[name], scaled_after[name], rtol=1e-4, atol=1e-6)
+    _, plain_after, _ = run(0.0, None)
+    assert any(not torch.allclose(after[n], plain_after[n], rtol=1e-4, atol=1e-6) for n in after)
+
+
 @pytest.mark.parametrize("options", [{"top_k": 5}, {"top_p": 0.9}], ids=["top_k", "top_p"])
 def test_filtered_sampling_reports_no_mismatch(tiny_models, options):
     """With top-k or top-p the sampler's log-probs are of another distribution than the
