@@ -200,8 +200,9 @@ def task_job(task: Task, policy: Policy, optimizer, cfg: TrainConfig, objective:
              generator: torch.Generator, progress: bool, gen_batch: HalveOnOOM | None = None,
              micro: HalveOnOOM | None = None, echo: Callable[[str], None] = print,
              eval_tasks: list[Task] | None = None) -> Job:
-    """Single-turn GRPO on a task's rows; greedy accuracy on the held-out rows of eval_tasks
-    (evaluate.held_out_tasks; None: the task's own), their mean when there are several."""
+    """Single-turn GRPO on a task's rows; greedy accuracy (or mean@k, --eval-k) on the held-out
+    rows of eval_tasks (evaluate.held_out_tasks; None: the task's own), their mean when there
+    are several."""
     style = prompt_style(cfg)
     # A tokenizer without the task's characters: one line, before any step.
     check_prompts_encode(policy.tokenizer, task, task.train, style, cfg.model)

@@ -240,8 +240,7 @@ def train(cfg: TrainConfig, *, progress: bool = True, echo: Callable[[str], None
 def held_out_note(job: Job, cfg: TrainConfig) -> str:
     """What a held-out score is over, for its log line."""
     each = describe_sets(job.breakdown())
-    how = held_out_metric(cfg)[1] if not cfg.env else "greedy"
-    return f"{job.held_out} held out, {how}" + (f"; {each}" if each else "")
+    return f"{job.held_out} held out, {held_out_metric(cfg)[1]}" + (f"; {each}" if each else "")
 
 
 @dataclass
