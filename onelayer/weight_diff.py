@@ -190,7 +190,8 @@ def weight_diff(base: str, tuned: str, progress: Callable | None = None) -> Diff
             raise UserError(f"{name}: shape {tuple(t.shape)} in {tuned}, {tuple(b.shape)} in "
                             f"{base}: not the same architecture")
         change = tensor_change(b, t)
-        block = blocks.setdefault(block_of(name), BlockChange(block_of(name)))
+        key = block_of(name)
+        block = blocks.setdefault(key, BlockChange(key))
         block.total.add(change)
         block.parts.setdefault(part_of(name), Change()).add(change)
         total.add(change)
