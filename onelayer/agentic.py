@@ -9,6 +9,7 @@ One step:  seeds (one task each) -> N episodes per task, played turn by turn wit
 from __future__ import annotations
 
 import ast
+import dataclasses
 import random
 import time
 from collections.abc import Callable
@@ -203,11 +204,16 @@ def agentic_job(policy: Policy, optimizer: torch.optim.Optimizer, cfg: TrainConf
                 micro: HalveOnOOM | None = None, gen_batch: HalveOnOOM | None = None,
                 echo: Callable[[str], None] = print, progress: bool = False) -> Job:
     """GiGPO on cfg.env: each step draws cfg.prompts_per_step fresh tasks (seeds); the score is
-    the greedy success rate on cfg.eval_samples held-out tasks. generator: the run's random
-    stream (greedy scoring draws nothing from it)."""
+    the greedy success rate on cfg.eval_samples held-out tasks, or with --eval-k K the share of
+    K sampled episodes a task that succeed (at --eval-temperature, from a generator of its own
+    seeded with --seed). generator: the run's random stream, which scoring never draws from."""
+    from .evaluate import eval_temperature, held_out_metric
+
     check_playable(policy, cfg)
     rng = random.Random(cfg.seed)
     held_out = list(range(HELD_OUT_SEED, HELD_OUT_SEED + cfg.eval_samples))
+    episodes = [seed for seed in held_out for _ in range(cfg.eval_k)]
+    sampled = dataclasses.replace(cfg, temperature=eval_temperature(cfg))
     # A size halved out of memory stays halved for later evals.
     eval_batch = HalveOnOOM("the held-out eval batch", cfg.generation_batch or 64, echo=echo)
 
@@ -217,9 +223,14 @@ def agentic_job(policy: Policy, optimizer: torch.optim.Optimizer, cfg: TrainConf
         return gigpo_step(policy, optimizer, cfg, objective, seeds, generator, micro, gen_batch)
 
     def score(label: str) -> float:
-        with tqdm(total=len(held_out), desc=f"eval ({label})", unit="episode",
+        with tqdm(total=len(episodes), desc=f"eval ({label})", unit="episode",
                   disable=not progress, leave=False) as bar:
-            return success_rate(policy, cfg, held_out, batch=eval_batch, progress=bar)
+            if cfg.eval_k == 1:
+                return success_rate(policy, cfg, held_out, batch=eval_batch, progress=bar)
+            return success_rate(policy, sampled, episodes, greedy=False, batch=eval_batch,
+                                generator=torch.Generator(policy.device).manual_seed(cfg.seed),
+                                progress=bar)
 
-    return Job(f"env {cfg.env}", step, score, "success rate", len(held_out), state=lambda: {"seeds": rng.getstate()},
+    return Job(f"env {cfg.env}", step, score, held_out_metric(cfg)[0], len(held_out),
+               state=lambda: {"seeds": rng.getstate()},
                restore=lambda state: rng.setstate(state["seeds"]))

@@ -236,7 +236,8 @@ class TrainConfig:
     eval_k: int = option(
         1, "Samples per held-out problem: 1 scores greedy accuracy; K > 1 scores mean@K, the "
            "share of K samples at --eval-temperature that are right (avg@K: less noise on small "
-           "test sets such as amc23, and the protocol of papers that sample). [default: 1]")
+           "test sets such as amc23, and the protocol of papers that sample); with an --env, "
+           "the share of K sampled episodes a task that succeed. [default: 1]")
     eval_temperature: float | None = option(
         None, "Sampling temperature of the held-out samples when --eval-k > 1. [default: "
               "--temperature]")
@@ -533,8 +534,6 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.eval_k >= 1, "--eval-k must be >= 1")
     need(cfg.eval_temperature is None or cfg.eval_temperature > 0,
          "--eval-temperature must be positive")
-    need(not (cfg.env and cfg.eval_k > 1),
-         "--eval-k applies to single-turn tasks; an --env run scores greedy success")
     need(not (cfg.env and cfg.eval_task),
          "--eval-task applies to single-turn tasks; an --env scores its own held-out tasks")
     need(all(cfg.stop), "--stop: a stop string cannot be empty")

@@ -209,11 +209,13 @@ class HeldOut:
 
 def held_out_metric(cfg) -> tuple[str, str]:
     """(what a run's held-out score is, how it is drawn): ("accuracy", "greedy") or, with
-    --eval-k K, ("mean@K", "K samples a problem at temperature T")."""
+    --eval-k K, ("mean@K", "K samples a problem at temperature T"); in an environment,
+    ("success rate", ...) and ("mean@K success rate", "K episodes a task ...")."""
+    what, unit = ("success rate", "episodes a task") if cfg.env else ("accuracy", "samples a problem")
     if cfg.eval_k == 1:
-        return "accuracy", "greedy"
-    return (f"mean@{cfg.eval_k}",
-            f"{cfg.eval_k} samples a problem at temperature {eval_temperature(cfg):g}")
+        return what, "greedy"
+    return (f"mean@{cfg.eval_k}" + (f" {what}" if cfg.env else ""),
+            f"{cfg.eval_k} {unit} at temperature {eval_temperature(cfg):g}")
 
 
 def eval_temperature(cfg) -> float:

@@ -116,7 +116,6 @@ def test_eval_task_input_errors_exit_2_before_loading(tiny_models, tmp_path, cap
         (["train", "--task", "amc23"], "task amc23 is a test set with nothing to train on"),
         (["train", "--task", data, "--eval-task", "amc24"], "unknown task 'amc24'"),
         (["train", "--env", "gridworld", "--eval-task", "gsm8k"], "--eval-task applies to"),
-        (["train", "--env", "gridworld", "--eval-k", "2"], "--eval-k applies to"),
         (["train", "--eval-k", "0"], "--eval-k must be >= 1"),
         # the demo's tokenizer writes digits and signs, not a math dataset's prompts
         (["train", "--eval-task", data], "its tokenizer has no token for"),
@@ -159,3 +158,23 @@ def test_a_run_with_eval_k_reports_mean_at_k(tmp_path, capsys):
     assert (record["k"], record["metric"]) == (3, "pass@3")
     assert record["mean_at_k"] == scores["after"]
     assert "mean@3" in stdout.splitlines()[0]
+
+
+def test_an_environment_run_with_eval_k_scores_the_success_share_of_sampled_episodes():
+    import torch
+
+    from onelayer.agentic import HELD_OUT_SEED, agentic_job, success_rate
+    from onelayer.update import build_objective
+
+    cfg = build_config({"env": "gridworld", "eval_k": 3, "eval_temperature": 1.3,
+                        "eval_samples": 4})
+    assert held_out_metric(cfg) == ("mean@3 success rate", "3 episodes a task at temperature 1.3")
+    policy = load_policy(cfg.model, layer=cfg.layer, device="cpu")
+    job = agentic_job(policy, torch.optim.SGD(policy.layer.parameters(), lr=0.0), cfg,
+                      build_objective(cfg, policy.device), torch.Generator())
+    score = job.score("test")
+    seeds = [HELD_OUT_SEED + i for i in range(4) for _ in range(3)]
+    expected = success_rate(policy, dataclasses.replace(cfg, temperature=1.3), seeds,
+                            greedy=False, generator=torch.Generator().manual_seed(cfg.seed))
+    assert job.metric == "mean@3 success rate" and score == expected == job.score("again")
+    assert 0 < score < 1 and 12 * score == pytest.approx(round(12 * score))   # of 12 episodes
