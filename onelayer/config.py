@@ -154,6 +154,12 @@ class TrainConfig:
         1.0, "Nucleus sampling threshold. [default: 1, off]")
     top_k: int = option(
         0, "Top-k sampling; 0 is off. [default: 0]")
+    importance_level: str = option(
+        "token", "Importance ratio of the clipped loss: token (GRPO's, each token its own ratio) "
+                 "or sequence (GSPO: every token of a completion gets the exp of the mean of "
+                 "its log-ratios, clipped as one; GSPO clips at about --eps-low 3e-4 --eps-high "
+                 "4e-4). Sequence runs on the torch loss, not the Triton kernel. [default: token]",
+        choices=("token", "sequence"))
     tis_cap: float = option(
         0.0, "Truncated importance sampling: weigh each token's loss by min(pi_trainer / "
              "pi_sampler, CAP), the trainer's recomputed log-prob against the sampler's own, "
@@ -515,6 +521,8 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.temperature > 0, "--temperature must be positive")
     need(0 < cfg.top_p <= 1, "--top-p must be in (0, 1]")
     need(cfg.top_k >= 0, "--top-k must be >= 0")
+    need(not (cfg.importance_level == "sequence" and cfg.loss_impl == "triton"),
+         "--importance-level sequence runs on the torch loss: use --loss-impl torch or auto")
     need(cfg.tis_cap == 0 or cfg.tis_cap >= 1, "--tis-cap must be 0 (off) or >= 1")
     need(cfg.tis_cap == 0 or (cfg.top_k == 0 and cfg.top_p == 1.0),
          "--tis-cap compares the sampler's log-probs with the trainer's: it needs --top-k 0 and "

@@ -65,6 +65,7 @@ class Objective:
     # Top-k / top-p renormalise what the sampler's log-probs describe: compare them only without.
     sampler_unfiltered: bool = False
     tis_cap: float = 0.0        # truncated importance sampling's cap on pi_old / pi_sampler; 0: off
+    importance_level: str = "token"   # "sequence": GSPO's sequence ratio (torch loss path)
 
 
 @dataclass(frozen=True)
@@ -100,12 +101,17 @@ def build_objective(cfg: TrainConfig, device: torch.device) -> Objective:
             raise UserError("--layer all trains lm_head, which the Triton loss cannot: use --loss-impl "
                             "torch or auto")
         loss_fn, logprobs_fn = head_trained_loss, select_loss_impl("torch", device)[1]
+    elif cfg.importance_level == "sequence":
+        # The fused Triton kernel computes token-level ratios; sequence ratios need every token
+        # of a sequence first, which the torch path's [T] log-probs give.
+        loss_fn, logprobs_fn = select_loss_impl("torch", device)
     else:
         loss_fn, logprobs_fn = select_loss_impl(cfg.loss_impl, device)
     return Objective(loss_fn, logprobs_fn, advantages_fn(cfg.loss_impl, device),
                      ADVANTAGE_MODE[cfg.reward_scaling], cfg.aggregation, cfg.temperature, cfg.eps_low,
                      cfg.eps_high, cfg.beta, cfg.max_new_tokens, trains_head,
-                     sampler_unfiltered=cfg.top_k == 0 and cfg.top_p == 1.0, tis_cap=cfg.tis_cap)
+                     sampler_unfiltered=cfg.top_k == 0 and cfg.top_p == 1.0, tis_cap=cfg.tis_cap,
+                     importance_level=cfg.importance_level)
 
 
 def schedule(cfg: TrainConfig) -> Schedule:
@@ -330,7 +336,10 @@ def micro_batch_loss(policy: Policy, h: Tensor, rollout: Rollout, rows: Tensor,
         temperature=objective.temperature, logit_scale=logits.scale, softcap=logits.softcap,
         eps_low=objective.eps_low, eps_high=objective.eps_high, beta=objective.beta,
         aggregation=objective.aggregation, max_len=objective.max_len, num_seqs=num_seqs,
-        num_tokens=num_tokens)
+        num_tokens=num_tokens,
+        # Sequence-level ratios run on the torch path (build_objective); the Triton kernel
+        # computes token ratios and takes no such option.
+        **({"importance_level": "sequence"} if objective.importance_level == "sequence" else {}))
 
 
 def step_metrics(stats: list[dict]) -> dict:
@@ -346,7 +355,8 @@ def head_trained_loss(hidden: Tensor, weight: Tensor, targets: Tensor, old_logpr
                       softcap: float | None = None, eps_low: float = 0.2, eps_high: float = 0.2,
                       beta: float = 0.0, aggregation: str = "token-mean", max_len: int | None = None,
                       num_seqs: int | None = None, num_tokens: Tensor | float | None = None,
-                      chunk_size: int | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+                      chunk_size: int | None = None,
+                      importance_level: str = "token") -> tuple[Tensor, dict[str, Tensor]]:
     """`fused_linear_policy_loss_reference` with gradients into `weight` and `bias` too (the
     trained lm_head of `--layer all`). Chunked like `chunked_logprobs`, each chunk
     checkpointed: one chunk's [C, V] logits (and their autograd temporaries, a few more [C, V]
@@ -359,7 +369,8 @@ def head_trained_loss(hidden: Tensor, weight: Tensor, targets: Tensor, old_logpr
     entropy = torch.cat([p[1] for p in parts]) if parts else logp.detach()
     return policy_loss_with_entropy(logp, entropy, old_logprobs, advantages, mask, seq_ids, ref_logprobs,
                                     eps_low=eps_low, eps_high=eps_high, beta=beta, aggregation=aggregation,
-                                    max_len=max_len, num_seqs=num_seqs, num_tokens=num_tokens)
+                                    max_len=max_len, num_seqs=num_seqs, num_tokens=num_tokens,
+                                    importance_level=importance_level)
 
 
 def _chunk_logprobs(h: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor,

@@ -145,3 +145,42 @@ def test_select_loss_impl_torch_on_cpu():
     assert lp.shape == (3,) and not lp.requires_grad
     with pytest.raises(ValueError):
         select_loss_impl("cuda", "cpu")
+
+
+def test_sequence_importance_level_is_gspo():
+    """importance_level="sequence" (GSPO in its token form) against GSPO written out per
+    sequence: s_i = exp(mean_t log(pi / pi_old)), loss = -(1/S) sum_i min(s_i A_i,
+    clip(s_i) A_i) with seq-mean-token-mean. Same loss, same gradient; sequence 2 is clipped
+    (s > 1 + eps with A > 0: no gradient), and a padding token holding -inf changes nothing."""
+    torch.manual_seed(0)
+    seq_ids = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 2, 2])
+    mask = torch.tensor([1, 1, 1, 1, 1, 0, 1, 1, 1, 1], dtype=torch.float32)
+    base = -2.0 + 0.1 * torch.randn(10)
+    old = base + 0.05 * torch.randn(10)
+    old[6:] -= 0.5                                          # sequence 2: s ~ e^0.5, clipped
+    logp = base.clone()
+    logp[5] = -math.inf                                     # the padding token
+    logp.requires_grad_(True)
+    adv = torch.tensor([1.0, -0.5, 2.0])[seq_ids]
+    options = dict(eps_low=0.2, eps_high=0.2, aggregation="seq-mean-token-mean", num_seqs=3)
+    loss, metrics = policy_loss(logp, old, adv, mask, seq_ids, importance_level="sequence",
+                                **options)
+    (grad,) = torch.autograd.grad(loss, logp)
+
+    x = base.clone().requires_grad_(True)                   # GSPO written out, padding dropped
+    valid = mask.bool()
+    s = torch.stack([torch.exp((x - old)[valid & (seq_ids == i)].mean()) for i in range(3)])
+    a = torch.tensor([1.0, -0.5, 2.0])
+    expected = -torch.minimum(s * a, s.clamp(0.8, 1.2) * a).mean()
+    (expected_grad,) = torch.autograd.grad(expected, x)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    torch.testing.assert_close(grad[valid], expected_grad[valid], rtol=1e-5, atol=1e-7)
+    assert grad[5] == 0 and torch.all(grad[6:] == 0) and torch.all(grad[:5] != 0)
+    ratios = s.detach()[seq_ids[valid]]
+    assert metrics["ratio_mean"].item() == pytest.approx(ratios.mean().item(), rel=1e-6)
+    assert metrics["clip_high"].item() == pytest.approx(4 / 9)   # sequence 2's 4 of 9 tokens
+    # Token level differs on the same inputs: each token its own ratio.
+    token_loss, _ = policy_loss(logp, old, adv, mask, seq_ids, **options)
+    assert token_loss.item() != pytest.approx(loss.item(), rel=1e-4)
+    with pytest.raises(ValueError, match="importance_level"):
+        policy_loss(logp, old, adv, mask, seq_ids, importance_level="episode", **options)

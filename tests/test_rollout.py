@@ -173,6 +173,15 @@ def test_tis_weighs_each_tokens_advantage_by_the_capped_ratio(tiny_models):
     assert any(not torch.allclose(after[n], plain_after[n], rtol=1e-4, atol=1e-6) for n in after)
 
 
+def test_a_gspo_step_is_grpos_on_policy():
+    """--importance-level sequence through a whole step of the demo (rewards that differ): the
+    only minibatch is on-policy, every sequence ratio is exactly 1, and s_i * grad log pi
+    equals the token ratio's gradient there: the same gradient as GRPO's."""
+    gspo, grpo = one_step("demo", importance_level="sequence"), one_step("demo")
+    assert gspo["ratio_mean"] == 1.0 and gspo["clip_ratio"] == 0.0 and gspo["reward_std"] > 0
+    assert gspo["grad_norm"] == pytest.approx(grpo["grad_norm"], rel=1e-6) and grpo["grad_norm"] > 0
+
+
 @pytest.mark.parametrize("options", [{"top_k": 5}, {"top_p": 0.9}], ids=["top_k", "top_p"])
 def test_filtered_sampling_reports_no_mismatch(tiny_models, options):
     """With top-k or top-p the sampler's log-probs are of another distribution than the

@@ -99,13 +99,19 @@ def policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask
                 seq_ids: Tensor, ref_logprobs: Tensor | None = None, *, eps_low: float = 0.2,
                 eps_high: float = 0.2, beta: float = 0.0, aggregation: str = "token-mean",
                 max_len: int | None = None, num_seqs: int | None = None,
-                num_tokens: Tensor | float | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+                num_tokens: Tensor | float | None = None,
+                importance_level: str = "token") -> tuple[Tensor, dict[str, Tensor]]:
     """(loss 0-d, metrics) of the clipped surrogate + beta * k3 KL; all inputs [T].
 
+    importance_level "sequence" (GSPO, in its token form): every token of sequence i has the
+    ratio s_i = exp(mean over i's tokens of log(pi / pi_old)), with the gradient of its own
+    log-prob, s_i * grad log pi(o_t), instead of its own ratio.
     metrics (detached 0-d tensors): clip_low, clip_high, clip_ratio (shares of unmasked tokens),
     kl (mean k3 over unmasked tokens, 0 without ref_logprobs), ratio_mean.
     The KL term enters the loss only when beta > 0 and ref_logprobs is given.
     """
+    if importance_level not in ("token", "sequence"):
+        raise ValueError(f"unknown importance_level {importance_level!r}: token or sequence")
     c = token_weights(mask, seq_ids, aggregation=aggregation, max_len=max_len, num_seqs=num_seqs,
                       num_tokens=num_tokens)
     logp = logprobs.float()
@@ -114,7 +120,11 @@ def policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask
     # the loss nor its gradient (0 * inf) can turn NaN.
     valid = mask > 0
     zero = torch.zeros_like(logp)
-    ratio = torch.exp(torch.where(valid, logp - old_logprobs.float(), zero))
+    log_ratio = torch.where(valid, logp - old_logprobs.float(), zero)
+    if importance_level == "sequence":
+        log_ratio = _sequence_log_ratio(log_ratio, valid, seq_ids, num_seqs) + torch.where(
+            valid, logp - logp.detach(), zero)
+    ratio = torch.exp(log_ratio)
     surr = torch.minimum(ratio * adv, ratio.clamp(1.0 - eps_low, 1.0 + eps_high) * adv)
     per_token = -surr
     kl = None
@@ -128,6 +138,17 @@ def policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask
                                eps_low, eps_high)
 
 
+def _sequence_log_ratio(log_ratio: Tensor, valid: Tensor, seq_ids: Tensor,
+                        num_seqs: int | None) -> Tensor:
+    """Each token's sequence mean of the log-ratio [T], without gradient (GSPO's s_i, logged)."""
+    with torch.no_grad():
+        ids = seq_ids.long()
+        n = num_seqs if num_seqs is not None else (int(ids.max()) + 1 if ids.numel() else 1)
+        sums = log_ratio.new_zeros(n).index_add_(0, ids, log_ratio)
+        counts = log_ratio.new_zeros(n).index_add_(0, ids, valid.float()).clamp_min(1.0)
+        return (sums / counts)[ids]
+
+
 def fused_linear_policy_loss_reference(hidden: Tensor, weight: Tensor, targets: Tensor, old_logprobs: Tensor,
                                        advantages: Tensor, mask: Tensor, seq_ids: Tensor,
                                        ref_logprobs: Tensor | None = None, bias: Tensor | None = None, *,
@@ -136,9 +157,11 @@ def fused_linear_policy_loss_reference(hidden: Tensor, weight: Tensor, targets: 
                                        beta: float = 0.0, aggregation: str = "token-mean",
                                        max_len: int | None = None, num_seqs: int | None = None,
                                        num_tokens: Tensor | float | None = None,
-                                       chunk_size: int | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+                                       chunk_size: int | None = None,
+                                       importance_level: str = "token") -> tuple[Tensor, dict[str, Tensor]]:
     """policy_loss(chunked_logprobs(hidden, weight, targets, bias, ...), ...): the CPU path and
-    the oracle of `onelayer.kernels.fused_linear_policy_loss`. Gradient w.r.t. hidden only.
+    the oracle of `onelayer.kernels.fused_linear_policy_loss` (which computes token-level ratios
+    only). Gradient w.r.t. hidden only.
     logit_scale, softcap: the model's own logit transform (see `chunked_logprobs`).
     Metrics: those of `policy_loss` plus entropy (mean over unmasked tokens)."""
     logp, entropy = chunked_logprobs(hidden, weight, targets, bias, temperature=temperature,
@@ -146,7 +169,8 @@ def fused_linear_policy_loss_reference(hidden: Tensor, weight: Tensor, targets: 
                                      with_entropy=True)
     return policy_loss_with_entropy(logp, entropy, old_logprobs, advantages, mask, seq_ids, ref_logprobs,
                                     eps_low=eps_low, eps_high=eps_high, beta=beta, aggregation=aggregation,
-                                    max_len=max_len, num_seqs=num_seqs, num_tokens=num_tokens)
+                                    max_len=max_len, num_seqs=num_seqs, num_tokens=num_tokens,
+                                    importance_level=importance_level)
 
 
 def policy_loss_with_entropy(logp: Tensor, entropy: Tensor, old_logprobs: Tensor, advantages: Tensor,
