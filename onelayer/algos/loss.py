@@ -140,7 +140,7 @@ def policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask
 
 def _sequence_log_ratio(log_ratio: Tensor, valid: Tensor, seq_ids: Tensor,
                         num_seqs: int | None) -> Tensor:
-    """Each token's sequence mean of the log-ratio [T], without gradient (GSPO's s_i, logged)."""
+    """Each token's sequence mean of the log-ratio [T], without gradient: log s_i of GSPO."""
     with torch.no_grad():
         ids = seq_ids.long()
         n = num_seqs if num_seqs is not None else (int(ids.max()) + 1 if ids.numel() else 1)
