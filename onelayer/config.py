@@ -523,7 +523,7 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.top_k >= 0, "--top-k must be >= 0")
     need(not (cfg.importance_level == "sequence" and cfg.loss_impl == "triton"),
          "--importance-level sequence runs on the torch loss: use --loss-impl torch or auto")
-    need(cfg.tis_cap == 0 or cfg.tis_cap >= 1, "--tis-cap must be 0 (off) or >= 1")
+    need(cfg.tis_cap >= 0, "--tis-cap must be >= 0 (0: off)")
     need(cfg.tis_cap == 0 or (cfg.top_k == 0 and cfg.top_p == 1.0),
          "--tis-cap compares the sampler's log-probs with the trainer's: it needs --top-k 0 and "
          "--top-p 1 (filtered sampling draws from another distribution)")

@@ -38,7 +38,7 @@ def bad_inputs(tiny_models, tmp_path):
         "unknown algorithm": ["--model", model, "--algo", "ppo"],
         "unknown device": ["--model", model, "--device", "tpu9"],
         "tis with top-p": ["--model", model, "--tis-cap", "2", "--top-p", "0.9"],
-        "tis cap below 1": ["--model", model, "--tis-cap", "0.5"],
+        "negative tis cap": ["--model", model, "--tis-cap", "-1"],
         "gspo on the kernel": ["--model", model, "--importance-level", "sequence", "--loss-impl",
                                "triton"],
     }
