@@ -161,11 +161,11 @@ class TrainConfig:
                  "4e-4). Sequence runs on the torch loss, not the Triton kernel. [default: token]",
         choices=("token", "sequence"))
     tis_cap: float = option(
-        0.0, "Truncated importance sampling: weigh each token's loss by min(pi_trainer / "
-             "pi_sampler, CAP), the trainer's recomputed log-prob against the sampler's own, "
-             "which corrects for a sampler whose numerics differ from the trainer's (a GPU's "
-             "CUDA graph and NF4 decode kernels); needs --top-k 0 and --top-p 1. 0 = off. "
-             "[default: 0]")
+        0.0, "Truncated importance sampling: weigh each token's policy-gradient term by "
+             "min(pi_trainer / pi_sampler, CAP), the trainer's recomputed log-prob against the "
+             "sampler's own, which corrects for a sampler whose numerics differ from the "
+             "trainer's (a GPU's CUDA graph and NF4 decode kernels); needs --top-k 0 and "
+             "--top-p 1. 0 = off. [default: 0]")
     chat: bool | None = option(
         None,
         "Wrap prompts in the model's chat template, or give plain text. [default: the template "
