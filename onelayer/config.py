@@ -154,6 +154,10 @@ class TrainConfig:
         1.0, "Nucleus sampling threshold. [default: 1, off]")
     top_k: int = option(
         0, "Top-k sampling; 0 is off. [default: 0]")
+    overlong_buffer: int = option(
+        0, "DAPO's soft overlong punishment: a completion longer than --max-new-tokens minus N "
+           "tokens loses reward linearly with each further token, down to -1 at "
+           "--max-new-tokens (overlong_penalty in the metrics). 0 = off. [default: 0]")
     importance_level: str = option(
         "token", "Importance ratio of the clipped loss: token (GRPO's, each token its own ratio) "
                  "or sequence (GSPO: every token of a completion gets the exp of the mean of "
@@ -524,6 +528,10 @@ def validate(cfg: TrainConfig) -> None:
     need(not (cfg.importance_level == "sequence" and cfg.loss_impl == "triton"),
          "--importance-level sequence runs on the torch loss: use --loss-impl torch or auto")
     need(cfg.tis_cap >= 0, "--tis-cap must be >= 0 (0: off)")
+    need(0 <= cfg.overlong_buffer <= cfg.max_new_tokens,
+         "--overlong-buffer must be between 0 (off) and --max-new-tokens")
+    need(not (cfg.env and cfg.overlong_buffer),
+         "--overlong-buffer applies to single-turn tasks, not to an --env")
     need(cfg.tis_cap == 0 or (cfg.top_k == 0 and cfg.top_p == 1.0),
          "--tis-cap compares the sampler's log-probs with the trainer's: it needs --top-k 0 and "
          "--top-p 1 (filtered sampling draws from another distribution)")

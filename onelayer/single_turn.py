@@ -75,6 +75,8 @@ def sample_and_score(policy: Policy, task: Task, rows: list[dict], cfg: TrainCon
                                 len(prompts) * G)
         rewards = torch.tensor(task.rewards(rollout.texts, [r for r in rows for _ in range(G)]),
                                dtype=torch.float32)
+        if cfg.overlong_buffer:
+            rewards = rewards + overlong_penalty(rollout, cfg.max_new_tokens, cfg.overlong_buffer)
         sampled += len(rows)
         if cfg.dynamic_sampling:
             informative = rewards.view(-1, G).std(1) > 0
@@ -92,6 +94,13 @@ def sample_and_score(policy: Policy, task: Task, rows: list[dict], cfg: TrainCon
     rollout = concat_rollouts(kept, tokenizer.pad_token_id) if len(kept) > 1 else kept[0]
     group_ids = torch.arange(groups_kept).repeat_interleave(G)
     return ScoredBatch(rollout, rewards, group_ids, sampled)
+
+
+def overlong_penalty(rollout: Rollout, max_new_tokens: int, buffer: int) -> Tensor:
+    """DAPO's soft overlong punishment [B]: 0 for a completion of up to max_new_tokens - buffer
+    tokens, then falling linearly with each token to -1 at max_new_tokens."""
+    length = rollout.completion_mask.sum(1).float().cpu()
+    return ((max_new_tokens - buffer - length) / buffer).clamp(-1.0, 0.0)
 
 
 def first_groups(batch: ScoredBatch, groups: int, G: int) -> ScoredBatch:
@@ -165,6 +174,10 @@ def rl_step(policy: Policy, optimizer: torch.optim.Optimizer, task: Task, rows: 
         tokens_per_s=completion_len.sum().item() / (t_end - t0))
     if cfg.dynamic_sampling:
         metrics.update(groups_sampled=batch.groups_sampled, groups_kept=len(rewards) // cfg.group_size)
+    if cfg.overlong_buffer:   # already in the rewards: its mean, to tell it from the task's
+        metrics["overlong_penalty"] = (overlong_penalty(rollout, cfg.max_new_tokens,
+                                                        cfg.overlong_buffer).mean().item()
+                                       if len(rewards) else 0.0)
     if cfg.log_completions:   # what was sampled, for --log-completions (the loop pops it)
         metrics["samples"] = StepSamples(
             prompt_texts(policy.tokenizer, rollout), list(rollout.texts), rewards.tolist(),

@@ -182,6 +182,28 @@ def test_a_gspo_step_is_grpos_on_policy():
     assert gspo["grad_norm"] == pytest.approx(grpo["grad_norm"], rel=1e-6) and grpo["grad_norm"] > 0
 
 
+def test_overlong_penalty_is_dapos_soft_punishment():
+    """max 10 new tokens, buffer 4: nothing up to 6 tokens, then -1/4 a token down to -1."""
+    from onelayer.rollout import Rollout
+    from onelayer.single_turn import overlong_penalty
+
+    lengths = torch.tensor([3, 6, 7, 8, 10])
+    mask = (torch.arange(10)[None, :] < lengths[:, None]).long()
+    rollout = Rollout(torch.zeros(5, 12, dtype=torch.long), torch.ones(5, 12), mask, 2,
+                      [""] * 5)
+    assert overlong_penalty(rollout, 10, 4).tolist() == [0.0, 0.0, -0.25, -0.5, -1.0]
+
+
+def test_overlong_buffer_lowers_the_rewards_of_the_same_samples():
+    """--overlong-buffer 8 at --max-new-tokens 8: every completion pays length / 8, on the very
+    samples the run without it draws (the penalty comes after sampling)."""
+    plain, punished = one_step("demo"), one_step("demo", overlong_buffer=8)
+    assert "overlong_penalty" not in plain
+    assert punished["overlong_penalty"] == pytest.approx(-plain["completion_len"] / 8)
+    assert punished["reward_mean"] == pytest.approx(plain["reward_mean"]
+                                                    + punished["overlong_penalty"])
+
+
 @pytest.mark.parametrize("options", [{"top_k": 5}, {"top_p": 0.9}], ids=["top_k", "top_p"])
 def test_filtered_sampling_reports_no_mismatch(tiny_models, options):
     """With top-k or top-p the sampler's log-probs are of another distribution than the
