@@ -27,7 +27,7 @@ def test_the_held_out_score_is_the_mean_of_each_set_scored_alone():
                              cfg.max_prompt_tokens, cfg.model)
     assert held_out.problems == 25
     options = dict(max_new_tokens=cfg.max_new_tokens, seed=0, style=style, stop=())
-    score = held_out.score(policy.split.lm, policy.tokenizer, batch_size=7, **options)
+    score = held_out.score(policy.split.lm, policy.tokenizer, batch_size=64, **options)
     alone = {t.name: evaluate(policy.split.lm, policy.tokenizer, t, list(t.test), **options).score
              for t in (first, second)}
     assert held_out.last == alone
