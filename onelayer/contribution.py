@@ -145,7 +145,8 @@ def run_sweep(sweep: Sweep, *, progress: bool = True, echo: Callable[[str], None
     if rank:
         wait_for([base_file])
     if base_file.is_file():
-        s_base = json.loads(base_file.read_text())["score"]
+        kept = json.loads(base_file.read_text())
+        s_base, sets = kept["score"], kept.get("sets", {})
         echo(f"base score (kept from {base_file}): {s_base:.1%}")
     else:
         s_base, sets = base_score(base, eval_tasks, cfg)
@@ -162,18 +163,19 @@ def run_sweep(sweep: Sweep, *, progress: bool = True, echo: Callable[[str], None
     # the bar counts them as new until then.
     total = len(full_runs) + len(sweep.layers) * len(sweep.seeds) + len(set(tuned_runs))
     scores: dict[Run, float] = {}
+    set_scores: dict[Run, dict] = {}     # with --eval-task: each run's score per held-out set
     with tqdm(total=total, desc="contribution", disable=not progress, unit="run") as bar:
         def run_all(runs: list[Run]) -> None:
             pending = [run for run in dict.fromkeys(runs) if run not in scores]
             for run in pending[rank::world]:     # launched as several processes: a share each
-                scores[run] = run_or_skip(base, task, eval_tasks, cfg, run, out / "runs" / run.name,
-                                          progress, echo)
+                scores[run], set_scores[run] = run_or_skip(base, task, eval_tasks, cfg, run,
+                                                           out / "runs" / run.name, progress, echo)
                 bar.update(1)
             others = [run for run in pending if run not in scores]
             wait_for([out / "runs" / run.name / SCORES_FILE for run in others])
             for run in others:
-                scores[run] = run_or_skip(base, task, eval_tasks, cfg, run, out / "runs" / run.name,
-                                          progress, echo)
+                scores[run], set_scores[run] = run_or_skip(base, task, eval_tasks, cfg, run,
+                                                           out / "runs" / run.name, progress, echo)
                 bar.update(1)
 
         run_all(full_runs)
@@ -190,7 +192,8 @@ def run_sweep(sweep: Sweep, *, progress: bool = True, echo: Callable[[str], None
         run_all(paper_runs)
         run_all(tuned_runs)
 
-    result = summarise(sweep, base, s_base, s_full, lr_full, scores, time.perf_counter() - t0)
+    result = summarise(sweep, base, s_base, s_full, lr_full, scores, time.perf_counter() - t0,
+                       base_sets=sets, set_scores=set_scores)
     if rank:
         return result
     write_outputs(result, out)
@@ -244,25 +247,26 @@ def base_score(base: FrozenModel, eval_tasks: list, cfg: TrainConfig) -> tuple[f
 
 
 def run_or_skip(base: FrozenModel, task, eval_tasks: list, cfg: TrainConfig, run: Run, out: Path,
-                progress: bool, echo: Callable[[str], None]) -> float:
-    """The run's held-out score after training: read from OUT/scores.json when the run
-    finished before, else trained now (from its newest checkpoint when it was interrupted)."""
+                progress: bool, echo: Callable[[str], None]) -> tuple[float, dict]:
+    """The run's held-out score after training and its score per held-out set ({} for one
+    set): read from OUT/scores.json when the run finished before, else trained now (from its
+    newest checkpoint when it was interrupted)."""
     done = out / SCORES_FILE
     rcfg = dataclasses.replace(cfg, layer=run.layer, lr=run.lr, seed=run.seed, output=str(out), resume=None)
     settings = run_settings(rcfg)
     if done.is_file():
         kept = json.loads(done.read_text())
         refuse_other_settings(out, kept["config"], settings)
-        score = kept["after"]
+        score, sets = kept["after"], kept.get("sets", {})
     else:
-        score, seconds = train_run(base, task, rcfg, out, progress, echo, eval_tasks)
+        score, seconds, sets = train_run(base, task, rcfg, out, progress, echo, eval_tasks)
         _write_json(done, {"run": run.name, "layer": run.layer, "lr": run.lr, "seed": run.seed,
-                           "after": score, "seconds": seconds, "config": settings})
+                           "after": score, "sets": sets, "seconds": seconds, "config": settings})
         echo(f"{run.name}: {score:.1%} ({seconds:.0f} s)")
     # The result is kept: its checkpoints would only fill the disk (an optimizer state per run).
     # Also on the skip path, for a sweep stopped between writing scores.json and this.
     shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
-    return score
+    return score, sets
 
 
 def run_settings(cfg: TrainConfig) -> dict:
@@ -294,12 +298,13 @@ def newest_checkpoint(out: Path, settings: dict) -> Checkpoint | None:
 
 def train_run(base: FrozenModel, task, cfg: TrainConfig, out: Path, progress: bool,
               echo: Callable[[str], None] = print,
-              eval_tasks: list | None = None) -> tuple[float, float]:
+              eval_tasks: list | None = None) -> tuple[float, float, dict]:
     """`onelayer train`'s step loop for cfg.layer on the shared model: same seeding, optimizer,
     rollouts, update, greedy scoring and training checkpoints in OUT/checkpoints, without its
     before-score (the sweep's base score is that). A run with a checkpoint in OUT continues
     from the newest one exactly: layer, AdamW state, random streams, data position and lr
-    schedule. Returns (score after, seconds over every sitting)."""
+    schedule. Returns (score after, seconds over every sitting, score per held-out set: {} for
+    one set)."""
     from .data_parallel import build_optimizer
     from .evaluate import load_trained_layer
     from .export import patch_manifest
@@ -360,7 +365,7 @@ def train_run(base: FrozenModel, task, cfg: TrainConfig, out: Path, progress: bo
                    layers=policy.layer.spec, base_model=cfg.model,
                    run_config=json.loads(config_json(in_use(cfg, gen_batch, micro))), step=cfg.steps,
                    manifest=manifest and {**manifest, "scores": scores})
-    return score, earlier + time.perf_counter() - t0
+    return score, earlier + time.perf_counter() - t0, job.breakdown()
 
 
 def rerun_hint(name: str, checkpoint: Path | None) -> str:
@@ -374,8 +379,15 @@ def rerun_hint(name: str, checkpoint: Path | None) -> str:
 # ---------------------------------------------------------------------------------------------
 
 def summarise(sweep: Sweep, base: FrozenModel, s_base: float, s_full: float, lr_full: float,
-              scores: dict[Run, float], seconds: float) -> dict:
+              scores: dict[Run, float], seconds: float, *, base_sets: dict | None = None,
+              set_scores: dict[Run, dict] | None = None) -> dict:
+    """contribution.json's content. base_sets and set_scores (with several held-out sets): the
+    base's and each run's score per set, for C per set beside C of their mean."""
     seeds = sweep.seeds
+    # C per held-out set needs each set's S_full: the full runs at lr_full (not --full-score).
+    per_set = {} if len(base_sets or {}) < 2 or sweep.full_score is not None else {
+        name: (s, statistics.fmean(set_scores[Run("all", lr_full, seed)][name] for seed in seeds))
+        for name, s in base_sets.items()}
     undefined = ("S_full == S_base: full-parameter RL did not move the score, so no share of its "
                  "gain can be measured" if s_full == s_base else None)
     full_sweep = [{"lr": lr, "seed": s, "score": scores[Run("all", lr, s)]}
@@ -396,6 +408,11 @@ def summarise(sweep: Sweep, base: FrozenModel, s_base: float, s_full: float, lr_
             c_mean, c_std = mean_std(cs) if undefined is None else (None, None)
             entry[protocol] = {"lr": lr, "scores": per_seed, "C": cs, "score_mean": score_mean,
                                "score_std": score_std, "C_mean": c_mean, "C_std": c_std}
+            if per_set:   # the mean over seeds of each set's score, and its C (C is linear in S)
+                means = {name: statistics.fmean(set_scores[Run(str(k), lr, s)][name] for s in seeds)
+                         for name in per_set}
+                entry[protocol]["sets"] = {name: {"score_mean": x, "C": contribution(x, *per_set[name])}
+                                           for name, x in means.items()}
             rows += [{"kind": "layer", "protocol": protocol, "layer": k, "lr": lr, "seed": s,
                       "score": x, "C": c} for s, x, c in zip(seeds, per_seed, cs)]
         if sweep.layer_lrs:   # every tuned run, not only the chosen lr: the layer's own lr sweep
@@ -409,6 +426,7 @@ def summarise(sweep: Sweep, base: FrozenModel, s_base: float, s_full: float, lr_
         "eval_samples": sweep.cfg.eval_samples,
         "held_out_sets": eval_task_names(sweep.cfg.eval_task) or [sweep.cfg.task],
         "seeds": seeds, "S_base": s_base,
+        "sets": {name: {"S_base": b, "S_full": f} for name, (b, f) in per_set.items()},
         "full": {"S_full": s_full, "lr": lr_full, "measured_elsewhere": sweep.full_score is not None,
                  "sweep": full_sweep, "undefined_reason": undefined},
         "layers": layers, "rows": rows,
@@ -472,7 +490,26 @@ def markdown_table(result: dict) -> str:
             if p == "tuned":
                 cells += f" {e['lr']:g} |"
         lines.append(cells)
+    if result.get("sets"):
+        lines += ["", _per_set_table(result)]
     return "\n".join(lines) + "\n"
+
+
+def _per_set_table(result: dict) -> str:
+    """C of each layer on each held-out set (the paper's protocol): S_base and S_full of the
+    set on the first rows, then S_k (C) per layer."""
+    names = list(result["sets"])
+    lines = ["C per held-out set (paper protocol; mean over seeds):", "",
+             "| layer | " + " | ".join(names) + " |", "|---|" + "---|" * len(names),
+             "| S_base | " + " | ".join(f"{result['sets'][n]['S_base']:.1%}" for n in names) + " |",
+             "| S_full | " + " | ".join(f"{result['sets'][n]['S_full']:.1%}" for n in names) + " |"]
+    for entry in result["layers"]:
+        per = entry["paper"]["sets"]
+        cells = [f"{per[n]['score_mean']:.1%} (C "
+                 f"{'undefined' if per[n]['C'] is None else format(per[n]['C'], '.2f')})"
+                 for n in names]
+        lines.append(f"| {entry['layer']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def plot_contribution(result: dict, path: Path) -> None:

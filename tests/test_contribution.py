@@ -280,3 +280,55 @@ def test_s_over_several_held_out_sets_is_their_mean_and_the_table_names_them():
     assert result["held_out_sets"] == ["math500", "gsm8k", "olympiadbench", "amc23"]
     assert ("trained on arithmetic, S the mean over math500, gsm8k, olympiadbench, amc23 "
             "(greedy accuracy, 256 held-out problems each" in markdown_table(result))
+
+
+def test_c_per_held_out_set_on_hand_made_scores():
+    """Set a: S_full 0.7, the layer's mean 0.55 -> C 0.5; set b: full RL did not move it ->
+    undefined. With S_full measured elsewhere there is no S_full per set, so no C per set."""
+    sweep = Sweep(build_config({"eval_task": ["a,b"]}), [0], [0, 1], [1e-4])
+    scores = {Run("all", 1e-4, 0): 0.5, Run("all", 1e-4, 1): 0.6, Run("0", 1e-4, 0): 0.45,
+              Run("0", 1e-4, 1): 0.55}
+    set_scores = {Run("all", 1e-4, 0): {"a": 0.6, "b": 0.4}, Run("all", 1e-4, 1): {"a": 0.8, "b": 0.4},
+                  Run("0", 1e-4, 0): {"a": 0.5, "b": 0.4}, Run("0", 1e-4, 1): {"a": 0.6, "b": 0.5}}
+    result = summarise(sweep, SimpleNamespace(num_layers=2), 0.4, 0.55, 1e-4, scores, 1.0,
+                       base_sets={"a": 0.4, "b": 0.4}, set_scores=set_scores)
+    assert result["sets"]["a"]["S_full"] == pytest.approx(0.7)
+    assert result["sets"]["b"] == {"S_base": 0.4, "S_full": pytest.approx(0.4)}
+    per = result["layers"][0]["paper"]["sets"]
+    assert per["a"]["score_mean"] == pytest.approx(0.55) and per["a"]["C"] == pytest.approx(0.5)
+    assert per["b"]["score_mean"] == pytest.approx(0.45) and per["b"]["C"] is None
+    assert "| 0 | 55.0% (C 0.50) | 45.0% (C undefined) |" in markdown_table(result)
+    elsewhere = Sweep(build_config({"eval_task": ["a,b"]}), [0], [0, 1], [], full_score=0.55)
+    layer_only = {r: v for r, v in scores.items() if r.layer != "all"}
+    result = summarise(elsewhere, SimpleNamespace(num_layers=2), 0.4, 0.55, 1e-4, layer_only, 1.0,
+                       base_sets={"a": 0.4, "b": 0.4}, set_scores=set_scores)
+    assert result["sets"] == {} and "sets" not in result["layers"][0]["paper"]
+
+
+def test_a_sweep_over_two_held_out_sets_keeps_each_runs_scores_per_set(tmp_path, monkeypatch):
+    import dataclasses
+
+    from onelayer import evaluate
+
+    def two_sets(cfg, task):
+        return [dataclasses.replace(task, name="first", test=task.test[:6]),
+                dataclasses.replace(task, name="second", test=task.test[100:106])]
+
+    monkeypatch.setattr(evaluate, "held_out_tasks", two_sets)
+    out = tmp_path / "sweep"
+    invoke(["--model", "demo", "--layers", "3", "--seeds", "1", "--steps", "1", "--full-lrs",
+            "1e-3", "--prompts-per-step", "2", "--group-size", "4", "--max-new-tokens", "6",
+            "--quiet", "--output", str(out)])
+    base = json.loads((out / "base.json").read_text())["sets"]
+    full = json.loads((out / "runs" / "full-lr0.001-seed0" / "scores.json").read_text())
+    layer = json.loads((out / "runs" / "L3-lr0.001-seed0" / "scores.json").read_text())
+    assert list(base) == list(full["sets"]) == list(layer["sets"]) == ["first", "second"]
+    assert layer["after"] == pytest.approx(sum(layer["sets"].values()) / 2)
+    result = json.loads((out / "contribution.json").read_text())
+    per = result["layers"][0]["paper"]["sets"]
+    for name in ("first", "second"):
+        assert result["sets"][name] == {"S_base": base[name], "S_full": full["sets"][name]}
+        assert per[name]["score_mean"] == layer["sets"][name]
+        expected = contribution(layer["sets"][name], base[name], full["sets"][name])
+        assert per[name]["C"] == (None if expected is None else pytest.approx(expected))
+    assert "C per held-out set" in (out / "contribution.md").read_text()
