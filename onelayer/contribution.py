@@ -411,8 +411,9 @@ def summarise(sweep: Sweep, base: FrozenModel, s_base: float, s_full: float, lr_
             if per_set:   # the mean over seeds of each set's score, and its C (C is linear in S)
                 means = {name: statistics.fmean(set_scores[Run(str(k), lr, s)][name] for s in seeds)
                          for name in per_set}
-                entry[protocol]["sets"] = {name: {"score_mean": x, "C": contribution(x, *per_set[name])}
-                                           for name, x in means.items()}
+                entry[protocol]["sets"] = {
+                    name: {"score_mean": x, "C": contribution(x, *per_set[name])}
+                    for name, x in means.items()}
             rows += [{"kind": "layer", "protocol": protocol, "layer": k, "lr": lr, "seed": s,
                       "score": x, "C": c} for s, x, c in zip(seeds, per_seed, cs)]
         if sweep.layer_lrs:   # every tuned run, not only the chosen lr: the layer's own lr sweep

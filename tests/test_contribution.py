@@ -288,7 +288,8 @@ def test_c_per_held_out_set_on_hand_made_scores():
     sweep = Sweep(build_config({"eval_task": ["a,b"]}), [0], [0, 1], [1e-4])
     scores = {Run("all", 1e-4, 0): 0.5, Run("all", 1e-4, 1): 0.6, Run("0", 1e-4, 0): 0.45,
               Run("0", 1e-4, 1): 0.55}
-    set_scores = {Run("all", 1e-4, 0): {"a": 0.6, "b": 0.4}, Run("all", 1e-4, 1): {"a": 0.8, "b": 0.4},
+    set_scores = {Run("all", 1e-4, 0): {"a": 0.6, "b": 0.4},
+                  Run("all", 1e-4, 1): {"a": 0.8, "b": 0.4},
                   Run("0", 1e-4, 0): {"a": 0.5, "b": 0.4}, Run("0", 1e-4, 1): {"a": 0.6, "b": 0.5}}
     result = summarise(sweep, SimpleNamespace(num_layers=2), 0.4, 0.55, 1e-4, scores, 1.0,
                        base_sets={"a": 0.4, "b": 0.4}, set_scores=set_scores)
