@@ -7,7 +7,8 @@ tests/test_kernels.py checks the same properties under TRITON_INTERPRET=1 on CPU
 the kernels run with small interpreter tiles; this script runs the real GPU tiles and compiled
 code: loss value, metrics and hidden-state gradient (grad_output != 1) of the fused linear
 policy loss, the no-grad log-probs, and the advantage kernels, in fp32 and bf16, on shapes that
-are not multiples of the tiles, with masked tokens, a fully masked sequence, bias and no bias.
+are not multiples of the tiles, with masked tokens, a fully masked sequence, bias and no bias,
+token and sequence (GSPO) ratios.
 Then the rollout decoder (onelayer/rollout/decoder.py) on the GPU: greedy tokens of the static
 decoder, in each graph mode, identical to Hugging Face `generate` and to the dynamic-cache loop
 (tiny fp32 Qwen3 and Mistral with a window of 8, left-padded rows stopping at different times),
@@ -36,7 +37,7 @@ VALUE_TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.bfloat16: dict(ato
 GRAD_REL_TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
 SMOKE_CASES = [  # --smoke: the script's own logic on CPU under TRITON_INTERPRET=1
     (torch.float32, (37, 45, 173), "token-mean", 0.04, 0.7, True),
-    (torch.bfloat16, (19, 17, 71), "seq-mean-token-sum-norm", 0.0, 1.0, False),
+    (torch.bfloat16, (19, 17, 71), "seq-mean-token-sum-norm", 0.0, 1.0, False, "sequence"),
 ]
 DEV = "cuda"
 CASES = [  # dtype, (T, H, V), aggregation, beta, temperature, bias
@@ -45,7 +46,12 @@ CASES = [  # dtype, (T, H, V), aggregation, beta, temperature, bias
     (torch.bfloat16, (1000, 1024, 50257), "seq-mean-token-sum-norm", 0.0, 1.0, False),
     (torch.bfloat16, (2049, 4096, 151936), "token-mean", 0.04, 0.7, False),
     (torch.bfloat16, (333, 896, 151936), "seq-mean-token-mean", 0.1, 1.3, True),
+    (torch.float32, (777, 512, 32001), "seq-mean-token-mean", 0.04, 0.7, True, "sequence"),   # GSPO
+    (torch.bfloat16, (1000, 1024, 50257), "seq-mean-token-mean", 0.0, 1.0, False, "sequence"),
 ]
+# GSPO: each sequence's old log-probs shifted as one, so that sequence ratios fall below,
+# inside and above the clip range.
+SEQUENCE_SHIFTS = [0.5, -0.3, 0.0, 0.02, -0.6, 0.1, -0.15]
 
 
 def batch(t: int, h: int, v: int, dtype: torch.dtype, temperature: float, use_bias: bool, seed: int = 0):
@@ -78,12 +84,14 @@ def close_relative(a: torch.Tensor, b: torch.Tensor, tol: float) -> tuple[bool, 
     return rel <= tol, rel
 
 
-def check_loss(dtype, shape, aggregation, beta, temperature, use_bias) -> bool:
+def check_loss(dtype, shape, aggregation, beta, temperature, use_bias, importance_level="token") -> bool:
     from onelayer.kernels import fused_linear_logprobs, fused_linear_policy_loss
 
     b = batch(*shape, dtype, temperature, use_bias)
+    if importance_level == "sequence":
+        b["old_logprobs"] = b["old_logprobs"] + torch.tensor(SEQUENCE_SHIFTS, device=DEV)[b["seq_ids"]]
     kw = dict(temperature=temperature, eps_low=0.2, eps_high=0.28, beta=beta, aggregation=aggregation,
-              max_len=64, num_seqs=7)
+              max_len=64, num_seqs=7, importance_level=importance_level)
     args = (b["targets"], b["old_logprobs"], b["advantages"], b["mask"], b["seq_ids"], b["ref_logprobs"])
     grad_out = -2.5
     h1 = b["hidden"].clone().requires_grad_(True)
@@ -105,7 +113,7 @@ def check_loss(dtype, shape, aggregation, beta, temperature, use_bias) -> bool:
     ok = all(r[0] for r in results.values()) and h1.grad.dtype == dtype
     detail = ", ".join(f"{k} {d:.1e}{'' if good else ' FAIL'}" for k, (good, d) in results.items())
     print(f"{'ok  ' if ok else 'FAIL'} policy loss {str(dtype)[6:]} T,H,V={shape} {aggregation} "
-          f"beta={beta} T={temperature} bias={use_bias}: {detail}", flush=True)
+          f"beta={beta} T={temperature} bias={use_bias} ratios={importance_level}: {detail}", flush=True)
     return ok
 
 

@@ -13,6 +13,8 @@ Forward, two launches:
 2. `_combine_loss_kernel`, one program per BLOCK_R tokens: merges the splits into lse,
    log p and entropy, then the loss epilogue: per-token c_t l_t and c_t dl/dlogp (c_t: the
    aggregation weight of `onelayer.algos.loss.token_weights`), k3 KL and the clip side.
+   GSPO's sequence ratios: the combine runs first without the epilogue for the log-probs,
+   whose per-sequence mean log-ratio then shifts the old log-probs (`_sequence_old`).
 Memory: O(splits x T) fp32 partials; logit tiles live in registers only.
 
 Backward, per chunk of C tokens: `_logit_grad_kernel`, grid (token blocks, vocabulary tiles),
@@ -33,7 +35,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from onelayer.algos.loss import token_weights
+from onelayer.algos.loss import sequence_log_ratio, token_weights
 
 
 class _Config(NamedTuple):
@@ -281,11 +283,31 @@ def _common_args(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> tuple[T
     return hidden, weight.detach(), None if bias is None else bias.detach()
 
 
+class _Sequences(NamedTuple):
+    ids: Tensor              # [T] each token's sequence
+    count: int | None        # number of sequences (None: max id + 1)
+
+
 def fused_linear_policy_loss_forward(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor,
                                      old: Tensor | None, adv: Tensor | None, coef: Tensor | None,
                                      ref: Tensor | None, *, logits: _Logits, eps_low: float = 0.2,
-                                     eps_high: float = 0.2, beta: float = 0.0) -> _ForwardOut:
-    """Launchers of the forward; coef None = log-probs only (no loss epilogue)."""
+                                     eps_high: float = 0.2, beta: float = 0.0,
+                                     sequences: _Sequences | None = None) -> _ForwardOut:
+    """Launchers of the forward; coef None = log-probs only (no loss epilogue).
+    sequences: GSPO's sequence ratios (see `_sequence_old`); None: token ratios."""
+    partials = _logit_partials(hidden, weight, bias, targets, logits)
+    if coef is not None and sequences is not None:
+        # The epilogue is cheap next to the matmul: run it once for the log-probs, then again
+        # with old log-probs shifted so that each token's ratio is its sequence's.
+        logp = _combine(partials, None, None, None, None)[0]
+        old = _sequence_old(logp, old, coef, sequences)
+    return _combine(partials, old, adv, coef, ref, eps_low=eps_low, eps_high=eps_high, beta=beta)
+
+
+def _logit_partials(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor,
+                    logits: _Logits) -> Tensor:
+    """[4, splits, T] fp32: per vocabulary split, the running max, sum exp, sum exp z and the
+    target logit (`_lse_partial_kernel`)."""
     t, h = hidden.shape
     v = weight.shape[0]
     dev = hidden.device
@@ -302,7 +324,15 @@ def fused_linear_policy_loss_forward(hidden: Tensor, weight: Tensor, bias: Tenso
         HAS_BIAS=bias is not None, SOFTCAP=logits.softcap is not None,
         IEEE=hidden.dtype == torch.float32, UPCAST=cfg.upcast,
         BLOCK_T=cfg.block_t, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h, num_warps=cfg.num_warps)
-    outs = [torch.zeros(t, dtype=torch.float32, device=dev) for _ in range(7)]
+    return partials
+
+
+def _combine(partials: Tensor, old: Tensor | None, adv: Tensor | None, coef: Tensor | None,
+             ref: Tensor | None, *, eps_low: float = 0.2, eps_high: float = 0.2,
+             beta: float = 0.0) -> _ForwardOut:
+    """`_combine_loss_kernel`: the splits merged, and the loss epilogue when coef is given."""
+    _, splits, t = partials.shape
+    outs = [torch.zeros(t, dtype=torch.float32, device=partials.device) for _ in range(7)]
     compute_loss = coef is not None
     f32 = lambda x: outs[0] if x is None else x.detach().float().contiguous()  # noqa: E731 (dummy ptr)
     block_r = 128
@@ -312,6 +342,16 @@ def fused_linear_policy_loss_forward(hidden: Tensor, weight: Tensor, bias: Tenso
         USE_KL=compute_loss and ref is not None and beta > 0, SPLITS=triton.next_power_of_2(splits),
         BLOCK_R=block_r, num_warps=4)
     return _ForwardOut(*outs)
+
+
+def _sequence_old(logp: Tensor, old: Tensor, coef: Tensor, sequences: _Sequences) -> Tensor:
+    """log p - log s_i: old log-probs for which the kernel's token ratio exp(log p - old) is GSPO's
+    sequence ratio s_i in value, with the gradient s_i grad log p (old is a constant to
+    autograd). Tokens outside the loss (c_t = 0) keep theirs."""
+    valid = coef > 0
+    log_ratio = torch.where(valid, logp - old.float(), torch.zeros_like(logp))
+    log_s = sequence_log_ratio(log_ratio, valid, sequences.ids, sequences.count)
+    return torch.where(valid, logp - log_s, old.float())
 
 
 def fused_linear_policy_loss_backward(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor,
@@ -343,6 +383,7 @@ class _LossConfig(NamedTuple):
     eps_low: float
     eps_high: float
     beta: float
+    sequences: _Sequences | None
 
 
 class _FusedLinearPolicyLoss(torch.autograd.Function):
@@ -350,7 +391,7 @@ class _FusedLinearPolicyLoss(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, targets, old, adv, coef, ref, cfg: _LossConfig):
         out = fused_linear_policy_loss_forward(hidden, weight, bias, targets, old, adv, coef, ref,
                                                logits=cfg.logits, eps_low=cfg.eps_low,
-                                               eps_high=cfg.eps_high, beta=cfg.beta)
+                                               eps_high=cfg.eps_high, beta=cfg.beta, sequences=cfg.sequences)
         ctx.save_for_backward(hidden, weight, bias, targets, out.lse, out.dlogp)
         ctx.logits = cfg.logits
         loss = out.term.sum()
@@ -371,21 +412,26 @@ def fused_linear_policy_loss(hidden: Tensor, weight: Tensor, targets: Tensor, ol
                              bias: Tensor | None = None, *, temperature: float = 1.0, logit_scale: float = 1.0,
                              softcap: float | None = None, eps_low: float = 0.2, eps_high: float = 0.2,
                              beta: float = 0.0, aggregation: str = "token-mean", max_len: int | None = None,
-                             num_seqs: int | None = None, num_tokens: Tensor | float | None = None
-                             ) -> tuple[Tensor, dict[str, Tensor]]:
+                             num_seqs: int | None = None, num_tokens: Tensor | float | None = None,
+                             importance_level: str = "token") -> tuple[Tensor, dict[str, Tensor]]:
     """(loss 0-d, metrics) = policy_loss(log_softmax(z)[targets], ...) with
     z = softcap(logit_scale (hidden @ weight.T + bias)) / temperature, softcap(u) = cap tanh(u / cap),
     without the [T, V] logits; gradient w.r.t. hidden only. Arguments as
-    `onelayer.algos.loss.fused_linear_policy_loss_reference`. CUDA tensors, or CPU tensors
+    `onelayer.algos.loss.fused_linear_policy_loss_reference`; importance_level "sequence"
+    (GSPO) costs no second pass over the vocabulary. CUDA tensors, or CPU tensors
     under TRITON_INTERPRET=1 (slow: tests only).
 
     metrics (detached 0-d tensors, means over unmasked tokens): clip_low, clip_high,
     clip_ratio, kl (0 without ref_logprobs), ratio_mean, entropy.
     """
+    if importance_level not in ("token", "sequence"):
+        raise ValueError(f"unknown importance_level {importance_level!r}: token or sequence")
     hidden, weight, bias = _common_args(hidden, weight, bias)
     coef = token_weights(mask, seq_ids, aggregation=aggregation, max_len=max_len, num_seqs=num_seqs,
                          num_tokens=num_tokens)
-    cfg = _LossConfig(_logits(temperature, logit_scale, softcap), float(eps_low), float(eps_high), float(beta))
+    sequences = _Sequences(seq_ids, num_seqs) if importance_level == "sequence" else None
+    cfg = _LossConfig(_logits(temperature, logit_scale, softcap), float(eps_low), float(eps_high), float(beta),
+                      sequences)
     loss, logp, entropy, kl, clip = _FusedLinearPolicyLoss.apply(
         hidden, weight, bias, targets, old_logprobs, advantages, coef, ref_logprobs, cfg)
     with torch.no_grad():
@@ -393,7 +439,10 @@ def fused_linear_policy_loss(hidden: Tensor, weight: Tensor, targets: Tensor, ol
         n = m.sum().clamp_min(1.0)
         low = (clip < 0).float().sum() / n   # clip is already 0 on masked tokens
         high = (clip > 0).float().sum() / n
-        ratio = torch.exp(torch.where(m > 0, logp - old_logprobs.float(), torch.zeros_like(logp)))
+        log_ratio = torch.where(m > 0, logp - old_logprobs.float(), torch.zeros_like(logp))
+        if sequences is not None:
+            log_ratio = sequence_log_ratio(log_ratio, m > 0, seq_ids, num_seqs)
+        ratio = torch.exp(log_ratio)
         metrics = {"clip_low": low, "clip_high": high, "clip_ratio": low + high, "kl": (kl * m).sum() / n,
                    "ratio_mean": (ratio * m).sum() / n, "entropy": (entropy * m).sum() / n}
     return loss, metrics

@@ -162,7 +162,7 @@ class TrainConfig:
         "token", "Importance ratio of the clipped loss: token (GRPO's, each token its own ratio) "
                  "or sequence (GSPO: every token of a completion gets the exp of the mean of "
                  "its log-ratios, clipped as one; GSPO clips at about --eps-low 3e-4 --eps-high "
-                 "4e-4). Sequence runs on the torch loss, not the Triton kernel. [default: token]",
+                 "4e-4). [default: token]",
         choices=("token", "sequence"))
     tis_cap: float = option(
         0.0, "Truncated importance sampling: weigh each token's policy-gradient term by "
@@ -525,8 +525,6 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.temperature > 0, "--temperature must be positive")
     need(0 < cfg.top_p <= 1, "--top-p must be in (0, 1]")
     need(cfg.top_k >= 0, "--top-k must be >= 0")
-    need(not (cfg.importance_level == "sequence" and cfg.loss_impl == "triton"),
-         "--importance-level sequence runs on the torch loss: use --loss-impl torch or auto")
     need(cfg.tis_cap >= 0, "--tis-cap must be >= 0 (0: off)")
     need(0 <= cfg.overlong_buffer <= cfg.max_new_tokens,
          "--overlong-buffer must be between 0 (off) and --max-new-tokens")

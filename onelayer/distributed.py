@@ -166,6 +166,15 @@ def weighted_mean(value: float, weight: float) -> float:
     return total / weights if weights else 0.0
 
 
+def token_means(sums: list[float], count: float, what: str) -> list[float]:
+    """Means over every rank's tokens: each of `sums` summed over the ranks, divided by the
+    ranks' summed `count` (0 where no rank has a token). A mean of the ranks' own means would
+    weigh a rank with few tokens as much as one with many."""
+    if world_size() > 1:
+        *sums, count = _sum([*sums, count], what)
+    return [s / count if count else 0.0 for s in sums]
+
+
 def global_std(values: Tensor) -> float:
     """The unbiased std of every rank's `values` together (float64 sums)."""
     if world_size() == 1:

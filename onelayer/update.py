@@ -65,7 +65,7 @@ class Objective:
     # Top-k / top-p renormalise what the sampler's log-probs describe: compare them only without.
     sampler_unfiltered: bool = False
     tis_cap: float = 0.0        # truncated importance sampling's cap on pi_old / pi_sampler; 0: off
-    importance_level: str = "token"   # "sequence": GSPO's sequence ratio (torch loss path)
+    importance_level: str = "token"   # "sequence": GSPO's sequence ratio
 
 
 @dataclass(frozen=True)
@@ -101,10 +101,6 @@ def build_objective(cfg: TrainConfig, device: torch.device) -> Objective:
             raise UserError("--layer all trains lm_head, which the Triton loss cannot: use --loss-impl "
                             "torch or auto")
         loss_fn, logprobs_fn = head_trained_loss, select_loss_impl("torch", device)[1]
-    elif cfg.importance_level == "sequence":
-        # The fused Triton kernel computes token-level ratios; sequence ratios need every token
-        # of a sequence first, which the torch path's [T] log-probs give.
-        loss_fn, logprobs_fn = select_loss_impl("torch", device)
     else:
         loss_fn, logprobs_fn = select_loss_impl(cfg.loss_impl, device)
     return Objective(loss_fn, logprobs_fn, advantages_fn(cfg.loss_impl, device),
@@ -194,11 +190,12 @@ def frozen_logprobs(policy: Policy, h: Tensor, rollout: Rollout, objective: Obje
 
 def sampler_mismatch(rollout: Rollout, old_logprobs: Tensor) -> dict[str, float]:
     """The sampler's log-probs against the recomputed ones over the tokens that carry loss:
-    mean |difference| and the mean k3 estimate of KL(sampler || trainer)."""
+    mean |difference| and the mean k3 estimate of KL(sampler || trainer), over every rank's
+    tokens."""
     mask = rollout.completion_mask.bool()
     d = old_logprobs[mask] - rollout.logprobs[mask]
-    n = max(len(d), 1)   # a rank whose share trains no token reports 0, not NaN
-    gap, kl = torch.stack([d.abs().sum(), k3(d).sum()]).div(n).tolist()   # one host sync
+    sums = torch.stack([d.abs().sum(), k3(d).sum()]).tolist()   # one host sync
+    gap, kl = distributed.token_means(sums, len(d), "measuring the sampler mismatch")
     # k3 >= 0 term by term; rounding can leave a sum of near-zero terms a hair below 0.
     return {"sampler_logprob_gap": gap, "sampler_kl": max(kl, 0.0)}
 
@@ -218,10 +215,11 @@ def tis_weights(rollout: Rollout, old_logprobs: Tensor, cap: float) -> Tensor:
 
 
 def tis_metrics(rollout: Rollout, weights: Tensor, cap: float) -> dict[str, float]:
-    """Over the tokens that carry loss: the mean weight and the share held at the cap."""
+    """Over the tokens that carry loss (every rank's): the mean weight and the share held at
+    the cap."""
     w = weights[rollout.completion_mask.bool()]
-    n = max(len(w), 1)
-    mean, capped = torch.stack([w.sum(), (w >= cap).sum()]).div(n).tolist()
+    sums = torch.stack([w.sum(), (w >= cap).sum()]).tolist()
+    mean, capped = distributed.token_means(sums, len(w), "measuring the importance weights")
     return {"tis_weight_mean": mean, "tis_capped": capped}
 
 
@@ -336,10 +334,7 @@ def micro_batch_loss(policy: Policy, h: Tensor, rollout: Rollout, rows: Tensor,
         temperature=objective.temperature, logit_scale=logits.scale, softcap=logits.softcap,
         eps_low=objective.eps_low, eps_high=objective.eps_high, beta=objective.beta,
         aggregation=objective.aggregation, max_len=objective.max_len, num_seqs=num_seqs,
-        num_tokens=num_tokens,
-        # Sequence-level ratios run on the torch path (build_objective); the Triton kernel
-        # computes token ratios and takes no such option.
-        **({"importance_level": "sequence"} if objective.importance_level == "sequence" else {}))
+        num_tokens=num_tokens, importance_level=objective.importance_level)
 
 
 def step_metrics(stats: list[dict]) -> dict:

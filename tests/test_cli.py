@@ -40,8 +40,6 @@ def bad_inputs(tiny_models, tmp_path):
         "tis with top-p": ["--model", model, "--tis-cap", "2", "--top-p", "0.9"],
         "negative tis cap": ["--model", model, "--tis-cap", "-1"],
         "overlong buffer past the length": ["--model", model, "--overlong-buffer", "600"],
-        "gspo on the kernel": ["--model", model, "--importance-level", "sequence", "--loss-impl",
-                               "triton"],
     }
 
 

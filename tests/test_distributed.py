@@ -374,6 +374,63 @@ if __name__ == "__main__":
     worker(sys.argv[1], sys.argv[2:])
 
 
+def _shard_rollout(rank: int):
+    """Rank 0: 2 rows x 6 tokens, 9 of them carrying loss; rank 1: 1 row, 2 tokens: (rollout,
+    old log-probs). Both ranks' tokens together are `_shard_rollout(0)` and `(1)` stacked."""
+    import torch
+
+    from onelayer.rollout import Rollout
+
+    g = torch.Generator().manual_seed(rank)
+    rows, lengths = (2, [6, 3]) if rank == 0 else (1, [2])
+    mask = (torch.arange(6)[None, :] < torch.tensor(lengths)[:, None]).float()
+    sampler = (-2 + torch.randn(rows, 6, generator=g)) * mask
+    old = sampler + (0.5 if rank else 0.05) * torch.randn(rows, 6, generator=g)
+    rollout = Rollout(torch.zeros(rows, 8, dtype=torch.long), torch.ones(rows, 8), mask, 2, [""] * rows,
+                      logprobs=sampler)
+    return rollout, old
+
+
+def _mismatch_worker(rank: int, init_file: str, out: str) -> None:
+    import torch.distributed as dist
+
+    from onelayer import update
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    rollout, old = _shard_rollout(rank)
+    metrics = {**update.sampler_mismatch(rollout, old),
+               **update.tis_metrics(rollout, update.tis_weights(rollout, old, 1.2), 1.2)}
+    Path(f"{out}.{rank}").write_text(json.dumps(metrics))
+    dist.destroy_process_group()
+
+
+def test_mismatch_metrics_are_means_over_every_ranks_tokens(tmp_path):
+    """Two ranks with 9 and 2 loss tokens report the mean over the 11, not the mean of the
+    ranks' means (rank 1's few tokens differ far more from the sampler's)."""
+    import torch
+    import torch.multiprocessing as mp
+
+    from onelayer import update
+    from onelayer.rollout import Rollout
+
+    mp.spawn(_mismatch_worker, args=(str(tmp_path / "init"), str(tmp_path / "out")), nprocs=2)
+    ranks = [json.loads((tmp_path / f"out.{r}").read_text()) for r in (0, 1)]
+    (a, old_a), (b, old_b) = _shard_rollout(0), _shard_rollout(1)
+    both = Rollout(torch.cat([a.sequences, b.sequences]), torch.cat([a.attention_mask, b.attention_mask]),
+                   torch.cat([a.completion_mask, b.completion_mask]), 2, [""] * 3,
+                   logprobs=torch.cat([a.logprobs, b.logprobs]))
+    old = torch.cat([old_a, old_b])
+    want = {**update.sampler_mismatch(both, old),
+            **update.tis_metrics(both, update.tis_weights(both, old, 1.2), 1.2)}
+    assert ranks[0] == ranks[1]
+    assert ranks[0].keys() == want.keys()
+    for key in want:
+        assert ranks[0][key] == pytest.approx(want[key], rel=1e-6), key
+    each = [{**update.sampler_mismatch(r, o)} for r, o in ((a, old_a), (b, old_b))]
+    unweighted = (each[0]["sampler_logprob_gap"] + each[1]["sampler_logprob_gap"]) / 2
+    assert abs(unweighted - want["sampler_logprob_gap"]) > 0.05
+
+
 def test_what_ranks_cannot_split_evenly_is_refused(monkeypatch):
     import pytest
 

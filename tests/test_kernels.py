@@ -106,6 +106,46 @@ def test_fused_loss_matches_reference(dtype, shape, aggregation, beta, use_ref, 
         torch.testing.assert_close(loss, coarse, atol=3e-2, rtol=3e-2)
 
 
+GSPO_CASES = [  # dtype, (T, H, V), aggregation, beta, num_seqs (None: from the ids)
+    (torch.float32, (37, 45, 173), "seq-mean-token-mean", 0.0, None),
+    (torch.float32, (19, 17, 71), "token-mean", 0.1, 5),
+    (torch.bfloat16, (37, 45, 173), "seq-mean-token-sum-norm", 0.04, 5),
+]
+
+
+@pytest.mark.parametrize("dtype, shape, aggregation, beta, num_seqs", GSPO_CASES)
+def test_fused_loss_sequence_ratios_match_reference(dtype, shape, aggregation, beta, num_seqs):
+    """importance_level="sequence" (GSPO) on the kernel, whose loss epilogue runs on old
+    log-probs shifted by each sequence's mean log-ratio, against the torch path: loss,
+    gradient and the metrics of the sequence ratios. Sequence 0 sits below the clip range,
+    1 and 4 above, 3 inside, 2 is fully masked; advantages of both signs in each."""
+    hidden, weight, bias, targets, _, adv, mask, seq, ref = _batch(*shape, dtype)
+    with torch.no_grad():
+        base = chunked_logprobs(hidden.float(), weight.float(), targets, bias.float())
+    g = torch.Generator().manual_seed(1)
+    old = base + 0.05 * torch.randn(len(seq), generator=g) + torch.tensor([0.5, -0.3, 0.0, 0.02, -0.6])[seq]
+    kw = dict(eps_low=0.2, eps_high=0.28, beta=beta, aggregation=aggregation, max_len=11, num_seqs=num_seqs,
+              importance_level="sequence")
+    h1 = hidden.clone().requires_grad_(True)
+    loss, m = fused_linear_policy_loss(h1, weight, targets, old, adv, mask, seq, ref, bias, **kw)
+    (-1.5 * loss).backward()
+    h2 = hidden.float().requires_grad_(True)
+    want, wm = fused_linear_policy_loss_reference(h2, weight.float(), targets, old, adv, mask, seq, ref,
+                                                  bias.float(), **kw)
+    (-1.5 * want).backward()
+    torch.testing.assert_close(loss, want, **VALUE_TOL[dtype])
+    torch.testing.assert_close(h1.grad.float(), h2.grad, **GRAD_TOL[dtype])
+    for k in ("clip_low", "clip_high", "clip_ratio", "kl", "ratio_mean", "entropy"):
+        torch.testing.assert_close(m[k], wm[k], **VALUE_TOL[dtype])
+    assert wm["clip_low"] > 0 and wm["clip_high"] > 0 and wm["clip_ratio"] < 0.9
+    token_level, _ = fused_linear_policy_loss_reference(hidden.float(), weight.float(), targets, old, adv, mask,
+                                                        seq, ref, bias.float(), **{**kw, "importance_level": "token"})
+    assert (loss - token_level).abs() > 1e-3   # the sequence ratios are not the token ones here
+    with pytest.raises(ValueError, match="importance_level"):
+        fused_linear_policy_loss(hidden, weight, targets, old, adv, mask, seq, ref, bias,
+                                 **{**kw, "importance_level": "episode"})
+
+
 def test_entropy_metric_and_strided_hidden():
     hidden, weight, bias, targets, old, adv, mask, seq, _ = _batch(29, 21, 83, torch.float32)
     strided = hidden.T.contiguous().T  # same values, column-major strides

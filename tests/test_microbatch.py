@@ -63,6 +63,24 @@ def test_micro_batches_give_the_same_update(policy, impl, aggregation, beta):
         assert max(s["kl"] for s in whole_stats) > 0
 
 
+def test_sequence_ratios_on_the_kernel_give_the_torch_update(policy):
+    """--importance-level sequence (GSPO): the Triton path, in micro-batches of 3, makes the
+    optimizer steps of the torch path on the whole minibatch; the later steps are off-policy."""
+    rollout = hand_rollout(policy.tokenizer)
+    options = {"model": "x", "loss_agg": "seq-mean-token-mean", "importance_level": "sequence",
+               "max_new_tokens": rollout.completion_mask.shape[1], "temperature": 0.8}
+    schedule = Schedule(epochs=2, minibatch=4, max_grad_norm=1e9)
+    want, want_stats = run(policy, rollout, schedule, build_config({**options, "loss_impl": "torch"}))
+    got, stats = run(policy, rollout, Schedule(epochs=2, minibatch=4, micro_batch=3, max_grad_norm=1e9),
+                     build_config({**options, "loss_impl": "triton"}))
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], atol=2e-6, rtol=1e-5)
+    for got_step, want_step in zip(stats, want_stats, strict=True):
+        for key in want_step:
+            assert got_step[key] == pytest.approx(want_step[key], rel=1e-4, abs=1e-6), key
+    assert any(abs(s["ratio_mean"] - 1) > 1e-3 for s in want_stats)
+
+
 def test_normalisers_of_the_minibatch_split_the_loss_exactly():
     # The pieces' losses with the minibatch's S and token count add up to the whole loss.
     gen = torch.Generator().manual_seed(3)

@@ -122,7 +122,7 @@ def policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask
     zero = torch.zeros_like(logp)
     log_ratio = torch.where(valid, logp - old_logprobs.float(), zero)
     if importance_level == "sequence":
-        log_ratio = _sequence_log_ratio(log_ratio, valid, seq_ids, num_seqs) + torch.where(
+        log_ratio = sequence_log_ratio(log_ratio, valid, seq_ids, num_seqs) + torch.where(
             valid, logp - logp.detach(), zero)
     ratio = torch.exp(log_ratio)
     surr = torch.minimum(ratio * adv, ratio.clamp(1.0 - eps_low, 1.0 + eps_high) * adv)
@@ -138,7 +138,7 @@ def policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask
                                eps_low, eps_high)
 
 
-def _sequence_log_ratio(log_ratio: Tensor, valid: Tensor, seq_ids: Tensor,
+def sequence_log_ratio(log_ratio: Tensor, valid: Tensor, seq_ids: Tensor,
                         num_seqs: int | None) -> Tensor:
     """Each token's sequence mean of the log-ratio [T], without gradient: log s_i of GSPO."""
     with torch.no_grad():
@@ -160,8 +160,7 @@ def fused_linear_policy_loss_reference(hidden: Tensor, weight: Tensor, targets: 
                                        chunk_size: int | None = None,
                                        importance_level: str = "token") -> tuple[Tensor, dict[str, Tensor]]:
     """policy_loss(chunked_logprobs(hidden, weight, targets, bias, ...), ...): the CPU path and
-    the oracle of `onelayer.kernels.fused_linear_policy_loss` (which computes token-level ratios
-    only). Gradient w.r.t. hidden only.
+    the oracle of `onelayer.kernels.fused_linear_policy_loss`. Gradient w.r.t. hidden only.
     logit_scale, softcap: the model's own logit transform (see `chunked_logprobs`).
     Metrics: those of `policy_loss` plus entropy (mean over unmasked tokens)."""
     logp, entropy = chunked_logprobs(hidden, weight, targets, bias, temperature=temperature,
