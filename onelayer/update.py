@@ -39,7 +39,7 @@ from .algos.loss import policy_loss_with_entropy
 from .config import TrainConfig
 from .data_parallel import gradient_sync
 from .errors import UserError
-from .model import Policy, full_parameter
+from .model import Policy, common_prefix, full_parameter
 from .resilience import HalveOnOOM
 from .rollout import Rollout, SamplingParams
 
@@ -163,12 +163,30 @@ def completion_hidden(policy: Policy, h: Tensor, rollout: Rollout, rows: Tensor,
     """Final hidden states [T, H] that predict the completion tokens of rows `rows`.
 
     The state at column j predicts the token at column j + 1, so completion token c (column
-    P + c) is predicted from column P + c - 1."""
+    P + c) is predicted from column P + c - 1. Rows that begin with the same tokens run them
+    once (`common_prefix`) where the model allows it."""
     split = policy.split
-    ctx = split.context(rollout.attention_mask[rows], policy.compute_dtype)
-    final = split.from_layer(h[rows], ctx, params)
-    predicting = final[:, rollout.prompt_len - 1:-1]
-    return predicting[rollout.completion_mask[rows].bool()]
+    mask = rollout.completion_mask[rows].bool()
+    shared = common_prefix_of(policy, rollout, rows)
+    if shared is None:
+        ctx = split.context(rollout.attention_mask[rows], policy.compute_dtype)
+        final = split.from_layer(h[rows], ctx, params)
+        return final[:, rollout.prompt_len - 1:-1][mask]
+    h_prefix, h_rest = shared.gather(h[rows])
+    final = split.from_layer_shared(h_prefix, h_rest, shared.rest_mask, params)
+    columns = torch.arange(rollout.prompt_len - 1, rollout.sequences.shape[1] - 1, device=mask.device)
+    at = shared.rest_position(columns.expand(len(rows), -1).where(mask, rollout.prompt_len - 1))
+    return final[torch.arange(len(rows), device=mask.device)[:, None].expand_as(mask)[mask], at[mask]]
+
+
+def common_prefix_of(policy: Policy, rollout: Rollout, rows: Tensor) -> common_prefix.CommonPrefix | None:
+    """The tokens rows `rows` all begin with, up to the shortest prompt but its last token (the
+    one that predicts the first completion token), when the split can share them."""
+    if not policy.split.shares_prefixes:
+        return None
+    attention = rollout.attention_mask[rows]
+    shortest_prompt = int(attention[:, :rollout.prompt_len].sum(1).min())
+    return common_prefix.find(rollout.sequences[rows], attention, shortest_prompt - 1)
 
 
 @torch.no_grad()

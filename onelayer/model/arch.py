@@ -129,6 +129,53 @@ def check_split(split: SplitModel, compute_dtype: torch.dtype) -> float:
     return divergence
 
 
+@torch.no_grad()
+def check_prefix_sharing(split: SplitModel, compute_dtype: torch.dtype) -> bool:
+    """Whether rows that begin alike may run their common tokens once (`common_prefix`): on 3
+    rows sharing their first 10 tokens, one left-padded, the log-probs (of random targets) at
+    every later token
+    from `from_layer_shared` must match those of `from_layer` as `check_split` matches the
+    model's own. Not refused when they do not: the rows then run whole, as before."""
+    from . import common_prefix
+
+    if split.full:
+        return False   # no cached h_L to share from
+    log = logging.getLogger("onelayer")
+    device = split.lm_head.weight.device
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, split.config.vocab_size, (3, 16), generator=g)
+    ids[0, 2:12] = ids[2, :10] = ids[1, :10]   # row 0's real tokens start 2 columns later
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    targets = torch.randint(0, split.config.vocab_size, (3, 16), generator=g)
+    ids, mask, targets = ids.to(device), mask.to(device), targets.to(device)
+    try:
+        ctx = split.context(mask, compute_dtype)
+        h = split.prefix(ids, ctx)
+        whole = split.from_layer(h, ctx)
+        shared = common_prefix.find(ids, mask, limit=10)
+        rest_h = split.from_layer_shared(*shared.gather(h), shared.rest_mask)
+    except Exception as exc:   # a family whose blocks ignore or misuse the cache argument
+        log.info("%s: rows run whole (common prefixes not shared: %s: %s)", split.config.model_type,
+                 type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+        return False
+    later = (shared.real_index >= shared.length) & mask.bool()
+    at = shared.rest_position(torch.where(later, torch.arange(16, device=device), 0))
+    ours = rest_h[torch.arange(3, device=device)[:, None].expand_as(later)[later], at[later]]
+    theirs = whole[later]
+    weight, bias = split.lm_head.weight, split.lm_head.bias
+    z = theirs @ weight.T
+    options = dict(logit_scale=split.logits.scale, softcap=split.logits.softcap)
+    divergence = (chunked_logprobs(ours, weight, targets[later], bias, **options)
+                  - chunked_logprobs(theirs, weight, targets[later], bias, **options)).abs().max().item()
+    tolerance = TOLERANCE_FLOOR + 2 * torch.finfo(z.dtype).eps * z.abs().max().item()
+    if not divergence <= tolerance:
+        log.info("%s: rows run whole (common prefixes not shared: log-probs differ by %.3g nats)",
+                 split.config.model_type, divergence)
+        return False
+    return True
+
+
 def _refuse_on_failure(name: str, what: str, forward, *args) -> Tensor:
     try:
         return forward(*args)

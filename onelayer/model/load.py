@@ -20,7 +20,7 @@ import torch
 from safetensors import safe_open
 
 from ..errors import UserError
-from .arch import attention_for, check_split, model_class, split_scalings
+from .arch import attention_for, check_prefix_sharing, check_split, model_class, split_scalings
 from .layer import TrainableLayer
 from .split import SplitModel
 
@@ -296,6 +296,7 @@ def load_policy(model: str = DEMO_MODEL, *, layer: int | str = "mid", frozen_dty
                                keep_reference=keep_reference)
     del master
     check_split(split, dtype)
+    split.shares_prefixes = check_prefix_sharing(split, dtype)
     tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -102,6 +102,13 @@ class SplitModel:
             first_name.setdefault(id(p), name)
         self.head_names = {attr: first_name.get(id(t), f"lm_head.{attr}")
                            for attr in ("weight", "bias") if (t := getattr(self.lm_head, attr, None)) is not None}
+        # A block hands its rotated keys and values to its cache argument (named `cache` from
+        # transformers 5.24 on, `past_key_values` before): `from_layer_shared` passes its own.
+        block_args = inspect.signature(self.blocks[0].forward).parameters
+        self.cache_arg = "cache" if "cache" in block_args else "past_key_values"
+        # Whether `from_layer_shared` reproduces `from_layer` (proved at load by
+        # `arch.check_prefix_sharing`; off until then).
+        self.shares_prefixes = False
 
     @property
     def layer(self) -> nn.Module:
@@ -126,10 +133,13 @@ class SplitModel:
             rotary = dict.fromkeys(set(self.types), self.rotary_emb(probe, position_ids))
         return Context(masks, position_ids, rotary)
 
-    def _block(self, i: int, h: Tensor, ctx: Context, params: Mapping[str, Tensor] | None = None):
+    def _block(self, i: int, h: Tensor, ctx: Context, params: Mapping[str, Tensor] | None = None,
+               keys: _PrefixKeys | None = None):
         kind = self.types[i]
         kwargs = dict(attention_mask=ctx.masks[kind], position_ids=ctx.position_ids,
                       position_embeddings=ctx.rotary[kind])
+        if keys is not None:
+            kwargs[self.cache_arg] = keys
         if params is None:
             return self.blocks[i](h, **kwargs)
         return functional_call(self.blocks[i], dict(params), (h,), kwargs, strict=False)
@@ -172,6 +182,54 @@ class SplitModel:
         norm = own.get("norm")
         return self.norm(h) if norm is None else functional_call(self.norm, norm, (h,))
 
+    def from_layer_shared(self, h_prefix: Tensor, h_rest: Tensor, rest_mask: Tensor,
+                          params: Mapping[str, Tensor] | None = None) -> Tensor:
+        """`from_layer` of rows that all begin with the same s tokens (`common_prefix`): h_prefix
+        [1, s, H] runs once; each block's keys and values of it are put before those of every
+        row's own tokens h_rest [B, R, H] (right-padded, rest_mask [B, R]). Returns the final
+        normed hidden states of the rest [B, R, H]. The prefix's blocks keep their activations
+        (one short row); the rest's frozen blocks are recomputed in backward as in `from_layer`."""
+        own = _by_owner(params)
+        dtype = h_rest.dtype
+        s = h_prefix.shape[1]
+        prefix_ctx = self.context(torch.ones(1, s, dtype=rest_mask.dtype, device=rest_mask.device), dtype)
+        rest_ctx = self._rest_context(s, rest_mask, dtype)
+        checkpointed = torch.is_grad_enabled()
+        for i in range(self.layer_index, self.num_layers):
+            record = _PrefixKeys()
+            h_prefix = self._block(i, h_prefix, prefix_ctx, own.get(i), record)
+            keys = _PrefixKeys(record.recorded)
+            if i not in self.trained and checkpointed:
+                h_rest = checkpoint(self._block, i, h_rest, rest_ctx, own.get(i), keys, use_reentrant=False)
+            else:
+                h_rest = self._block(i, h_rest, rest_ctx, own.get(i), keys)
+        norm = own.get("norm")
+        return self.norm(h_rest) if norm is None else functional_call(self.norm, norm, (h_rest,))
+
+    def _rest_context(self, s: int, rest_mask: Tensor, dtype: torch.dtype) -> Context:
+        """The context of the rows' own tokens, queries at columns s.. of prefix + rest: the
+        masks are the rows' whole [s + R] masks (built as for `context`, never the implicit
+        causal shortcut, which would align queries with the first keys) cut to those queries."""
+        rows = rest_mask.shape[0]
+        whole = torch.cat([torch.ones(rows, s, dtype=rest_mask.dtype, device=rest_mask.device), rest_mask], 1)
+        position_ids = positions(whole)
+        probe = torch.empty(*whole.shape, 1, dtype=dtype, device=whole.device)
+        masks = {}
+        for kind in set(self.types):
+            mask = MASK_BUILDERS[kind](self.config, probe, whole, None, position_ids=position_ids,
+                                       allow_is_causal_skip=False)
+            if not (isinstance(mask, Tensor) and mask.dim() == 4):
+                raise NotImplementedError(f"a {type(mask).__name__} attention mask cannot be cut to the "
+                                          "rows' own tokens")
+            masks[kind] = mask[:, :, s:]
+        rest_positions = position_ids[:, s:]
+        rest_probe = probe[:, s:]
+        if self.rotary_per_type:
+            rotary = {kind: self.rotary_emb(rest_probe, rest_positions, kind) for kind in set(self.types)}
+        else:
+            rotary = dict.fromkeys(set(self.types), self.rotary_emb(rest_probe, rest_positions))
+        return Context(masks, rest_positions, rotary)
+
     def head(self, params: Mapping[str, Tensor] | None = None) -> tuple[Tensor, Tensor | None]:
         """(weight [V, H], bias [V] or None) of lm_head: from `params` when they hold it."""
         weight, bias = self.lm_head.weight, getattr(self.lm_head, "bias", None)
@@ -180,6 +238,26 @@ class SplitModel:
             if bias is not None:
                 bias = params.get(self.head_names["bias"], bias)
         return weight, bias
+
+
+class _PrefixKeys:
+    """Given to a block as its KV cache: Hugging Face attention hands each layer's rotated keys
+    and values to `update` and attends to what it returns. Without a prefix it records them
+    (the common prefix's pass); with one it returns the prefix's before the rows' own. Pure
+    per call, so a checkpointed block recomputes the same."""
+
+    def __init__(self, prefix: tuple[Tensor, Tensor] | None = None):
+        self.prefix = prefix
+        self.recorded: tuple[Tensor, Tensor] | None = None
+
+    def update(self, key: Tensor, value: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
+        if self.prefix is None:
+            self.recorded = (key, value)
+            return key, value
+        k, v = self.prefix
+        rows = key.shape[0]
+        return (torch.cat([k.expand(rows, -1, -1, -1), key], 2),
+                torch.cat([v.expand(rows, -1, -1, -1), value], 2))
 
 
 def _by_owner(params: Mapping[str, Tensor] | None) -> dict:

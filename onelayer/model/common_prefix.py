@@ -1,0 +1,69 @@
+"""Rows that begin with the same tokens, run from layer L once for all of them.
+
+An agent's decision rows (`--history-turns K`) all begin with the same instructions, half or
+more of each row in the built-in environments; a micro-batch of one GRPO group repeats its
+prompt G times. Layer L and the blocks after it run with grad over every token of every row,
+so those repeats cost as much as new tokens. Instead, the common part runs once, as a batch of
+one row, and every row's own tokens attend to its keys and values
+(`SplitModel.from_layer_shared`). The result is the same computation: each row's attention sees
+the same keys and values at the same positions, only computed once.
+
+Layout: the rows' real tokens are packed to the left; the first `length` of them are the
+common prefix ([1, length]); the rest of each row follows it in `rest` ([B, R], right-padded,
+so that a token's column in prefix + rest is its position, as sliding windows count).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+# Below this many shared tokens the extra pass and gathers are not worth it.
+MIN_LENGTH = 8
+
+
+class CommonPrefix(NamedTuple):
+    length: int              # s: real tokens every row starts with
+    source: Tensor           # [B, W] column of the original row holding packed token j
+    rest_columns: Tensor     # [B, R] original column of each rest token (pads: a real column)
+    rest_mask: Tensor        # [B, R] 1 on real tokens
+    real_index: Tensor       # [B, W] index among the row's real tokens of each original column
+
+    def gather(self, h: Tensor) -> tuple[Tensor, Tensor]:
+        """(h of the common prefix [1, s, H] (row 0's), h of the rest [B, R, H]) from h [B, W, H]
+        in the rows' original layout."""
+        prefix = h[:1, self.source[0, :self.length]]
+        rest = h.gather(1, self.rest_columns[..., None].expand(-1, -1, h.shape[-1]))
+        return prefix, rest
+
+    def rest_position(self, columns: Tensor) -> Tensor:
+        """[B, K] original columns (real tokens at index >= s) -> their columns in rest."""
+        return self.real_index.gather(1, columns) - self.length
+
+
+def find(sequences: Tensor, attention_mask: Tensor, limit: int) -> CommonPrefix | None:
+    """The longest run of real tokens that every row of `sequences` [B, W] starts with, at
+    most `limit` long; None when there is no such run worth sharing (or one row)."""
+    rows, width = sequences.shape
+    if rows < 2 or limit < MIN_LENGTH:
+        return None
+    real = attention_mask.bool()
+    counts = real.sum(1)
+    columns = torch.arange(width, device=sequences.device).expand(rows, -1)
+    # Real columns first, in order (a stable sort on "is padding").
+    source = torch.sort((~real).int(), dim=1, stable=True).indices
+    packed = sequences.gather(1, source)
+    span = min(limit, int(counts.min()))
+    same = (packed[:, :span] == packed[:1, :span]).all(0)
+    length = int(same.int().cumprod(0).sum())
+    if length < MIN_LENGTH:
+        return None
+    rest_len = counts - length
+    width_rest = int(rest_len.max())
+    j = torch.arange(width_rest, device=sequences.device).expand(rows, -1)
+    rest_mask = (j < rest_len[:, None]).to(attention_mask.dtype)
+    take = torch.where(rest_mask.bool(), j + length, torch.full_like(j, length))
+    rest_columns = source.gather(1, take)
+    real_index = torch.where(real, real.long().cumsum(1) - 1, columns)
+    return CommonPrefix(length, source, rest_columns, rest_mask, real_index)
