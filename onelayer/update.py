@@ -174,9 +174,8 @@ def completion_hidden(policy: Policy, h: Tensor, rollout: Rollout, rows: Tensor,
         return final[:, rollout.prompt_len - 1:-1][mask]
     h_prefix, h_rest = shared.gather(h[rows])
     final = split.from_layer_shared(h_prefix, h_rest, shared.rest_mask, params)
-    columns = torch.arange(rollout.prompt_len - 1, rollout.sequences.shape[1] - 1, device=mask.device)
-    at = shared.rest_position(columns.expand(len(rows), -1).where(mask, rollout.prompt_len - 1))
-    return final[torch.arange(len(rows), device=mask.device)[:, None].expand_as(mask)[mask], at[mask]]
+    row, c = mask.nonzero(as_tuple=True)   # row-major, the order of final[mask] above
+    return final[row, shared.rest_column(row, rollout.prompt_len - 1 + c)]
 
 
 def common_prefix_of(policy: Policy, rollout: Rollout, rows: Tensor) -> common_prefix.CommonPrefix | None:

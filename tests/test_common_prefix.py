@@ -50,7 +50,7 @@ def test_find_packs_rows_and_stops_at_the_first_difference():
     assert rest[2, :2, 0].tolist() == [4, 9]
     assert shared.rest_mask.tolist() == [[1, 0, 0], [1, 1, 1], [1, 1, 0]]
     # Original column -> column in the rest: row 0's last token, row 2's last two.
-    assert shared.rest_position(torch.tensor([[11], [10], [11]]))[:, 0].tolist() == [0, 1, 1]
+    assert shared.rest_column(torch.tensor([0, 1, 2]), torch.tensor([11, 10, 11])).tolist() == [0, 1, 1]
     assert common_prefix.find(ids, mask, limit=8).length == 8
     assert common_prefix.find(ids, mask, limit=7) is None         # below MIN_LENGTH
     assert common_prefix.find(ids[:1], mask[:1], limit=20) is None   # one row

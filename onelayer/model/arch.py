@@ -160,9 +160,8 @@ def check_prefix_sharing(split: SplitModel, compute_dtype: torch.dtype) -> bool:
                  type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
         return False
     later = (shared.real_index >= shared.length) & mask.bool()
-    at = shared.rest_position(torch.where(later, torch.arange(16, device=device), 0))
-    ours = rest_h[torch.arange(3, device=device)[:, None].expand_as(later)[later], at[later]]
-    theirs = whole[later]
+    row, column = later.nonzero(as_tuple=True)
+    ours, theirs = rest_h[row, shared.rest_column(row, column)], whole[row, column]
     weight, bias = split.lm_head.weight, split.lm_head.bias
     z = theirs @ weight.T
     options = dict(logit_scale=split.logits.scale, softcap=split.logits.softcap)

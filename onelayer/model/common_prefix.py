@@ -37,9 +37,10 @@ class CommonPrefix(NamedTuple):
         rest = h.gather(1, self.rest_columns[..., None].expand(-1, -1, h.shape[-1]))
         return prefix, rest
 
-    def rest_position(self, columns: Tensor) -> Tensor:
-        """[B, K] original columns (real tokens at index >= s) -> their columns in rest."""
-        return self.real_index.gather(1, columns) - self.length
+    def rest_column(self, row: Tensor, column: Tensor) -> Tensor:
+        """Where the real token at (row, column) of the original layout sits in the rest (for
+        tokens past the common prefix)."""
+        return self.real_index[row, column] - self.length
 
 
 def find(sequences: Tensor, attention_mask: Tensor, limit: int) -> CommonPrefix | None:
