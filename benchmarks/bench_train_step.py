@@ -7,15 +7,18 @@ reported. Random weights never emit EOS, so every completion runs to full length
     python benchmarks/bench_train_step.py --config 8b --layer 16          # on the GPU machine
     python benchmarks/bench_train_step.py --config tiny --new-tokens 16   # CPU smoke run
 
-Prints one RESULT json line; record it in benchmarks/RESULTS.md with card, date and command.
-On CUDA the RESULT also holds the rollout decoder's graph status (decode_graph) and, for each
-graph mode of --decode-modes, ms per decode step of generate_completions (G rows x
---mode-tokens, one prefill included) and whether its greedy tokens equal eager's. With
---decode-compile, a DECODE line after the RESULT times torch.compile(mode="reduce-overhead")
-too (printed last: a slow compile loses nothing else). With --gqa-context N (CUDA), the RESULT
-also holds decode_gqa: ms per decode step (graph mode manual, prefill taken out) at G rows x N
-cache columns with the grouped-query fold and with keys and values repeated to every query head
-(ONELAYER_DECODE_GQA, see onelayer/rollout/attention.py).
+Prints a RESULT json line; record it in benchmarks/RESULTS.md with card, date and command.
+On CUDA a first RESULT ("partial": true) comes right after the training steps, so that a run
+cut short by gpu_check.sh's timeout keeps them, and the full RESULT after the timings below
+(benchmarks/gpu_summary.py reads the last). The RESULT holds the rollout decoder's
+graph status in the last training step (decode_graph, recorded before the step releases the
+decoder); on CUDA also, for each graph mode of --decode-modes, ms per decode step of
+generate_completions (G rows x --mode-tokens, one prefill included) and whether its greedy
+tokens equal eager's. With --decode-compile, a DECODE line after the RESULT times
+torch.compile(mode="reduce-overhead") too (printed last: a slow compile loses nothing else).
+With --gqa-context N (CUDA), the RESULT also holds decode_gqa: ms per decode step (graph mode
+manual, prefill taken out) at G rows x N cache columns with the grouped-query fold and with keys
+and values repeated to every query head (ONELAYER_DECODE_GQA, see onelayer/rollout/attention.py).
 """
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
+from onelayer import single_turn
 from onelayer.config import build_config
 from onelayer.model import load_policy
 from onelayer.rollout import SamplingParams, attention, decoder, generate_completions
@@ -109,11 +113,29 @@ def copy_bandwidth(gib: float = 2.0) -> float:
 
 
 def graph_status(lm) -> str:
-    """GRAPH_MODE and what each key of the model's decoder ran as (graph / eager / failed)."""
+    """The graph mode of the model's decoder (GRAPH_MODE on CUDA, off elsewhere; GRAPH_MODE when
+    it has none) and what each of its keys ran as (graph / eager / failed)."""
     state = decoder._DECODERS.get(lm)
     seen = sorted({"failed" if e.failed else "graph" if e.replay is not None else "eager"
                    for e in state.graphs.values()}) if state else ["none"]
-    return f"{decoder.GRAPH_MODE}: {','.join(seen)}"
+    return f"{state.mode if state else decoder.GRAPH_MODE}: {','.join(seen)}"
+
+
+def run_steps(policy, optimizer, task, cfg, objective, steps: int) -> tuple[list[dict], list[str]]:
+    """`steps` rl_steps, and the decoder's graph status at the end of each step's generation:
+    rl_step releases the decoder before its update, so it is recorded just before that."""
+    statuses, release = [], single_turn.release_decoder
+
+    def record_then_release(lm) -> None:
+        statuses.append(graph_status(lm))
+        release(lm)
+
+    single_turn.release_decoder = record_then_release
+    try:
+        return [rl_step(policy, optimizer, task, [task.train[0]], cfg, objective)
+                for _ in range(steps)], statuses
+    finally:
+        single_turn.release_decoder = release
 
 
 def time_decode(policy, prompt: str, mode: str, rows: int, new_tokens: int, gqa: str = "fold"):
@@ -190,8 +212,7 @@ def main() -> None:
     optimizer = torch.optim.AdamW(policy.layer.parameters(), lr=cfg.lr)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    steps = [rl_step(policy, optimizer, task, [task.train[0]], cfg, objective)
-             for _ in range(a.steps)]
+    steps, statuses = run_steps(policy, optimizer, task, cfg, objective, a.steps)
     last = steps[-1]
     # Generation lasts until the longest row stops: with random weights, every row runs to
     # max_new_tokens (EOS is one token in 151,936).
@@ -203,6 +224,7 @@ def main() -> None:
                   gen_s=round(last["gen_s"], 2), update_s=round(last["update_s"], 2),
                   decode_tokens_per_s=round(a.group_size * decode_steps / last["gen_s"], 1),
                   decode_ms_per_step=round(1e3 * last["gen_s"] / decode_steps, 2),
+                  decode_graph=statuses[-1] if statuses else "?",
                   device=torch.cuda.get_device_name() if cuda else "cpu",
                   torch=torch.__version__, **{k: round(v, 2) for k, v in memory_gib(policy.device).items()})
     # How far the rollout path (decoder, CUDA graph, NF4 decode kernels) is from the engine's.
@@ -215,9 +237,12 @@ def main() -> None:
                       decode_weight_gib=round(weight_bytes / 2**30, 2),
                       copy_bandwidth_tb_s=round(bandwidth / 1e12, 2),
                       decode_limit_ms=round(limit_ms, 2),
-                      decode_share_of_limit=round(limit_ms / result["decode_ms_per_step"], 3),
-                      decode_graph=graph_status(policy.split.lm))
-        by_mode, eager_tokens = {}, None
+                      decode_share_of_limit=round(limit_ms / result["decode_ms_per_step"], 3))
+    # The steps' figures first: a slow decode-mode or GQA timing below then loses nothing of them.
+    print("RESULT " + json.dumps({**result, "partial": True} if cuda else result), flush=True)
+    eager_tokens = None
+    if cuda:
+        by_mode = {}
         modes = [m for m in a.decode_modes.split(",") if m]
         timed = {m: time_decode(policy, prompt, m, a.group_size, a.mode_tokens) for m in modes}
         eager_tokens = timed["off"][1] if "off" in timed else None
@@ -227,7 +252,7 @@ def main() -> None:
         result.update(decode_ms_by_mode=by_mode, mode_tokens=a.mode_tokens)
         if a.gqa_context:
             result.update(decode_gqa=time_gqa(policy, a.group_size, a.gqa_context, a.mode_tokens))
-    print("RESULT " + json.dumps(result), flush=True)
+        print("RESULT " + json.dumps(result), flush=True)
     if cuda and a.decode_compile:
         t0 = time.perf_counter()
         try:

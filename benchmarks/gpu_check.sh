@@ -10,7 +10,7 @@
 # then one table. Run from the repository root:
 #     bash benchmarks/gpu_check.sh
 # Wheels the machine lacks (bitsandbytes; transformers when older than our floor) are installed
-# from .whl/ when it exists (see README: "Measuring on a GPU"). Logs go to $OUT (or
+# from .whl/ when it exists (benchmarks/README.md: prepare_side_by_side.sh). Logs go to $OUT (or
 # /tmp/onelayer-gpu-check). Copy the table into benchmarks/RESULTS.md with the command.
 set -u
 cd "$(dirname "$0")/.."
@@ -25,8 +25,10 @@ else
   export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+# Without bitsandbytes (or a new enough transformers) nothing below can run: stop at once.
 python3 -c "import torch, triton, transformers, bitsandbytes as b; print('torch', torch.__version__, \
-'triton', triton.__version__, 'transformers', transformers.__version__, 'bitsandbytes', b.__version__)"
+'triton', triton.__version__, 'transformers', transformers.__version__, 'bitsandbytes', b.__version__)" \
+  || { echo "the wheels in .whl/ are missing: run benchmarks/prepare_side_by_side.sh here, carry .whl (benchmarks/README.md)"; exit 1; }
 
 # Progress bars of loading and saving are noise in a log.
 strip_bars() { grep -av -e 'it/s]' -e 's/it]' ; }

@@ -2,8 +2,10 @@
 
     python benchmarks/gpu_summary.py LOG_DIR
 
-Reads kernels.log (check_kernels_gpu.py), train_step.log (bench_train_step.py's RESULT line)
-and policy_loss.log (bench_policy_loss.py's table); a missing or failed part shows as such.
+Reads kernels.log (check_kernels_gpu.py), train_step.log (bench_train_step.py's last RESULT
+line: the full one, or the partial one printed after the training steps when the timings after
+them did not finish) and policy_loss.log (bench_policy_loss.py's table); a missing or failed
+part shows as such.
 """
 from __future__ import annotations
 
@@ -53,6 +55,7 @@ def main(folder: Path) -> None:
                f"{g['fold']['tokens_per_s']:.0f} vs {g['repeat']['tokens_per_s']:.0f} tokens/s "
                f"({g['fold']['ms']:.2f} vs {g['repeat']['ms']:.2f} ms a step; tokens equal: {g['same_tokens']})")
               for g in ([r["decode_gqa"]] if "decode_gqa" in r else [])],
+            *([("decode modes and GQA timings", "did not finish: see train_step.log")] if r.get("partial") else []),
             *[("decode, mode compile", f"{c['ms']:.2f} ms a step ({c['status']}; first call {c['first_call_s']} s; "
                                        f"tokens == eager: {c['same_as_eager']})" if "ms" in c else c.get("error", "?"))
               for c in compiled],

@@ -194,6 +194,20 @@ def test_graph_bookkeeping_on_cpu(models, tok, monkeypatch):
         decoder.release(lm)
 
 
+def test_buffers_the_step_mutates_are_static_addresses(models, tok):
+    """torch.compile(mode="reduce-overhead") skips cudagraphs for a step that writes in place
+    into an input not marked static: the KV cache (index_copy_ per step) and the noise buffer,
+    allocated lazily, are marked when allocated (in every mode: the mark is an attribute)."""
+    lm = models["qwen3"]
+    decoder.release(lm)
+    both(lm, tok, SamplingParams(4, temperature=1.0), [], seed=0)
+    state = decoder._DECODERS[lm]
+    buffers = [*state.cache.keys.values(), *state.cache.values.values(), state.noise]
+    assert len(buffers) == 2 * lm.config.num_hidden_layers + 1
+    assert all(getattr(t, "_dynamo_static_input_type", None) == "unguarded" for t in buffers)
+    decoder.release(lm)
+
+
 def test_generate_completions_is_unchanged_for_callers(tiny_models):
     from onelayer.model import load_policy
     policy = load_policy(tiny_models["mistral"], layer=1, device="cpu")

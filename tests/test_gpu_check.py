@@ -1,6 +1,7 @@
 """benchmarks/gpu_check.sh's parts that run without a GPU: the train-step benchmark on the tiny
 config and the summary table, whole or from a run that did not finish. A GPU draw is rare; a
 script that fails on its last line would waste it."""
+import importlib.util
 import json
 import os
 import shutil
@@ -32,7 +33,8 @@ def test_a_run_that_wrote_nothing_says_so(tmp_path):
 
 def test_train_step_benchmark_on_cpu_feeds_the_table(tmp_path):
     """The tiny config on CPU: no CUDA-only figures (decode modes, GQA timing), which the table
-    must do without; the sampler's log-probs match the engine's (fp32)."""
+    must do without; the sampler's log-probs match the engine's (fp32); the decoder's graph
+    status of the training step is recorded before the step releases the decoder."""
     run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_train_step.py"),
                           "--config", "tiny", "--layer", "1", "--steps", "1", "--new-tokens", "8",
                           "--root", str(tmp_path / "models")],
@@ -43,6 +45,8 @@ def test_train_step_benchmark_on_cpu_feeds_the_table(tmp_path):
     result = json.loads(result_lines[0][len("RESULT "):])
     assert result["config"] == "tiny" and result["new_tokens"] == 8 and len(result["step_s"]) == 1
     assert 0 <= result["sampler_logprob_gap"] < 1e-4
+    # Recorded before rl_step released the decoder (after it, there is none: "manual: none").
+    assert result["decode_graph"] == "off: eager"
     logs = tmp_path / "logs"
     logs.mkdir()
     (logs / "train_step.log").write_text(run.stdout)
@@ -50,6 +54,61 @@ def test_train_step_benchmark_on_cpu_feeds_the_table(tmp_path):
     assert rows["workload"].startswith("Qwen3 tiny config, random weights, fp32 frozen, layer 1")
     assert rows["sampler vs engine log-probs (last step)"].startswith(
         f"mean abs gap {result['sampler_logprob_gap']}")
+    assert rows["decoder graph (training steps)"] == "off: eager"
+    assert "decode modes and GQA timings" not in rows      # on CPU the one RESULT is the full one
+
+
+# What bench_train_step.py prints on CUDA right after the training steps (made-up figures).
+EARLY = dict(config="8b", layer=16, frozen="nf4", group=8, new_tokens=512, beta=0.0, completion_len=512.0,
+             checkpoint_s=80.1, load_s=20.3, step_s=[30.5, 12.25], gen_s=10.5, update_s=1.75,
+             decode_tokens_per_s=390.1, decode_ms_per_step=20.51, device="NVIDIA H100 80GB HBM3",
+             torch="2.11.0+cu130", peak_mem_gib=9.5, peak_alloc_gib=8.25, decode_weight_gib=4.8,
+             copy_bandwidth_tb_s=2.9, decode_limit_ms=3.56, decode_share_of_limit=0.174,
+             sampler_logprob_gap=0.002, sampler_kl=1e-05, decode_graph="manual: graph", partial=True)
+FULL = {**{k: v for k, v in EARLY.items() if k != "partial"}, "mode_tokens": 128,
+        "decode_ms_by_mode": {"manual": dict(ms=19.5, status="manual: graph", same_as_eager=True),
+                              "off": dict(ms=60.25, status="off: eager", same_as_eager=True)}}
+
+
+def test_a_train_step_cut_short_after_its_steps_keeps_them(tmp_path):
+    """The timeout hit during the decode-mode timings: the early RESULT fills the table, and
+    the timings it lacks say that they did not finish."""
+    (tmp_path / "train_step.log").write_text(
+        f"Loading weights: 100%|███| 36/36 [00:09<00:00, 3.9it/s]\nRESULT {json.dumps(EARLY)}\n")
+    rows = summary(tmp_path)
+    assert rows["workload"] == "Qwen3 8b config, random weights, nf4 frozen, layer 16, G = 8 x 512 new tokens, beta 0.0"
+    assert rows["s/step (each step)"] == "30.5, 12.2"
+    assert rows["decoder graph (training steps)"] == "manual: graph"
+    assert rows["decode weight-read limit"].endswith("17.4% of the limit")
+    assert rows["decode modes and GQA timings"] == "did not finish: see train_step.log"
+    assert not any(key.startswith("decode, mode") for key in rows)
+
+
+def test_the_full_result_line_after_the_early_one_wins(tmp_path):
+    (tmp_path / "train_step.log").write_text(f"RESULT {json.dumps(EARLY)}\nRESULT {json.dumps(FULL)}\n")
+    rows = summary(tmp_path)
+    assert rows["decode, mode manual, 128 greedy tokens"] == "19.50 ms a step (manual: graph; tokens == eager: True)"
+    assert rows["decode, mode off, 128 greedy tokens"].startswith("60.25 ms a step")
+    assert "decode modes and GQA timings" not in rows
+
+
+def test_kernel_check_reports_the_kernels_when_the_decoder_check_fails(monkeypatch, capsys):
+    """An exception in check_decoder outside its per-mode checks (building a model, HF generate)
+    is one failed check: the DECODER and KERNELS lines still print."""
+    spec = importlib.util.spec_from_file_location("check_kernels_gpu", ROOT / "benchmarks" / "check_kernels_gpu.py")
+    check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(check)
+
+    def no_model():
+        raise RuntimeError("no model")
+
+    monkeypatch.setattr(check, "SMOKE_CASES", [])
+    monkeypatch.setattr(check, "check_advantages", lambda: [True])
+    monkeypatch.setattr(check, "check_decoder", no_model)
+    monkeypatch.setattr(sys, "argv", ["check_kernels_gpu.py", "--smoke"])
+    assert check.main() == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-3:] == ["FAIL decoder: RuntimeError: no model", "DECODER 0/1 ok", "KERNELS 1/2 ok"]
 
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="no bash")

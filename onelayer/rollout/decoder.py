@@ -177,6 +177,14 @@ def unsupported(lm) -> str | None:
     return None
 
 
+def mark_static(*tensors: Tensor) -> None:
+    """Mark buffers the decode step reads or writes in place as fixed addresses for
+    torch.compile(mode="reduce-overhead"): its cudagraphs skip a function that mutates an input
+    not so marked ("mutated inputs"). Only an attribute on the tensor: inert in the other modes."""
+    for t in tensors:
+        torch._dynamo.mark_static_address(t)
+
+
 class StaticKV(Cache):
     """Keys and values of every layer in preallocated [B_cap, H_kv, S_cap, D] buffers, written
     in place: the prefill writes columns [0, P) and attends over those alone; a decode step
@@ -196,6 +204,7 @@ class StaticKV(Cache):
         if layer not in self.keys:  # at the first prefill: heads, dims and dtype as the model has them
             self.keys[layer] = key.new_zeros(self.capacity, key.shape[1], self.length, key.shape[3])
             self.values[layer] = value.new_zeros(self.capacity, value.shape[1], self.length, value.shape[3])
+            mark_static(self.keys[layer], self.values[layer])
         return self.keys[layer][:self.batch], self.values[layer][:self.batch]
 
     def update(self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args, **kwargs):
@@ -306,9 +315,8 @@ class StaticDecoder:
         self.graphs: OrderedDict[tuple, _Graph] = OrderedDict()
         self.weights: tuple = ()
         if self.mode == "compile":
-            for t in (self.column, self.step, self.token, self.position, self.done, self.valid,
-                      self.tokens, self.logprobs, self.mask):
-                torch._dynamo.mark_static_address(t)
+            mark_static(self.column, self.step, self.token, self.position, self.done, self.valid,
+                        self.tokens, self.logprobs, self.mask)
 
     def fits(self, batch: int, length: int) -> bool:
         return batch <= self.capacity and length <= self.length
@@ -466,6 +474,7 @@ class StaticDecoder:
             if self.noise is None or self.noise.shape[1] != logits.shape[1]:
                 self.noise = torch.empty(self.capacity, logits.shape[1], dtype=torch.float32,
                                          device=self.device)
+                mark_static(self.noise)   # drawn into in place before every step
                 self.graphs.clear()   # they read the old noise buffer
                 entry = self.graph_for(lm, B, dataclasses.replace(params, max_new_tokens=0, stop=()),
                                        stop_ids, pad_id)
