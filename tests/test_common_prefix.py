@@ -117,3 +117,12 @@ def test_a_block_that_misuses_the_prefix_keys_is_caught_at_load(tiny_models, mon
         with caplog.at_level(logging.INFO, logger="onelayer"):
             assert not check_prefix_sharing(policy.split, torch.float32)
         assert "qwen3: rows run whole" in caplog.text and says in caplog.text
+
+
+def test_layers_attached_to_a_loaded_model_share_prefixes_too(tiny_models):
+    """The sweeps of `onelayer contribution` and `probe` attach layer after layer to one model."""
+    from onelayer.model.shared import attach, load_frozen
+
+    base = load_frozen(tiny_models["mistral"], device="cpu")
+    with attach(base, 2) as policy:
+        assert policy.split.shares_prefixes

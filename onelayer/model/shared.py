@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from .arch import attention_for, model_class, split_scalings
+from .arch import attention_for, check_prefix_sharing, model_class, split_scalings
 from .layer import TrainableLayer, _set_parameter
 from .load import (DEMO_MODEL, Policy, _check_layout, _load_frozen, compute_dtype_for, default_device,
                    full_parameter, resolve_layers, resolve_model_path, trained_tensors)
@@ -100,6 +100,7 @@ def attach(base: FrozenModel, layer: int | str, *, keep_reference: bool = False)
         trainable = TrainableLayer(base.lm, master, base.compute_dtype, layer_indices=indices,
                                    full=full, keep_reference=keep_reference)
         del master
+        split.shares_prefixes = check_prefix_sharing(split, base.compute_dtype)
         yield Policy(split, trainable, base.tokenizer, base.model_path, base.model_name, base.device,
                      base.compute_dtype, base.frozen_dtype, indices)
     finally:
