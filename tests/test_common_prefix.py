@@ -59,9 +59,10 @@ def test_find_packs_rows_and_stops_at_the_first_difference():
     assert common_prefix.find(other, mask, limit=20) is None       # 3 tokens in common
 
 
-@pytest.mark.parametrize("arch", ["qwen3", "qwen2", "llama", "mistral"])
-def test_shared_rows_give_the_whole_rows_loss_and_gradient(tiny_models, arch):
-    policy = load_policy(tiny_models[arch], layer=LAYER, frozen_dtype="fp32", device="cpu")
+@pytest.mark.parametrize("arch, layer", [("qwen3", LAYER), ("qwen2", LAYER), ("llama", LAYER), ("mistral", LAYER),
+                                         ("qwen3", "1,3")])   # two trained layers, a frozen one between
+def test_shared_rows_give_the_whole_rows_loss_and_gradient(tiny_models, arch, layer):
+    policy = load_policy(tiny_models[arch], layer=layer, frozen_dtype="fp32", device="cpu")
     assert policy.split.shares_prefixes   # proved at load
     rollout = agent_rows(policy.split.config.vocab_size)
     rows = torch.arange(5)
