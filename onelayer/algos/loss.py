@@ -139,7 +139,7 @@ def policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask
 
 
 def sequence_log_ratio(log_ratio: Tensor, valid: Tensor, seq_ids: Tensor,
-                        num_seqs: int | None) -> Tensor:
+                       num_seqs: int | None) -> Tensor:
     """Each token's sequence mean of the log-ratio [T], without gradient: log s_i of GSPO."""
     with torch.no_grad():
         ids = seq_ids.long()

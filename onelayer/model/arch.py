@@ -133,9 +133,8 @@ def check_split(split: SplitModel, compute_dtype: torch.dtype) -> float:
 def check_prefix_sharing(split: SplitModel, compute_dtype: torch.dtype) -> bool:
     """Whether rows that begin alike may run their common tokens once (`common_prefix`): on 3
     rows sharing their first 10 tokens, one left-padded, the log-probs (of random targets) at
-    every later token
-    from `from_layer_shared` must match those of `from_layer` as `check_split` matches the
-    model's own. Not refused when they do not: the rows then run whole, as before."""
+    every later token from `from_layer_shared` must match those of `from_layer` as
+    `check_split` matches the model's own. Not refused when they do not: the rows then run whole, as before."""
     from . import common_prefix
 
     if split.full:

@@ -1,8 +1,8 @@
 """Rows that begin with the same tokens, run from layer L once for all of them.
 
 An agent's decision rows (`--history-turns K`) all begin with the same instructions, half or
-more of each row in the built-in environments; a micro-batch of one GRPO group repeats its
-prompt G times. Layer L and the blocks after it run with grad over every token of every row,
+more of each row in the built-in environments; the rows of a single-turn task may all begin
+with the same system prompt. Layer L and the blocks after it run with grad over every token of every row,
 so those repeats cost as much as new tokens. Instead, the common part runs once, as a batch of
 one row, and every row's own tokens attend to its keys and values
 (`SplitModel.from_layer_shared`). The result is the same computation: each row's attention sees
