@@ -144,8 +144,14 @@ def prefix_cache(policy: Policy, rollout: Rollout, micro_batch: int) -> Tensor:
                     device=rollout.sequences.device)
     for rows in micro_batches(torch.arange(batch), micro_batch):
         part = slice(int(rows[0]), int(rows[-1]) + 1)
-        ctx = split.context(rollout.attention_mask[part], policy.compute_dtype)
-        h[part] = split.prefix(rollout.sequences[part], ctx)
+        shared = common_prefix_of(policy, rollout, rows)
+        if shared is None:
+            ctx = split.context(rollout.attention_mask[part], policy.compute_dtype)
+            h[part] = split.prefix(rollout.sequences[part], ctx)
+            continue
+        h[part].zero_()   # padding columns (masked as keys, no loss read there)
+        shared.scatter(*split.prefix_shared(*shared.gather(rollout.sequences[part]), shared.rest_mask,
+                                            policy.compute_dtype), h[part])
     return h
 
 

@@ -10,7 +10,7 @@ from onelayer.model import common_prefix
 from onelayer.model.arch import check_prefix_sharing
 from onelayer.model.split import _PrefixKeys
 from onelayer.rollout import Rollout
-from onelayer.update import completion_hidden, micro_batch_loss
+from onelayer.update import completion_hidden, micro_batch_loss, prefix_cache
 
 LAYER = 1
 
@@ -51,6 +51,9 @@ def test_find_packs_rows_and_stops_at_the_first_difference():
     assert shared.rest_mask.tolist() == [[1, 0, 0], [1, 1, 1], [1, 1, 0]]
     # Original column -> column in the rest: row 0's last token, row 2's last two.
     assert shared.rest_column(torch.tensor([0, 1, 2]), torch.tensor([11, 10, 11])).tolist() == [0, 1, 1]
+    out = torch.full_like(h, -1.0)
+    shared.scatter(prefix, rest, out)   # gather undone at every real column, padding untouched
+    assert torch.equal(torch.where(mask.bool()[..., None], out, -1.0), torch.where(mask.bool()[..., None], h, -1.0))
     assert common_prefix.find(ids, mask, limit=8).length == 8
     assert common_prefix.find(ids, mask, limit=7) is None         # below MIN_LENGTH
     assert common_prefix.find(ids[:1], mask[:1], limit=20) is None   # one row
@@ -89,6 +92,20 @@ def test_shared_rows_give_the_whole_rows_loss_and_gradient(tiny_models, arch, la
     for name in whole_grads:
         assert whole_grads[name].abs().max() > 0
         torch.testing.assert_close(grads[name], whole_grads[name], atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "mistral"])
+def test_shared_prefix_pass_gives_the_whole_rows_h(tiny_models, arch):
+    """The frozen blocks before the trained layer (2 of them here) run the common tokens once
+    too: h_L at every real column as from whole rows, in micro-batches of 3 and 2 rows."""
+    policy = load_policy(tiny_models[arch], layer=2, frozen_dtype="fp32", device="cpu")
+    rollout = agent_rows(policy.split.config.vocab_size)
+    real = rollout.attention_mask.bool()
+    shared = prefix_cache(policy, rollout, 3)
+    policy.split.shares_prefixes = False
+    whole = prefix_cache(policy, rollout, 3)
+    torch.testing.assert_close(shared[real], whole[real], atol=1e-5, rtol=1e-5)
+    assert torch.all(shared[~real] == 0)
 
 
 def objective():

@@ -133,8 +133,8 @@ def check_split(split: SplitModel, compute_dtype: torch.dtype) -> float:
 def check_prefix_sharing(split: SplitModel, compute_dtype: torch.dtype) -> bool:
     """Whether rows that begin alike may run their common tokens once (`common_prefix`): on 3
     rows sharing their first 10 tokens, one left-padded, the log-probs (of random targets) at
-    every later token from `from_layer_shared` must match those of `from_layer` as
-    `check_split` matches the model's own. Not refused when they do not: the rows then run whole, as before."""
+    every later token from `prefix_shared` and `from_layer_shared` must match those of
+    `prefix` and `from_layer` as `check_split` matches the model's own. Not refused when they do not: the rows then run whole, as before."""
     from . import common_prefix
 
     if split.full:
@@ -153,7 +153,8 @@ def check_prefix_sharing(split: SplitModel, compute_dtype: torch.dtype) -> bool:
         h = split.prefix(ids, ctx)
         whole = split.from_layer(h, ctx)
         shared = common_prefix.find(ids, mask, limit=10)
-        rest_h = split.from_layer_shared(*shared.gather(h), shared.rest_mask)
+        h_prefix, h_rest = split.prefix_shared(*shared.gather(ids), shared.rest_mask, compute_dtype)
+        rest_h = split.from_layer_shared(h_prefix, h_rest, shared.rest_mask)
     except Exception as exc:   # a family whose blocks ignore or misuse the cache argument
         log.info("%s: rows run whole (common prefixes not shared: %s: %s)", split.config.model_type,
                  type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")

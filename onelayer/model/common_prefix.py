@@ -30,12 +30,20 @@ class CommonPrefix(NamedTuple):
     rest_mask: Tensor        # [B, R] 1 on real tokens
     real_index: Tensor       # [B, W] index among the row's real tokens of each original column
 
-    def gather(self, h: Tensor) -> tuple[Tensor, Tensor]:
-        """(h of the common prefix [1, s, H] (row 0's), h of the rest [B, R, H]) from h [B, W, H]
-        in the rows' original layout."""
-        prefix = h[:1, self.source[0, :self.length]]
-        rest = h.gather(1, self.rest_columns[..., None].expand(-1, -1, h.shape[-1]))
-        return prefix, rest
+    def gather(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(the common prefix's [1, s, ...] (row 0's), the rest's [B, R, ...]) of x [B, W] or
+        [B, W, H] in the rows' original layout."""
+        prefix = x[:1, self.source[0, :self.length]]
+        index = self.rest_columns if x.dim() == 2 else self.rest_columns[..., None].expand(-1, -1, x.shape[-1])
+        return prefix, x.gather(1, index)
+
+    def scatter(self, prefix: Tensor, rest: Tensor, out: Tensor) -> None:
+        """Write prefix [1, s, H] and the real tokens of rest [B, R, H] into out [B, W, H], in
+        the rows' original layout (`gather` undone; padding columns are left as they are)."""
+        rows = torch.arange(len(out), device=out.device)[:, None]
+        out[rows, self.source[:, :self.length]] = prefix.expand(len(out), -1, -1)
+        row, j = self.rest_mask.nonzero(as_tuple=True)
+        out[row, self.rest_columns[row, j]] = rest[row, j]
 
     def rest_column(self, row: Tensor, column: Tensor) -> Tensor:
         """Where the real token at (row, column) of the original layout sits in the rest (for

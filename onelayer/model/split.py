@@ -182,6 +182,17 @@ class SplitModel:
         norm = own.get("norm")
         return self.norm(h) if norm is None else functional_call(self.norm, norm, (h,))
 
+    def prefix_shared(self, prefix_ids: Tensor, rest_ids: Tensor, rest_mask: Tensor,
+                      dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """`prefix` of rows that all begin with the same s tokens (`common_prefix`): h_L of the
+        common tokens prefix_ids [1, s] and of each row's own, rest_ids [B, R] (right-padded,
+        rest_mask [B, R]), the common ones run once (see `from_layer_shared`)."""
+        with torch.inference_mode():
+            h_prefix, h_rest = self._embed(prefix_ids), self._embed(rest_ids)
+            h_prefix, h_rest = self._shared_blocks(range(self.layer_index), h_prefix, h_rest, rest_mask,
+                                                   dtype, {})
+        return h_prefix.clone(), h_rest.clone()   # ordinary tensors, as `prefix` returns
+
     def from_layer_shared(self, h_prefix: Tensor, h_rest: Tensor, rest_mask: Tensor,
                           params: Mapping[str, Tensor] | None = None) -> Tensor:
         """`from_layer` of rows that all begin with the same s tokens (`common_prefix`): h_prefix
@@ -190,12 +201,18 @@ class SplitModel:
         normed hidden states of the rest [B, R, H]. The prefix's blocks keep their activations
         (one short row); the rest's frozen blocks are recomputed in backward as in `from_layer`."""
         own = _by_owner(params)
-        dtype = h_rest.dtype
+        _, h_rest = self._shared_blocks(range(self.layer_index, self.num_layers), h_prefix, h_rest, rest_mask,
+                                        h_rest.dtype, own)
+        norm = own.get("norm")
+        return self.norm(h_rest) if norm is None else functional_call(self.norm, norm, (h_rest,))
+
+    def _shared_blocks(self, blocks: range, h_prefix: Tensor, h_rest: Tensor, rest_mask: Tensor,
+                       dtype: torch.dtype, own: dict) -> tuple[Tensor, Tensor]:
         s = h_prefix.shape[1]
         prefix_ctx = self.context(torch.ones(1, s, dtype=rest_mask.dtype, device=rest_mask.device), dtype)
         rest_ctx = self._rest_context(s, rest_mask, dtype)
         checkpointed = torch.is_grad_enabled()
-        for i in range(self.layer_index, self.num_layers):
+        for i in blocks:
             record = _PrefixKeys()
             h_prefix = self._block(i, h_prefix, prefix_ctx, own.get(i), record)
             keys = _PrefixKeys(record.recorded)
@@ -203,8 +220,7 @@ class SplitModel:
                 h_rest = checkpoint(self._block, i, h_rest, rest_ctx, own.get(i), keys, use_reentrant=False)
             else:
                 h_rest = self._block(i, h_rest, rest_ctx, own.get(i), keys)
-        norm = own.get("norm")
-        return self.norm(h_rest) if norm is None else functional_call(self.norm, norm, (h_rest,))
+        return h_prefix, h_rest
 
     def _rest_context(self, s: int, rest_mask: Tensor, dtype: torch.dtype) -> Context:
         """The context of the rows' own tokens, queries at columns s.. of prefix + rest: the
