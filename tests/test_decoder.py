@@ -146,6 +146,11 @@ def test_truncation_flags_and_one_token(models, tok):
     assert_same(out, dyn)
     stopped = torch.isin(out.tokens, torch.tensor(some)).any(1)
     assert torch.equal(out.truncated, ~stopped)
+    # Many stop ids (the step compares against all of them; torch.isin would sync on CUDA).
+    never = [i for i in range(1000, 1400) if i not in first][:30]
+    many, dyn_many = both(lm, tok, SamplingParams(9, greedy=True), never + some)
+    assert_same(many, dyn_many)
+    assert torch.equal(many.tokens, out.tokens)
 
 
 def test_graph_bookkeeping_on_cpu(models, tok, monkeypatch):

@@ -367,7 +367,9 @@ class StaticDecoder:
         self.tokens[:B].index_copy_(1, self.step, torch.where(live, token, pad_id)[:, None])
         self.logprobs[:B].index_copy_(1, self.step, torch.where(live, logprob, 0.0)[:, None])
         self.mask[:B].index_copy_(1, self.step, live.long()[:, None])
-        self.done[:B].logical_or_(live & torch.isin(token, stops))
+        # A [B, K] comparison, not torch.isin: isin takes a sorting path that syncs with the
+        # host once K grows past a dozen ids, and a sync cannot be captured in a graph.
+        self.done[:B].logical_or_(live & (token[:, None] == stops).any(-1))
         self.token[:B].copy_(token)
         self.position[:B].add_(1)
         self.column.add_(1)
