@@ -32,6 +32,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
 from onelayer import single_turn
+from onelayer import update as update_module
 from onelayer.config import build_config
 from onelayer.model import load_policy
 from onelayer.rollout import SamplingParams, attention, decoder, generate_completions
@@ -122,20 +123,37 @@ def graph_status(lm) -> str:
 
 
 def run_steps(policy, optimizer, task, cfg, objective, steps: int) -> tuple[list[dict], list[str]]:
-    """`steps` rl_steps, and the decoder's graph status at the end of each step's generation:
-    rl_step releases the decoder before its update, so it is recorded just before that."""
-    statuses, release = [], single_turn.release_decoder
+    """`steps` rl_steps, each with the decoder's graph status at the end of its generation
+    (rl_step releases the decoder before its update, so it is recorded just before that) and
+    `prefix_s`, the seconds of the update's prefix pass (layers 0..L-1 over every row): the
+    most that keeping h_L from the rollout, instead of recomputing it, could save a step."""
+    statuses, prefix_s = [], []
+    release, prefix_cache = single_turn.release_decoder, update_module.prefix_cache
 
     def record_then_release(lm) -> None:
         statuses.append(graph_status(lm))
         release(lm)
 
+    def timed_prefix_cache(*args, **kwargs):
+        update_module.sync_device(policy.device)
+        t0 = time.perf_counter()
+        h = prefix_cache(*args, **kwargs)
+        update_module.sync_device(policy.device)
+        prefix_s.append(time.perf_counter() - t0)
+        return h
+
     single_turn.release_decoder = record_then_release
+    update_module.prefix_cache = timed_prefix_cache
     try:
-        return [rl_step(policy, optimizer, task, [task.train[0]], cfg, objective)
-                for _ in range(steps)], statuses
+        steps_out = []
+        for _ in range(steps):
+            prefix_s.clear()
+            step = rl_step(policy, optimizer, task, [task.train[0]], cfg, objective)
+            steps_out.append({**step, "prefix_s": sum(prefix_s)})
+        return steps_out, statuses
     finally:
         single_turn.release_decoder = release
+        update_module.prefix_cache = prefix_cache
 
 
 def time_decode(policy, prompt: str, mode: str, rows: int, new_tokens: int, gqa: str = "fold"):
@@ -222,6 +240,7 @@ def main() -> None:
                   completion_len=last["completion_len"], checkpoint_s=round(checkpoint_s, 1),
                   load_s=round(load_s, 1), step_s=[round(s["step_s"], 2) for s in steps],
                   gen_s=round(last["gen_s"], 2), update_s=round(last["update_s"], 2),
+                  prefix_s=round(last["prefix_s"], 3),
                   decode_tokens_per_s=round(a.group_size * decode_steps / last["gen_s"], 1),
                   decode_ms_per_step=round(1e3 * last["gen_s"] / decode_steps, 2),
                   decode_graph=statuses[-1] if statuses else "?",

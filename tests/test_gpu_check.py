@@ -47,11 +47,14 @@ def test_train_step_benchmark_on_cpu_feeds_the_table(tmp_path):
     assert 0 <= result["sampler_logprob_gap"] < 1e-4
     # Recorded before rl_step released the decoder (after it, there is none: "manual: none").
     assert result["decode_graph"] == "off: eager"
+    # The prefix pass is timed inside the update it is part of.
+    assert 0 < result["prefix_s"] < result["update_s"]
     logs = tmp_path / "logs"
     logs.mkdir()
     (logs / "train_step.log").write_text(run.stdout)
     rows = summary(logs)
     assert rows["workload"].startswith("Qwen3 tiny config, random weights, fp32 frozen, layer 1")
+    assert rows["last step: generation + update"].endswith(f"(prefix pass {result['prefix_s']:.2f} s)")
     assert rows["sampler vs engine log-probs (last step)"].startswith(
         f"mean abs gap {result['sampler_logprob_gap']}")
     assert rows["decoder graph (training steps)"] == "off: eager"
