@@ -192,7 +192,9 @@ _register_layer_commands()
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 def plan(config_file, gpu_memory, gpus, as_json, **options):
     """Estimate the peak GPU memory of one training step, part by part, from the model's
-    config.json alone (no weights), beside QLoRA and full-parameter RL on the same workload."""
+    config.json alone (no weights), beside QLoRA and full-parameter RL on the same workload.
+    Prompts are planned at --max-prompt-tokens tokens, else 512 (fewer when the model's
+    positions leave less beside --max-new-tokens)."""
     from .memory import plan_command
 
     click.echo(plan_command(options, config_file=config_file, gpu_memory=gpu_memory,

@@ -55,7 +55,7 @@ class TrainResult:
 def fit_batches(cfg: TrainConfig, echo: Callable[[str], None]) -> TrainConfig:
     """With --max-memory, or on CUDA, the micro-batch and generation batch the memory planner
     says fit (those the user left at 0), chosen before any weight is loaded."""
-    from .memory import DEFAULT_PROMPT_TOKENS, batches_for_run, parse_size
+    from .memory import batches_for_run, parse_size
 
     cuda = (cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
     if not (cfg.max_memory or cuda) or (cfg.micro_batch and cfg.generation_batch) or cfg.env:
@@ -66,8 +66,7 @@ def fit_batches(cfg: TrainConfig, echo: Callable[[str], None]) -> TrainConfig:
         return cfg
     budget = (parse_size(cfg.max_memory) if cfg.max_memory else
               torch.cuda.mem_get_info(torch.device(cfg.device or "cuda"))[0])
-    prompt_tokens = cfg.max_prompt_tokens or DEFAULT_PROMPT_TOKENS
-    choice = batches_for_run(cfg, budget, prompt_tokens=prompt_tokens)
+    choice, prompt_tokens = batches_for_run(cfg, budget)
     cfg = dataclasses.replace(cfg, micro_batch=cfg.micro_batch or choice.micro_batch,
                               generation_batch=cfg.generation_batch or choice.generation_batch)
     echo(f"memory plan (prompts up to {prompt_tokens} tokens): micro-batch {cfg.micro_batch}, "
@@ -459,11 +458,10 @@ def planned_need(cfg: TrainConfig, **batches: int) -> str:
     the plan models single-turn steps)."""
     if cfg.env:
         return ""
-    from .memory import DEFAULT_PROMPT_TOKENS, ModelDims, plan_onelayer, read_model_config, workload_from_config
+    from .memory import ModelDims, plan_onelayer, read_model_config, workload_from_config
     try:
         dims = ModelDims.from_config(read_model_config(cfg.model), cfg.model)
-        work = workload_from_config(cfg, dims, prompt_tokens=cfg.max_prompt_tokens or DEFAULT_PROMPT_TOKENS,
-                                    processes=distributed.world_size(), **batches)
+        work = workload_from_config(cfg, dims, processes=distributed.world_size(), **batches)
         return f"the memory plan says {plan_onelayer(dims, work).reserved / 2**30:.1f} GiB at that size"
     except Exception:  # the plan is a courtesy in an error message, never a second error
         return ""

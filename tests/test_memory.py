@@ -111,10 +111,21 @@ def test_a_train_config_gets_its_batches_before_loading_weights(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(QWEN3_8B))  # no weights: nothing else is read
     cfg = build_config({"model": str(tmp_path), "micro_batch": 0, "generation_batch": 0},
                        str(ROOT / "configs" / "math-qwen3-8b-base.toml"))
-    choice = batches_for_run(cfg, 22 * GiB, prompt_tokens=256)
+    choice, prompt_tokens = batches_for_run(dataclasses.replace(cfg, max_prompt_tokens=256), 22 * GiB)
     assert choice.plan.reserved <= 22 * GiB and choice.plan.trainable_params == DIMS.block_params
+    assert prompt_tokens == 256
     with pytest.raises(UserError, match="--max-new-tokens"):
-        batches_for_run(build_config({"model": str(tmp_path), "max_new_tokens": 30000}), 22 * GiB, prompt_tokens=256)
+        batches_for_run(build_config({"model": str(tmp_path), "max_new_tokens": 30000}), 22 * GiB)
+
+
+def test_a_plan_assumes_no_longer_prompts_than_the_model_has_positions():
+    """Without --max-prompt-tokens, 512-token prompts, or what the model's positions leave
+    beside the completions: the demo has 64 positions and 8 new tokens."""
+    report = json.loads(plan_command({"model": "demo"}, as_json=True))
+    assert report["workload"]["prompt_tokens"] == 64 - 8
+    assert report["largest_fit"]["max_new_tokens"] == 8      # all the positions the prompts leave
+    report = json.loads(plan_command({"model": "demo", "max_prompt_tokens": 20}, as_json=True))
+    assert report["workload"]["prompt_tokens"] == 20 and report["largest_fit"]["max_new_tokens"] == 44
 
 
 def test_the_8b_prediction_is_within_10_percent_of_the_h100_measurement():

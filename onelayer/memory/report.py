@@ -52,12 +52,27 @@ def read_model_config(model: str) -> dict:
         raise UserError(f"{path}: cannot read a JSON model config ({exc})")
 
 
-def workload_from_config(cfg, dims: ModelDims, *, prompt_tokens: int, micro_batch: int = 0,
+# Without --max-prompt-tokens a plan assumes prompts this long (chat-templated math prompts are
+# 100-300 tokens; GSM8K's longest ~400).
+DEFAULT_PROMPT_TOKENS = 512
+
+
+def planned_prompt_tokens(cfg, dims: ModelDims) -> int:
+    """The prompt length a plan assumes: --max-prompt-tokens, else DEFAULT_PROMPT_TOKENS, or
+    what the model's positions leave beside the completions when that is less (a model of 64
+    positions, such as the demo's, is never planned with 512-token prompts)."""
+    if cfg.max_prompt_tokens:
+        return cfg.max_prompt_tokens
+    return max(1, min(DEFAULT_PROMPT_TOKENS, dims.max_positions - cfg.max_new_tokens))
+
+
+def workload_from_config(cfg, dims: ModelDims, *, prompt_tokens: int | None = None, micro_batch: int = 0,
                          generation_batch: int = 0, processes: int = 1) -> Workload:
     """The Workload of a `onelayer train` run configuration (onelayer.config.TrainConfig) on
     each of `processes` data-parallel GPUs: its share of the prompts and of each minibatch
-    (--micro-batch and --generation-batch are per GPU already). The planner models one trained
-    layer: several (`3,5`, `mid-k`, `all`) are refused."""
+    (--micro-batch and --generation-batch are per GPU already), with prompts of
+    `prompt_tokens` (None: `planned_prompt_tokens`). The planner models one trained layer:
+    several (`3,5`, `mid-k`, `all`) are refused."""
     from ..model.load import resolve_layer, resolve_layers
 
     if len(resolve_layers(cfg.layer, dims.layers)) > 1:
@@ -76,7 +91,7 @@ def workload_from_config(cfg, dims: ModelDims, *, prompt_tokens: int, micro_batc
     compute = "bf16" if frozen == "bf16" or (frozen == "nf4" and device == "cuda") else "fp32"
     loss = "triton" if cfg.loss_impl == "triton" or (cfg.loss_impl == "auto" and device == "cuda") else "torch"
     return Workload(prompts=cfg.prompts_per_step // processes, group_size=cfg.group_size,
-                    prompt_tokens=prompt_tokens,
+                    prompt_tokens=prompt_tokens or planned_prompt_tokens(cfg, dims),
                     new_tokens=cfg.max_new_tokens, layer=resolve_layer(cfg.layer, dims.layers),
                     micro_batch=micro_batch or cfg.micro_batch,
                     generation_batch=generation_batch or cfg.generation_batch,
@@ -86,16 +101,15 @@ def workload_from_config(cfg, dims: ModelDims, *, prompt_tokens: int, micro_batc
                     optimizer_shards=processes if cfg.optimizer_sharding == "zero1" else 1)
 
 
-def batches_for_run(cfg, budget: int, *, prompt_tokens: int) -> BatchChoice:
+def batches_for_run(cfg, budget: int) -> tuple[BatchChoice, int]:
     """For `onelayer train --max-memory`, before any weight is loaded: the largest micro-batch and
-    generation batch whose step fits `budget` bytes (reserved), or a UserError that names the
-    knob to change and by how much."""
+    generation batch whose step fits `budget` bytes (reserved), and the prompt length the plan
+    assumed; or a UserError that names the knob to change and by how much."""
     from .. import distributed
 
     dims = ModelDims.from_config(read_model_config(cfg.model), cfg.model)
-    work = workload_from_config(cfg, dims, prompt_tokens=prompt_tokens,
-                                processes=distributed.world_size())
-    return choose_batches(dims, work, budget)
+    work = workload_from_config(cfg, dims, processes=distributed.world_size())
+    return choose_batches(dims, work, budget), work.prompt_tokens
 
 
 @dataclass(frozen=True)
@@ -176,9 +190,16 @@ def _methods_table(plans: tuple[Plan, ...], budget: int) -> list[str]:
 
 def _fit_lines(report: Report) -> list[str]:
     w, budget = report.workload, report.budget_bytes
+    positions = report.model.max_positions
+    bound = (f"; the model's {positions:,} positions allow no more"
+             if report.largest_new_tokens == positions - w.prompt_tokens else "")
+    def largest(knob: str, value: int) -> str:
+        return f"{knob} {value}" if value else f"no {knob} fits"
+
     lines = [f"Largest onelayer steps that fit {budget / GiB:.1f} GiB at micro-batch {w.mb} and generation batch "
-             f"{w.gen_rows}: --max-new-tokens {report.largest_new_tokens} (at {w.rows} sequences), --group-size "
-             f"{report.largest_group_size} (at {w.prompts} prompts x {w.new_tokens} new tokens)."]
+             f"{w.gen_rows}: {largest('--max-new-tokens', report.largest_new_tokens)} (at {w.rows} sequences "
+             f"of {w.prompt_tokens} prompt tokens{bound}), {largest('--group-size', report.largest_group_size)} "
+             f"(at {w.prompts} prompts x {w.new_tokens} new tokens)."]
     try:
         choice = choose_batches(report.model, w, budget)
     except UserError as exc:
@@ -220,11 +241,6 @@ def report_json(report: Report) -> str:
                        "plans": [plan(p) for p in report.plans]}, indent=2)
 
 
-# Without --max-prompt-tokens a plan assumes prompts this long (chat-templated math prompts are
-# 100-300 tokens; GSM8K's longest ~400).
-DEFAULT_PROMPT_TOKENS = 512
-
-
 def plan_command(options: dict, *, config_file: str | None = None, gpu_memory: str = "24GiB",
                  as_json: bool = False, gpus: int = 1) -> str:
     """`onelayer plan`: `options` are train options (model, layer, group_size, prompts_per_step,
@@ -234,8 +250,7 @@ def plan_command(options: dict, *, config_file: str | None = None, gpu_memory: s
 
     cfg = build_config({k: v for k, v in options.items() if v is not None}, config_file)
     dims = ModelDims.from_config(read_model_config(cfg.model), cfg.model)
-    w = workload_from_config(cfg, dims, prompt_tokens=cfg.max_prompt_tokens or DEFAULT_PROMPT_TOKENS,
-                             processes=gpus)
+    w = workload_from_config(cfg, dims, processes=gpus)
     w.check(dims)
     report = build_report(dims, w, parse_size(gpu_memory), gpus)
     return report_json(report) if as_json else format_plan(report)
