@@ -46,6 +46,10 @@ class _Config(NamedTuple):
     max_splits: int   # split-K upper bound
     upcast: bool      # interpreter: dot operands to fp32 (its tl.dot garbles bf16) and bf16
                       # rounding done on the bits (it truncates fp32 -> bf16 casts)
+    weights_first: bool = False  # the weight tile as the dot's first operand, out^T = W x^T:
+                      # no transpose of the [BLOCK_N, BLOCK_K] tile, and on Hopper wgmma may
+                      # read it from registers (its first operand only). Not yet timed on a GPU:
+                      # benchmarks/bench_nf4_matmul.py --tune compares both
 
 
 # GPU: measured (module docstring). CPU (TRITON_INTERPRET=1, tests only): small tiles and up
@@ -87,6 +91,18 @@ def _round(v, dtype: tl.constexpr, BY_BITS: tl.constexpr):
 
 
 @triton.jit
+def _dot_tile(acc, x, w, IEEE: tl.constexpr, WEIGHTS_FIRST: tl.constexpr):
+    """acc + x [BLOCK_M, k] @ w [BLOCK_N, k]^T, or its transpose acc^T + w @ x^T."""
+    if WEIGHTS_FIRST:
+        a, b = w, tl.trans(x)
+    else:
+        a, b = x, tl.trans(w)
+    if IEEE:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    return tl.dot(a, b, acc)
+
+
+@triton.jit
 def _nf4_matmul_kernel(
     x_ptr,                      # [M, K] activations, unit column stride
     packed_ptr,                 # uint8 [N * K / 2]: W [N, K] row-major, high nibble first
@@ -101,7 +117,7 @@ def _nf4_matmul_kernel(
                                 # by 16 and loads the weight bytes 16 at a time
     bytes_per_split,            # weight bytes of a row per split, a multiple of BLOCK_K // 2
     NESTED: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr,
-    UPCAST: tl.constexpr, BLOCKSIZE: tl.constexpr,
+    UPCAST: tl.constexpr, WEIGHTS_FIRST: tl.constexpr, BLOCKSIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Program (j, s, i): out[i*BLOCK_M : +BLOCK_M, j*BLOCK_N : +BLOCK_N] over split s of K."""
@@ -117,7 +133,10 @@ def _nf4_matmul_kernel(
     blk_rows = cols.to(tl.int64) * (K // BLOCKSIZE)
     if NESTED:
         offset = tl.load(offset_ptr)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    if WEIGHTS_FIRST:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)  # out^T
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     b_start = pid_s * bytes_per_split
     b_end = tl.minimum(b_start + bytes_per_split, row_bytes)
     for b0 in range(b_start, b_end, BLOCK_K // 2):  # b0: byte of the row, k0 = 2 b0 its first column
@@ -136,12 +155,10 @@ def _nf4_matmul_kernel(
         if UPCAST:
             w_even, w_odd = w_even.to(tl.float32), w_odd.to(tl.float32)
             x_even, x_odd = x_even.to(tl.float32), x_odd.to(tl.float32)
-        if IEEE:
-            acc = tl.dot(x_even, tl.trans(w_even), acc, input_precision="ieee")
-            acc = tl.dot(x_odd, tl.trans(w_odd), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(x_even, tl.trans(w_even), acc)
-            acc = tl.dot(x_odd, tl.trans(w_odd), acc)
+        acc = _dot_tile(acc, x_even, w_even, IEEE, WEIGHTS_FIRST)
+        acc = _dot_tile(acc, x_odd, w_odd, IEEE, WEIGHTS_FIRST)
+    if WEIGHTS_FIRST:
+        acc = tl.trans(acc)  # once per program: [BLOCK_M, BLOCK_N] for the epilogue
     at = rows[:, None] * N + cols[None, :]
     ok = row_ok[:, None] & col_ok[None, :]
     if SPLIT:
@@ -201,7 +218,8 @@ def nf4_matmul_triton(x: Tensor, w: NF4Weight, bias: Tensor | None = None, *, sp
         x, w.packed, w.absmax, w.absmax2 if nested else w.absmax, w.code2 if nested else w.code,
         w.offset if nested else w.code, w.code, bias_arg, target, m, n, k, x.stride(0), k // 2, k_per_split // 2,
         NESTED=nested, HAS_BIAS=bias is not None, SPLIT=splits > 1, IEEE=x.dtype == torch.float32,
-        UPCAST=cfg.upcast, BLOCKSIZE=w.blocksize, BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k,
+        UPCAST=cfg.upcast, WEIGHTS_FIRST=cfg.weights_first, BLOCKSIZE=w.blocksize,
+        BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         # code2 * absmax2 + offset rounded twice, as bitsandbytes computes it: no fused multiply-add.
         enable_fp_fusion=False)

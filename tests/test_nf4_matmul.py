@@ -141,6 +141,25 @@ def test_triton_other_layouts(m, n, k, nested, blocksize, dtype, splits):
 
 
 @interpreted
+@pytest.mark.parametrize("m, n, k, dtype, use_bias, splits", [
+    (1, 37, 192, torch.float32, True, None),    # K split 3 ways, partials summed
+    (3, 77, 320, torch.bfloat16, False, None),
+    (17, 21, 128, torch.bfloat16, True, 1),     # no split: bias and rounding in the main kernel
+    (65, 19, 256, torch.float32, False, 1),     # two row blocks of 64
+])
+def test_triton_with_the_weights_as_first_operand(monkeypatch, m, n, k, dtype, use_bias, splits):
+    """The tile variant that computes out^T = W x^T (a --tune candidate) gives the same result."""
+    import onelayer.kernels.nf4_matmul as kernel
+    monkeypatch.setattr(kernel, "_CPU", kernel._CPU._replace(weights_first=True))
+    lin = linear4bit(n, k, bias=use_bias, seed=m)
+    w = nf4_weight(lin.weight)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(k)).to(dtype)
+    bias = lin.bias.to(dtype) if use_bias else None
+    got = nf4_matmul_triton(x, w, bias, splits=splits)
+    torch.testing.assert_close(got, nf4_linear_reference(x, w, bias), **TOL[dtype])
+
+
+@interpreted
 def test_triton_strided_input_and_bad_shapes():
     lin = linear4bit(21, 128)
     w = nf4_weight(lin.weight)
