@@ -28,7 +28,7 @@ def not_built_yet() -> str:
 # the same command line (continued lines included).
 LAUNCHER = re.compile(r"(torchrun|accelerate launch)\b(?:\\\n|[^\n])*?(?=-m onelayer)")
 # A repository script's command line (continued lines included): its flags are the script's.
-SCRIPT = re.compile(r"python (scripts/\w+\.py)((?:\\\n|[^\n])*)")
+SCRIPT = re.compile(r"python ((?:scripts|benchmarks)/\w+\.py)((?:\\\n|[^\n])*)")
 FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
 
 
