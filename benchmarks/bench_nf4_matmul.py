@@ -50,6 +50,7 @@ CHECKS = [  # (M, N, K, dtype, bias, nested, blocksize): tails of every tile, bo
     (1, 257, 512, torch.float32, True, True, 64), (8, 257, 512, torch.float32, False, False, 32),
     (4, 500, 1024, torch.bfloat16, True, True, 128),
 ]
+KERNELS = ("bnb", "triton", "cuda", "cuda mma")  # the NF4 matmuls compared
 SMOKE_CHECKS = [(1, 48, 128, torch.float32, True, True, 64), (3, 21, 128, torch.bfloat16, False, True, 64)]
 L2_FLUSH_BYTES = 256 * 2**20  # weight copies per timed pass: > 4x the L2 of an H100 / H200
 
@@ -75,10 +76,14 @@ def weight_bytes(w) -> int:
     return sum(t.numel() * t.element_size() for t in parts)
 
 
+class NotApplicable(Exception):
+    """A kernel that does not take these inputs (the tensor-core one: fp32, more than 16 rows)."""
+
+
 def backends(device: str, native: bool) -> dict[str, Callable]:
-    """name -> f(x, NF4Weight, bias); the CUDA C++ one only where it builds."""
+    """name -> f(x, NF4Weight, bias); the CUDA C++ ones only where they build."""
     from onelayer.kernels.nf4_matmul import nf4_matmul_triton
-    from onelayer.nf4_dispatch import native_extension, nf4_matmul_native
+    from onelayer.nf4_dispatch import MMA_MAX_ROWS, native_extension, nf4_matmul_native, nf4_matmul_native_mma
     out = {"triton": nf4_matmul_triton}
     if device == "cuda" and native:
         t0 = time.perf_counter()
@@ -88,6 +93,12 @@ def backends(device: str, native: bool) -> dict[str, Callable]:
         else:
             print(f"CUDA C++ kernel ready in {time.perf_counter() - t0:.1f} s (build or load)")
             out["cuda"] = lambda x, w, b: nf4_matmul_native(ext, x, w, b)
+
+            def mma(x, w, b):
+                if x.dtype == torch.float32 or x.shape[0] > MMA_MAX_ROWS:
+                    raise NotApplicable
+                return nf4_matmul_native_mma(ext, x, w, b)
+            out["cuda mma"] = mma
     return out
 
 
@@ -102,7 +113,10 @@ def check(fns: dict[str, Callable], device: str, smoke: bool) -> bool:
         want = nf4_linear_reference(x, w, b).float()
         for name, fn in fns.items():
             torch.full((m, n), float("nan"), dtype=dtype, device=device)  # freed, then reused: poison
-            got = fn(x, w, b).float()
+            try:
+                got = fn(x, w, b).float()
+            except NotApplicable:
+                continue
             err = ((got - want).norm() / want.norm()).item()
             ok = not got.isnan().any().item() and err < (1e-5 if dtype == torch.float32 else 5e-3)
             bad += not ok
@@ -161,7 +175,8 @@ def bench_shape(name: str, k: int, n: int, rows: tuple[int, ...], fns: dict[str,
         with torch.no_grad():
             cases = {"bnb": [lambda lin=lin: lin(x) for lin in lins],
                      "auto": [lambda lin=lin: nf4_linear(x, lin.weight) for lin in lins]}
-            cases.update({nm: [lambda w=w, fn=fn: fn(x, w, None) for w in ws] for nm, fn in fns.items()})
+            cases.update({nm: [lambda w=w, fn=fn: fn(x, w, None) for w in ws] for nm, fn in fns.items()
+                          if nm != "cuda mma" or m <= 16})
             cases["dense bf16"] = [lambda d=d: torch.nn.functional.linear(x, d) for d in dense]
             for impl, calls in cases.items():
                 try:
@@ -171,11 +186,11 @@ def bench_shape(name: str, k: int, n: int, rows: tuple[int, ...], fns: dict[str,
     dense_bytes = 2 * n * k
     for m in rows:
         cells = []
-        for impl in ("bnb", "triton", "cuda", "auto", "dense bf16"):
+        for impl in (*KERNELS, "auto", "dense bf16"):
             t = ms.get((impl, m))
             b = dense_bytes if impl == "dense bf16" else nbytes
             cells.append("-" if t is None else f"{t * 1e3:.1f} us, {b / t / 1e6:.0f} GB/s")
-        fastest = min((i for i in ("bnb", "triton", "cuda") if (i, m) in ms), key=lambda i: ms[(i, m)], default="-")
+        fastest = min((i for i in KERNELS if (i, m) in ms), key=lambda i: ms[(i, m)], default="-")
         print(f"| {name} | {m} | " + " | ".join(cells) + f" | {fastest} |")
     del lins, ws, dense
     return ms
@@ -258,19 +273,19 @@ def main() -> int:
     rows = (1, 3) if args.smoke else ROWS
     how = "median of CUDA-graph replays over L2-flushing weight copies" if device == "cuda" else "host clock"
     print(f"\nus per call ({how}), GB/s of weight bytes\n")
-    print("| shape (K->N) | M | bnb | triton | cuda | auto (nf4_linear) | dense bf16 | fastest NF4 |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| shape (K->N) | M | bnb | triton | cuda | cuda mma | auto (nf4_linear) | dense bf16 | fastest NF4 |")
+    print("|---|---|---|---|---|---|---|---|---|")
     layer = {}
     for sname, (k, n, count) in shapes.items():
         for key, t in bench_shape(sname, k, n, rows, fns, device, args.reps, dtype).items():
             layer[key] = layer.get(key, 0.0) + count * t
     print("\nOne Qwen3-8B decoder layer's 7 projections (us; x 36 layers = a decode step's linears)\n")
-    impls = [i for i in ("bnb", "triton", "cuda", "auto", "dense bf16") if any((i, m) in layer for m in rows)]
+    impls = [i for i in (*KERNELS, "auto", "dense bf16") if any((i, m) in layer for m in rows)]
     print("| M | " + " | ".join(impls) + " |")
     print("|---|" + "---|" * len(impls))
     for m in rows:
         print(f"| {m} | " + " | ".join(f"{layer[(i, m)] * 1e3:.1f}" if (i, m) in layer else "-" for i in impls) + " |")
-    kernels = [i for i in ("bnb", "triton", "cuda") if i in impls]
+    kernels = [i for i in KERNELS if i in impls]
     best = {m: min(kernels, key=lambda i: layer.get((i, m), math.inf)) for m in rows}
     print(f"\nfastest over a layer, by M: {best}  (onelayer.nf4_dispatch.ROUTES should say the same)")
     if args.tune and device == "cuda":

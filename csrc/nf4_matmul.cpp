@@ -12,6 +12,10 @@ extern "C" cudaError_t onelayer_nf4_matmul(int dtype, const void* x, int64_t str
                                            const void* absmax, const float* absmax2, const float* code2,
                                            const float* offset, const float* code, const void* bias, void* out,
                                            int M, int N, int K, int blocksize, cudaStream_t stream);
+extern "C" cudaError_t onelayer_nf4_matmul_mma(int dtype, const void* x, int64_t stride_xm, const uint8_t* packed,
+                                               const void* absmax, const float* absmax2, const float* code2,
+                                               const float* offset, const float* code, const void* bias, void* out,
+                                               int M, int N, int K, int blocksize, cudaStream_t stream);
 
 namespace {
 
@@ -22,11 +26,14 @@ void check_f32(const at::Tensor& t, const at::Tensor& x, const char* name) {
               "nf4_matmul: ", name, " must be a contiguous fp32 tensor on x's device");
 }
 
-// x [M, K] @ W^T (+ bias) -> [M, N] in x's dtype; W [N, K] as onelayer/nf4.py describes.
-at::Tensor nf4_matmul(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
-                      const std::optional<at::Tensor>& absmax2, const std::optional<at::Tensor>& code2,
-                      const std::optional<at::Tensor>& offset, const at::Tensor& code,
-                      const std::optional<at::Tensor>& bias, int64_t n, int64_t blocksize) {
+using Entry = cudaError_t (*)(int, const void*, int64_t, const uint8_t*, const void*, const float*, const float*,
+                              const float*, const float*, const void*, void*, int, int, int, int, cudaStream_t);
+
+// x [M, K] @ W^T (+ bias) -> [M, N] in x's dtype by `entry`; W [N, K] as onelayer/nf4.py describes.
+at::Tensor run(Entry entry, const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+               const std::optional<at::Tensor>& absmax2, const std::optional<at::Tensor>& code2,
+               const std::optional<at::Tensor>& offset, const at::Tensor& code,
+               const std::optional<at::Tensor>& bias, int64_t n, int64_t blocksize) {
   TORCH_CHECK(x.is_cuda() && x.dim() == 2, "nf4_matmul: x must be a 2-D CUDA tensor");
   const int64_t m = x.size(0), k = x.size(1);
   TORCH_CHECK(blocksize >= 32 && k % blocksize == 0 && k % 32 == 0,
@@ -68,7 +75,7 @@ at::Tensor nf4_matmul(const at::Tensor& x, const at::Tensor& packed, const at::T
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor out = at::empty({m, n}, x.options());
   if (m == 0 || n == 0) return out;
-  const cudaError_t err = onelayer_nf4_matmul(
+  const cudaError_t err = entry(
       dtype, xc.data_ptr(), xc.stride(0), packed.data_ptr<uint8_t>(), absmax.data_ptr(),
       nested ? absmax2->data_ptr<float>() : nullptr, nested ? code2->data_ptr<float>() : nullptr,
       nested ? offset->data_ptr<float>() : nullptr, code.data_ptr<float>(),
@@ -78,10 +85,36 @@ at::Tensor nf4_matmul(const at::Tensor& x, const at::Tensor& packed, const at::T
   return out;
 }
 
+at::Tensor nf4_matmul(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+                      const std::optional<at::Tensor>& absmax2, const std::optional<at::Tensor>& code2,
+                      const std::optional<at::Tensor>& offset, const at::Tensor& code,
+                      const std::optional<at::Tensor>& bias, int64_t n, int64_t blocksize) {
+  return run(onelayer_nf4_matmul, x, packed, absmax, absmax2, code2, offset, code, bias, n, blocksize);
+}
+
+// The tensor-core kernel: bf16 / fp16 x of 1..16 rows on a device of compute capability >= 8.0.
+at::Tensor nf4_matmul_mma(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+                          const std::optional<at::Tensor>& absmax2, const std::optional<at::Tensor>& code2,
+                          const std::optional<at::Tensor>& offset, const at::Tensor& code,
+                          const std::optional<at::Tensor>& bias, int64_t n, int64_t blocksize) {
+  TORCH_CHECK(x.is_cuda() && x.dim() == 2 && x.size(0) <= 16
+                  && (x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf),
+              "nf4_matmul_mma: x must be bf16 or fp16 [M, K] on CUDA with M <= 16");
+  int major = 0;
+  TORCH_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, x.device().index()) == cudaSuccess
+                  && major >= 8,
+              "nf4_matmul_mma: needs compute capability 8.0 or more (mma.sync with bf16)");
+  return run(onelayer_nf4_matmul_mma, x, packed, absmax, absmax2, code2, offset, code, bias, n, blocksize);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("nf4_matmul", &nf4_matmul, "x @ W^T for an NF4 weight (bitsandbytes layout), small M",
+          pybind11::arg("x"), pybind11::arg("packed"), pybind11::arg("absmax"), pybind11::arg("absmax2"),
+          pybind11::arg("code2"), pybind11::arg("offset"), pybind11::arg("code"), pybind11::arg("bias"),
+          pybind11::arg("n"), pybind11::arg("blocksize"));
+  mod.def("nf4_matmul_mma", &nf4_matmul_mma, "the same by tensor cores: bf16 / fp16, M <= 16, sm_80+",
           pybind11::arg("x"), pybind11::arg("packed"), pybind11::arg("absmax"), pybind11::arg("absmax2"),
           pybind11::arg("code2"), pybind11::arg("offset"), pybind11::arg("code"), pybind11::arg("bias"),
           pybind11::arg("n"), pybind11::arg("blocksize"));

@@ -6,6 +6,9 @@
 // Needs only the CUDA runtime headers: the torch binding is csrc/nf4_matmul.cpp, so CI can
 // compile this file with a pip-installed nvcc and no CUDA build of torch.
 //
+// Two kernels: the one described next (FMA on CUDA cores, any dtype and M) and, further down, a
+// tensor-core one for bf16 / fp16 and M <= 16 (mma.sync; not yet timed on a GPU).
+//
 // A block of THREADS threads owns NC adjacent output columns (NC weight rows of K/2 bytes
 // each) and the MT rows of x of its row tile. Thread t reads, from each of its NC weight rows,
 // 16 bytes = 32 weights at k = 32 (t + THREADS i): contiguous rows, every weight byte read
@@ -199,6 +202,188 @@ cudaError_t launch(const void* x, int64_t stride_xm, const uint8_t* packed, Scal
   return launch_tile<T, 8, NC, TH>(x, stride_xm, packed, sc, code, bias, out, M, N, K, blocksize, stream);
 }
 
+// ---------------------------------------------------------------------------------------------
+// Tensor-core variant for bf16 / fp16 x and M <= 16 (sm_80+): out^T = W x^T with mma.sync
+// m16n8k16, the weights as the 16-row operand A and x^T as the 8-column operand B (one or two
+// of them: MB = 1 for M <= 8, 2 for M <= 16). A warp owns NT tiles of 16 output columns and
+// walks K in chunks of 128; the WARPS warps of a block split K and add their sums in shared
+// memory at the end, in a fixed order.
+//
+// K is permuted inside each chunk so that every lane dequantises only the bytes it loaded: lane
+// (g = lane / 4, t = lane % 4) loads 16 bytes (32 weights) of rows g and g + 8 of its tile, at
+// k = kc + 32 t .. kc + 32 t + 31, and the same 32 columns of x row g. In mma step s (0..7) the
+// fragment columns 2t, 2t + 1 (registers a0 / a1, b0) stand for k = kc + 32 t + 4 s + {0, 1}
+// (byte 2s: high, low nibble) and the columns 8 + 2t, 9 + 2t (a2 / a3, b1) for
+// k = kc + 32 t + 4 s + {2, 3} (byte 2s + 1). A and B read the same permutation, and over s
+// and t it covers the chunk's 128 k once, so the sum is the dot product. 32 aligned k lie in
+// one quantisation block (blocksize a multiple of 32), so each row takes one scale a chunk.
+// The NF4 values come from a 16-entry table in shared memory (16 banks: no conflicts).
+//
+// Not yet run on a GPU: benchmarks/bench_nf4_matmul.py checks it against the torch reference
+// and times it (backend "cuda mma") before any route uses it.
+
+template <typename T> struct Mma;
+template <> struct Mma<__nv_bfloat16> {
+  static __device__ uint32_t pack(float lo, float hi) {
+    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&v);
+  }
+  static __device__ void run(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+                 "{%8, %9}, {%0, %1, %2, %3};\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#else
+    __trap();
+#endif
+  }
+};
+template <> struct Mma<__half> {
+  static __device__ uint32_t pack(float lo, float hi) {
+    const __half2 v = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&v);
+  }
+  static __device__ void run(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+                 "{%8, %9}, {%0, %1, %2, %3};\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#else
+    __trap();
+#endif
+  }
+};
+
+constexpr int kChunk = 128;  // k per warp step: 4 lanes x 32
+
+// The scale of weight row n at column k: the double-quantised absmax undone (no FMA, as
+// bitsandbytes rounds it), or the plain fp32 absmax.
+__device__ __forceinline__ float row_scale(const Scales& sc, float offset, int64_t n, int k, int blocks_per_row,
+                                           int blocksize) {
+  const int64_t blk = n * blocks_per_row + k / blocksize;
+  if (sc.absmax2 == nullptr) return __ldg(static_cast<const float*>(sc.absmax) + blk);
+  return __fadd_rn(__fmul_rn(__ldg(sc.code2 + __ldg(static_cast<const uint8_t*>(sc.absmax) + blk)),
+                             __ldg(sc.absmax2 + blk / 256)), offset);
+}
+
+template <typename T, int NT, int MB, int WARPS>
+__global__ void __launch_bounds__(WARPS * 32)
+nf4_mma_kernel(const T* __restrict__ x, int64_t stride_xm, const uint8_t* __restrict__ packed, Scales sc,
+               const float* __restrict__ code, const T* __restrict__ bias, T* __restrict__ out,
+               int M, int N, int K, int blocksize) {
+  __shared__ float table[16];
+  __shared__ float partial[WARPS][NT * MB * 4][32];  // each warp's accumulators, lane-minor
+  if (threadIdx.x < 16) table[threadIdx.x] = code[threadIdx.x];
+  __syncthreads();
+
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int n0 = blockIdx.x * 16 * NT;
+  const float offset = sc.absmax2 != nullptr ? __ldg(sc.offset) : 0.f;
+  const int blocks_per_row = K / blocksize;
+  const int64_t row_bytes = K / 2;
+
+  float acc[NT][MB][4];
+#pragma unroll
+  for (int i = 0; i < NT; ++i)
+#pragma unroll
+    for (int j = 0; j < MB; ++j)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) acc[i][j][c] = 0.f;
+
+  for (int kc = warp * kChunk; kc < K; kc += WARPS * kChunk) {
+    const int k = kc + 32 * t;  // this lane's 32 columns; past K (K % 128 != 0) they count as zeros
+    const bool k_ok = k < K;
+    uint32_t xw[MB][16];  // x[g + 8 mb, k .. k + 31] as 16 pairs: pair 2s is b0 of step s, 2s + 1 its b1
+#pragma unroll
+    for (int mb = 0; mb < MB; ++mb) {
+      const int m = g + 8 * mb;
+      const uint4* src = reinterpret_cast<const uint4*>(x + m * stride_xm + k);
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const uint4 v = (m < M && k_ok) ? __ldg(src + i) : make_uint4(0, 0, 0, 0);
+        xw[mb][4 * i] = v.x; xw[mb][4 * i + 1] = v.y; xw[mb][4 * i + 2] = v.z; xw[mb][4 * i + 3] = v.w;
+      }
+    }
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      uint32_t w[2][4];  // 16 bytes of weight rows g and g + 8 of the tile
+      float scale[2];
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int n = n0 + 16 * nt + g + 8 * h;
+        uint4 q = make_uint4(0, 0, 0, 0);
+        scale[h] = 0.f;
+        if (n < N && k_ok) {
+          q = __ldg(reinterpret_cast<const uint4*>(packed + n * row_bytes + k / 2));
+          scale[h] = row_scale(sc, offset, n, k, blocks_per_row, blocksize);
+        }
+        w[h][0] = q.x; w[h][1] = q.y; w[h][2] = q.z; w[h][3] = q.w;
+      }
+#pragma unroll
+      for (int s = 0; s < 8; ++s) {
+        uint32_t a[4];
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {  // a0: row g, byte 2s; a1: row g + 8, byte 2s; a2, a3: byte 2s + 1
+          const int h = r & 1, byte = 2 * s + (r >> 1);
+          const uint32_t b = (w[h][byte / 4] >> (8 * (byte % 4))) & 0xFF;
+          a[r] = Mma<T>::pack(table[b >> 4] * scale[h], table[b & 15] * scale[h]);
+        }
+#pragma unroll
+        for (int mb = 0; mb < MB; ++mb) Mma<T>::run(acc[nt][mb], a, xw[mb][2 * s], xw[mb][2 * s + 1]);
+      }
+    }
+  }
+
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+    for (int mb = 0; mb < MB; ++mb)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) partial[warp][(nt * MB + mb) * 4 + c][lane] = acc[nt][mb][c];
+  __syncthreads();
+  // Accumulator c of lane (g, t): output column n = tile + g + 8 (c / 2), row m = 8 mb + 2t + c % 2.
+  for (int i = threadIdx.x; i < NT * MB * 4 * 32; i += WARPS * 32) {
+    const int slot = i / 32, l = i % 32, c = slot % 4, mb = (slot / 4) % MB, nt = slot / (4 * MB);
+    const int n = n0 + 16 * nt + (l >> 2) + 8 * (c / 2), m = 8 * mb + 2 * (l & 3) + (c & 1);
+    if (n >= N || m >= M) continue;
+    float v = 0.f;
+#pragma unroll
+    for (int wi = 0; wi < WARPS; ++wi) v += partial[wi][slot][l];
+    if (bias != nullptr) v += Io<T>::load(bias[n]);
+    out[static_cast<int64_t>(m) * N + n] = Io<T>::store(v);
+  }
+}
+
+template <typename T, int NT, int MB, int WARPS>
+cudaError_t launch_mma_tile(const void* x, int64_t stride_xm, const uint8_t* packed, Scales sc, const float* code,
+                            const void* bias, void* out, int M, int N, int K, int blocksize, cudaStream_t stream) {
+  const dim3 grid((N + 16 * NT - 1) / (16 * NT));
+  nf4_mma_kernel<T, NT, MB, WARPS><<<grid, WARPS * 32, 0, stream>>>(
+      static_cast<const T*>(x), stride_xm, packed, sc, code, static_cast<const T*>(bias), static_cast<T*>(out),
+      M, N, K, blocksize);
+  return cudaGetLastError();
+}
+
+template <typename T, int MB>
+cudaError_t launch_mma_rows(const void* x, int64_t stride_xm, const uint8_t* packed, Scales sc, const float* code,
+                            const void* bias, void* out, int M, int N, int K, int blocksize, cudaStream_t stream) {
+  // Two tiles a warp halve the reads of x per weight byte; narrow weights (the k / v
+  // projections) take one, and more warps split K, so that ~1,000 warps stream the weight.
+  if (N >= 4096)
+    return launch_mma_tile<T, 2, MB, 8>(x, stride_xm, packed, sc, code, bias, out, M, N, K, blocksize, stream);
+  return launch_mma_tile<T, 1, MB, 16>(x, stride_xm, packed, sc, code, bias, out, M, N, K, blocksize, stream);
+}
+
+template <typename T>
+cudaError_t launch_mma(const void* x, int64_t stride_xm, const uint8_t* packed, Scales sc, const float* code,
+                       const void* bias, void* out, int M, int N, int K, int blocksize, cudaStream_t stream) {
+  if (M <= 8) return launch_mma_rows<T, 1>(x, stride_xm, packed, sc, code, bias, out, M, N, K, blocksize, stream);
+  return launch_mma_rows<T, 2>(x, stride_xm, packed, sc, code, bias, out, M, N, K, blocksize, stream);
+}
+
 }  // namespace
 
 // dtype: 0 fp32, 1 fp16, 2 bf16. Pointers are device pointers; x rows and `packed` must be
@@ -213,6 +398,21 @@ extern "C" cudaError_t onelayer_nf4_matmul(int dtype, const void* x, int64_t str
     case 0: return launch<float>(x, stride_xm, packed, sc, code, bias, out, M, N, K, blocksize, stream);
     case 1: return launch<__half>(x, stride_xm, packed, sc, code, bias, out, M, N, K, blocksize, stream);
     case 2: return launch<__nv_bfloat16>(x, stride_xm, packed, sc, code, bias, out, M, N, K, blocksize, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+// The tensor-core kernel above: dtype 1 (fp16) or 2 (bf16), 1 <= M <= 16, a device of compute
+// capability 8.0 or more (the binding checks); other arguments as onelayer_nf4_matmul.
+extern "C" cudaError_t onelayer_nf4_matmul_mma(int dtype, const void* x, int64_t stride_xm, const uint8_t* packed,
+                                               const void* absmax, const float* absmax2, const float* code2,
+                                               const float* offset, const float* code, const void* bias, void* out,
+                                               int M, int N, int K, int blocksize, cudaStream_t stream) {
+  const Scales sc{absmax, absmax2, code2, offset};
+  if (M < 1 || M > 16) return cudaErrorInvalidValue;
+  switch (dtype) {
+    case 1: return launch_mma<__half>(x, stride_xm, packed, sc, code, bias, out, M, N, K, blocksize, stream);
+    case 2: return launch_mma<__nv_bfloat16>(x, stride_xm, packed, sc, code, bias, out, M, N, K, blocksize, stream);
     default: return cudaErrorInvalidValue;
   }
 }

@@ -6,6 +6,8 @@
     5-16            Triton kernel (kernels/nf4_matmul.py)              bitsandbytes
     more            bitsandbytes                                       bitsandbytes
 
+The CUDA C++ extension also holds a tensor-core kernel (bf16 / fp16, M <= 16:
+`nf4_matmul_native_mma`), which no route takes until it has been checked and timed on a GPU.
 Inputs that need a gradient always take bitsandbytes' path (the kernels have no backward).
 The CUDA C++ kernel is compiled at first use with torch.utils.cpp_extension where a CUDA
 device, nvcc and ninja exist, and cached in $TORCH_EXTENSIONS_DIR or ~/.cache/onelayer; when
@@ -80,6 +82,17 @@ def native_extension() -> tuple[ModuleType | None, str]:
 def nf4_matmul_native(ext: ModuleType, x: Tensor, w: NF4Weight, bias: Tensor | None = None) -> Tensor:
     """x [M, K] @ W^T (+ bias) -> [M, N] by the CUDA C++ kernel, as `nf4_linear_reference`."""
     return ext.nf4_matmul(x, w.packed, w.absmax, w.absmax2, w.code2, w.offset, w.code, bias, w.shape[0], w.blocksize)
+
+
+MMA_MAX_ROWS = 16  # rows the tensor-core kernel takes
+
+
+def nf4_matmul_native_mma(ext: ModuleType, x: Tensor, w: NF4Weight, bias: Tensor | None = None) -> Tensor:
+    """The same by the CUDA C++ tensor-core kernel: bf16 / fp16 x of 1..MMA_MAX_ROWS rows, compute
+    capability 8.0 or more. No route takes it until benchmarks/bench_nf4_matmul.py has checked
+    and timed it on a GPU."""
+    return ext.nf4_matmul_mma(x, w.packed, w.absmax, w.absmax2, w.code2, w.offset, w.code, bias, w.shape[0],
+                              w.blocksize)
 
 
 Routes = tuple[tuple[int, "Matmul | None"], ...]  # (rows up to, matmul or None = bitsandbytes)

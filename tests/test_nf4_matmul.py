@@ -8,6 +8,7 @@ import logging
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import bitsandbytes as bnb
@@ -342,3 +343,51 @@ def test_cuda_source_compiles_for_ampere_ada_hopper(tmp_path):
                           *archs], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert obj.stat().st_size > 0
+
+
+def find_cuda_runtime_header() -> Path | None:
+    """cuda_runtime.h of $CUDA_HOME, of the pip package nvidia-cuda-runtime (.ci/run), or beside
+    the nvcc found."""
+    roots = [os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")]
+    try:
+        import nvidia
+        roots += [str(p.parent.parent) for root in nvidia.__path__ for p in Path(root).glob("*/include/cuda_runtime.h")]
+    except ImportError:
+        pass
+    if nvcc := find_nvcc():
+        roots.append(str(Path(nvcc).resolve().parent.parent))
+    return next((Path(r) / "include" / "cuda_runtime.h" for r in roots
+                 if r and (Path(r) / "include" / "cuda_runtime.h").is_file()), None)
+
+
+def test_torch_binding_compiles_against_torch_headers(tmp_path):
+    """csrc/nf4_matmul.cpp (both entry points) against the installed torch's headers and the CUDA
+    runtime headers of the pip nvcc, syntax only: a mistake in the binding shows here, not at
+    the first build on a GPU machine. The CPU torch wheel ships the c10/cuda headers but not
+    the one CMake generates for CUDA builds; a stand-in defines what it would."""
+    from torch.utils.cpp_extension import include_paths
+    cxx = shutil.which("g++") or shutil.which("c++")
+    runtime = find_cuda_runtime_header()
+    if cxx is None or runtime is None:
+        pytest.skip("no C++ compiler or no CUDA runtime headers (pip install nvidia-cuda-nvcc)")
+    macros = tmp_path / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h"
+    macros.parent.mkdir(parents=True)
+    macros.write_text("#define C10_CUDA_BUILD_SHARED_LIBS\n")
+    import sysconfig
+    run = subprocess.run([cxx, "-std=c++20", "-fsyntax-only", "-w", *(f"-I{p}" for p in include_paths()),
+                          f"-I{tmp_path}", f"-I{runtime.parent}", f"-I{sysconfig.get_paths()['include']}",
+                          "-DTORCH_EXTENSION_NAME=onelayer_nf4_matmul", str(dispatch.CSRC / "nf4_matmul.cpp")],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+
+
+def test_benchmark_script_runs_on_cpu():
+    """benchmarks/bench_nf4_matmul.py --smoke: its checks and tables on CPU (Triton under the
+    interpreter), so that the GPU run does not fail on the script itself."""
+    script = Path(dispatch.__file__).resolve().parent.parent / "benchmarks" / "bench_nf4_matmul.py"
+    env = {**os.environ, "PYTHONPATH": str(script.parent.parent)}
+    run = subprocess.run([sys.executable, str(script), "--smoke"], capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    assert "CHECKS 2/2 ok" in run.stdout and "fastest over a layer, by M:" in run.stdout
+
