@@ -7,6 +7,7 @@ Qwen3-8B projection shapes.
     python benchmarks/bench_nf4_matmul.py --tune     # also time Triton tile variants
     python benchmarks/bench_nf4_matmul.py --smoke    # CPU: the script's logic, Triton under
                                                      # TRITON_INTERPRET=1, one tiny shape
+    python benchmarks/bench_nf4_matmul.py --check-only   # the checks alone (gpu_check.sh)
 
 First every kernel is checked against `onelayer.nf4.nf4_linear_reference` (fp32) on odd
 shapes, bf16 / fp16 / fp32, with and without bias, plain and double-quantised absmax; the
@@ -254,6 +255,8 @@ def main() -> int:
     p.add_argument("--smoke", action="store_true", help="CPU, interpreter, one tiny shape")
     p.add_argument("--tune", action="store_true", help="also time Triton tile variants")
     p.add_argument("--no-native", action="store_true", help="leave out the CUDA C++ kernel")
+    p.add_argument("--check-only", action="store_true",
+                   help="the checks against the reference, no timings (gpu_check.sh, before the train step)")
     p.add_argument("--reps", type=int, default=20)
     args = p.parse_args()
     device = "cpu" if args.smoke else "cuda"
@@ -269,6 +272,8 @@ def main() -> int:
     t0 = time.perf_counter()
     fns = backends(device, not args.no_native)
     ok = check(fns, device, args.smoke)
+    if args.check_only:
+        return 0 if ok else 1
     shapes = {"smoke 128->48": (128, 48, 1)} if args.smoke else SHAPES
     rows = (1, 3) if args.smoke else ROWS
     how = "median of CUDA-graph replays over L2-flushing weight copies" if device == "cuda" else "host clock"
@@ -288,6 +293,12 @@ def main() -> int:
     kernels = [i for i in KERNELS if i in impls]
     best = {m: min(kernels, key=lambda i: layer.get((i, m), math.inf)) for m in rows}
     print(f"\nfastest over a layer, by M: {best}  (onelayer.nf4_dispatch.ROUTES should say the same)")
+    if device == "cuda":
+        from onelayer.nf4_dispatch import measure_routes, route_candidates
+        layer_linears = [make_linear(n, k, bias=False, nested=True, blocksize=64, dtype=dtype, device=device, seed=i)
+                         for i, (k, n, count) in enumerate(SHAPES.values()) for _ in range(count)]
+        _, line = measure_routes(layer_linears, route_candidates(torch.device(device), dtype), dtype=dtype)
+        print(f"routes the decoder measures at start (onelayer.nf4_dispatch.measure_routes, one layer): {line}")
     if args.tune and device == "cuda":
         tune(device, args.reps, dtype)
     print(f"\nwall {time.perf_counter() - t0:.0f} s")

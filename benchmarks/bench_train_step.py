@@ -31,7 +31,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
-from onelayer import single_turn
+from onelayer import nf4_dispatch, single_turn
 from onelayer import update as update_module
 from onelayer.config import build_config
 from onelayer.model import load_policy
@@ -244,6 +244,7 @@ def main() -> None:
                   decode_tokens_per_s=round(a.group_size * decode_steps / last["gen_s"], 1),
                   decode_ms_per_step=round(1e3 * last["gen_s"] / decode_steps, 2),
                   decode_graph=statuses[-1] if statuses else "?",
+                  nf4_routes=nf4_dispatch.measured_summaries(),
                   device=torch.cuda.get_device_name() if cuda else "cpu",
                   torch=torch.__version__, **{k: round(v, 2) for k, v in memory_gib(policy.device).items()})
     # How far the rollout path (decoder, CUDA graph, NF4 decode kernels) is from the engine's.

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Where onelayer stands on this GPU, in one command (under 8 minutes on an H100):
-#   1. the Triton kernels against their torch references with the GPU tiles (fp32 and bf16), and
-#      the rollout decoder's greedy tokens against Hugging Face generate in each graph mode,
+#   1. the Triton kernels against their torch references with the GPU tiles (fp32 and bf16),
+#      the rollout decoder's greedy tokens against Hugging Face generate in each graph mode, and
+#      the NF4 matmuls (bitsandbytes, Triton, CUDA C++, tensor cores) against their reference,
 #   2. GRPO on the Qwen3-8B config with random weights in NF4, G = 8 x 512 new tokens, beta 0,
 #      two steps: peak memory, s/step split into generation and update, decode vs its limit,
 #      decode ms/step with the CUDA graph, eager and torch.compile (the compile last), and the
@@ -34,6 +35,15 @@ python3 -c "import torch, triton, transformers, bitsandbytes as b; print('torch'
 strip_bars() { grep -av -e 'it/s]' -e 's/it]' ; }
 echo "== kernels"
 timeout 120 python3 benchmarks/check_kernels_gpu.py 2>&1 | tee "$LOGS/kernels.log"
+# The NF4 matmuls against their reference, in a process of their own: the decoder measures and
+# routes between them at its start, so a kernel that faults must not reach the train step.
+echo "== NF4 matmul kernels"
+timeout 150 python3 benchmarks/bench_nf4_matmul.py --check-only 2>&1 | tee "$LOGS/nf4.log"
+if [ "${PIPESTATUS[0]}" != 0 ]; then
+  export ONELAYER_NF4_ROUTES=table
+  echo "the NF4 kernel check failed: the train step routes by the H100 table (ONELAYER_NF4_ROUTES=table)" \
+    | tee -a "$LOGS/nf4.log"
+fi
 echo "== train step (Qwen3-8B config, random weights)"
 timeout 300 python3 benchmarks/bench_train_step.py --config 8b --layer 16 --decode-compile --gqa-context 1024 2>&1 | strip_bars \
   | tee "$LOGS/train_step.log"

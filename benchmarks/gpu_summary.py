@@ -26,13 +26,15 @@ def main(folder: Path) -> None:
     compiled = [json.loads(l[len("DECODE "):]) for l in read(folder, "train_step.log").splitlines()
                 if l.startswith("DECODE ")]
     gpu = [l for l in read(folder, "kernels.log").splitlines() if l.startswith("GPU:")]
+    nf4 = [l for l in read(folder, "nf4.log").splitlines() if l.startswith(("CHECKS", "MISMATCH", "the NF4"))]
     step = [json.loads(l[len("RESULT "):]) for l in read(folder, "train_step.log").splitlines()
             if l.startswith("RESULT ")]
     loss_rows = [l for l in read(folder, "policy_loss.log").splitlines() if l.startswith("| 32768x")]
 
     rows = [("card", gpu[0][5:].strip() if gpu else "?"), ("date", date.today().isoformat()),
             ("Triton kernels vs torch reference (GPU tiles)", kernels[0][8:] if kernels else "did not finish"),
-            ("decoder greedy == HF generate (each graph mode)", decoder[0][8:] if decoder else "did not finish")]
+            ("decoder greedy == HF generate (each graph mode)", decoder[0][8:] if decoder else "did not finish"),
+            ("NF4 matmuls vs torch reference", "; ".join(nf4) if nf4 else "did not finish")]
     if step:
         r = step[-1]
         rows += [
@@ -47,6 +49,7 @@ def main(folder: Path) -> None:
                                          f"at {r.get('copy_bandwidth_tb_s', '?')} TB/s copy bandwidth): "
                                          f"{100 * r.get('decode_share_of_limit', 0):.1f}% of the limit"),
             ("decoder graph (training steps)", r.get("decode_graph", "?")),
+            ("NF4 matmul routes measured by the decoder", "; ".join(r.get("nf4_routes", [])) or "none"),
             ("sampler vs engine log-probs (last step)",
              f"mean abs gap {r.get('sampler_logprob_gap', '?')}, KL {r.get('sampler_kl', '?')}"),
             *[(f"decode, mode {m}, {r.get('mode_tokens', '?')} greedy tokens",

@@ -219,8 +219,9 @@ cudaError_t launch(const void* x, int64_t stride_xm, const uint8_t* packed, Scal
 // one quantisation block (blocksize a multiple of 32), so each row takes one scale a chunk.
 // The NF4 values come from a 16-entry table in shared memory (16 banks: no conflicts).
 //
-// Not yet run on a GPU: benchmarks/bench_nf4_matmul.py checks it against the torch reference
-// and times it (backend "cuda mma") before any route uses it.
+// Not yet run on a GPU. Rollouts use it only at the row counts where, timed on the card at
+// start, it matches the torch reference and is the fastest (onelayer/nf4_dispatch.py,
+// measure_routes); benchmarks/bench_nf4_matmul.py checks and times it as "cuda mma".
 
 template <typename T> struct Mma;
 template <> struct Mma<__nv_bfloat16> {

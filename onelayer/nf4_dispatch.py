@@ -1,17 +1,23 @@
 """Which NF4 matmul runs, and swapping it into the bitsandbytes Linear4bit modules of a model.
 
+Rollouts on CUDA (`nf4_kernels`, prefer "measure") time the candidates on the model's first
+NF4 linears at 1, 2, 4, 8 and 16 rows, once per process, and give each row count the fastest
+that matches the torch reference (`measure_routes`): bitsandbytes, the Triton kernel, the CUDA
+C++ kernel and its tensor-core variant (bf16 / fp16, sm_80+). A card other than an H100 gets
+its own routes, and a kernel that computes wrong is never used. More than 16 rows (prefill):
+bitsandbytes. The table measured on an H100 (ROUTES) is what `nf4_linear`, prefer "auto" and
+ONELAYER_NF4_ROUTES=table use:
+
     rows of x (M)   CUDA input (ROUTES, measured)                      CPU input
     1-2             bitsandbytes (its fused 4-bit GEMV)                bitsandbytes
     3-4             CUDA C++ kernel (csrc/), else the Triton kernel    bitsandbytes
     5-16            Triton kernel (kernels/nf4_matmul.py)              bitsandbytes
     more            bitsandbytes                                       bitsandbytes
 
-The CUDA C++ extension also holds a tensor-core kernel (bf16 / fp16, M <= 16:
-`nf4_matmul_native_mma`), which no route takes until it has been checked and timed on a GPU.
 Inputs that need a gradient always take bitsandbytes' path (the kernels have no backward).
-The CUDA C++ kernel is compiled at first use with torch.utils.cpp_extension where a CUDA
+The CUDA C++ kernels are compiled at first use with torch.utils.cpp_extension where a CUDA
 device, nvcc and ninja exist, and cached in $TORCH_EXTENSIONS_DIR or ~/.cache/onelayer; when
-it cannot be, one log line says why and the Triton kernel takes its rows.
+they cannot be, one log line says why and the others are compared.
 
     with nf4_kernels(model):          # decode steps inside use the kernels
         out = model.generate(...)
@@ -89,8 +95,8 @@ MMA_MAX_ROWS = 16  # rows the tensor-core kernel takes
 
 def nf4_matmul_native_mma(ext: ModuleType, x: Tensor, w: NF4Weight, bias: Tensor | None = None) -> Tensor:
     """The same by the CUDA C++ tensor-core kernel: bf16 / fp16 x of 1..MMA_MAX_ROWS rows, compute
-    capability 8.0 or more. No route takes it until benchmarks/bench_nf4_matmul.py has checked
-    and timed it on a GPU."""
+    capability 8.0 or more. Only measured routes take it (`measure_routes`), where it matches
+    the reference and is the fastest."""
     return ext.nf4_matmul_mma(x, w.packed, w.absmax, w.absmax2, w.code2, w.offset, w.code, bias, w.shape[0],
                               w.blocksize)
 
@@ -122,6 +128,123 @@ def choose_routes(device: torch.device, *, prefer: str = "auto") -> Routes:
 _auto_routes = functools.cache(choose_routes)  # nf4_linear: chosen once per device
 
 
+# ---------------------------------------------------------------------------------------------
+# Routes measured on the card in use
+# ---------------------------------------------------------------------------------------------
+BUCKETS = (1, 2, 4, 8, 16)   # decode rows measured; an input takes the route of the bucket
+                             # at or above its rows, more than the last: bitsandbytes (every
+                             # candidate takes up to 16 rows: MMA_MAX_ROWS)
+MEASURED_MODULES = 14        # the first 14 NF4 linears: two blocks of a Llama-like model, more
+                             # bytes than an H100's L2 at 8B, so the timings read DRAM
+Clock = Callable[[str, int, Callable[[], object]], float]  # (kernel, rows, one pass) -> seconds
+
+
+def cuda_clock(name: str, rows: int, one_pass: Callable[[], object], reps: int = 3) -> float:
+    """Seconds a pass, by CUDA events over `reps` passes (after one unrecorded pass)."""
+    one_pass()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        one_pass()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3 / reps
+
+
+def route_candidates(device: torch.device, dtype: torch.dtype) -> dict[str, Matmul | None]:
+    """The matmuls `measure_routes` compares on `device` for inputs of `dtype` (None:
+    bitsandbytes); builds the CUDA C++ extension on first use."""
+    out: dict[str, Matmul | None] = {"bnb": None, "triton": nf4_matmul_triton}
+    ext, why = native_extension()
+    if ext is None:
+        _log_fallback(why)
+        return out
+    out["cuda"] = functools.partial(nf4_matmul_native, ext)
+    if dtype != torch.float32 and torch.cuda.get_device_capability(device)[0] >= 8:
+        out["cuda mma"] = functools.partial(nf4_matmul_native_mma, ext)
+    return out
+
+
+def _error(matmul: Matmul, weights: list[NF4Weight], xs: dict[int, Tensor], wants: list[Tensor]) -> float:
+    """The largest relative error of `matmul` against the reference outputs `wants`."""
+    worst = 0.0
+    for w, want in zip(weights, wants):
+        got = matmul(xs[w.shape[1]], w, None).float()
+        err = ((got - want).norm() / want.norm().clamp_min(1e-30)).item()
+        worst = max(worst, err if got.isfinite().all() else float("inf"))
+    return worst
+
+
+def measure_routes(modules: list, candidates: dict[str, Matmul | None], *, dtype: torch.dtype,
+                   clock: Clock = cuda_clock) -> tuple[Routes, str]:
+    """For each row count of BUCKETS, the fastest of `candidates` (name -> matmul, None:
+    bitsandbytes' own forward) on `modules` (bitsandbytes Linear4bit) with inputs of `dtype`.
+    A kernel whose output differs from the torch reference (relative error above 5e-3 in
+    16-bit dtypes, 1e-5 in fp32) is never chosen, with a warning: it is a bug, not a speed.
+    Returns the routes and a line that says what was chosen."""
+    from onelayer.nf4 import nf4_linear_reference
+    weights = [nf4_weight(m.weight) for m in modules]
+    device = weights[0].packed.device
+    tolerance = 1e-5 if dtype == torch.float32 else 5e-3
+    chosen = []
+    generator = torch.Generator(device=device).manual_seed(0)
+    with torch.no_grad():
+        for rows in BUCKETS:
+            xs = {k: torch.randn(rows, k, device=device, generator=generator).to(dtype)
+                  for k in {w.shape[1] for w in weights}}
+            wants = [nf4_linear_reference(xs[w.shape[1]], w).float() for w in weights]
+            seconds = {}
+            for name, matmul in candidates.items():
+                if matmul is None:
+                    one_pass = lambda: [m(xs[w.shape[1]]) for m, w in zip(modules, weights)]  # noqa: E731
+                else:
+                    error = _error(matmul, weights, xs, wants)
+                    if error > tolerance:
+                        _log_disagreement(name, rows, error)
+                        continue
+                    one_pass = lambda f=matmul: [f(xs[w.shape[1]], w, None) for w in weights]  # noqa: E731
+                seconds[name] = clock(name, rows, one_pass)
+            chosen.append((rows, min(seconds, key=seconds.get)))
+    merged = [pair for i, pair in enumerate(chosen) if i + 1 == len(chosen) or chosen[i + 1][1] != pair[1]]
+    spans, low = [], 1
+    for rows, name in merged:
+        spans.append(f"{low}-{rows} {name}" if rows > low else f"{rows} {name}")
+        low = rows + 1
+    return (tuple((rows, candidates[name]) for rows, name in merged),
+            f"rows {', '.join(spans)}, more bnb")
+
+
+_DISAGREED: set[str] = set()  # kernels already reported as differing from the reference
+
+
+def _log_disagreement(name: str, rows: int, error: float) -> None:
+    if name not in _DISAGREED:
+        _DISAGREED.add(name)
+        log.warning("NF4 matmul: %s differs from the torch reference at %d rows (relative error %.1e): "
+                    "not used", name, rows, error)
+
+
+_MEASURED: dict[tuple, tuple[Routes, str]] = {}  # (device, dtype, shapes) -> routes, what they are
+
+
+def measured_routes(modules: list, device: torch.device, dtype: torch.dtype) -> Routes:
+    """`measure_routes` on this card for these modules' shapes, once per process (a line in the
+    log says what it chose; `measured_summaries` lists them)."""
+    sample = modules[:MEASURED_MODULES]
+    key = (str(device), dtype, tuple(nf4_weight(m.weight).shape for m in sample))
+    if key not in _MEASURED:
+        routes, line = measure_routes(sample, route_candidates(device, dtype), dtype=dtype)
+        line = f"{torch.cuda.get_device_name(device)}, {str(dtype).removeprefix('torch.')}: {line}"
+        log.info("NF4 matmul routes measured on %s", line)
+        _MEASURED[key] = routes, line
+    return _MEASURED[key][0]
+
+
+def measured_summaries() -> list[str]:
+    """What each measurement of this process chose: "card, dtype: rows 1-2 bnb, ...". """
+    return [line for _, line in _MEASURED.values()]
+
+
 def _route(routes: Routes, rows: int) -> Matmul | None:
     for limit, matmul in routes:
         if rows <= limit:
@@ -134,15 +257,18 @@ def _log_fallback(why: str) -> None:
     log.warning("NF4 matmul: using the Triton kernel, not the CUDA C++ one: %s", why)
 
 
-def _fast_forward(module, routes: Routes, cpu: bool) -> Callable[[Tensor], Tensor] | None:
-    """A forward for one Linear4bit that sends no-grad inputs to the kernel of their row count,
-    or None if the kernels cannot read its weight. `cpu`: CPU inputs too (TRITON_INTERPRET=1)."""
+def _readable(module) -> bool:
+    """Whether the kernels can read this Linear4bit's weight."""
     try:
-        w = nf4_weight(module.weight)
+        return supports(nf4_weight(module.weight)) is None
     except ValueError:
-        return None
-    if supports(w) is not None:
-        return None
+        return False
+
+
+def _fast_forward(module, routes: Routes, cpu: bool) -> Callable[[Tensor], Tensor]:
+    """A forward for one Linear4bit the kernels can read (`_readable`) that sends no-grad inputs
+    to the kernel of their row count. `cpu`: CPU inputs too (TRITON_INTERPRET=1)."""
+    w = nf4_weight(module.weight)
     n, k = w.shape
     fallback = module.forward  # bitsandbytes' forward, or a hook's wrapper around it
     bias = module.bias
@@ -162,23 +288,27 @@ def _fast_forward(module, routes: Routes, cpu: bool) -> Callable[[Tensor], Tenso
 
 
 @contextmanager
-def nf4_kernels(model: torch.nn.Module, *, prefer: str = "auto", cpu: bool = False) -> Iterator[int]:
+def nf4_kernels(model: torch.nn.Module, *, prefer: str = "measure", cpu: bool = False) -> Iterator[int]:
     """Inside the block, every bitsandbytes NF4 Linear4bit of `model` whose weight the kernels
-    can read multiplies no-grad CUDA inputs with the matmul `choose_routes` gives their row
-    count (batch x new tokens; decode: the batch); other inputs keep bitsandbytes' forward.
+    can read multiplies no-grad CUDA inputs with the matmul of their row count (batch x new
+    tokens; decode: the batch); other inputs keep bitsandbytes' forward. prefer "measure": the
+    routes `measured_routes` finds on this card (on CUDA; the environment variable
+    ONELAYER_NF4_ROUTES=table takes the H100 table instead), else as `choose_routes`.
     Yields how many modules were switched; leaving the block restores every forward. Enter it
     after the model is on its device (the kernels hold the weight's tensors as they are)."""
     import bitsandbytes as bnb
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    routes = choose_routes(device, prefer=prefer)
+    eligible = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit) and _readable(m)]
+    if prefer == "measure" and device.type == "cuda" and eligible \
+            and os.environ.get("ONELAYER_NF4_ROUTES", "measure") != "table":
+        dtype = eligible[0].compute_dtype if eligible[0].compute_type_is_set else torch.bfloat16
+        routes = measured_routes(eligible, device, dtype or torch.bfloat16)
+    else:
+        routes = choose_routes(device, prefer="auto" if prefer == "measure" else prefer)
     saved: list[tuple[torch.nn.Module, object]] = []
-    for module in model.modules():
-        if not isinstance(module, bnb.nn.Linear4bit):
-            continue
-        forward = _fast_forward(module, routes, cpu)
-        if forward is not None:
-            saved.append((module, module.__dict__.get("forward")))
-            module.forward = forward
+    for module in eligible:
+        saved.append((module, module.__dict__.get("forward")))
+        module.forward = _fast_forward(module, routes, cpu)
     try:
         yield len(saved)
     finally:

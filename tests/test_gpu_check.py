@@ -27,6 +27,7 @@ def summary(folder: Path) -> dict[str, str]:
 def test_a_run_that_wrote_nothing_says_so(tmp_path):
     rows = summary(tmp_path)
     assert rows["Triton kernels vs torch reference (GPU tiles)"] == "did not finish"
+    assert rows["NF4 matmuls vs torch reference"] == "did not finish"
     assert rows["train step (Qwen3-8B config)"] == "did not finish: see train_step.log"
     assert rows["fused loss T = 8 x 4096, V = 151,936"] == "did not finish: see policy_loss.log"
 
@@ -58,6 +59,7 @@ def test_train_step_benchmark_on_cpu_feeds_the_table(tmp_path):
     assert rows["sampler vs engine log-probs (last step)"].startswith(
         f"mean abs gap {result['sampler_logprob_gap']}")
     assert rows["decoder graph (training steps)"] == "off: eager"
+    assert rows["NF4 matmul routes measured by the decoder"] == "none"   # CPU: no NF4 kernels
     assert "decode modes and GQA timings" not in rows      # on CPU the one RESULT is the full one
 
 
@@ -67,7 +69,8 @@ EARLY = dict(config="8b", layer=16, frozen="nf4", group=8, new_tokens=512, beta=
              decode_tokens_per_s=390.1, decode_ms_per_step=20.51, device="NVIDIA H100 80GB HBM3",
              torch="2.11.0+cu130", peak_mem_gib=9.5, peak_alloc_gib=8.25, decode_weight_gib=4.8,
              copy_bandwidth_tb_s=2.9, decode_limit_ms=3.56, decode_share_of_limit=0.174,
-             sampler_logprob_gap=0.002, sampler_kl=1e-05, decode_graph="manual: graph", partial=True)
+             sampler_logprob_gap=0.002, sampler_kl=1e-05, decode_graph="manual: graph", partial=True,
+             nf4_routes=["NVIDIA H100 80GB HBM3, bfloat16: rows 1-2 bnb, 3-16 cuda mma, more bnb"])
 FULL = {**{k: v for k, v in EARLY.items() if k != "partial"}, "mode_tokens": 128,
         "decode_ms_by_mode": {"manual": dict(ms=19.5, status="manual: graph", same_as_eager=True),
                               "off": dict(ms=60.25, status="off: eager", same_as_eager=True)}}
@@ -82,9 +85,20 @@ def test_a_train_step_cut_short_after_its_steps_keeps_them(tmp_path):
     assert rows["workload"] == "Qwen3 8b config, random weights, nf4 frozen, layer 16, G = 8 x 512 new tokens, beta 0.0"
     assert rows["s/step (each step)"] == "30.5, 12.2"
     assert rows["decoder graph (training steps)"] == "manual: graph"
+    assert rows["NF4 matmul routes measured by the decoder"] == EARLY["nf4_routes"][0]
     assert rows["decode weight-read limit"].endswith("17.4% of the limit")
     assert rows["decode modes and GQA timings"] == "did not finish: see train_step.log"
     assert not any(key.startswith("decode, mode") for key in rows)
+
+
+def test_a_failed_nf4_check_shows_with_the_fallback_it_caused(tmp_path):
+    (tmp_path / "nf4.log").write_text(
+        "NVIDIA H100 80GB HBM3  torch 2.11.0\nCUDA C++ kernel ready in 31.0 s (build or load)\n"
+        "MISMATCH cuda mma M=5 N=1000 K=1024 torch.bfloat16 bias=True nested=True bs=64: rel err 9.1e-01\n"
+        "CHECKS 43/44 ok (triton, cuda, cuda mma vs the fp32 reference)\n"
+        "the NF4 kernel check failed: the train step routes by the H100 table (ONELAYER_NF4_ROUTES=table)\n")
+    row = summary(tmp_path)["NF4 matmuls vs torch reference"]
+    assert row.startswith("MISMATCH cuda mma M=5") and "CHECKS 43/44 ok" in row and row.endswith("=table)")
 
 
 def test_the_full_result_line_after_the_early_one_wins(tmp_path):

@@ -254,6 +254,37 @@ def test_routes_follow_the_measured_table(monkeypatch):
     assert dispatch.choose_routes(torch.device("cpu")) == ((dispatch.MAX_ROWS, nf4_matmul_triton),)
 
 
+@interpreted
+def test_measured_routes_take_the_fastest_kernel_that_agrees(caplog):
+    """Each bucket of rows takes its fastest candidate; one that differs from the reference is
+    never timed nor chosen, however fast, and says so once."""
+    modules = [linear4bit(21, 128, seed=1), linear4bit(40, 64, bias=False, seed=2)]
+
+    def wrong(x, w, bias):
+        return nf4_matmul_triton(x, w, bias) * 1.01
+
+    speed = {"bnb": lambda rows: 3.0 if rows <= 2 else 9.0, "triton": lambda rows: 5.0, "wrong": lambda rows: 1.0}
+    timed = []
+
+    def clock(name, rows, one_pass):
+        outputs = one_pass()
+        assert len(outputs) == 2 and outputs[0].shape == (rows, 21)
+        timed.append((name, rows))
+        return speed[name](rows)
+
+    dispatch._DISAGREED.clear()
+    with caplog.at_level(logging.WARNING, logger="onelayer"):
+        routes, line = dispatch.measure_routes(modules, {"bnb": None, "triton": nf4_matmul_triton, "wrong": wrong},
+                                               dtype=torch.float32, clock=clock)
+    assert routes == ((2, None), (16, nf4_matmul_triton))
+    assert line == "rows 1-2 bnb, 3-16 triton, more bnb"
+    assert [dispatch._route(routes, r) for r in (1, 2, 3, 16, 17)] == [None, None, nf4_matmul_triton,
+                                                                        nf4_matmul_triton, None]
+    assert {name for name, _ in timed} == {"bnb", "triton"}
+    warnings = [r.getMessage() for r in caplog.records if r.name == "onelayer"]
+    assert len(warnings) == 1 and warnings[0].startswith("NF4 matmul: wrong differs from the torch reference at 1 rows")
+
+
 def test_nf4_linear_on_cpu_is_bitsandbytes():
     lin = linear4bit(21, 128)
     x = torch.randn(2, 3, 128)
