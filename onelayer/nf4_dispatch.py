@@ -190,7 +190,8 @@ def measure_routes(modules: list, candidates: dict[str, Matmul | None], *, dtype
     the H100 table's kernel unless another is more than MARGIN times faster, so that timing
     noise does not change the kernel (and the last bits of the logits) from run to run.
     A kernel whose output differs from the torch reference (relative error above 5e-3 in
-    16-bit dtypes, 1e-5 in fp32) is never chosen, with a warning: it is a bug, not a speed.
+    16-bit dtypes, 1e-5 in fp32), or that raises, is never chosen, with a warning: it is a
+    bug, not a speed.
     Returns the routes and a line that says what was chosen."""
     from onelayer.nf4 import nf4_linear_reference
     weights = [nf4_weight(m.weight) for m in modules]
@@ -208,9 +209,13 @@ def measure_routes(modules: list, candidates: dict[str, Matmul | None], *, dtype
                 if matmul is None:
                     one_pass = lambda: [m(xs[w.shape[1]]) for m, w in zip(modules, weights)]  # noqa: E731
                 else:
-                    error = _error(matmul, weights, xs, wants)
+                    try:
+                        error = _error(matmul, weights, xs, wants)
+                    except Exception as exc:  # a kernel that cannot run here is not a candidate
+                        _log_disagreement(name, rows, f"failed: {type(exc).__name__}: {str(exc)[:200]}")
+                        continue
                     if error > tolerance:
-                        _log_disagreement(name, rows, error)
+                        _log_disagreement(name, rows, f"relative error {error:.1e}")
                         continue
                     one_pass = lambda f=matmul: [f(xs[w.shape[1]], w, None) for w in weights]  # noqa: E731
                 seconds[name] = clock(name, rows, one_pass)
@@ -228,14 +233,13 @@ def measure_routes(modules: list, candidates: dict[str, Matmul | None], *, dtype
             f"rows {', '.join(spans)}, more bnb")
 
 
-_DISAGREED: set[str] = set()  # kernels already reported as differing from the reference
+_DISAGREED: set[str] = set()  # kernels already reported as not used
 
 
-def _log_disagreement(name: str, rows: int, error: float) -> None:
+def _log_disagreement(name: str, rows: int, why: str) -> None:
     if name not in _DISAGREED:
         _DISAGREED.add(name)
-        log.warning("NF4 matmul: %s differs from the torch reference at %d rows (relative error %.1e): "
-                    "not used", name, rows, error)
+        log.warning("NF4 matmul: %s is not used: at %d rows, against the torch reference, %s", name, rows, why)
 
 
 _MEASURED: dict[tuple, tuple[Routes, str]] = {}  # (device, dtype, shapes) -> routes, what they are

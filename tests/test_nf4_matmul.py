@@ -258,7 +258,7 @@ def test_routes_follow_the_measured_table(monkeypatch):
 def test_measured_routes_take_the_fastest_kernel_that_agrees(caplog):
     """Each bucket of rows takes its fastest candidate, but keeps the H100 table's kernel when
     that is within MARGIN of it; one that differs from the reference is never timed nor
-    chosen, however fast, and says so once."""
+    chosen, however fast, and says so once; so is one that raises."""
     modules = [linear4bit(21, 128, seed=1), linear4bit(40, 64, bias=False, seed=2)]
 
     def wrong(x, w, bias):
@@ -266,6 +266,9 @@ def test_measured_routes_take_the_fastest_kernel_that_agrees(caplog):
 
     def other(x, w, bias):  # right, and as fast as its clock says
         return nf4_matmul_triton(x, w, bias)
+
+    def broken(x, w, bias):
+        raise RuntimeError("nf4_matmul_mma: needs compute capability 8.0")
 
     speed = {"bnb": lambda rows: 3.0 if rows <= 2 else 9.0, "triton": lambda rows: 5.0,
              "wrong": lambda rows: 1.0, "other": lambda rows: 2.0 if rows == 16 else 4.8}
@@ -278,7 +281,7 @@ def test_measured_routes_take_the_fastest_kernel_that_agrees(caplog):
         return speed[name](rows)
 
     dispatch._DISAGREED.clear()
-    candidates = {"bnb": None, "triton": nf4_matmul_triton, "wrong": wrong, "other": other}
+    candidates = {"bnb": None, "triton": nf4_matmul_triton, "wrong": wrong, "other": other, "broken": broken}
     with caplog.at_level(logging.WARNING, logger="onelayer"):
         routes, line = dispatch.measure_routes(modules, candidates, dtype=torch.float32, clock=clock)
     # 1-2: bnb, the table's and the fastest; 3-4: the table's "cuda" is not a candidate, so the
@@ -289,7 +292,9 @@ def test_measured_routes_take_the_fastest_kernel_that_agrees(caplog):
                                                                            other, other, None]
     assert {name for name, _ in timed} == {"bnb", "triton", "other"}
     warnings = [r.getMessage() for r in caplog.records if r.name == "onelayer"]
-    assert len(warnings) == 1 and warnings[0].startswith("NF4 matmul: wrong differs from the torch reference at 1 rows")
+    assert warnings == ["NF4 matmul: wrong is not used: at 1 rows, against the torch reference, relative error 1.0e-02",
+                        "NF4 matmul: broken is not used: at 1 rows, against the torch reference, failed: "
+                        "RuntimeError: nf4_matmul_mma: needs compute capability 8.0"]
 
 
 def test_nf4_linear_on_cpu_is_bitsandbytes():
