@@ -193,6 +193,7 @@ def _fit_lines(report: Report) -> list[str]:
     positions = report.model.max_positions
     bound = (f"; the model's {positions:,} positions allow no more"
              if report.largest_new_tokens == positions - w.prompt_tokens else "")
+
     def largest(knob: str, value: int) -> str:
         return f"{knob} {value}" if value else f"no {knob} fits"
 
