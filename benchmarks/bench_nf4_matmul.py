@@ -78,7 +78,7 @@ def weight_bytes(w) -> int:
 
 
 class NotApplicable(Exception):
-    """A kernel that does not take these inputs (the tensor-core one: fp32, more than 16 rows)."""
+    """A kernel that does not take these inputs (the tensor-core one: fp32, more than 64 rows)."""
 
 
 def backends(device: str, native: bool) -> dict[str, Callable]:
@@ -176,8 +176,7 @@ def bench_shape(name: str, k: int, n: int, rows: tuple[int, ...], fns: dict[str,
         with torch.no_grad():
             cases = {"bnb": [lambda lin=lin: lin(x) for lin in lins],
                      "auto": [lambda lin=lin: nf4_linear(x, lin.weight) for lin in lins]}
-            cases.update({nm: [lambda w=w, fn=fn: fn(x, w, None) for w in ws] for nm, fn in fns.items()
-                          if nm != "cuda mma" or m <= 16})
+            cases.update({nm: [lambda w=w, fn=fn: fn(x, w, None) for w in ws] for nm, fn in fns.items()})
             cases["dense bf16"] = [lambda d=d: torch.nn.functional.linear(x, d) for d in dense]
             for impl, calls in cases.items():
                 try:

@@ -92,14 +92,14 @@ at::Tensor nf4_matmul(const at::Tensor& x, const at::Tensor& packed, const at::T
   return run(onelayer_nf4_matmul, x, packed, absmax, absmax2, code2, offset, code, bias, n, blocksize);
 }
 
-// The tensor-core kernel: bf16 / fp16 x of 1..16 rows on a device of compute capability >= 8.0.
+// The tensor-core kernel: bf16 / fp16 x of 1..64 rows on a device of compute capability >= 8.0.
 at::Tensor nf4_matmul_mma(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
                           const std::optional<at::Tensor>& absmax2, const std::optional<at::Tensor>& code2,
                           const std::optional<at::Tensor>& offset, const at::Tensor& code,
                           const std::optional<at::Tensor>& bias, int64_t n, int64_t blocksize) {
-  TORCH_CHECK(x.is_cuda() && x.dim() == 2 && x.size(0) <= 16
+  TORCH_CHECK(x.is_cuda() && x.dim() == 2 && x.size(0) <= 64
                   && (x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf),
-              "nf4_matmul_mma: x must be bf16 or fp16 [M, K] on CUDA with M <= 16");
+              "nf4_matmul_mma: x must be bf16 or fp16 [M, K] on CUDA with M <= 64");
   int major = 0;
   TORCH_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, x.device().index()) == cudaSuccess
                   && major >= 8,
@@ -114,7 +114,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
           pybind11::arg("x"), pybind11::arg("packed"), pybind11::arg("absmax"), pybind11::arg("absmax2"),
           pybind11::arg("code2"), pybind11::arg("offset"), pybind11::arg("code"), pybind11::arg("bias"),
           pybind11::arg("n"), pybind11::arg("blocksize"));
-  mod.def("nf4_matmul_mma", &nf4_matmul_mma, "the same by tensor cores: bf16 / fp16, M <= 16, sm_80+",
+  mod.def("nf4_matmul_mma", &nf4_matmul_mma, "the same by tensor cores: bf16 / fp16, M <= 64, sm_80+",
           pybind11::arg("x"), pybind11::arg("packed"), pybind11::arg("absmax"), pybind11::arg("absmax2"),
           pybind11::arg("code2"), pybind11::arg("offset"), pybind11::arg("code"), pybind11::arg("bias"),
           pybind11::arg("n"), pybind11::arg("blocksize"));

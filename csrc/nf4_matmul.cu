@@ -7,7 +7,7 @@
 // compile this file with a pip-installed nvcc and no CUDA build of torch.
 //
 // Two kernels: the one described next (FMA on CUDA cores, any dtype and M) and, further down, a
-// tensor-core one for bf16 / fp16 and M <= 16 (mma.sync; not yet timed on a GPU).
+// tensor-core one for bf16 / fp16 and M <= 64 (mma.sync; not yet timed on a GPU).
 //
 // A block of THREADS threads owns NC adjacent output columns (NC weight rows of K/2 bytes
 // each) and the MT rows of x of its row tile. Thread t reads, from each of its NC weight rows,
@@ -203,15 +203,15 @@ cudaError_t launch(const void* x, int64_t stride_xm, const uint8_t* packed, Scal
 }
 
 // ---------------------------------------------------------------------------------------------
-// Tensor-core variant for bf16 / fp16 x and M <= 16 (sm_80+): out^T = W x^T with mma.sync
-// m16n8k16, the weights as the 16-row operand A and x^T as the 8-column operand B (one or two
-// of them: MB = 1 for M <= 8, 2 for M <= 16). A warp owns NT tiles of 16 output columns and
+// Tensor-core variant for bf16 / fp16 x and M <= 64 (sm_80+): out^T = W x^T with mma.sync
+// m16n8k16, the weights as the 16-row operand A and x^T as the 8-column operand B (MB of them,
+// 8 rows of x each: 1, 2, 4 or 8). A warp owns NT tiles of 16 output columns and
 // walks K in chunks of 128; the WARPS warps of a block split K and add their sums in shared
 // memory at the end, in a fixed order.
 //
 // K is permuted inside each chunk so that every lane dequantises only the bytes it loaded: lane
 // (g = lane / 4, t = lane % 4) loads 16 bytes (32 weights) of rows g and g + 8 of its tile, at
-// k = kc + 32 t .. kc + 32 t + 31, and the same 32 columns of x row g. In mma step s (0..7) the
+// k = kc + 32 t .. kc + 32 t + 31, and the same columns of x rows g, g + 8, ... In step s (0..7) the
 // fragment columns 2t, 2t + 1 (registers a0 / a1, b0) stand for k = kc + 32 t + 4 s + {0, 1}
 // (byte 2s: high, low nibble) and the columns 8 + 2t, 9 + 2t (a2 / a3, b1) for
 // k = kc + 32 t + 4 s + {2, 3} (byte 2s + 1). A and B read the same permutation, and over s
@@ -297,43 +297,41 @@ nf4_mma_kernel(const T* __restrict__ x, int64_t stride_xm, const uint8_t* __rest
   for (int kc = warp * kChunk; kc < K; kc += WARPS * kChunk) {
     const int k = kc + 32 * t;  // this lane's 32 columns; past K (K % 128 != 0) they count as zeros
     const bool k_ok = k < K;
-    uint32_t xw[MB][16];  // x[g + 8 mb, k .. k + 31] as 16 pairs: pair 2s is b0 of step s, 2s + 1 its b1
+    uint32_t w[NT][2][4];  // 16 bytes of weight rows g and g + 8 of each tile
+    float scale[NT][2];
 #pragma unroll
-    for (int mb = 0; mb < MB; ++mb) {
-      const int m = g + 8 * mb;
-      const uint4* src = reinterpret_cast<const uint4*>(x + m * stride_xm + k);
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const uint4 v = (m < M && k_ok) ? __ldg(src + i) : make_uint4(0, 0, 0, 0);
-        xw[mb][4 * i] = v.x; xw[mb][4 * i + 1] = v.y; xw[mb][4 * i + 2] = v.z; xw[mb][4 * i + 3] = v.w;
-      }
-    }
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-      uint32_t w[2][4];  // 16 bytes of weight rows g and g + 8 of the tile
-      float scale[2];
+    for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const int n = n0 + 16 * nt + g + 8 * h;
         uint4 q = make_uint4(0, 0, 0, 0);
-        scale[h] = 0.f;
+        scale[nt][h] = 0.f;
         if (n < N && k_ok) {
           q = __ldg(reinterpret_cast<const uint4*>(packed + n * row_bytes + k / 2));
-          scale[h] = row_scale(sc, offset, n, k, blocks_per_row, blocksize);
+          scale[nt][h] = row_scale(sc, offset, n, k, blocks_per_row, blocksize);
         }
-        w[h][0] = q.x; w[h][1] = q.y; w[h][2] = q.z; w[h][3] = q.w;
+        w[nt][h][0] = q.x; w[nt][h][1] = q.y; w[nt][h][2] = q.z; w[nt][h][3] = q.w;
       }
 #pragma unroll
-      for (int s = 0; s < 8; ++s) {
+    for (int s = 0; s < 8; ++s) {
+      uint2 b[MB];  // x[g + 8 mb, k + 4s .. k + 4s + 3]: b0 and b1 of step s
+#pragma unroll
+      for (int mb = 0; mb < MB; ++mb) {
+        const int m = g + 8 * mb;
+        b[mb] = (m < M && k_ok) ? __ldg(reinterpret_cast<const uint2*>(x + m * stride_xm + k + 4 * s))
+                                : make_uint2(0, 0);
+      }
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
         uint32_t a[4];
 #pragma unroll
         for (int r = 0; r < 4; ++r) {  // a0: row g, byte 2s; a1: row g + 8, byte 2s; a2, a3: byte 2s + 1
           const int h = r & 1, byte = 2 * s + (r >> 1);
-          const uint32_t b = (w[h][byte / 4] >> (8 * (byte % 4))) & 0xFF;
-          a[r] = Mma<T>::pack(table[b >> 4] * scale[h], table[b & 15] * scale[h]);
+          const uint32_t v = (w[nt][h][byte / 4] >> (8 * (byte % 4))) & 0xFF;
+          a[r] = Mma<T>::pack(table[v >> 4] * scale[nt][h], table[v & 15] * scale[nt][h]);
         }
 #pragma unroll
-        for (int mb = 0; mb < MB; ++mb) Mma<T>::run(acc[nt][mb], a, xw[mb][2 * s], xw[mb][2 * s + 1]);
+        for (int mb = 0; mb < MB; ++mb) Mma<T>::run(acc[nt][mb], a, b[mb].x, b[mb].y);
       }
     }
   }
@@ -371,18 +369,25 @@ cudaError_t launch_mma_tile(const void* x, int64_t stride_xm, const uint8_t* pac
 template <typename T, int MB>
 cudaError_t launch_mma_rows(const void* x, int64_t stride_xm, const uint8_t* packed, Scales sc, const float* code,
                             const void* bias, void* out, int M, int N, int K, int blocksize, cudaStream_t stream) {
-  // Two tiles a warp halve the reads of x per weight byte; narrow weights (the k / v
-  // projections) take one, and more warps split K, so that ~1,000 warps stream the weight.
-  if (N >= 4096)
-    return launch_mma_tile<T, 2, MB, 8>(x, stride_xm, packed, sc, code, bias, out, M, N, K, blocksize, stream);
-  return launch_mma_tile<T, 1, MB, 16>(x, stride_xm, packed, sc, code, bias, out, M, N, K, blocksize, stream);
+  // Up to 16 rows, two tiles a warp halve the reads of x per weight byte, and narrow weights
+  // (the k / v projections) take one tile and more warps splitting K, so that ~1,000 warps
+  // stream the weight; more rows: one tile and 8 warps (the block's sums fit shared memory).
+  if constexpr (MB <= 2) {
+    if (N >= 4096)
+      return launch_mma_tile<T, 2, MB, 8>(x, stride_xm, packed, sc, code, bias, out, M, N, K, blocksize, stream);
+    return launch_mma_tile<T, 1, MB, 16>(x, stride_xm, packed, sc, code, bias, out, M, N, K, blocksize, stream);
+  } else {
+    return launch_mma_tile<T, 1, MB, 8>(x, stride_xm, packed, sc, code, bias, out, M, N, K, blocksize, stream);
+  }
 }
 
 template <typename T>
 cudaError_t launch_mma(const void* x, int64_t stride_xm, const uint8_t* packed, Scales sc, const float* code,
                        const void* bias, void* out, int M, int N, int K, int blocksize, cudaStream_t stream) {
   if (M <= 8) return launch_mma_rows<T, 1>(x, stride_xm, packed, sc, code, bias, out, M, N, K, blocksize, stream);
-  return launch_mma_rows<T, 2>(x, stride_xm, packed, sc, code, bias, out, M, N, K, blocksize, stream);
+  if (M <= 16) return launch_mma_rows<T, 2>(x, stride_xm, packed, sc, code, bias, out, M, N, K, blocksize, stream);
+  if (M <= 32) return launch_mma_rows<T, 4>(x, stride_xm, packed, sc, code, bias, out, M, N, K, blocksize, stream);
+  return launch_mma_rows<T, 8>(x, stride_xm, packed, sc, code, bias, out, M, N, K, blocksize, stream);
 }
 
 }  // namespace
@@ -403,14 +408,14 @@ extern "C" cudaError_t onelayer_nf4_matmul(int dtype, const void* x, int64_t str
   }
 }
 
-// The tensor-core kernel above: dtype 1 (fp16) or 2 (bf16), 1 <= M <= 16, a device of compute
+// The tensor-core kernel above: dtype 1 (fp16) or 2 (bf16), 1 <= M <= 64, a device of compute
 // capability 8.0 or more (the binding checks); other arguments as onelayer_nf4_matmul.
 extern "C" cudaError_t onelayer_nf4_matmul_mma(int dtype, const void* x, int64_t stride_xm, const uint8_t* packed,
                                                const void* absmax, const float* absmax2, const float* code2,
                                                const float* offset, const float* code, const void* bias, void* out,
                                                int M, int N, int K, int blocksize, cudaStream_t stream) {
   const Scales sc{absmax, absmax2, code2, offset};
-  if (M < 1 || M > 16) return cudaErrorInvalidValue;
+  if (M < 1 || M > 64) return cudaErrorInvalidValue;
   switch (dtype) {
     case 1: return launch_mma<__half>(x, stride_xm, packed, sc, code, bias, out, M, N, K, blocksize, stream);
     case 2: return launch_mma<__nv_bfloat16>(x, stride_xm, packed, sc, code, bias, out, M, N, K, blocksize, stream);

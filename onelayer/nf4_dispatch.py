@@ -1,11 +1,11 @@
 """Which NF4 matmul runs, and swapping it into the bitsandbytes Linear4bit modules of a model.
 
 Rollouts on CUDA (`nf4_kernels`, prefer "measure") time the candidates on the model's first
-NF4 linears at 1, 2, 4, 8 and 16 rows, once per process (`measure_routes`): bitsandbytes, the
+NF4 linears at 1, 2, 4, ..., 64 rows, once per process (`measure_routes`): bitsandbytes, the
 Triton kernel, the CUDA C++ kernel and its tensor-core variant (bf16 / fp16, sm_80+). Each row
 count takes the fastest that matches the torch reference, the table's below unless another is
 over 10% faster. A card other than an H100 gets its own routes, and a kernel that computes
-wrong is never used. More than 16 rows (prefill): bitsandbytes. The table measured on an H100 (ROUTES) is what `nf4_linear`, prefer "auto" and
+wrong is never used. More than 64 rows (prefill): bitsandbytes. The table measured on an H100 (ROUTES) is what `nf4_linear`, prefer "auto" and
 ONELAYER_NF4_ROUTES=table use:
 
     rows of x (M)   CUDA input (ROUTES, measured)                      CPU input
@@ -90,7 +90,7 @@ def nf4_matmul_native(ext: ModuleType, x: Tensor, w: NF4Weight, bias: Tensor | N
     return ext.nf4_matmul(x, w.packed, w.absmax, w.absmax2, w.code2, w.offset, w.code, bias, w.shape[0], w.blocksize)
 
 
-MMA_MAX_ROWS = 16  # rows the tensor-core kernel takes
+MMA_MAX_ROWS = 64  # rows the tensor-core kernel takes
 
 
 def nf4_matmul_native_mma(ext: ModuleType, x: Tensor, w: NF4Weight, bias: Tensor | None = None) -> Tensor:
@@ -131,9 +131,10 @@ _auto_routes = functools.cache(choose_routes)  # nf4_linear: chosen once per dev
 # ---------------------------------------------------------------------------------------------
 # Routes measured on the card in use
 # ---------------------------------------------------------------------------------------------
-BUCKETS = (1, 2, 4, 8, 16)   # decode rows measured; an input takes the route of the bucket
-                             # at or above its rows, more than the last: bitsandbytes (every
-                             # candidate takes up to 16 rows: MMA_MAX_ROWS)
+BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # decode rows measured (generation batches); an input takes
+                             # the route of the bucket at or above its rows, more than the last:
+                             # bitsandbytes (every candidate takes up to 64 rows: MAX_ROWS,
+                             # MMA_MAX_ROWS)
 MEASURED_MODULES = 14        # the first 14 NF4 linears: two blocks of a Llama-like model, more
                              # bytes than an H100's L2 at 8B, so the timings read DRAM
 Clock = Callable[[str, int, Callable[[], object]], float]  # (kernel, rows, one pass) -> seconds

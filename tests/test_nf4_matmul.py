@@ -270,8 +270,8 @@ def test_measured_routes_take_the_fastest_kernel_that_agrees(caplog):
     def broken(x, w, bias):
         raise RuntimeError("nf4_matmul_mma: needs compute capability 8.0")
 
-    speed = {"bnb": lambda rows: 3.0 if rows <= 2 else 9.0, "triton": lambda rows: 5.0,
-             "wrong": lambda rows: 1.0, "other": lambda rows: 2.0 if rows == 16 else 4.8}
+    speed = {"bnb": lambda rows: 3.0 if rows <= 2 or rows == 64 else 9.0, "triton": lambda rows: 5.0,
+             "wrong": lambda rows: 1.0, "other": lambda rows: 2.0 if rows in (16, 32) else 4.8}
     timed = []
 
     def clock(name, rows, one_pass):
@@ -285,11 +285,12 @@ def test_measured_routes_take_the_fastest_kernel_that_agrees(caplog):
     with caplog.at_level(logging.WARNING, logger="onelayer"):
         routes, line = dispatch.measure_routes(modules, candidates, dtype=torch.float32, clock=clock)
     # 1-2: bnb, the table's and the fastest; 3-4: the table's "cuda" is not a candidate, so the
-    # fastest; 5-8: the table's triton, 4% slower than "other"; 9-16: "other", 2.5x faster.
-    assert routes == ((2, None), (4, other), (8, nf4_matmul_triton), (16, other))
-    assert line == "rows 1-2 bnb, 3-4 other, 5-8 triton, 9-16 other, more bnb"
-    assert [dispatch._route(routes, r) for r in (1, 3, 5, 9, 16, 17)] == [None, other, nf4_matmul_triton,
-                                                                           other, other, None]
+    # fastest; 5-8: the table's triton, 4% slower than "other"; 9-32: "other", 2.5x faster than
+    # triton (16) and bnb (32); 33-64: bnb, the table's and the fastest.
+    assert routes == ((2, None), (4, other), (8, nf4_matmul_triton), (32, other), (64, None))
+    assert line == "rows 1-2 bnb, 3-4 other, 5-8 triton, 9-32 other, 33-64 bnb, more bnb"
+    assert [dispatch._route(routes, r) for r in (1, 3, 5, 9, 32, 33, 65)] == [None, other, nf4_matmul_triton,
+                                                                               other, other, None, None]
     assert {name for name, _ in timed} == {"bnb", "triton", "other"}
     warnings = [r.getMessage() for r in caplog.records if r.name == "onelayer"]
     assert warnings == ["NF4 matmul: wrong is not used: at 1 rows, against the torch reference, relative error 1.0e-02",
