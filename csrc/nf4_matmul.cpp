@@ -92,6 +92,18 @@ at::Tensor nf4_matmul(const at::Tensor& x, const at::Tensor& packed, const at::T
   return run(onelayer_nf4_matmul, x, packed, absmax, absmax2, code2, offset, code, bias, n, blocksize);
 }
 
+// The major compute capability of a device, asked once per device: the first call comes before
+// any CUDA graph capture (onelayer.nf4_dispatch.measure_routes), later ones ask nothing.
+int capability_major(int device) {
+  static int known[256] = {};
+  if (device < 0 || device >= 256) return 0;
+  if (known[device] == 0 && cudaDeviceGetAttribute(&known[device], cudaDevAttrComputeCapabilityMajor, device)
+                                != cudaSuccess) {
+    known[device] = 0;
+  }
+  return known[device];
+}
+
 // The tensor-core kernel: bf16 / fp16 x of 1..64 rows on a device of compute capability >= 8.0.
 at::Tensor nf4_matmul_mma(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
                           const std::optional<at::Tensor>& absmax2, const std::optional<at::Tensor>& code2,
@@ -100,9 +112,7 @@ at::Tensor nf4_matmul_mma(const at::Tensor& x, const at::Tensor& packed, const a
   TORCH_CHECK(x.is_cuda() && x.dim() == 2 && x.size(0) <= 64
                   && (x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf),
               "nf4_matmul_mma: x must be bf16 or fp16 [M, K] on CUDA with M <= 64");
-  int major = 0;
-  TORCH_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, x.device().index()) == cudaSuccess
-                  && major >= 8,
+  TORCH_CHECK(capability_major(x.device().index()) >= 8,
               "nf4_matmul_mma: needs compute capability 8.0 or more (mma.sync with bf16)");
   return run(onelayer_nf4_matmul_mma, x, packed, absmax, absmax2, code2, offset, code, bias, n, blocksize);
 }
