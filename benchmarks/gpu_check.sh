@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Where onelayer stands on this GPU, in one command (under 8 minutes on an H100):
-#   1. the Triton kernels against their torch references with the GPU tiles (fp32 and bf16),
-#      the rollout decoder's greedy tokens against Hugging Face generate in each graph mode, and
-#      the NF4 matmuls (bitsandbytes, Triton, CUDA C++, tensor cores) against their reference,
-#   2. GRPO on the Qwen3-8B config with random weights in NF4, G = 8 x 512 new tokens, beta 0,
+#   1. the Triton kernels against their torch references with the GPU tiles (fp32 and bf16), and
+#      the rollout decoder's greedy tokens against Hugging Face generate in each graph mode,
+#   2. the fused policy loss at T = 8 x 4096, V = 151,936 against chunked and eager torch,
+#   3. the NF4 matmuls (bitsandbytes, Triton, CUDA C++, tensor cores) against their reference,
+#   4. GRPO on the Qwen3-8B config with random weights in NF4, G = 8 x 512 new tokens, beta 0,
 #      two steps: peak memory, s/step split into generation and update, decode vs its limit,
-#      decode ms/step with the CUDA graph, eager and torch.compile (the compile last), and the
-#      grouped-query fold against repeated keys and values at 8 rows x 1,024 cache columns,
-#   3. the fused policy loss at T = 8 x 4096, V = 151,936 against chunked and eager torch,
+#      the NF4 routes the decoder measured, decode ms/step with the CUDA graph, eager and
+#      torch.compile (the compile last), and the grouped-query fold against repeated keys and
+#      values at 8 rows x 1,024 cache columns,
 # then one table. Run from the repository root:
 #     bash benchmarks/gpu_check.sh
 # Wheels the machine lacks (bitsandbytes; transformers when older than our floor) are installed
@@ -35,6 +36,9 @@ python3 -c "import torch, triton, transformers, bitsandbytes as b; print('torch'
 strip_bars() { grep -av -e 'it/s]' -e 's/it]' ; }
 echo "== kernels"
 timeout 120 python3 benchmarks/check_kernels_gpu.py 2>&1 | tee "$LOGS/kernels.log"
+echo "== fused policy loss"
+timeout 100 python3 benchmarks/bench_policy_loss.py --shapes 32768x4096x151936 --reps 5 --warmup 1 \
+  2>&1 | tee "$LOGS/policy_loss.log"
 # The NF4 matmuls against their reference, in a process of their own: the decoder measures and
 # routes between them at its start, so a kernel that faults must not reach the train step.
 echo "== NF4 matmul kernels"
@@ -44,11 +48,10 @@ if [ "${PIPESTATUS[0]}" != 0 ]; then
   echo "the NF4 kernel check failed: the train step routes by the H100 table (ONELAYER_NF4_ROUTES=table)" \
     | tee -a "$LOGS/nf4.log"
 fi
+# Last, being the longest: its figures come as soon as its steps end (a first RESULT line), the
+# decode-mode timings after, the torch.compile one last; a timeout loses only what was left.
 echo "== train step (Qwen3-8B config, random weights)"
 timeout 300 python3 benchmarks/bench_train_step.py --config 8b --layer 16 --decode-compile --gqa-context 1024 2>&1 | strip_bars \
   | tee "$LOGS/train_step.log"
-echo "== fused policy loss"
-timeout 100 python3 benchmarks/bench_policy_loss.py --shapes 32768x4096x151936 --reps 5 --warmup 1 \
-  2>&1 | tee "$LOGS/policy_loss.log"
 echo "== summary"
 python3 benchmarks/gpu_summary.py "$LOGS" | tee "$LOGS/summary.md"
