@@ -30,6 +30,8 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
+#include <type_traits>
+
 namespace {
 
 // Per dtype: weights rounded to the dtype and kept as packed pairs (Pair), the block shape
@@ -223,39 +225,32 @@ cudaError_t launch(const void* x, int64_t stride_xm, const uint8_t* packed, Scal
 // start, it matches the torch reference and is the fastest (onelayer/nf4_dispatch.py,
 // measure_routes); benchmarks/bench_nf4_matmul.py checks and times it as "cuda mma".
 
-template <typename T> struct Mma;
-template <> struct Mma<__nv_bfloat16> {
-  static __device__ uint32_t pack(float lo, float hi) {
-    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<const uint32_t*>(&v);
-  }
-  static __device__ void run(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+// Two 16-bit values of T packed in a register, the first in the low half (as mma.sync reads).
+template <typename T>
+__device__ uint32_t pack_pair(float lo, float hi) {
+  const typename Io<T>::Pair v = Io<T>::pack(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+
+// d += a b: mma.sync m16n8k16 with T (bf16 or fp16) operands and fp32 accumulators.
+#define ONELAYER_MMA_16816(TYPE)                                                                      \
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." TYPE "." TYPE ".f32 {%0, %1, %2, %3}, "       \
+               "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"                                        \
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])                                         \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1))
+template <typename T>
+__device__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
 #if __CUDA_ARCH__ >= 800
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
-                 "{%8, %9}, {%0, %1, %2, %3};\n"
-                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  if constexpr (std::is_same_v<T, __half>) {
+    ONELAYER_MMA_16816("f16");
+  } else {
+    ONELAYER_MMA_16816("bf16");
+  }
 #else
-    __trap();
+  __trap();
 #endif
-  }
-};
-template <> struct Mma<__half> {
-  static __device__ uint32_t pack(float lo, float hi) {
-    const __half2 v = __floats2half2_rn(lo, hi);
-    return *reinterpret_cast<const uint32_t*>(&v);
-  }
-  static __device__ void run(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-#if __CUDA_ARCH__ >= 800
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
-                 "{%8, %9}, {%0, %1, %2, %3};\n"
-                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-#else
-    __trap();
-#endif
-  }
-};
+}
+#undef ONELAYER_MMA_16816
 
 constexpr int kChunk = 128;  // k per warp step: 4 lanes x 32
 
@@ -328,10 +323,10 @@ nf4_mma_kernel(const T* __restrict__ x, int64_t stride_xm, const uint8_t* __rest
         for (int r = 0; r < 4; ++r) {  // a0: row g, byte 2s; a1: row g + 8, byte 2s; a2, a3: byte 2s + 1
           const int h = r & 1, byte = 2 * s + (r >> 1);
           const uint32_t v = (w[nt][h][byte / 4] >> (8 * (byte % 4))) & 0xFF;
-          a[r] = Mma<T>::pack(table[v >> 4] * scale[nt][h], table[v & 15] * scale[nt][h]);
+          a[r] = pack_pair<T>(table[v >> 4] * scale[nt][h], table[v & 15] * scale[nt][h]);
         }
 #pragma unroll
-        for (int mb = 0; mb < MB; ++mb) Mma<T>::run(acc[nt][mb], a, b[mb].x, b[mb].y);
+        for (int mb = 0; mb < MB; ++mb) mma_16816<T>(acc[nt][mb], a, b[mb].x, b[mb].y);
       }
     }
   }
