@@ -324,6 +324,19 @@ def set_up(cfg: TrainConfig, progress: bool, echo: Callable[[str], None]) -> Run
     return RunSetUp(cfg, policy, job, optimizer, generator, gen_batch, micro, out, manifest, saved)
 
 
+_ANNOUNCED: set[str] = set()   # NF4 route lines already shown in this process
+
+
+def announce_nf4_routes(echo: Callable[[str], None]) -> None:
+    """The NF4 matmul routes this process measured on its GPU (rollouts over NF4 blocks), each
+    shown once."""
+    from .nf4_dispatch import measured_summaries
+    for line in measured_summaries():
+        if line not in _ANNOUNCED:
+            _ANNOUNCED.add(line)
+            echo(f"NF4 matmul routes measured on {line}")
+
+
 def run_steps(job: Job, cfg: TrainConfig, history: list[dict], first_step: int, *,
               scheduler, checkpointer: Checkpointer, reporter=NoReporter(),
               progress: bool = True, desc: str = "train", leave: bool = True,
@@ -346,6 +359,7 @@ def run_steps(job: Job, cfg: TrainConfig, history: list[dict], first_step: int, 
                 if distributed.world_size() > 1:
                     generator.manual_seed(distributed.step_seed(cfg.seed, step))
                 measured = {**job.step(), **memory_gib(device)}
+                announce_nf4_routes(echo)
                 samples = measured.pop("samples", None)
                 row = {"step": step, "lr": scheduler.get_last_lr()[0],
                        **distributed.reduce_metrics(measured)}

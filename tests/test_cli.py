@@ -121,7 +121,10 @@ def test_example_configs_build():
         assert cfg.model != "demo"
 
 
-def test_train_and_eval_on_a_local_dataset_with_field_mapping(tiny_models, tmp_path, capsys):
+def test_train_and_eval_on_a_local_dataset_with_field_mapping(tiny_models, tmp_path, capsys, monkeypatch):
+    # What a CUDA rollout over NF4 blocks would have measured: shown once, with the steps.
+    from onelayer import nf4_dispatch
+    monkeypatch.setitem(nf4_dispatch._MEASURED, "key", ((), "Some GPU, bfloat16: rows 1-64 cuda mma, more bnb"))
     data = tmp_path / "gsm8k_like.jsonl"
     rows = [{"q": f"what is {i} plus {i}", "sol": f"{i} and {i} make {2 * i}\n#### {2 * i}"}
             for i in range(12)]
@@ -134,6 +137,7 @@ def test_train_and_eval_on_a_local_dataset_with_field_mapping(tiny_models, tmp_p
          "--output", str(out), "--quiet"], capsys)
     assert code == 0, stderr
     assert "held-out accuracy after" in stdout
+    assert stdout.count("NF4 matmul routes measured on Some GPU, bfloat16: rows 1-64 cuda mma, more bnb\n") == 1
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
     config = json.loads((out / "run_config.json").read_text())
     assert (config["prompt_field"], config["answer_field"]) == ("q", "sol")
