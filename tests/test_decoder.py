@@ -158,9 +158,12 @@ def test_graph_bookkeeping_on_cpu(models, tok, monkeypatch):
     per key, replay; buffers reused by a smaller batch; grown and re-captured for a longer one."""
     captured = []
 
-    def fake_capture(run, device):
+    pools = []
+
+    def fake_capture(run, device, pool):
         captured.append(run)
-        return run                  # "replay" re-runs the closure captured with its arguments
+        pools.append(pool)
+        return run, pool or f"pool-{len(captured)}"   # "replay" re-runs the closure captured
 
     monkeypatch.setattr(decoder, "graph_mode", lambda device: "manual")
     monkeypatch.setattr(decoder, "capture", fake_capture)
@@ -194,8 +197,39 @@ def test_graph_bookkeeping_on_cpu(models, tok, monkeypatch):
     try:
         assert_same(*both(lm, tok, SamplingParams(30, greedy=True), [5], prompts=long))
         assert len(captured) == 5
+        # A decoder's graphs share the memory pool of its first one.
+        assert pools == [None, "pool-1", "pool-1", None, "pool-4"]
     finally:
         lm.lm_head.weight = head
+        decoder.release(lm)
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "mistral"])   # mistral: sliding window 8
+def test_steps_attend_the_written_columns_in_doubling_buckets(models, tok, monkeypatch, arch):
+    """ATTEND_MIN 16: prompts of at most 14 tokens and 40 new tokens attend 16, 32, then 64 of
+    the 128 cache columns, one graph for each (capture replaced by the step), and decode what
+    the dynamic-cache loop decodes, greedy and sampled."""
+    captured = []
+
+    def fake_capture(run, device, pool):
+        captured.append(run)
+        return run, "pool"
+
+    monkeypatch.setattr(decoder, "ATTEND_MIN", 16)
+    monkeypatch.setattr(decoder, "graph_mode", lambda device: "manual")
+    monkeypatch.setattr(decoder, "capture", fake_capture)
+    monkeypatch.setattr(decoder, "run_on_side_stream", lambda run, device: run())
+    lm = models[arch]
+    decoder.release(lm)
+    try:
+        ids, _ = encode(tok)
+        assert ids.shape[1] < 16
+        assert_same(*both(lm, tok, SamplingParams(40, greedy=True), []))
+        state = decoder._DECODERS[lm]
+        assert state.length == 128 and sorted(key[1] for key in state.graphs) == [16, 32, 64]
+        assert len(captured) == 3
+        assert_same(*both(lm, tok, SamplingParams(40, temperature=1.0), [], seed=3))
+    finally:
         decoder.release(lm)
 
 

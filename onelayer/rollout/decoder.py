@@ -2,16 +2,17 @@
 prefill, then one decode step whose shapes never change, captured as a CUDA graph on CUDA.
 
     prefill   prompts [B, P] -> keys/values into cache columns [0, P), logits of column P - 1
-    decode    token [B] at cache column c (positions [B]): writes column c, attends over all
-              S columns of the cache under the mask buffer, samples token c + 1 on the device,
+    decode    token [B] at cache column c (positions [B]): writes column c, attends over the
+              first A columns of the cache under the mask buffer (A: ATTEND_MIN doubled until
+              it holds column c, at most S), samples token c + 1 on the device,
               writes it into the output buffers at step t, advances c, t and the positions
               (all in place: the step reads and writes the same tensors every time)
 
 Every buffer is allocated for a capacity (B_cap rows, S_cap columns, S_cap a multiple of
 LENGTH_BUCKET) and reused by later calls that fit: a smaller batch takes the first B rows
 (views, same addresses), a longer prompt + completion that does not fit grows the buffers and
-drops every captured graph. One graph is captured per (batch, sampling parameters, stop ids,
-pad id); the last MAX_GRAPHS are kept.
+drops every captured graph. One graph is captured per (batch, attended columns A, sampling
+parameters, stop ids, pad id), all in one memory pool; the last MAX_GRAPHS are kept.
 
 What decides the token is what `generate.py` documents: softmax(logits / T), top-k, then
 top-p, nothing else. The draw is `torch.multinomial`'s own fast path written out: noise
@@ -33,9 +34,13 @@ capture after WARMUP eager steps on a side stream; "compile": torch.compile(mode
 `unsupported(lm)` names the models this decoder cannot run exactly; `generate.sample` sends
 them to the dynamic-cache loop.
 
-Attention: the full static length S is attended every step (masked columns weigh exactly 0),
-as gpt-fast does; the mask buffer `valid` [B, S] marks real prompt tokens and the generated
-columns written so far. Sliding-window layers get the same buffer with their window applied
+Attention: a step attends the first A cache columns (masked columns weigh exactly 0), A the
+smallest of 256, 512, 1,024, ... (or S) that holds the columns written so far, so the keys and
+values a step reads grow with the batch's length instead of being the whole static length S
+from the first token (gpt-fast attends all of S; at 32 rows x 1,224 columns of Qwen3-8B the
+cache is 5.8 GB a step, more than the 4.8 GB of NF4 weights). A doubling costs one more
+capture per batch shape. The mask buffer `valid` [B, S] marks real prompt tokens and the
+generated columns written so far. Sliding-window layers get the same buffer with their window applied
 in column space (j > c - window): real tokens of a row are contiguous, so this is the
 window in positions that Hugging Face's masks use.
 
@@ -44,8 +49,8 @@ key/value heads than query heads runs our own attention function (the model's
 `_attn_implementation` is swapped for the call and restored after it, on an error too; the
 training forward never sees it). In the decode step it folds each group's g query heads into
 g query rows of their key/value head, so SDPA reads the cache as it is. What that saves, for
-Qwen3-8B (36 layers, 8 key/value heads of 128, g = 4, bf16) at B = 8 rows x L = 1,024 cache
-columns (the whole static length is attended every step): the cache holds 2 (K, V) x 8 x 8 x
+Qwen3-8B (36 layers, 8 key/value heads of 128, g = 4, bf16) at B = 8 rows x L = 1,024
+attended cache columns: the cache holds 2 (K, V) x 8 x 8 x
 1,024 x 128 x 2 bytes = 33.5 MB a layer, 1.2 GB a step, which any decoder reads. Copying the
 keys and values to 32 heads first (transformers' sdpa with a dense mask before 5.23, and under
 dynamo in 5.23+) reads those 33.5 MB, writes 134 MB and SDPA reads the 134 MB back: ~302 MB a
@@ -87,7 +92,10 @@ GRAPH_MODE = os.environ.get("ONELAYER_DECODE_GRAPH", "manual")
 CHECK_EVERY = 8        # decode steps between host checks of `done` (and of stop strings), CUDA
 LENGTH_BUCKET = 128    # cache length rounded up to this: prompts of varying length share a graph
 WARMUP = 2             # eager steps on a side stream before a capture (Triton JIT, cuBLAS init)
-MAX_GRAPHS = 4         # captured graphs kept per model (each holds its own small memory pool)
+MAX_GRAPHS = 16        # captured graphs kept per model (they share one memory pool)
+ATTEND_MIN = 256       # a decode step attends the first A cache columns, A the smallest of
+                       # ATTEND_MIN, 2 ATTEND_MIN, 4 ATTEND_MIN, ... (or S) that holds every
+                       # column written so far: one graph for each A a batch reaches
 
 ATTENTION_KINDS = ("full_attention", "sliding_attention")
 
@@ -188,8 +196,9 @@ def mark_static(*tensors: Tensor) -> None:
 class StaticKV(Cache):
     """Keys and values of every layer in preallocated [B_cap, H_kv, S_cap, D] buffers, written
     in place: the prefill writes columns [0, P) and attends over those alone; a decode step
-    writes the column in `column` ([1] int64) and returns all S_cap columns (the mask hides
-    the rest). `batch` rows are used (a view: the same addresses for every batch <= B_cap)."""
+    writes the column in `column` ([1] int64) and returns the first `attend` columns (the mask
+    hides those not yet written). `batch` rows are used (a view: the same addresses for every
+    batch <= B_cap)."""
 
     def __init__(self, batch: int, length: int, device: torch.device):
         super().__init__(layers=[])
@@ -197,6 +206,7 @@ class StaticKV(Cache):
         self.batch = batch
         self.column = torch.zeros(1, dtype=torch.long, device=device)
         self.prefill_len: int | None = None
+        self.attend = length     # columns a decode step attends (a Python int: fixed in a graph)
         self.keys: dict[int, Tensor] = {}
         self.values: dict[int, Tensor] = {}
 
@@ -216,7 +226,7 @@ class StaticKV(Cache):
             return keys[:, :, :P], values[:, :, :P]
         keys.index_copy_(2, self.column, key_states)
         values.index_copy_(2, self.column, value_states)
-        return keys, values
+        return keys[:, :, :self.attend], values[:, :, :self.attend]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return 0  # never needed: positions and masks are always passed in
@@ -283,12 +293,15 @@ def run_on_side_stream(run, device: torch.device) -> None:
     main.wait_stream(side)
 
 
-def capture(run, device: torch.device):
-    """`run` captured as a CUDA graph (not executed); returns what replays it."""
+def capture(run, device: torch.device, pool=None):
+    """`run` captured as a CUDA graph (not executed) in memory pool `pool` (None: a new one);
+    returns what replays it and its pool. The decoder's graphs share one pool: a step keeps
+    nothing of its own alive after it (its results are written into the decoder's buffers),
+    and the graphs of one decoder never run at the same time."""
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, pool=pool):
         run()
-    return graph.replay
+    return graph.replay, graph.pool()
 
 
 class StaticDecoder:
@@ -313,6 +326,7 @@ class StaticDecoder:
         self.columns = torch.arange(length, **new)
         self.noise: Tensor | None = None       # [B, V] float32, allocated by the first sampled call
         self.graphs: OrderedDict[tuple, _Graph] = OrderedDict()
+        self.pool = None                       # the memory pool of the captured graphs
         self.weights: tuple = ()
         if self.mode == "compile":
             mark_static(self.column, self.step, self.token, self.position, self.done, self.valid,
@@ -375,22 +389,38 @@ class StaticDecoder:
         self.column.add_(1)
         self.step.add_(1)
 
-    def decode_step(self, lm, B: int, params, pad_id: int, stops: Tensor) -> None:
-        """The step that is captured: feed `token` at `column`, record the next token. Reads and
-        writes only the decoder's buffers and the model's weights."""
+    def decode_step(self, lm, B: int, attend: int, params, pad_id: int, stops: Tensor) -> None:
+        """The step that is captured: feed `token` at `column` (< attend), attending the first
+        `attend` cache columns; record the next token. Reads and writes only the decoder's
+        buffers and the model's weights."""
         self.valid[:B].index_fill_(1, self.column, True)
-        logits = self.forward(lm, self.token[:B, None], self.masks(self.valid[:B], self.column),
-                              self.position[:B, None])
+        self.cache.attend = attend
+        try:
+            logits = self.forward(lm, self.token[:B, None],
+                                  self.masks(self.valid[:B, :attend], self.column), self.position[:B, None])
+        finally:
+            self.cache.attend = self.length
         self.record(logits, B, params, pad_id, stops)
+
+    def attended(self, columns: int) -> int:
+        """The columns a step attends when `columns` are written: the smallest of ATTEND_MIN x
+        2^i that holds them, at most the cache length; the whole cache under torch.compile
+        (each length would be a compilation)."""
+        if self.mode == "compile":
+            return self.length
+        attend = ATTEND_MIN
+        while attend < columns:
+            attend *= 2
+        return min(attend, self.length)
 
     # -- graphs ----------------------------------------------------------------------------------
 
-    def graph_for(self, lm, B: int, params, stop_ids: list[int], pad_id: int) -> _Graph:
+    def graph_for(self, lm, B: int, attend: int, params, stop_ids: list[int], pad_id: int) -> _Graph:
         weights = tuple(p.data_ptr() for p in lm.parameters())
         if weights != self.weights:   # a graph reads the weights at the addresses it captured
             self.graphs.clear()
             self.weights = weights
-        key = (B, params, tuple(stop_ids), pad_id)
+        key = (B, attend, params, tuple(stop_ids), pad_id)
         entry = self.graphs.get(key)
         if entry is None:
             entry = _Graph(torch.tensor(stop_ids, dtype=torch.long, device=self.device))
@@ -400,27 +430,27 @@ class StaticDecoder:
         self.graphs.move_to_end(key)
         return entry
 
-    def run_step(self, lm, entry: _Graph, B: int, params, pad_id: int) -> None:
+    def run_step(self, lm, entry: _Graph, B: int, attend: int, params, pad_id: int) -> None:
         if entry.replay is not None:
             entry.replay()
             return
         if self.mode == "off" or entry.failed:
-            self.decode_step(lm, B, params, pad_id, entry.stops)
+            self.decode_step(lm, B, attend, params, pad_id, entry.stops)
             return
         if self.mode == "compile":
             model = weakref.ref(lm)   # the compiled step must not keep the model alive
             entry.replay = torch.compile(
-                lambda: self.decode_step(model(), B, params, pad_id, entry.stops),
+                lambda: self.decode_step(model(), B, attend, params, pad_id, entry.stops),
                 mode="reduce-overhead", dynamic=False)
             entry.replay()
             return
-        run = lambda: self.decode_step(lm, B, params, pad_id, entry.stops)  # noqa: E731
+        run = lambda: self.decode_step(lm, B, attend, params, pad_id, entry.stops)  # noqa: E731
         if entry.warm < WARMUP:
             run_on_side_stream(run, self.device)
             entry.warm += 1
             return
         try:
-            entry.replay = capture(run, self.device)
+            entry.replay, self.pool = capture(run, self.device, self.pool)
         except Exception as exc:  # a host sync or an uncapturable op somewhere in the forward
             entry.failed = True
             log.warning("decode: CUDA graph capture failed, decoding eagerly: %s: %s",
@@ -465,8 +495,9 @@ class StaticDecoder:
         self.valid[:B].zero_()
         self.valid[:B, :P] = prompt_mask.bool()
         self.done[:B] = False
-        entry = self.graph_for(lm, B, dataclasses.replace(params, max_new_tokens=0, stop=()),
-                               stop_ids, pad_id)
+        key_params = dataclasses.replace(params, max_new_tokens=0, stop=())
+        attend = self.attended(P + 1)
+        entry = self.graph_for(lm, B, attend, key_params, stop_ids, pad_id)
 
         logits = self.prefill(lm, input_ids, prompt_mask)
         self.position[:B] = prompt_mask.long().sum(-1) - 1   # record() advances both to token 0's
@@ -478,8 +509,7 @@ class StaticDecoder:
                                          device=self.device)
                 mark_static(self.noise)   # drawn into in place before every step
                 self.graphs.clear()   # they read the old noise buffer
-                entry = self.graph_for(lm, B, dataclasses.replace(params, max_new_tokens=0, stop=()),
-                                       stop_ids, pad_id)
+                entry = self.graph_for(lm, B, attend, key_params, stop_ids, pad_id)
             self.noise[:B].exponential_(1, generator=generator)
         self.record(logits, B, params, pad_id, entry.stops)
 
@@ -489,7 +519,11 @@ class StaticDecoder:
             for _ in range(min(check_every(self.device), N - t)):
                 if not params.greedy:
                     self.noise[:B].exponential_(1, generator=generator)
-                self.run_step(lm, entry, B, params, pad_id)
+                # This step writes cache column P + t - 1: P + t columns are attended.
+                if self.attended(P + t) != attend:
+                    attend = self.attended(P + t)
+                    entry = self.graph_for(lm, B, attend, key_params, stop_ids, pad_id)
+                self.run_step(lm, entry, B, attend, params, pad_id)
                 t += 1
             self.stop_strings(stop_strings, B, checked, t, pad_id)
             checked = t
