@@ -25,10 +25,10 @@ fused AdamW), the setups of the anchors in BENCHMARKS.md.
 """
 from .methods import BatchChoice, choose_batches, largest_fit, plan_all, plan_full, plan_onelayer, plan_qlora
 from .parts import GiB, ModelDims, Part, Phase, Plan, Workload, nf4_bytes, saved_per_token
-from .report import (CUDA_CONTEXT, DEFAULT_PROMPT_TOKENS, Report, batches_for_run, build_report, format_plan, parse_size, plan_command,
+from .report import (CUDA_CONTEXT, Report, batches_for_run, build_report, format_plan, parse_size, plan_command,
                      read_model_config, report_json, workload_from_config)
 
-__all__ = ["BatchChoice", "CUDA_CONTEXT", "DEFAULT_PROMPT_TOKENS", "GiB", "ModelDims", "Part", "Phase", "Plan", "Report", "Workload",
+__all__ = ["BatchChoice", "CUDA_CONTEXT", "GiB", "ModelDims", "Part", "Phase", "Plan", "Report", "Workload",
            "batches_for_run", "build_report", "choose_batches", "format_plan", "largest_fit", "nf4_bytes", "parse_size", "plan_all",
            "plan_command", "plan_full", "plan_onelayer", "plan_qlora", "read_model_config", "report_json",
            "saved_per_token", "workload_from_config"]
