@@ -276,18 +276,18 @@ def _log_fallback(why: str) -> None:
     log.warning("NF4 matmul: using the Triton kernel, not the CUDA C++ one: %s", why)
 
 
-def _readable(module) -> bool:
-    """Whether the kernels can read this Linear4bit's weight."""
+def _readable_weight(module) -> NF4Weight | None:
+    """The NF4Weight of a Linear4bit when the kernels can read it, else None."""
     try:
-        return supports(nf4_weight(module.weight)) is None
+        w = nf4_weight(module.weight)
     except ValueError:
-        return False
+        return None
+    return w if supports(w) is None else None
 
 
-def _fast_forward(module, routes: Routes, cpu: bool) -> Callable[[Tensor], Tensor]:
-    """A forward for one Linear4bit the kernels can read (`_readable`) that sends no-grad inputs
-    to the kernel of their row count. `cpu`: CPU inputs too (TRITON_INTERPRET=1)."""
-    w = nf4_weight(module.weight)
+def _fast_forward(module, w: NF4Weight, routes: Routes, cpu: bool) -> Callable[[Tensor], Tensor]:
+    """A forward for one Linear4bit, whose weight the kernels read as `w`, that sends no-grad
+    inputs to the kernel of their row count. `cpu`: CPU inputs too (TRITON_INTERPRET=1)."""
     n, k = w.shape
     fallback = module.forward  # bitsandbytes' forward, or a hook's wrapper around it
     bias = module.bias
@@ -317,7 +317,9 @@ def nf4_kernels(model: torch.nn.Module, *, prefer: str = "measure", cpu: bool = 
     after the model is on its device (the kernels hold the weight's tensors as they are)."""
     import bitsandbytes as bnb
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    eligible = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit) and _readable(m)]
+    readable = [(m, w) for m in model.modules()
+                if isinstance(m, bnb.nn.Linear4bit) and (w := _readable_weight(m)) is not None]
+    eligible = [m for m, _ in readable]
     if prefer == "measure" and device.type == "cuda" and eligible \
             and os.environ.get("ONELAYER_NF4_ROUTES", "measure") != "table":
         dtype = eligible[0].compute_dtype if eligible[0].compute_type_is_set else torch.bfloat16
@@ -325,9 +327,9 @@ def nf4_kernels(model: torch.nn.Module, *, prefer: str = "measure", cpu: bool = 
     else:
         routes = choose_routes(device, prefer="auto" if prefer == "measure" else prefer)
     saved: list[tuple[torch.nn.Module, object]] = []
-    for module in eligible:
+    for module, w in readable:
         saved.append((module, module.__dict__.get("forward")))
-        module.forward = _fast_forward(module, routes, cpu)
+        module.forward = _fast_forward(module, w, routes, cpu)
     try:
         yield len(saved)
     finally:
