@@ -233,6 +233,33 @@ def test_steps_attend_the_written_columns_in_doubling_buckets(models, tok, monke
         decoder.release(lm)
 
 
+@pytest.mark.parametrize("arch", ["qwen3", "mistral"])
+def test_repeated_prompts_are_prefilled_once(models, tok, monkeypatch, arch):
+    """group = 4 (GRPO's G copies of each prompt, consecutive): the prefill runs the 2 distinct
+    prompts, not 8 rows, and the tokens and log-probs are those of the 8-row prefill, greedy
+    and sampled."""
+    lm = models[arch]
+    ids, mask = encode(tok, PROMPTS[-2:])                     # two lengths: left padding
+    ids, mask = ids.repeat_interleave(4, 0), mask.repeat_interleave(4, 0)
+    prefill_rows, prefill = [], decoder.StaticDecoder.prefill
+
+    def counted(self, lm, input_ids, prompt_mask):
+        prefill_rows.append(input_ids.shape[0])
+        return prefill(self, lm, input_ids, prompt_mask)
+
+    monkeypatch.setattr(decoder.StaticDecoder, "prefill", counted)
+    for params, seed in ((SamplingParams(12, greedy=True), None), (SamplingParams(12, temperature=1.0), 5)):
+        outs = [decoder.decode(lm, ids, mask, params, stop_ids=[], stop_strings=StopStrings(tok, ()), pad_id=0,
+                               generator=None if seed is None else torch.Generator().manual_seed(seed), group=group)
+                for group in (1, 4)]
+        assert_same(*outs)
+    assert prefill_rows == [8, 2, 8, 2]
+    # Rows that are not whole groups prefill whole.
+    decoder.decode(lm, ids[:6], mask[:6], SamplingParams(3, greedy=True), stop_ids=[],
+                   stop_strings=StopStrings(tok, ()), pad_id=0, group=4)
+    assert prefill_rows[-1] == 6
+
+
 def test_buffers_the_step_mutates_are_static_addresses(models, tok):
     """torch.compile(mode="reduce-overhead") skips cudagraphs for a step that writes in place
     into an input not marked static: the KV cache (index_copy_ per step) and the noise buffer,

@@ -2,6 +2,7 @@
 prefill, then one decode step whose shapes never change, captured as a CUDA graph on CUDA.
 
     prefill   prompts [B, P] -> keys/values into cache columns [0, P), logits of column P - 1
+              (a GRPO group's G copies of a prompt: the prompt once, its keys and values copied)
     decode    token [B] at cache column c (positions [B]): writes column c, attends over the
               first A columns of the cache under the mask buffer (A: ATTEND_MIN doubled until
               it holds column c, at most S), samples token c + 1 on the device,
@@ -216,6 +217,14 @@ class StaticKV(Cache):
             self.values[layer] = value.new_zeros(self.capacity, value.shape[1], self.length, value.shape[3])
             mark_static(self.keys[layer], self.values[layer])
         return self.keys[layer][:self.batch], self.values[layer][:self.batch]
+
+    def spread(self, rows: int, group: int, columns: int) -> None:
+        """Rows [0, rows) of every layer's first `columns` columns copied to rows
+        [0, rows x group), each `group` times in a row: a prefill of distinct prompts becomes
+        the cache of their repeated rows."""
+        for buffers in (self.keys, self.values):
+            for cache in buffers.values():
+                cache[:rows * group, :, :columns] = cache[:rows, :, :columns].repeat_interleave(group, 0)
 
     def update(self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args, **kwargs):
         keys, values = self._buffers(layer_idx, key_states, value_states)
@@ -488,7 +497,9 @@ class StaticDecoder:
             return self.complete(lm, input_ids, prompt_mask, params, **kwargs)
 
     def complete(self, lm, input_ids: Tensor, prompt_mask: Tensor, params, *, stop_ids: list[int],
-                 stop_strings, pad_id: int, generator: torch.Generator | None) -> Samples:
+                 stop_strings, pad_id: int, generator: torch.Generator | None, group: int = 1) -> Samples:
+        """group > 1: the rows come in runs of `group` copies of one prompt (a GRPO group); the
+        prefill runs each prompt once and copies its keys and values to the other rows."""
         B, P = input_ids.shape
         N = params.max_new_tokens
         self.cache.batch = B
@@ -499,7 +510,12 @@ class StaticDecoder:
         attend = self.attended(P + 1)
         entry = self.graph_for(lm, B, attend, key_params, stop_ids, pad_id)
 
-        logits = self.prefill(lm, input_ids, prompt_mask)
+        if group > 1:
+            logits = self.prefill(lm, input_ids[::group], prompt_mask[::group]).repeat_interleave(group, 0)
+            self.cache.spread(B // group, group, P)
+            self.cache.batch = B
+        else:
+            logits = self.prefill(lm, input_ids, prompt_mask)
         self.position[:B] = prompt_mask.long().sum(-1) - 1   # record() advances both to token 0's
         self.column.fill_(P - 1)
         self.step.zero_()
@@ -555,10 +571,11 @@ def release(lm) -> None:
 
 @torch.no_grad()
 def decode(lm, input_ids: Tensor, attention_mask: Tensor, params, *, stop_ids: list[int],
-           stop_strings, pad_id: int, generator: torch.Generator | None = None) -> Samples:
+           stop_strings, pad_id: int, generator: torch.Generator | None = None, group: int = 1) -> Samples:
     """Complete B left-padded prompts [B, P] with the static decoder (see the module docstring);
     `generate.sample` documents the arguments."""
     B, P = input_ids.shape
     decoder = decoder_for(lm, B, P + params.max_new_tokens)
     return decoder.run(lm, input_ids, attention_mask, params, stop_ids=stop_ids,
-                       stop_strings=stop_strings, pad_id=pad_id, generator=generator)
+                       stop_strings=stop_strings, pad_id=pad_id, generator=generator,
+                       group=group if group > 1 and B % group == 0 else 1)

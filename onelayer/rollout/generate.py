@@ -235,16 +235,18 @@ def rollout_kernels(lm):
 @torch.no_grad()
 def sample(lm, input_ids: Tensor, attention_mask: Tensor, params: SamplingParams, *,
            stop_ids: list[int], stop_strings: StopStrings, pad_id: int,
-           generator: torch.Generator | None = None) -> Samples:
+           generator: torch.Generator | None = None, group: int = 1) -> Samples:
     """Complete B left-padded prompts [B, P]; each row stops at its first stop token or string.
 
-    generator: the random stream (None: torch's global one). The static decoder where it is
-    exact (`decoder.unsupported`), else the dynamic-cache loop; both stop once every row has."""
+    generator: the random stream (None: torch's global one). group: the rows come in runs of
+    `group` copies of one prompt, whose prefill the static decoder runs once. The static decoder
+    where it is exact (`decoder.unsupported`), else the dynamic-cache loop; both stop once every
+    row has."""
     why = decoder.unsupported(lm)
     kwargs = dict(stop_ids=stop_ids, stop_strings=stop_strings, pad_id=pad_id, generator=generator)
     with rollout_kernels(lm):
         if why is None:
-            return decoder.decode(lm, input_ids, attention_mask, params, **kwargs)
+            return decoder.decode(lm, input_ids, attention_mask, params, group=group, **kwargs)
         _log_dynamic(lm.config.model_type, why)
         return sample_dynamic(lm, input_ids, attention_mask, params, **kwargs)
 
@@ -259,7 +261,7 @@ def generate_completions(lm, tokenizer, prompts: list[str], params: SamplingPara
     prompt_mask = prompt_mask.repeat_interleave(repeat, dim=0)
     out = sample(lm, input_ids, prompt_mask, params, stop_ids=stop_token_ids(tokenizer, lm),
                  stop_strings=StopStrings(tokenizer, params.stop), pad_id=tokenizer.pad_token_id,
-                 generator=generator)
+                 generator=generator, group=repeat)
     kept = [row[:n] for row, n in zip(out.tokens.tolist(), out.mask.sum(1).tolist())]
     texts = [cut_at_stop(text, params.stop)
              for text in tokenizer.batch_decode(kept, skip_special_tokens=True)]
