@@ -41,8 +41,8 @@ values a step reads grow with the batch's length instead of being the whole stat
 from the first token (gpt-fast attends all of S; at 32 rows x 1,224 columns of Qwen3-8B the
 cache is 5.8 GB a step, more than the 4.8 GB of NF4 weights). A doubling costs one more
 capture per batch shape. The mask buffer `valid` [B, S] marks real prompt tokens and the
-generated columns written so far. Sliding-window layers get the same buffer with their window applied
-in column space (j > c - window): real tokens of a row are contiguous, so this is the
+generated columns written so far. Sliding-window layers get the same buffer with their window
+applied in column space (j > c - window): real tokens of a row are contiguous, so this is the
 window in positions that Hugging Face's masks use.
 
 Grouped-query attention (attention.py): while the decoder runs, an sdpa model with fewer
