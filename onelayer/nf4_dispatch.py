@@ -1,12 +1,12 @@
 """Which NF4 matmul runs, and swapping it into the bitsandbytes Linear4bit modules of a model.
 
-Rollouts on CUDA (`nf4_kernels`, prefer "measure") time the candidates on the model's first
-NF4 linears at 1, 2, 4, ..., 64 rows, once per process (`measure_routes`): bitsandbytes, the
-Triton kernel, the CUDA C++ kernel and its tensor-core variant (bf16 / fp16, sm_80+). Each row
-count takes the fastest that matches the torch reference, the table's below unless another is
-over 10% faster. A card other than an H100 gets its own routes, and a kernel that computes
-wrong is never used. More than 64 rows (prefill): bitsandbytes. The table measured on an H100 (ROUTES) is what `nf4_linear`, prefer "auto" and
-ONELAYER_NF4_ROUTES=table use:
+Rollouts on CUDA (`nf4_kernels`, prefer "measure") time the candidates on the model's first NF4
+linears at 1, 2, 4, ..., 64 rows, once per process (`measure_routes`): bitsandbytes, the Triton
+kernel, the CUDA C++ kernel and its tensor-core variant (bf16 / fp16, sm_80+). Each row count
+takes the fastest that matches the torch reference, the table's below unless another is over
+10% faster. A card other than an H100 gets its own routes, and a kernel that computes wrong is
+never used. More than 64 rows (prefill): bitsandbytes. The table measured on an H100 (ROUTES)
+is what `nf4_linear`, prefer "auto" and ONELAYER_NF4_ROUTES=table use:
 
     rows of x (M)   CUDA input (ROUTES, measured)                      CPU input
     1-2             bitsandbytes (its fused 4-bit GEMV)                bitsandbytes
@@ -246,13 +246,15 @@ def _log_disagreement(name: str, rows: int, why: str) -> None:
 _MEASURED: dict[tuple, tuple[Routes, str]] = {}  # (device, dtype, shapes) -> routes, what they are
 
 
-def measured_routes(modules: list, device: torch.device, dtype: torch.dtype) -> Routes:
-    """`measure_routes` on this card for these modules' shapes, once per process (a line in the
-    log says what it chose; `measured_summaries` lists them)."""
-    sample = modules[:MEASURED_MODULES]
-    key = (str(device), dtype, tuple(nf4_weight(m.weight).shape for m in sample))
+def measured_routes(readable: list[tuple[torch.nn.Module, NF4Weight]], device: torch.device,
+                    dtype: torch.dtype) -> Routes:
+    """`measure_routes` on this card for the first MEASURED_MODULES of these (module, weight)
+    pairs' shapes, once per process (a line in the log says what it chose;
+    `measured_summaries` lists them)."""
+    sample = readable[:MEASURED_MODULES]
+    key = (str(device), dtype, tuple(w.shape for _, w in sample))
     if key not in _MEASURED:
-        routes, line = measure_routes(sample, route_candidates(device, dtype), dtype=dtype)
+        routes, line = measure_routes([m for m, _ in sample], route_candidates(device, dtype), dtype=dtype)
         line = f"{torch.cuda.get_device_name(device)}, {str(dtype).removeprefix('torch.')}: {line}"
         log.info("NF4 matmul routes measured on %s", line)
         _MEASURED[key] = routes, line
@@ -319,11 +321,11 @@ def nf4_kernels(model: torch.nn.Module, *, prefer: str = "measure", cpu: bool = 
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     readable = [(m, w) for m in model.modules()
                 if isinstance(m, bnb.nn.Linear4bit) and (w := _readable_weight(m)) is not None]
-    eligible = [m for m, _ in readable]
-    if prefer == "measure" and device.type == "cuda" and eligible \
+    if prefer == "measure" and device.type == "cuda" and readable \
             and os.environ.get("ONELAYER_NF4_ROUTES", "measure") != "table":
-        dtype = eligible[0].compute_dtype if eligible[0].compute_type_is_set else torch.bfloat16
-        routes = measured_routes(eligible, device, dtype or torch.bfloat16)
+        first = readable[0][0]
+        dtype = first.compute_dtype if first.compute_type_is_set else None
+        routes = measured_routes(readable, device, dtype or torch.bfloat16)
     else:
         routes = choose_routes(device, prefer="auto" if prefer == "measure" else prefer)
     saved: list[tuple[torch.nn.Module, object]] = []
