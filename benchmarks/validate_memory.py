@@ -41,7 +41,7 @@ from torch.utils._pytree import tree_leaves
 from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
 import onelayer.single_turn as engine
-from onelayer.config import TrainConfig, build_config
+from onelayer.config import build_config
 from onelayer.memory import ModelDims, Workload, plan_onelayer
 from onelayer.model import load_policy
 from onelayer.tasks import Task
@@ -219,12 +219,13 @@ def prompts_for(case: Case) -> list[str]:
 
 
 def workload_for(case: Case, device: str = "cpu") -> Workload:
-    """The planner's description of a case: fp32 compute and the torch loss on CPU (the engine's
-    defaults there), bf16 and the Triton loss on CUDA."""
+    """The planner's description of a case as the engine runs it: bf16 compute with bf16 frozen
+    blocks, and with NF4 on CUDA, else fp32; the Triton loss on CUDA, the torch one on CPU."""
     cuda = device == "cuda"
+    bf16 = case.frozen == "bf16" or (cuda and case.frozen == "nf4")
     return Workload(prompts=case.prompts, group_size=case.group_size, prompt_tokens=case.prompt_tokens,
                     new_tokens=case.new_tokens, layer=case.layer, micro_batch=case.micro_batch,
-                    beta=case.beta, frozen=case.frozen, compute="bf16" if cuda and case.frozen != "fp32" else "fp32",
+                    beta=case.beta, frozen=case.frozen, compute="bf16" if bf16 else "fp32",
                     device=device, loss_impl="triton" if cuda else "torch", padded=case.padded)
 
 
@@ -314,22 +315,19 @@ def _cuda_peaks(step) -> tuple[dict[str, int], dict]:
     return {"step": torch.cuda.max_memory_allocated(), "reserved": torch.cuda.max_memory_reserved()}, metrics
 
 
-# Micro-batch cases run once the engine has micro-batching (TrainConfig.micro_batch).
-MICRO_BATCHING = "micro_batch" in {f.name for f in dataclasses.fields(TrainConfig)}
 QUICK = [Case("narrow", "fp32", 4, 8, prompt_tokens=128), Case("narrow", "nf4", 4, 32, padded=False),
-         Case("wide", "fp32", 4, 16, beta=0.1),
-         *([Case("narrow", "fp32", 8, 64, micro_batch=4)] if MICRO_BATCHING else [])]
+         Case("wide", "fp32", 4, 16, beta=0.1), Case("narrow", "fp32", 8, 64, micro_batch=4),
+         Case("narrow", "bf16", 8, 64, micro_batch=4)]   # bf16 compute: layer L's compute copy trains
 
 FULL = [
-    *QUICK, Case("narrow", "fp32", 8, 16, prompt_tokens=160), Case("narrow", "nf4", 4, 64, padded=False),
+    *QUICK[:4], Case("narrow", "fp32", 8, 16, prompt_tokens=160), Case("narrow", "nf4", 4, 64, padded=False),
     Case("narrow", "fp32", 4, 32), Case("narrow", "fp32", 8, 96), Case("narrow", "fp32", 16, 160),
     Case("narrow", "fp32", 8, 96, padded=False), Case("narrow", "fp32", 8, 64, layer=7),
     Case("narrow", "fp32", 8, 64, layer=0, beta=0.1), Case("narrow", "nf4", 8, 96),
     Case("narrow", "nf4", 16, 160, padded=False), Case("narrow", "nf4", 8, 32, prompt_tokens=256),
     Case("wide", "fp32", 16, 64), Case("wide", "nf4", 8, 128), Case("wide", "nf4", 16, 192, layer=1, beta=0.1),
-    *([Case("narrow", "nf4", 8, 32, prompt_tokens=128, micro_batch=3), Case("wide", "fp32", 8, 32, beta=0.1,
-                                                                            micro_batch=8)]
-      if MICRO_BATCHING else []),
+    Case("narrow", "nf4", 8, 32, prompt_tokens=128, micro_batch=3), Case("wide", "fp32", 8, 32, beta=0.1, micro_batch=8),
+    *QUICK[4:], Case("narrow", "bf16", 4, 32), Case("wide", "bf16", 8, 64, beta=0.1),
 ]
 
 # The workload of benchmarks/RESULTS.md's first GPU figures (1 prompt of 48 tokens x 8 x 512,
@@ -345,13 +343,14 @@ STAGES = ("generate", "log-probs", "update", "optimizer")
 def table(results: list[Result], keys: tuple[str, ...]) -> str:
     """Measured / predicted MiB for each key (stages, or step and reserved) and the step's error."""
     head = " | ".join(f"{k} MiB" for k in keys)
-    lines = [f"| config | frozen | prompts x G | prompt + new | layer | padded | beta | {head} | step error |",
-             "|---" * (8 + len(keys)) + "|"]
+    lines = [f"| config | frozen | prompts x G | prompt + new | layer | padded | beta | micro-batch | {head} "
+             "| step error |", "|---" * (9 + len(keys)) + "|"]
     for r in results:
         c = r.case
         cells = " | ".join(f"{r.measured[k] / 2**20:.1f} / {r.predicted[k] / 2**20:.1f}" for k in keys)
         lines.append(f"| {c.config} | {c.frozen} | {c.prompts} x {c.group_size} | {c.prompt_tokens} + "
-                     f"{c.new_tokens} | {c.layer} | {'yes' if c.padded else 'no'} | {c.beta:g} | {cells} | "
+                     f"{c.new_tokens} | {c.layer} | {'yes' if c.padded else 'no'} | {c.beta:g} | "
+                     f"{c.micro_batch or 'all'} | {cells} | "
                      f"{r.error():+.1%} |")
     return "\n".join(lines)
 

@@ -103,7 +103,7 @@ class GradientSync:
     all-reduce (every rank keeps the whole sum in the parameters' .grad).
 
     Used as a context manager around one optimizer step (update.update):
-        leaves() -> the last micro-batch's forward -> arm(loss, leaves) -> backward
+        layer.policy_params() -> the last micro-batch's forward -> arm(loss, those) -> backward
         -> finish(loss, metrics) -> clip_(max_norm) -> optimizer.step()
     """
 
@@ -133,19 +133,6 @@ class GradientSync:
             raise UserError(f"rank {self.rank} ran out of memory after it began sending its "
                             "gradient to the other ranks, so the step cannot be retried at a "
                             "smaller batch: restart with a lower --micro-batch") from error
-
-    def leaves(self) -> dict[str, Tensor]:
-        """What the last micro-batch's forward takes for the layer instead of
-        `layer.policy_params()`, each a leaf of the graph whose gradient is final as soon as
-        the backward is past its first use: the fp32 masters themselves when they are the
-        compute copy, else detached compute-dtype copies (a cast `master.to(bf16)` made before
-        the forward would be the oldest node of the graph, and the engine would run every
-        cast's backward, and so finish every master's gradient, at the very end)."""
-        if self.layer.shares_storage:
-            return dict(self.layer.master)
-        dtype = self.layer.compute_dtype
-        return {name: p.detach().to(dtype).requires_grad_()
-                for name, p in self.layer.master.items()}
 
     def arm(self, loss: Tensor, leaves: dict[str, Tensor]) -> None:
         """Before the last backward: buckets in the order the backward will finish them, and a
@@ -196,14 +183,8 @@ class GradientSync:
         self._work: list = []
 
     def _ready(self, i: int, leaf: Tensor) -> None:
-        """Post-accumulate hook of leaf i: its gradient is final for this backward."""
-        master = self.params[i]
-        if leaf is not master:   # a compute-dtype copy: add its gradient as the cast would
-            if master.grad is None:
-                master.grad = leaf.grad.to(master.dtype)
-            else:
-                master.grad.add_(leaf.grad)
-            leaf.grad = None
+        """Post-accumulate hook of leaf i, after the layer's own (which adds a compute-dtype
+        leaf's gradient to its master): master i's gradient is final for this backward."""
         b = self._bucket_of[i]
         self._missing[b] -= 1
         while self._next < len(self._buckets) and self._missing[self._next] == 0:
@@ -268,9 +249,6 @@ class LocalGradient:
 
     def __exit__(self, kind, error, trace) -> None:
         return None
-
-    def leaves(self) -> dict[str, Tensor]:
-        return self.layer.policy_params()
 
     def arm(self, loss: Tensor, leaves: dict[str, Tensor]) -> None:
         pass

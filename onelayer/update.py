@@ -312,7 +312,7 @@ def update(policy: Policy, optimizer, h: Tensor, rollout: Rollout, rows: Tensor,
     with sync:
         for i, part in enumerate(parts):
             last = i == len(parts) - 1
-            params = sync.leaves() if last else policy.layer.policy_params()
+            params = policy.layer.policy_params()
             part_loss, metrics = micro_batch_loss(policy, h, rollout, part, token_advantages,
                                                   old_logprobs, ref_logprobs, objective,
                                                   num_seqs=num_seqs, num_tokens=num_tokens,

@@ -59,7 +59,7 @@ class Step:
 @pytest.mark.parametrize("layer, dtype", CASES)
 def test_each_gradient_is_final_once_and_in_the_predicted_order(tied_model, layer, dtype):
     step = Step(tied_model, layer, dtype)
-    leaves = GradientSync(step.policy.layer, shard=False).leaves()
+    leaves = step.policy.layer.policy_params()
     names = {id(t): name for name, t in leaves.items()}
     fired = []
     for t in leaves.values():
@@ -94,7 +94,7 @@ def test_overlapped_sum_is_the_plain_backward(one_rank_group, tied_model, layer,
     sent_before_last = []
     with sync:
         step.loss(parts[0]).backward()
-        leaves = sync.leaves()
+        leaves = step.policy.layer.policy_params()
         loss = step.loss(parts[1], leaves)
         sync.arm(loss, leaves)
         last = list(leaves.values())[readiness_order(loss, list(leaves.values()))[-1]]
@@ -169,7 +169,7 @@ def test_out_of_memory_after_a_bucket_went_out_is_not_retried(one_rank_group, ti
     for where, error in ((0, torch.OutOfMemoryError), (-1, UserError)):
         with pytest.raises(error, match="out of memory"):
             with GradientSync(step.policy.layer, shard=False) as sync:
-                leaves = sync.leaves()
+                leaves = step.policy.layer.policy_params()
                 loss = step.loss(torch.arange(6), leaves)
                 sync.arm(loss, leaves)
                 tensors = list(leaves.values())

@@ -160,6 +160,36 @@ def test_compute_copy_follows_master_in_bf16(tiny_models):
         assert torch.equal(own[n], p.detach().to(torch.bfloat16))
 
 
+def test_bf16_training_leaves_share_the_compute_copy_and_give_the_casts_gradient(tiny_models):
+    """policy_params() in bf16: leaves on the compute copy's own storage (no second copy of the
+    layer), whose gradients reach the fp32 masters bit for bit as a differentiable cast
+    master.to(bf16) would bring them, over two accumulated micro-batches; no bf16 gradient kept."""
+    policy = load_policy(tiny_models["qwen3"], layer=1, frozen_dtype="bf16", device="cpu")
+    rollout, advantages = rollout_and_advantages(policy)
+    h = policy.split.prefix(rollout.sequences, policy.split.context(rollout.attention_mask, policy.compute_dtype))
+    lm_head = policy.split.lm_head
+
+    def backward(rows, params):
+        mask, targets, _ = completion_tokens(rollout, rows)
+        hidden = completion_hidden(policy, h, rollout, rows, params)
+        lp = chunked_logprobs(hidden, lm_head.weight, targets, lm_head.bias, temperature=0.7)
+        loss_from_logprobs(lp, rollout, rows, advantages).backward()
+
+    halves = torch.arange(12).split(7)
+    for rows in halves:   # the differentiable cast
+        backward(rows, {n: p.to(torch.bfloat16) for n, p in policy.layer.master.items()})
+    cast = {n: p.grad.clone() for n, p in policy.layer.master.items()}
+    for p in policy.layer.master.values():
+        p.grad = None
+    for rows in halves:
+        leaves = policy.layer.policy_params()
+        assert all(leaves[n].data_ptr() == policy.layer.compute[n].data_ptr() for n in leaves)
+        backward(rows, leaves)
+        assert all(t.grad is None for t in leaves.values())
+    for n, p in policy.layer.master.items():
+        assert p.grad.dtype == torch.float32 and torch.equal(p.grad, cast[n]), n
+
+
 def test_triton_loss_impl_trains_like_the_torch_reference(tiny_models):
     """The trainer's calls into onelayer.kernels (the CUDA default), here under the Triton
     interpreter: one step from the same state and seed lands on the same weights."""

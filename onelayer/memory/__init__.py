@@ -2,7 +2,8 @@
 
 A step is a sequence of moments (phases); at each, a known set of tensors is alive:
 
-    prefill, decode            frozen weights + layer state + KV cache (HF generate grows it by torch.cat)
+    prefill, decode            frozen weights + layer state + KV cache (onelayer's static decoder holds
+                               it whole from the prefill on; TRL's HF generate grows it by torch.cat)
     log-probs                  + h_L cache [B, S, H]; a micro-batch through layer L, the suffix, the head
     update: forward / loss bwd + layer-L saved activations, checkpointed suffix inputs, loss buffers
     update: suffix bwd         + one suffix block recomputed (checkpointing) and its backward

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from ..errors import UserError
 from .parts import (GiB, LORA_RANK, ModelDims, Part, Phase, Plan, Workload, block_backward_per_token, context_part,
-                    dequant_part, forward_per_token, frozen_block_bytes, generation_phases, largest_weight,
+                    decoder_phases, dequant_part, forward_per_token, frozen_block_bytes, hf_generate_phases, largest_weight,
                     loss_parts, norm_per_token, rollout_part, saved_per_token)
 
 # ---------------------------------------------------------------------------------------------
@@ -56,16 +56,14 @@ def plan_onelayer(dims: ModelDims, w: Workload) -> Plan:
     cache = Part(f"h_L cache ({w.rows} x {w.seq} x {dims.hidden}, {w.compute})",
                  w.rows * w.seq * dims.hidden * c, "activations")
     # h_L, the rollout and the completion states (a local of the update until it returns) stay
-    # to the optimizer step; every update moment also keeps layer L's saved activations, the
-    # differentiable compute-dtype cast of its weights, the masks and rotary tables
-    # (checkpointing keeps its arguments).
+    # to the optimizer step; every update moment also keeps layer L's saved activations and the
+    # masks and rotary tables (checkpointing keeps its arguments). Layer L computes with its
+    # compute copy (TrainableLayer.policy_params): no second copy of its weights.
     kept = [cache, rollout_part(w),
             Part(f"completion hidden states ({tokens} x {dims.hidden})", tokens * dims.hidden * c, "activations")]
     base = [*kept, context_part(dims, w, mb, w.seq, "micro-batch"),
             Part(f"layer {w.layer}: saved activations ({tok} tokens)",
                  tok * saved_per_token(dims, c, w.seq, w.padded, "trained"), "activations")]
-    if c != 4:
-        base.append(Part(f"layer {w.layer}: {w.compute} cast of the master for autograd", c * n, "state"))
     checkpointed = Part(f"checkpointed suffix inputs ({suffix} blocks)", suffix * tok * dims.hidden * c,
                         "activations")
     norm_saved = Part("final norm: saved fp32 input", tok * (4 * dims.hidden + 4), "activations")
@@ -76,7 +74,7 @@ def plan_onelayer(dims: ModelDims, w: Workload) -> Plan:
     # The engine frees the gradient after each optimizer step; with several micro-batches per
     # minibatch, the one accumulated so far is alive while the next micro-batch runs.
     grad_in_backward = [grad] if mb < w.minibatch_rows else []
-    phases = [*generation_phases(dims, w, state),
+    phases = [*decoder_phases(dims, w, state),
               _logprob_phase(dims, w, state, cache),
               Phase("update: forward", (*state, *grad_in_backward, *base, checkpointed, norm_saved,
                                         Part("head: h_L rows + norm output, or loss buffers", head, "activations"))),
@@ -135,7 +133,7 @@ def _trl_plan(dims: ModelDims, w: Workload, method: str, state: list[Part], grad
         common.append(Part(f"checkpointed block inputs ({dims.layers} blocks)",
                            dims.layers * tok * dims.hidden * c, "activations"))
     full = block_kind == "full"
-    phases = [*generation_phases(dims, w, state),
+    phases = [*hf_generate_phases(dims, w, state),
               Phase("loss bwd", (*state, *common, *([] if checkpointing else [saved]),
                                  *_trl_loss_parts(dims, w, tokens, weight_grad=full)))]
     # The last block's backward (recomputed when checkpointing); with every weight trained, the
@@ -217,7 +215,8 @@ class BatchChoice:
 
 
 def choose_batches(dims: ModelDims, w: Workload, budget: int) -> BatchChoice:
-    """The largest micro-batch and generation batch whose step fits `budget` bytes (reserved).
+    """The largest micro-batch and generation batch (whole groups) whose step fits `budget`
+    bytes (reserved).
 
     Generation batch sizes only the prefill and decode phases, the micro-batch only the others,
     so each is the largest that fits with the other at 1. A step that cannot fit at 1 and 1
@@ -227,6 +226,7 @@ def choose_batches(dims: ModelDims, w: Workload, budget: int) -> BatchChoice:
         return largest_fit(dims, trial, budget, knob, limit)
 
     micro, generation = fit("micro_batch", w.minibatch_rows), fit("generation_batch", w.rows)
+    generation = generation // w.group_size * w.group_size   # whole groups: what a call generates
     if micro and generation:
         chosen = dataclasses.replace(w, micro_batch=micro, generation_batch=generation)
         return BatchChoice(micro, generation, plan_onelayer(dims, chosen))

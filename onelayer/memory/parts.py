@@ -2,6 +2,7 @@
 phases, plans), with the per-token counts of saved and transient activations."""
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -18,6 +19,9 @@ SLACK = 0.45
 LORA_RANK = 16
 # Streaming multiprocessors of the GPU the Triton loss sizes its vocabulary splits for (H100 SXM).
 SMS = 132
+# onelayer.rollout.decoder.LENGTH_BUCKET (a test keeps them equal): the static decoder's cache
+# length is prompt + completion rounded up to a multiple of it.
+DECODER_LENGTH_BUCKET = 128
 
 
 # ---------------------------------------------------------------------------------------------
@@ -108,7 +112,7 @@ class Workload:
     new_tokens: int = 1024
     layer: int = 16
     micro_batch: int = 0          # sequences per forward/backward; 0: the whole batch
-    generation_batch: int = 0     # rows generated at once; 0: all rows
+    generation_batch: int = 0     # rows generated at once (whole groups); 0: all rows
     minibatch: int = 0            # sequences per optimizer step; 0: the whole batch
     beta: float = 0.0             # > 0 keeps a reference layer and adds a reference pass
     frozen: str = "nf4"           # storage of the frozen blocks: nf4, bf16, fp32
@@ -139,7 +143,11 @@ class Workload:
 
     @property
     def gen_rows(self) -> int:
-        return min(self.generation_batch or self.rows, self.rows)
+        """Rows per generate call: whole groups, at least one (as `single_turn.sample_groups`
+        splits them)."""
+        if not self.generation_batch:
+            return self.rows
+        return min(max(1, self.generation_batch // self.group_size) * self.group_size, self.rows)
 
     @property
     def c(self) -> int:
@@ -318,7 +326,7 @@ def dequant_part(dims: ModelDims, w: Workload) -> list[Part]:
 
 
 def _sampler_part(dims: ModelDims, w: Workload, rows: int) -> Part:
-    """Per decode step: the last position's logits (compute dtype), their fp32 copy, and the
+    """HF generate, per decode step: the last position's logits (compute dtype), their fp32 copy, and the
     softmax probabilities, twice (the last step's stay referenced until the new ones replace
     them); temperature, top-k and top-p add [rows, V] buffers (top-p sorts: fp32 values, int64
     indices, softmax, cumsum, masks)."""
@@ -334,7 +342,8 @@ def _kv_parts(dims: ModelDims, w: Workload, rows: int, tokens: int) -> list[Part
             Part("KV cache growth (torch.cat copy of one layer's K)", rows * tokens * dims.kv_dim * w.c, "kv")]
 
 
-def generation_phases(dims: ModelDims, w: Workload, steady: list[Part]) -> list[Phase]:
+def hf_generate_phases(dims: ModelDims, w: Workload, steady: list[Part]) -> list[Phase]:
+    """Hugging Face `generate` (TRL's rollouts): a dynamic cache that grows a column at a time."""
     rows, prompt = w.gen_rows, w.prompt_tokens
     prefill = Phase("prefill", (*steady, _kv_parts(dims, w, rows, prompt)[0],
                                 Part(f"prefill: one block's activations ({rows} x {prompt} tokens)",
@@ -345,6 +354,42 @@ def generation_phases(dims: ModelDims, w: Workload, steady: list[Part]) -> list[
     return [prefill, decode]
 
 
+def decoder_columns(w: Workload) -> int:
+    """Cache columns of onelayer's static decoder: prompt + completion rounded up to
+    DECODER_LENGTH_BUCKET."""
+    return -(-w.seq // DECODER_LENGTH_BUCKET) * DECODER_LENGTH_BUCKET
+
+
+def decoder_phases(dims: ModelDims, w: Workload, steady: list[Part]) -> list[Phase]:
+    """onelayer's static decoder (rollout/decoder.py), one generate call of `gen_rows` rows.
+
+    Its KV cache holds every layer's keys and values for the whole length from the prefill on
+    (the dynamic-cache loop that some models fall back to grows to about as much: the same
+    length, unrounded, plus a copy of one layer's keys as it grows), beside the step
+    buffers: the attendable mask (bool), tokens and mask (int64) and log-probs (fp32) per row
+    and column. The prefill runs each group's prompt once (rows / G rows) under an explicit
+    mask, then copies its keys and values to the group's rows. A sampled decode step draws
+    fp32 noise [rows, V] into a buffer, then holds the step's logits (compute dtype) with the
+    fp32 scores, probabilities and probabilities / noise; top-k and top-p add [rows, V]
+    buffers as in HF generate. The step keeps nothing after it: its outputs are written into
+    the buffers."""
+    rows, prompt, columns = w.gen_rows, w.prompt_tokens, decoder_columns(w)
+    distinct = max(1, rows // w.group_size)
+    masked = dataclasses.replace(w, padded=True)
+    cache = [Part(f"decoder KV cache ({rows} rows x {columns} columns)",
+                  rows * columns * dims.layers * 2 * dims.kv_dim * w.c, "kv"),
+             Part("decoder buffers (mask, tokens, log-probs)", rows * columns * (1 + 8 + 4 + 8), "kv")]
+    prefill = Phase("prefill", (*steady, *cache,
+                                Part(f"prefill: one block's activations ({distinct} x {prompt} tokens)",
+                                     distinct * prompt * forward_per_token(dims, w.c, prompt, True), "activations"),
+                                context_part(dims, masked, distinct, prompt, "prefill"), *dequant_part(dims, w)))
+    per_vocab = (4 if w.temperature > 0 else 0) + w.c + 12 + (5 if w.top_k else 0) + (25 if w.top_p < 1.0 else 0)
+    decode = Phase("decode", (*steady, *cache,
+                              Part("decode noise, logits and sampler", rows * dims.vocab * per_vocab, "activations"),
+                              *dequant_part(dims, w)))
+    return [prefill, decode]
+
+
 def loss_parts(dims: ModelDims, w: Workload, tokens: int, stage: str) -> list[Part]:
     """The fused linear policy loss over `tokens` completion tokens (never [T, V] logits).
 
@@ -352,9 +397,10 @@ def loss_parts(dims: ModelDims, w: Workload, tokens: int, stage: str) -> list[Pa
     Triton: forward writes [4, splits, T] fp32 partials and 7 [T] fp32 outputs; backward fills
     a [C, V] dL/dz chunk in the compute dtype (C: 128 MiB / (c V), a multiple of 64) and the
     hidden-state gradient [T, H]. Torch (chunked reference): chunks of C = 32 MiB / (4 V) tokens
-    whose fp32 logits z (from a compute-dtype matmul output when c = 2) sit beside logsumexp's
-    own z - max; the loss forward then holds z, p = exp(z - lse) and p z; backward turns z into
-    dL/dz in place and casts it to the compute dtype.
+    whose fp32 logits z (cast from a compute-dtype matmul output when c = 2, which is freed
+    before logsumexp runs) sit beside logsumexp's own z - max; the loss forward then holds z,
+    p = exp(z - lse) and p z; backward turns z into dL/dz in place and casts it to the compute
+    dtype.
     """
     v, c = dims.vocab, w.c
     grad = Part("loss: hidden-state gradient", tokens * dims.hidden * c, "activations")
@@ -370,7 +416,7 @@ def loss_parts(dims: ModelDims, w: Workload, tokens: int, stage: str) -> list[Pa
     matmul = c if c == 2 else 0
     if stage == "backward":
         return [Part("loss: logit chunk turned into dL/dz", chunk * v * (4 + matmul), "activations"), grad]
-    per_row = 4 + matmul + 4 if stage == "logprobs" else 12
+    per_row = 8 if stage == "logprobs" else 12
     return [Part("loss: logit chunks", chunk * v * per_row, "activations")]
 
 

@@ -528,6 +528,7 @@ class StaticDecoder:
                 entry = self.graph_for(lm, B, attend, key_params, stop_ids, pad_id)
             self.noise[:B].exponential_(1, generator=generator)
         self.record(logits, B, params, pad_id, entry.stops)
+        del logits   # [B, V]: not kept through the decode steps
 
         t = checked = 1
         self.stop_strings(stop_strings, B, 0, 1, pad_id)
