@@ -5,9 +5,9 @@ A step is a sequence of moments (phases); at each, a known set of tensors is ali
     prefill, decode            frozen weights + layer state + KV cache (onelayer's static decoder holds
                                it whole from the prefill on; TRL's HF generate grows it by torch.cat)
     log-probs                  + h_L cache [B, S, H]; a micro-batch through layer L, the suffix, the head
-    update: forward / loss bwd + layer-L saved activations, checkpointed suffix inputs, loss buffers
+    update: forward / loss bwd + checkpointed block inputs (layer L and the suffix), loss buffers
     update: suffix bwd         + one suffix block recomputed (checkpointing) and its backward
-    update: layer bwd          + fp32 gradients of layer L arriving
+    update: layer bwd          + layer L recomputed, its backward, fp32 gradients arriving
     optimizer                  + AdamW temporaries
 
 Each phase's bytes are the sum of its parts; the peak is the largest phase. The counts of saved

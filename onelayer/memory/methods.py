@@ -55,17 +55,17 @@ def plan_onelayer(dims: ModelDims, w: Workload) -> Plan:
     suffix = dims.layers - 1 - w.layer
     cache = Part(f"h_L cache ({w.rows} x {w.seq} x {dims.hidden}, {w.compute})",
                  w.rows * w.seq * dims.hidden * c, "activations")
-    # h_L, the rollout and the completion states (a local of the update until it returns) stay
-    # to the optimizer step; every update moment also keeps layer L's saved activations and the
-    # masks and rotary tables (checkpointing keeps its arguments). Layer L computes with its
-    # compute copy (TrainableLayer.policy_params): no second copy of its weights.
-    kept = [cache, rollout_part(w),
-            Part(f"completion hidden states ({tokens} x {dims.hidden})", tokens * dims.hidden * c, "activations")]
-    base = [*kept, context_part(dims, w, mb, w.seq, "micro-batch"),
-            Part(f"layer {w.layer}: saved activations ({tok} tokens)",
-                 tok * saved_per_token(dims, c, w.seq, w.padded, "trained"), "activations")]
-    checkpointed = Part(f"checkpointed suffix inputs ({suffix} blocks)", suffix * tok * dims.hidden * c,
-                        "activations")
+    # h_L and the rollout stay to the optimizer step; every update moment also keeps the masks
+    # and rotary tables (checkpointing keeps its arguments), and until the loss's backward has
+    # run, the completion states it was given. Layer L computes with its compute copy
+    # (TrainableLayer.policy_params): no second copy of its weights. Every block from L on is
+    # checkpointed: layer L's activations exist only during its own backward.
+    kept = [cache, rollout_part(w)]
+    base = [*kept, context_part(dims, w, mb, w.seq, "micro-batch")]
+    completion = Part(f"completion hidden states ({tokens} x {dims.hidden})", tokens * dims.hidden * c,
+                      "activations")
+    checkpointed = Part(f"checkpointed block inputs (layer {w.layer} and the {suffix} after it)",
+                        (suffix + 1) * tok * dims.hidden * c, "activations")
     norm_saved = Part("final norm: saved fp32 input", tok * (4 * dims.hidden + 4), "activations")
     block_grads = Part("block backward gradients", tok * block_backward_per_token(dims, c), "activations")
     # The forward ends with the micro-batch's h_L rows and the final norm's output beside the
@@ -76,9 +76,9 @@ def plan_onelayer(dims: ModelDims, w: Workload) -> Plan:
     grad_in_backward = [grad] if mb < w.minibatch_rows else []
     phases = [*decoder_phases(dims, w, state),
               _logprob_phase(dims, w, state, cache),
-              Phase("update: forward", (*state, *grad_in_backward, *base, checkpointed, norm_saved,
+              Phase("update: forward", (*state, *grad_in_backward, *base, checkpointed, norm_saved, completion,
                                         Part("head: h_L rows + norm output, or loss buffers", head, "activations"))),
-              Phase("update: loss bwd", (*state, *grad_in_backward, *base, checkpointed, norm_saved,
+              Phase("update: loss bwd", (*state, *grad_in_backward, *base, checkpointed, norm_saved, completion,
                                          *loss_parts(dims, w, tokens, "backward")))]
     if suffix:
         phases.append(Phase("update: suffix bwd", (
@@ -89,9 +89,14 @@ def plan_onelayer(dims: ModelDims, w: Workload) -> Plan:
     # last backward; it lives beside the whole local gradient until the optimizer step ends.
     slices = ([Part(f"zero1: 1/{w.optimizer_shards} of the summed gradient (fp32)",
                     -(-4 * n // w.optimizer_shards), "state")] if w.optimizer_shards > 1 else [])
-    phases.append(Phase("update: layer bwd", (*state, grad, *slices, *base, block_grads,
-                                              Part(f"a weight gradient in {w.compute}", largest_weight(dims) * c,
-                                                   "activations"))))
+    phases.append(Phase("update: layer bwd", (
+        *state, grad, *slices, *base, block_grads,
+        Part(f"layer {w.layer}: checkpointed input", tok * dims.hidden * c, "activations"),
+        # At its MLP's backward, where the block's gradients peak, the down projection's saved
+        # input ([I]) has been used and freed.
+        Part(f"layer {w.layer}: saved activations, recomputed ({tok} tokens)",
+             tok * (saved_per_token(dims, c, w.seq, w.padded, "trained") - c * dims.intermediate), "activations"),
+        Part(f"a weight gradient in {w.compute}", largest_weight(dims) * c, "activations"))))
     phases.append(Phase("optimizer", (*state, grad, *slices, *kept, _adamw_part(dims, w))))
     return Plan(f"onelayer (layer {w.layer}, {w.frozen} frozen)", n, tuple(phases), w.device)
 

@@ -1,7 +1,8 @@
 """The prefix / layer / suffix split of a decoder-only causal LM at the trained layer L.
 
     tokens -> embed -> [prefix 0..L-1] -> h_L -> [layer L] -> [suffix L+1..N-1] -> norm -> hidden
-                       frozen, run once    cached  trainable   frozen, checkpointed
+                       frozen, run once    cached  trainable   frozen
+                                                   (both checkpointed: recomputed in backward)
 
 Several trained layers split at the first of them (the frozen blocks between them are part of
 the "suffix": checkpointed, gradients to activations only); `--layer all` has no prefix and
@@ -66,8 +67,8 @@ class SplitModel:
     `layer_indices` (sorted) are the trained blocks, `layer_index` the first of them: the prefix
     ends there. Between and after trained blocks the frozen ones pass gradients to activations
     only. With ``full=True`` (full-parameter training) every weight is trained: the prefix is
-    empty (its "cache" is the token ids), the embedding, the final norm and lm_head take their
-    weights from ``params`` too, and every block is checkpointed.
+    empty (its "cache" is the token ids), and the embedding, the final norm and lm_head take
+    their weights from ``params`` too.
 
     Trained weights are passed in explicitly (``params``, keyed by full checkpoint names,
     ``model.layers.<i>.<name>``) when gradients must reach the fp32 master weights, or when the
@@ -161,21 +162,19 @@ class SplitModel:
         # tensor that layer L may save ([B, S, H] in the compute dtype: 64 MiB at 8 x 1024 x 4096).
         return h.clone()
 
-    def from_layer(self, h: Tensor, ctx: Context, params: Mapping[str, Tensor] | None = None,
-                   *, recompute_suffix: bool = True) -> Tensor:
+    def from_layer(self, h: Tensor, ctx: Context, params: Mapping[str, Tensor] | None = None) -> Tensor:
         """The trained layers (with `params` if given) and the frozen blocks between and after
         them from the cached h_L (token ids [B, S] when full); returns the final normed hidden
-        states [B, S, H]. With grad enabled, frozen blocks (and, when full, every block) are
-        recomputed in backward (activation checkpointing per block); frozen blocks produce
-        input gradients only."""
+        states [B, S, H]. With grad enabled every block is recomputed in backward (activation
+        checkpointing per block): a trained block's activations then exist only during its own
+        backward, not through the whole suffix's, for one more block forward; frozen blocks
+        produce input gradients only."""
         own = _by_owner(params)
         if self.full:
             h = self._embed(h, own.get("embed"))
-        checkpointed = recompute_suffix and torch.is_grad_enabled()
+        checkpointed = torch.is_grad_enabled()
         for i in range(self.layer_index, self.num_layers):
-            if i in self.trained and not (self.full and checkpointed):
-                h = self._block(i, h, ctx, own.get(i))
-            elif checkpointed:
+            if checkpointed:
                 h = checkpoint(self._block, i, h, ctx, own.get(i), use_reentrant=False)
             else:
                 h = self._block(i, h, ctx, own.get(i))
@@ -199,7 +198,7 @@ class SplitModel:
         [1, s, H] runs once; each block's keys and values of it are put before those of every
         row's own tokens h_rest [B, R, H] (right-padded, rest_mask [B, R]). Returns the final
         normed hidden states of the rest [B, R, H]. The prefix's blocks keep their activations
-        (one short row); the rest's frozen blocks are recomputed in backward as in `from_layer`."""
+        (one short row); the rest's blocks are recomputed in backward as in `from_layer`."""
         own = _by_owner(params)
         _, h_rest = self._shared_blocks(range(self.layer_index, self.num_layers), h_prefix, h_rest, rest_mask,
                                         h_rest.dtype, own)
@@ -216,7 +215,7 @@ class SplitModel:
             record = _PrefixKeys()
             h_prefix = self._block(i, h_prefix, prefix_ctx, own.get(i), record)
             keys = _PrefixKeys(record.recorded)
-            if i not in self.trained and checkpointed:
+            if checkpointed:
                 h_rest = checkpoint(self._block, i, h_rest, rest_ctx, own.get(i), keys, use_reentrant=False)
             else:
                 h_rest = self._block(i, h_rest, rest_ctx, own.get(i), keys)
