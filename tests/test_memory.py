@@ -129,6 +129,21 @@ def test_generation_is_planned_as_the_static_decoder_runs_it():
     assert any("torch.cat" in p.name for p in trl.parts)
 
 
+def test_the_trained_layer_is_planned_as_recomputed_unless_it_is_the_last_block():
+    """SplitModel.recomputed: layer 16's activations exist only in its own backward; the last
+    block's from its forward on (and no block input is checkpointed after it)."""
+    def parts(layer, phase):
+        plan = plan_onelayer(DIMS, dataclasses.replace(MEASURED, layer=layer))
+        return [p.name for p in next(ph for ph in plan.phases if ph.name == phase).parts]
+
+    assert not any("layer 16: saved activations" in n for n in parts(16, "update: forward"))
+    assert any("layer 16: saved activations, recomputed" in n for n in parts(16, "update: layer bwd"))
+    assert any(n.startswith("checkpointed block inputs (layer 16 and the 19") for n in parts(16, "update: forward"))
+    last = parts(DIMS.layers - 1, "update: forward")
+    assert "layer 35: saved activations (4480 tokens)" in last
+    assert not any(n.startswith("checkpointed block inputs") for n in last)
+
+
 def test_a_train_config_gets_its_batches_before_loading_weights(tmp_path):
     from onelayer.config import build_config
 

@@ -59,13 +59,18 @@ def plan_onelayer(dims: ModelDims, w: Workload) -> Plan:
     # and rotary tables (checkpointing keeps its arguments), and until the loss's backward has
     # run, the completion states it was given. Layer L computes with its compute copy
     # (TrainableLayer.policy_params): no second copy of its weights. Every block from L on is
-    # checkpointed: layer L's activations exist only during its own backward.
+    # checkpointed but a last one (SplitModel.recomputed): layer L's activations exist only
+    # during its own backward, or, when it is the last block, from its forward on.
     kept = [cache, rollout_part(w)]
     base = [*kept, context_part(dims, w, mb, w.seq, "micro-batch")]
     completion = Part(f"completion hidden states ({tokens} x {dims.hidden})", tokens * dims.hidden * c,
                       "activations")
-    checkpointed = Part(f"checkpointed block inputs (layer {w.layer} and the {suffix} after it)",
-                        (suffix + 1) * tok * dims.hidden * c, "activations")
+    recomputed = suffix > 0
+    layer_saved = tok * saved_per_token(dims, c, w.seq, w.padded, "trained")
+    saved_from_forward = ([] if recomputed else
+                          [Part(f"layer {w.layer}: saved activations ({tok} tokens)", layer_saved, "activations")])
+    checkpointed = ([Part(f"checkpointed block inputs (layer {w.layer} and the {suffix} after it)",
+                          (suffix + 1) * tok * dims.hidden * c, "activations")] if recomputed else [])
     norm_saved = Part("final norm: saved fp32 input", tok * (4 * dims.hidden + 4), "activations")
     block_grads = Part("block backward gradients", tok * block_backward_per_token(dims, c), "activations")
     # The forward ends with the micro-batch's h_L rows and the final norm's output beside the
@@ -76,26 +81,28 @@ def plan_onelayer(dims: ModelDims, w: Workload) -> Plan:
     grad_in_backward = [grad] if mb < w.minibatch_rows else []
     phases = [*decoder_phases(dims, w, state),
               _logprob_phase(dims, w, state, cache),
-              Phase("update: forward", (*state, *grad_in_backward, *base, checkpointed, norm_saved, completion,
+              Phase("update: forward", (*state, *grad_in_backward, *base, *saved_from_forward, *checkpointed,
+                                        norm_saved, completion,
                                         Part("head: h_L rows + norm output, or loss buffers", head, "activations"))),
-              Phase("update: loss bwd", (*state, *grad_in_backward, *base, checkpointed, norm_saved, completion,
-                                         *loss_parts(dims, w, tokens, "backward")))]
+              Phase("update: loss bwd", (*state, *grad_in_backward, *base, *saved_from_forward, *checkpointed,
+                                         norm_saved, completion, *loss_parts(dims, w, tokens, "backward")))]
     if suffix:
         phases.append(Phase("update: suffix bwd", (
-            *state, *grad_in_backward, *base, checkpointed, block_grads, *dequant_part(dims, w),
+            *state, *grad_in_backward, *base, *checkpointed, block_grads, *dequant_part(dims, w),
             Part("suffix block recomputed: saved activations",
                  tok * saved_per_token(dims, c, w.seq, w.padded, "frozen"), "activations"))))
     # zero1: the reduce-scatter delivers this process's slice of the summed gradient during the
     # last backward; it lives beside the whole local gradient until the optimizer step ends.
     slices = ([Part(f"zero1: 1/{w.optimizer_shards} of the summed gradient (fp32)",
                     -(-4 * n // w.optimizer_shards), "state")] if w.optimizer_shards > 1 else [])
+    # At its MLP's backward, where the block's gradients peak, the down projection's saved input
+    # ([I]) has been used and freed.
+    at_layer = [Part(f"layer {w.layer}: saved activations{', recomputed' if recomputed else ''} ({tok} tokens), "
+                     "less the down projection's input", layer_saved - tok * c * dims.intermediate, "activations")]
+    if recomputed:
+        at_layer.append(Part(f"layer {w.layer}: checkpointed input", tok * dims.hidden * c, "activations"))
     phases.append(Phase("update: layer bwd", (
-        *state, grad, *slices, *base, block_grads,
-        Part(f"layer {w.layer}: checkpointed input", tok * dims.hidden * c, "activations"),
-        # At its MLP's backward, where the block's gradients peak, the down projection's saved
-        # input ([I]) has been used and freed.
-        Part(f"layer {w.layer}: saved activations, recomputed ({tok} tokens)",
-             tok * (saved_per_token(dims, c, w.seq, w.padded, "trained") - c * dims.intermediate), "activations"),
+        *state, grad, *slices, *base, block_grads, *at_layer,
         Part(f"a weight gradient in {w.compute}", largest_weight(dims) * c, "activations"))))
     phases.append(Phase("optimizer", (*state, grad, *slices, *kept, _adamw_part(dims, w))))
     return Plan(f"onelayer (layer {w.layer}, {w.frozen} frozen)", n, tuple(phases), w.device)

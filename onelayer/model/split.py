@@ -2,7 +2,7 @@
 
     tokens -> embed -> [prefix 0..L-1] -> h_L -> [layer L] -> [suffix L+1..N-1] -> norm -> hidden
                        frozen, run once    cached  trainable   frozen
-                                                   (both checkpointed: recomputed in backward)
+                                                   (both recomputed in backward: `recomputed`)
 
 Several trained layers split at the first of them (the frozen blocks between them are part of
 the "suffix": checkpointed, gradients to activations only); `--layer all` has no prefix and
@@ -162,19 +162,26 @@ class SplitModel:
         # tensor that layer L may save ([B, S, H] in the compute dtype: 64 MiB at 8 x 1024 x 4096).
         return h.clone()
 
+    def recomputed(self, i: int) -> bool:
+        """Whether block i is recomputed in backward rather than keeping its activations: every
+        frozen block, and a trained one unless it is the last block, whose activations nothing
+        else's backward would run beside (full-parameter training recomputes every block). A
+        trained block so recomputed costs one more block forward, and its activations exist
+        only during its own backward instead of through the backward of every block after it."""
+        return self.full or i not in self.trained or i < self.num_layers - 1
+
     def from_layer(self, h: Tensor, ctx: Context, params: Mapping[str, Tensor] | None = None) -> Tensor:
         """The trained layers (with `params` if given) and the frozen blocks between and after
         them from the cached h_L (token ids [B, S] when full); returns the final normed hidden
-        states [B, S, H]. With grad enabled every block is recomputed in backward (activation
-        checkpointing per block): a trained block's activations then exist only during its own
-        backward, not through the whole suffix's, for one more block forward; frozen blocks
-        produce input gradients only."""
+        states [B, S, H]. With grad enabled the blocks `recomputed` names are recomputed in
+        backward (activation checkpointing per block); frozen blocks produce input gradients
+        only."""
         own = _by_owner(params)
         if self.full:
             h = self._embed(h, own.get("embed"))
         checkpointed = torch.is_grad_enabled()
         for i in range(self.layer_index, self.num_layers):
-            if checkpointed:
+            if checkpointed and self.recomputed(i):
                 h = checkpoint(self._block, i, h, ctx, own.get(i), use_reentrant=False)
             else:
                 h = self._block(i, h, ctx, own.get(i))
@@ -215,7 +222,7 @@ class SplitModel:
             record = _PrefixKeys()
             h_prefix = self._block(i, h_prefix, prefix_ctx, own.get(i), record)
             keys = _PrefixKeys(record.recorded)
-            if checkpointed:
+            if checkpointed and self.recomputed(i):
                 h_rest = checkpoint(self._block, i, h_rest, rest_ctx, own.get(i), keys, use_reentrant=False)
             else:
                 h_rest = self._block(i, h_rest, rest_ctx, own.get(i), keys)
