@@ -23,6 +23,7 @@ from .algos import gigpo_advantages_fn
 from .config import TrainConfig
 from .model import Policy
 from .model.vocab import check_encodes
+from .offload import optimizer_offloaded
 from .rollout import Rollout, SamplingParams, release_decoder
 from .rollout.multiturn import Episodes, TurnFormat, hf_actor, run_episodes
 from .tasks.envs import TextEnv, load_env
@@ -116,8 +117,9 @@ def gigpo_step(policy: Policy, optimizer: torch.optim.Optimizer, cfg: TrainConfi
     """One GiGPO step on the tasks `seeds`, cfg.group_size episodes each; generator: the run's
     random stream for sampling and minibatch order (None: torch's global one)."""
     t0 = time.perf_counter()
-    episodes = play(policy, cfg, seeds, cfg.group_size, sampling_params(cfg), generator, gen_batch)
-    release_decoder(policy.split.lm)   # its KV cache is not needed by the update
+    with optimizer_offloaded(policy.layer, optimizer, cfg.offload_optimizer):
+        episodes = play(policy, cfg, seeds, cfg.group_size, sampling_params(cfg), generator, gen_batch)
+        release_decoder(policy.split.lm)   # its KV cache is not needed by the update
     sync_device(policy.device)
     t_gen = time.perf_counter()
 

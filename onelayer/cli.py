@@ -16,7 +16,8 @@ PROMPT_FIELDS = ("chat", "chat_template_kwargs", "stop", "max_prompt_tokens")
 ENV_FIELDS = ("env", "max_turns", "history_turns")
 PLAN_FIELDS = ("model", "layer", "prompts_per_step", "group_size", "max_new_tokens", "beta",
                "minibatch", "micro_batch", "generation_batch", "max_prompt_tokens",
-               "frozen_dtype", "loss_impl", "temperature", "top_p", "top_k", "optimizer_sharding")
+               "frozen_dtype", "loss_impl", "temperature", "top_p", "top_k", "optimizer_sharding",
+               "offload_optimizer")
 
 
 def _given(options: dict) -> dict:

@@ -210,6 +210,12 @@ class TrainConfig:
         "GPU memory budget, e.g. 22GiB: the memory plan (`onelayer plan`) chooses --micro-batch"
         " and --generation-batch to fit it before any weight is loaded. [default: the device's "
         "free memory on CUDA]")
+    offload_optimizer: bool = option(
+        False,
+        "Keep the trained layer's fp32 master weights, AdamW state and reference weights in "
+        "host memory while rollouts run (12 B a trained parameter: 2.2 GiB for a Qwen3-8B "
+        "layer, room for longer completions or more rows a generate call), for a copy to the "
+        "host and one back each step. The memory plan counts it.")
     seed: int = option(
         0, "Seed of prompts, sampling and initialisation. [default: 0]")
     frozen_dtype: str | None = option(

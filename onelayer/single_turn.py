@@ -24,6 +24,7 @@ from .config import TrainConfig
 from .errors import UserError
 from .evaluate import HeldOut, check_prompts_encode, eval_temperature, held_out_metric
 from .model import Policy
+from .offload import optimizer_offloaded
 from .prompting import PromptStyle, prompt_fits, render_prompt
 from .reporting import StepSamples, prompt_texts
 from .resilience import HalveOnOOM
@@ -137,8 +138,9 @@ def rl_step(policy: Policy, optimizer: torch.optim.Optimizer, task: Task, rows: 
             generator: torch.Generator | None = None, gen_batch: HalveOnOOM | None = None,
             micro: HalveOnOOM | None = None) -> dict:
     t0 = time.perf_counter()
-    batch = sample_and_score(policy, task, rows, cfg, more_rows, generator=generator,
-                             gen_batch=gen_batch)
+    with optimizer_offloaded(policy.layer, optimizer, cfg.offload_optimizer):
+        batch = sample_and_score(policy, task, rows, cfg, more_rows, generator=generator,
+                                 gen_batch=gen_batch)
     if cfg.dynamic_sampling and distributed.world_size() > 1:
         # A rank whose rounds ran out before its share was full: every rank trains on as many
         # groups as the one that found fewest, so that they take the same number of optimizer

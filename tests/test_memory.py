@@ -144,6 +144,27 @@ def test_the_trained_layer_is_planned_as_recomputed_unless_it_is_the_last_block(
     assert not any(n.startswith("checkpointed block inputs") for n in last)
 
 
+def test_offloading_the_optimizer_frees_the_rollouts_of_what_only_the_update_reads(tmp_path):
+    """--offload-optimizer: the fp32 master, AdamW's moments and the reference layer are not on
+    the GPU while rollouts run (12 B a parameter, 14 with a reference); the update is as before.
+    A step that fits only so is told to use it."""
+    w = dataclasses.replace(MEASURED, beta=0.04)
+    plain, moved = plan_onelayer(DIMS, w), plan_onelayer(DIMS, dataclasses.replace(w, offload_optimizer=True))
+    for a, b in zip(plain.phases, moved.phases):
+        saved = (12 + 2) * DIMS.block_params if a.stage == "generate" else 0
+        assert a.allocated - b.allocated == saved, a.name
+    assert not any("AdamW" in p.name for p in moved.phases[1].parts)
+    budget = 24 * GiB - GiB // 2
+    longest = largest_fit(DIMS, dataclasses.replace(w, micro_batch=1), budget, "new_tokens", 40000)
+    assert largest_fit(DIMS, dataclasses.replace(w, micro_batch=1, offload_optimizer=True), budget,
+                       "new_tokens", 40000) > longest + 1000
+    with pytest.raises(UserError, match="add --offload-optimizer"):
+        choose_batches(DIMS, dataclasses.replace(w, new_tokens=longest + 100), budget)
+    (tmp_path / "config.json").write_text(json.dumps(QWEN3_8B))
+    report = json.loads(plan_command({"model": str(tmp_path), "offload_optimizer": True}, as_json=True))
+    assert report["workload"]["offload_optimizer"] is True
+
+
 def test_a_train_config_gets_its_batches_before_loading_weights(tmp_path):
     from onelayer.config import build_config
 

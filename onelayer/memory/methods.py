@@ -13,23 +13,28 @@ from .parts import (GiB, LORA_RANK, ModelDims, Part, Phase, Plan, Workload, bloc
 # onelayer
 # ---------------------------------------------------------------------------------------------
 
-def _onelayer_state(dims: ModelDims, w: Workload) -> tuple[list[Part], Part, int]:
-    """(steady parts without the gradient, the fp32 gradient, trainable params)."""
+def _onelayer_state(dims: ModelDims, w: Workload) -> tuple[list[Part], list[Part], Part, int]:
+    """(steady parts without the gradient, those of them that a rollout does not read, the fp32
+    gradient, trainable params). A rollout reads the frozen blocks, the embeddings and the
+    trained layer's compute copy (the fp32 master itself in fp32)."""
     c, n, shards = w.c, dims.block_params, w.optimizer_shards
     embeddings = dims.vocab * dims.hidden * (1 if dims.tied else 2)
     frozen = Part(f"frozen blocks, {w.frozen} ({dims.layers - 1} x {dims.block_params / 1e6:.0f} M)",
                   (dims.layers - 1) * frozen_block_bytes(dims, w.frozen, c), "weights", True)
+    master = Part(f"layer {w.layer}: fp32 master weights", 4 * n, "state", True)
+    adamw = Part(f"layer {w.layer}: AdamW m + v (fp32" + (f", 1/{shards}: zero1" if shards > 1 else "") + ")",
+                 -(-8 * n // shards), "state", True)
     parts = [frozen,
              Part("embeddings + lm_head" + (" (tied)" if dims.tied else "") + f" ({w.compute})",
                   (embeddings + dims.hidden) * c, "weights", True),
-             Part(f"layer {w.layer}: fp32 master weights", 4 * n, "state", True),
-             Part(f"layer {w.layer}: AdamW m + v (fp32" + (f", 1/{shards}: zero1" if shards > 1 else "")
-                  + ")", -(-8 * n // shards), "state", True)]
+             master, adamw]
+    update_only = [adamw] if c == 4 else [master, adamw]
     if c != 4:
         parts.append(Part(f"layer {w.layer}: {w.compute} compute copy", c * n, "state", True))
     if w.beta > 0:
         parts.append(Part(f"reference layer ({w.compute})", c * n, "state", True))
-    return parts, Part(f"layer {w.layer}: gradient (fp32)", 4 * n, "state", True), n
+        update_only.append(parts[-1])
+    return parts, update_only, Part(f"layer {w.layer}: gradient (fp32)", 4 * n, "state", True), n
 
 
 def _logprob_phase(dims: ModelDims, w: Workload, steady: list[Part], cache: Part) -> Phase:
@@ -51,7 +56,9 @@ def _logprob_phase(dims: ModelDims, w: Workload, steady: list[Part], cache: Part
 def plan_onelayer(dims: ModelDims, w: Workload) -> Plan:
     w.check(dims)
     c, mb, tok, tokens = w.c, w.mb, w.mb * w.seq, w.mb * w.new_tokens
-    state, grad, n = _onelayer_state(dims, w)
+    state, update_only, grad, n = _onelayer_state(dims, w)
+    # --offload-optimizer: what only the update reads waits in host memory during rollouts.
+    rollout_state = [p for p in state if p not in update_only] if w.offload_optimizer else state
     suffix = dims.layers - 1 - w.layer
     cache = Part(f"h_L cache ({w.rows} x {w.seq} x {dims.hidden}, {w.compute})",
                  w.rows * w.seq * dims.hidden * c, "activations")
@@ -79,7 +86,7 @@ def plan_onelayer(dims: ModelDims, w: Workload) -> Plan:
     # The engine frees the gradient after each optimizer step; with several micro-batches per
     # minibatch, the one accumulated so far is alive while the next micro-batch runs.
     grad_in_backward = [grad] if mb < w.minibatch_rows else []
-    phases = [*decoder_phases(dims, w, state),
+    phases = [*decoder_phases(dims, w, rollout_state),
               _logprob_phase(dims, w, state, cache),
               Phase("update: forward", (*state, *grad_in_backward, *base, *saved_from_forward, *checkpointed,
                                         norm_saved, completion,
@@ -249,6 +256,9 @@ def _what_to_change(dims: ModelDims, w: Workload, budget: int) -> str:
     """One line: the knob that makes a step fit, with the value that does."""
     plan = plan_onelayer(dims, w)
     need = f"{plan.reserved / GiB:.1f} GiB needed, {budget / GiB:.1f} GiB available"
+    if not w.offload_optimizer and plan_onelayer(dims, dataclasses.replace(w, offload_optimizer=True)).fits(budget):
+        return (f"{need} even one sequence at a time: add --offload-optimizer (the trained layer's "
+                "optimizer state waits in host memory while rollouts run)")
     tokens = largest_fit(dims, w, budget, "new_tokens", w.new_tokens - 1)
     if tokens:
         return f"{need} even one sequence at a time: lower --max-new-tokens from {w.new_tokens} to {tokens}"

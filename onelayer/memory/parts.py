@@ -124,6 +124,7 @@ class Workload:
     top_p: float = 1.0
     top_k: int = 0
     optimizer_shards: int = 1     # zero1 over N processes: each holds 1/N of AdamW's moments
+    offload_optimizer: bool = False  # the layer's master, AdamW state, reference on the host in rollouts
 
     @property
     def rows(self) -> int:

@@ -98,7 +98,8 @@ def workload_from_config(cfg, dims: ModelDims, *, prompt_tokens: int | None = No
                     minibatch=cfg.minibatch // processes, beta=cfg.beta, frozen=frozen, compute=compute,
                     device=device,
                     loss_impl=loss, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-                    optimizer_shards=processes if cfg.optimizer_sharding == "zero1" else 1)
+                    optimizer_shards=processes if cfg.optimizer_sharding == "zero1" else 1,
+                    offload_optimizer=cfg.offload_optimizer)
 
 
 def batches_for_run(cfg, budget: int) -> tuple[BatchChoice, int]:
@@ -219,6 +220,7 @@ def format_plan(report: Report) -> str:
         f"{w.prompts} prompts x {w.group_size} completions = {w.rows} sequences of {w.prompt_tokens} prompt + "
         f"{w.new_tokens} new tokens (all full length); micro-batch {w.mb}, generation batch {w.gen_rows}; "
         f"beta {w.beta:g}; {w.frozen} frozen blocks, {w.compute} compute, {w.loss_impl} loss, {w.device}"
+        f"{'; optimizer state on the host during rollouts' if w.offload_optimizer else ''}"
         f"{_per_gpu(report.gpus, w)}. Budget: {card}{report.budget_bytes / GiB:.1f} GiB for tensors.", "",
         *_parts_table(onelayer), "",
         "Phases (allocated / reserved GiB): " + ", ".join(
