@@ -161,8 +161,16 @@ def test_offloading_the_optimizer_frees_the_rollouts_of_what_only_the_update_rea
     with pytest.raises(UserError, match="add --offload-optimizer"):
         choose_batches(DIMS, dataclasses.replace(w, new_tokens=longest + 100), budget)
     (tmp_path / "config.json").write_text(json.dumps(QWEN3_8B))
-    report = json.loads(plan_command({"model": str(tmp_path), "offload_optimizer": True}, as_json=True))
+    options = {"model": str(tmp_path), "micro_batch": 1, "generation_batch": 8}
+    plain = json.loads(plan_command(options, as_json=True))["largest_fit"]
+    assert plain["max_new_tokens_offloaded"] > plain["max_new_tokens"] > 0   # the plan says what it would give
+    assert (f"With --offload-optimizer (the trained layer's optimizer state in host memory while rollouts run): "
+            f"--max-new-tokens {plain['max_new_tokens_offloaded']}.") in plan_command(options)
+    options["offload_optimizer"] = True
+    report = json.loads(plan_command(options, as_json=True))
     assert report["workload"]["offload_optimizer"] is True
+    assert report["largest_fit"]["max_new_tokens"] == plain["max_new_tokens_offloaded"]
+    assert "With --offload-optimizer" not in plan_command(options)
 
 
 def test_a_train_config_gets_its_batches_before_loading_weights(tmp_path):

@@ -124,15 +124,19 @@ class Report:
     largest_new_tokens: int
     largest_group_size: int
     gpus: int = 1                 # data-parallel processes; the workload is each one's share
+    largest_new_tokens_offloaded: int = 0   # with --offload-optimizer, when it is not on already
 
 
 def build_report(dims: ModelDims, w: Workload, card_bytes: int, gpus: int = 1) -> Report:
     budget = card_bytes - (CUDA_CONTEXT if w.device == "cuda" else 0)
     if budget <= 0:
         raise UserError(f"--gpu-memory {card_bytes / GiB:.2f} GiB leaves nothing beside the CUDA context")
+    most_tokens = dims.max_positions - w.prompt_tokens
+    offloaded = (0 if w.offload_optimizer else
+                 largest_fit(dims, dataclasses.replace(w, offload_optimizer=True), budget, "new_tokens", most_tokens))
     return Report(dims, w, card_bytes, budget, tuple(plan_all(dims, w)),
-                  largest_fit(dims, w, budget, "new_tokens", dims.max_positions - w.prompt_tokens),
-                  largest_fit(dims, w, budget, "group_size", 1 << 16), gpus)
+                  largest_fit(dims, w, budget, "new_tokens", most_tokens),
+                  largest_fit(dims, w, budget, "group_size", 1 << 16), gpus, offloaded)
 
 
 def _per_gpu(gpus: int, w: Workload) -> str:
@@ -202,6 +206,9 @@ def _fit_lines(report: Report) -> list[str]:
              f"{w.gen_rows}: {largest('--max-new-tokens', report.largest_new_tokens)} (at {w.rows} sequences "
              f"of {w.prompt_tokens} prompt tokens{bound}), {largest('--group-size', report.largest_group_size)} "
              f"(at {w.prompts} prompts x {w.new_tokens} new tokens)."]
+    if report.largest_new_tokens_offloaded > report.largest_new_tokens:
+        lines.append(f"With --offload-optimizer (the trained layer's optimizer state in host memory while "
+                     f"rollouts run): --max-new-tokens {report.largest_new_tokens_offloaded}.")
     try:
         choice = choose_batches(report.model, w, budget)
     except UserError as exc:
@@ -240,7 +247,8 @@ def report_json(report: Report) -> str:
                        "gpus": report.gpus, "card_bytes": report.card_bytes,
                        "budget_bytes": report.budget_bytes,
                        "largest_fit": {"max_new_tokens": report.largest_new_tokens,
-                                       "group_size": report.largest_group_size},
+                                       "group_size": report.largest_group_size,
+                                       "max_new_tokens_offloaded": report.largest_new_tokens_offloaded},
                        "plans": [plan(p) for p in report.plans]}, indent=2)
 
 
