@@ -34,8 +34,8 @@ def update_only_tensors(layer, optimizer: torch.optim.Optimizer) -> list[Tensor]
     state in `local`)."""
     tensors = [] if layer.shares_storage else list(layer.master.values())
     tensors += list((layer.reference or {}).values())
-    for opt in (optimizer, getattr(optimizer, "local", None)):
-        for state in (opt.state.values() if opt is not None else ()):
+    for opt in filter(None, (optimizer, getattr(optimizer, "local", None))):
+        for state in opt.state.values():
             tensors += [t for t in state.values() if isinstance(t, Tensor)]
     return tensors
 

@@ -171,6 +171,10 @@ def test_offloading_the_optimizer_frees_the_rollouts_of_what_only_the_update_rea
     assert report["workload"]["offload_optimizer"] is True
     assert report["largest_fit"]["max_new_tokens"] == plain["max_new_tokens_offloaded"]
     assert "With --offload-optimizer" not in plan_command(options)
+    cpu = plan_onelayer(DIMS, dataclasses.replace(w, device="cpu", compute="fp32", frozen="fp32", loss_impl="torch",
+                                                    offload_optimizer=True))
+    assert cpu.phases[1].allocated == plan_onelayer(DIMS, dataclasses.replace(
+        w, device="cpu", compute="fp32", frozen="fp32", loss_impl="torch")).phases[1].allocated   # nothing moves on CPU
 
 
 def test_a_train_config_gets_its_batches_before_loading_weights(tmp_path):

@@ -57,8 +57,10 @@ def plan_onelayer(dims: ModelDims, w: Workload) -> Plan:
     w.check(dims)
     c, mb, tok, tokens = w.c, w.mb, w.mb * w.seq, w.mb * w.new_tokens
     state, update_only, grad, n = _onelayer_state(dims, w)
-    # --offload-optimizer: what only the update reads waits in host memory during rollouts.
-    rollout_state = [p for p in state if p not in update_only] if w.offload_optimizer else state
+    # --offload-optimizer: what only the update reads waits in host memory during rollouts (on
+    # CUDA; on a CPU run nothing moves).
+    offloaded = w.offload_optimizer and w.device == "cuda"
+    rollout_state = [p for p in state if p not in update_only] if offloaded else state
     suffix = dims.layers - 1 - w.layer
     cache = Part(f"h_L cache ({w.rows} x {w.seq} x {dims.hidden}, {w.compute})",
                  w.rows * w.seq * dims.hidden * c, "activations")
@@ -256,7 +258,8 @@ def _what_to_change(dims: ModelDims, w: Workload, budget: int) -> str:
     """One line: the knob that makes a step fit, with the value that does."""
     plan = plan_onelayer(dims, w)
     need = f"{plan.reserved / GiB:.1f} GiB needed, {budget / GiB:.1f} GiB available"
-    if not w.offload_optimizer and plan_onelayer(dims, dataclasses.replace(w, offload_optimizer=True)).fits(budget):
+    if (w.device == "cuda" and not w.offload_optimizer
+            and plan_onelayer(dims, dataclasses.replace(w, offload_optimizer=True)).fits(budget)):
         return (f"{need} even one sequence at a time: add --offload-optimizer (the trained layer's "
                 "optimizer state waits in host memory while rollouts run)")
     tokens = largest_fit(dims, w, budget, "new_tokens", w.new_tokens - 1)

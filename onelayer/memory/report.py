@@ -124,7 +124,7 @@ class Report:
     largest_new_tokens: int
     largest_group_size: int
     gpus: int = 1                 # data-parallel processes; the workload is each one's share
-    largest_new_tokens_offloaded: int = 0   # with --offload-optimizer, when it is not on already
+    largest_new_tokens_offloaded: int = 0   # with --offload-optimizer on CUDA, when it is not on already
 
 
 def build_report(dims: ModelDims, w: Workload, card_bytes: int, gpus: int = 1) -> Report:
@@ -132,7 +132,7 @@ def build_report(dims: ModelDims, w: Workload, card_bytes: int, gpus: int = 1) -
     if budget <= 0:
         raise UserError(f"--gpu-memory {card_bytes / GiB:.2f} GiB leaves nothing beside the CUDA context")
     most_tokens = dims.max_positions - w.prompt_tokens
-    offloaded = (0 if w.offload_optimizer else
+    offloaded = (0 if w.offload_optimizer or w.device != "cuda" else
                  largest_fit(dims, dataclasses.replace(w, offload_optimizer=True), budget, "new_tokens", most_tokens))
     return Report(dims, w, card_bytes, budget, tuple(plan_all(dims, w)),
                   largest_fit(dims, w, budget, "new_tokens", most_tokens),
@@ -227,7 +227,7 @@ def format_plan(report: Report) -> str:
         f"{w.prompts} prompts x {w.group_size} completions = {w.rows} sequences of {w.prompt_tokens} prompt + "
         f"{w.new_tokens} new tokens (all full length); micro-batch {w.mb}, generation batch {w.gen_rows}; "
         f"beta {w.beta:g}; {w.frozen} frozen blocks, {w.compute} compute, {w.loss_impl} loss, {w.device}"
-        f"{'; optimizer state on the host during rollouts' if w.offload_optimizer else ''}"
+        f"{'; optimizer state on the host during rollouts' if w.offload_optimizer and w.device == 'cuda' else ''}"
         f"{_per_gpu(report.gpus, w)}. Budget: {card}{report.budget_bytes / GiB:.1f} GiB for tensors.", "",
         *_parts_table(onelayer), "",
         "Phases (allocated / reserved GiB): " + ", ".join(
