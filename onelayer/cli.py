@@ -1,6 +1,7 @@
 """The `onelayer` command: parse, build the run config, call the library."""
 from __future__ import annotations
 
+import platform
 import sys
 from pathlib import Path
 
@@ -25,7 +26,33 @@ def _given(options: dict) -> dict:
     return {k: v for k, v in options.items() if v is not None and v != ()}
 
 
+# What `onelayer --version` reports beside onelayer's own: the libraries a result depends on.
+REPORTED_LIBRARIES = ("torch", "transformers", "bitsandbytes", "triton", "datasets")
+
+
+def _print_versions(ctx: click.Context, _param, wanted: bool) -> None:
+    """--version: onelayer's version and those of Python and the libraries it runs on, one line
+    to paste into a bug report or next to a benchmark figure."""
+    if not wanted or ctx.resilient_parsing:
+        return
+    from importlib.metadata import PackageNotFoundError, version
+
+    from . import __version__
+
+    def installed(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    libraries = ", ".join(f"{name} {installed(name)}" for name in REPORTED_LIBRARIES)
+    click.echo(f"onelayer {__version__} (python {platform.python_version()}, {libraries})")
+    ctx.exit()
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=_print_versions,
+              help="Print the versions of onelayer, Python and the libraries it runs on, and exit.")
 def cli():
     """onelayer: RL post-training (GRPO) of a single transformer layer.
 

@@ -76,6 +76,18 @@ def test_existing_trained_layer_is_not_overwritten(tiny_models, tmp_path, capsys
     assert (out / "layer.safetensors").read_bytes() == b"precious"
 
 
+def test_version_names_onelayer_and_the_libraries_it_runs_on(capsys):
+    from importlib.metadata import version
+
+    import onelayer
+    code, out, _ = run_cli(["--version"], capsys)
+    assert code == 0
+    assert out.startswith(f"onelayer {onelayer.__version__} (python ")
+    assert f"torch {version('torch')}, transformers {version('transformers')}, " in out
+    assert out.count("\n") == 1
+    assert version("onelayer") == onelayer.__version__    # pyproject reads it from there
+
+
 def test_help_explains_every_option():
     main_help = subprocess.run([sys.executable, "-m", "onelayer", "train", "--help"],
                                capture_output=True, text=True, timeout=120)

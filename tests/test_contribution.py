@@ -104,6 +104,32 @@ def test_a_sweep_run_is_exactly_onelayer_train(tmp_path):
         assert not any(p.requires_grad for p in base.lm.parameters())
 
 
+def test_a_sweep_run_on_nf4_blocks_is_exactly_onelayer_train(tmp_path):
+    """NF4 (the default on a GPU): the trained layer's 4-bit linears are swapped for plain ones
+    during the run and the very same 4-bit modules are back after it; full-parameter runs are
+    refused (NF4 holds no trainable weights)."""
+    import bitsandbytes as bnb
+    options = dict(model="demo", frozen_dtype="nf4", layer="2", steps=1, prompts_per_step=4,
+                   group_size=4, max_new_tokens=4, eval_samples=2, lr=1e-3, save_every=0)
+    base = load_frozen("demo", frozen_dtype="nf4", device="cpu")
+    linears = {name: m for name, m in base.lm.model.layers[2].named_modules()
+               if isinstance(m, torch.nn.Linear)}
+    assert len(linears) == 7 and all(isinstance(m, bnb.nn.Linear4bit) for m in linears.values())
+    packed = {name: m.weight.clone() for name, m in linears.items()}
+    train(build_config({**options, "output": str(tmp_path / "train")}), progress=False, echo=lambda line: None)
+    train_run(base, load_task("arithmetic"), build_config(options), tmp_path / "sweep", progress=False)
+    ours, _ = load_layer(tmp_path / "sweep")
+    theirs, _ = load_layer(tmp_path / "train")
+    assert ours.keys() == theirs.keys() and all((ours[k] == theirs[k]).all() for k in ours)
+    original = read_tensors(base.model_path, list(ours))
+    assert any((ours[k] != original[k]).any() for k in ours)          # it did train
+    after = dict(base.lm.model.layers[2].named_modules())
+    assert all(after[name] is m and torch.equal(m.weight, packed[name]) for name, m in linears.items())
+    with pytest.raises(UserError, match="NF4 cannot hold"):
+        train_run(base, load_task("arithmetic"), build_config({**options, "layer": "all"}),
+                  tmp_path / "sweep-all", progress=False)
+
+
 def invoke(args):
     result = CliRunner().invoke(contribution_command, args, catch_exceptions=False)
     assert result.exit_code == 0, result.output
