@@ -277,3 +277,29 @@ def test_sharded_checkpoint_reads_only_the_trained_layer(tmp_path):
     assert set(tensors) == set(expected)
     for name, t in tensors.items():
         assert torch.equal(t, expected[name].float())
+
+
+def test_a_hub_id_loads_from_the_hub_cache_and_names_its_revision(tmp_path, monkeypatch, capsys):
+    """`--model owner/name` goes through huggingface_hub.snapshot_download, as for users with
+    internet; here the model sits in a local hub cache (HF_HUB_OFFLINE=1: nothing is fetched).
+    The patch manifest names the hub id and the snapshot's commit; a hub id in no cache is a
+    one-line error."""
+    import huggingface_hub
+    from conftest import run_cli
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--acme--tiny-qwen3"
+    make_tiny_model(repo / "snapshots" / revision)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    out = tmp_path / "run"
+    code, _, stderr = run_cli(["train", "--model", "acme/tiny-qwen3", "--layer", "1", "--steps", "1",
+                               "--prompts-per-step", "2", "--group-size", "2", "--max-new-tokens", "2",
+                               "--eval-samples", "0", "--output", str(out), "--quiet"], capsys)
+    assert code == 0, stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["base_model"] == "acme/tiny-qwen3" and manifest["base_revision"] == revision
+    code, _, stderr = run_cli(["train", "--model", "acme/not-cached", "--output", str(tmp_path / "no"),
+                               "--quiet"], capsys)
+    assert code == 2 and stderr.startswith("onelayer: error: cannot get model 'acme/not-cached' from the hub")
+    assert stderr.count("\n") == 1 and not (tmp_path / "no").exists()
