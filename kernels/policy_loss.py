@@ -53,6 +53,9 @@ class _Config(NamedTuple):
 # not autotuned yet (benchmarks/bench_policy_loss.py is where to tune). dL/dz chunk: 128 MiB
 # of bf16 = 441 tokens at V = 151,936, rounded down to 384 (a multiple of 64); the
 # [384, 151,936] x [151,936, 4096] matmul is ~480 GFLOP, plenty for cuBLAS.
+# Shared memory (Triton's 3 pipeline stages): 24 KiB a block in bf16, 96 KiB in fp32, under the
+# 99 KiB a block may have on RTX 30x0 / 40x0 cards; a larger tile must not pass it
+# (tests/test_kernels_compile.py compiles every launch for sm_80, sm_86 and sm_90).
 # CPU (TRITON_INTERPRET=1, tests only): the smallest tiles tl.dot accepts and tiny chunks, so
 # small test shapes cross tile, split and chunk edges.
 _GPU = _Config(block_t=64, block_v=128, block_h=64, num_warps=8, grad_chunk_bytes=128 * 2**20,

@@ -1,0 +1,51 @@
+"""Every Triton kernel launch of the GPU configurations compiles for the cards onelayer targets
+and fits the shared memory one block of each may have. No GPU needed: Triton compiles for a
+named architecture with its bundled ptxas (tests/compile_kernels_for_gpus.py). Under the
+interpreter (every other kernel test) only the CPU tiles ever run."""
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from onelayer.kernels import nf4_matmul, policy_loss
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# The most shared memory one block may opt in to, by compute capability (CUDA C++ Programming
+# Guide, "Technical Specifications per Compute Capability"); Triton refuses a launch above it.
+# 8.9 (RTX 40x0, L4) has 8.6's limit and instructions as far as these kernels go.
+SHARED_PER_BLOCK = {80: 163 * 1024,   # A100
+                    86: 99 * 1024,    # RTX 30x0, A10, A40
+                    90: 227 * 1024}   # H100, H200
+
+
+def triton_kernels() -> set[str]:
+    """Names of the @triton.jit functions in kernels/ that are launched (not inlined helpers)."""
+    return {name for source in (ROOT / "kernels").glob("*.py")
+            for name in re.findall(r"@triton\.jit\s+def (\w+_kernel)\(", source.read_text())}
+
+
+def test_every_gpu_launch_compiles_and_fits_the_shared_memory_of_each_card():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, str(ROOT / "tests" / "compile_kernels_for_gpus.py"),
+                          *map(str, SHARED_PER_BLOCK)],
+                         capture_output=True, text=True, timeout=900,
+                         env={**env, "PYTHONPATH": str(ROOT), "TRITON_DEFAULT_FP_FUSION": "1"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    launches = [json.loads(line) for line in run.stdout.splitlines()]
+    assert {launch["kernel"] for launch in launches} == triton_kernels()
+    assert {launch["arch"] for launch in launches} == set(SHARED_PER_BLOCK)
+    failed = [launch for launch in launches
+              if "error" in launch or launch["shared"] > SHARED_PER_BLOCK[launch["arch"]]]
+    assert not failed, json.dumps(failed[:3], indent=1)
+    # With the GPU tiles, in both dtypes and both operand orders of the NF4 kernel.
+    loss_tiles = {(c["BLOCK_T"], c["BLOCK_V"], c["BLOCK_H"], c["IEEE"]) for c in
+                  (launch["constexprs"] for launch in launches if launch["kernel"] == "_lse_partial_kernel")}
+    gpu = policy_loss._GPU
+    assert loss_tiles == {(gpu.block_t, gpu.block_v, gpu.block_h, ieee) for ieee in (False, True)}
+    nf4 = {(c["BLOCK_N"], c["BLOCK_M"], c["WEIGHTS_FIRST"]) for c in
+           (launch["constexprs"] for launch in launches if launch["kernel"] == "_nf4_matmul_kernel")}
+    assert {(nf4_matmul._GPU.block_n, m, False) for m in (16, 32, 64)} <= nf4
+    assert (nf4_matmul._GPU.block_n, 64, True) in nf4
