@@ -240,6 +240,7 @@ def tune(device: str, reps: int, dtype: torch.dtype) -> None:
                                   (256, 8, 1, False), (64, 4, 2, False), (128, 4, 1, True), (128, 8, 1, True),
                                   (256, 8, 1, True)]:
             nf4mod._GPU = base._replace(block_n=bn, num_warps=wp, num_stages=st, weights_first=first)
+            # BLOCK_N at <= 16 rows; wider row blocks narrow it (nf4_matmul.block_n_for).
             label = f"triton BLOCK_N {bn}, {wp} warps, {st} stages{', weights first' if first else ''}"
             if not variant_agrees(nf4mod.nf4_matmul_triton, device, dtype):
                 print(f"| {label} | differs from the torch reference: not timed |")

@@ -25,6 +25,14 @@ stay 1: with 2 or more Triton pipelines the NF4 table lookups (gathers) through 
 shared memory, and the kernel runs 6-8x slower (2,139 us at M = 1). The lookups are what is
 left between this kernel (~400 GB/s) and the bandwidth: per weight one load from the 16-entry
 table.
+
+BLOCK_N is the tile at M <= 16. Wider row blocks take proportionally narrower tiles
+(`block_n_for`): with 256 columns the 8-warp kernel fills its 255 registers a thread and spills
+at 32 and 64 rows (benchmarks/compile_kernels.py, bf16: 24-32 bytes a thread at 32 rows on
+sm_80/86, 104-184 at 64 rows on sm_80-90), the H100 run above took 413 us at M = 32 and 819 at
+M = 64 (twice the time at 16 rows), and lost those rows to bitsandbytes. With 128 columns at 32
+rows and 64 at 64 rows nothing spills (194-199 and 127-173 registers). Whether that wins back
+those rows is for a GPU to measure (`--tune`; the decoder measures its routes at its start).
 """
 from __future__ import annotations
 
@@ -188,6 +196,12 @@ def _sum_splits_kernel(
     tl.store(out_ptr + idx, _round(acc, out_ptr.dtype.element_ty, BY_BITS), mask=ok)
 
 
+def block_n_for(cfg: _Config, block_m: int) -> int:
+    """The weight tile's columns for row blocks of `block_m`: cfg.block_n up to 16 rows, then
+    narrower in proportion, so that the accumulator stays cfg.block_n x 16 (at least 16: tl.dot)."""
+    return max(16, cfg.block_n * 16 // max(16, block_m))
+
+
 def nf4_matmul_triton(x: Tensor, w: NF4Weight, bias: Tensor | None = None, *, splits: int | None = None) -> Tensor:
     """x [M, K] @ W^T (+ bias) -> [M, N] in x's dtype, as `nf4_linear_reference`. CUDA tensors,
     or CPU tensors under TRITON_INTERPRET=1 (tests). `splits` overrides the split-K heuristic."""
@@ -204,7 +218,8 @@ def nf4_matmul_triton(x: Tensor, w: NF4Weight, bias: Tensor | None = None, *, sp
     cfg = _config(x.device)
     block_k = min(cfg.block_k, w.blocksize)
     block_m = max(16, min(64, triton.next_power_of_2(m)))
-    grid_n, grid_m = triton.cdiv(n, cfg.block_n), triton.cdiv(m, block_m)
+    block_n = block_n_for(cfg, block_m)
+    grid_n, grid_m = triton.cdiv(n, block_n), triton.cdiv(m, block_m)
     k_tiles = k // block_k
     if splits is None:
         splits = _num_splits(cfg, grid_n * grid_m, k_tiles, x.device)
@@ -219,7 +234,7 @@ def nf4_matmul_triton(x: Tensor, w: NF4Weight, bias: Tensor | None = None, *, sp
         w.offset if nested else w.code, w.code, bias_arg, target, m, n, k, x.stride(0), k // 2, k_per_split // 2,
         NESTED=nested, HAS_BIAS=bias is not None, SPLIT=splits > 1, IEEE=x.dtype == torch.float32,
         UPCAST=cfg.upcast, WEIGHTS_FIRST=cfg.weights_first, BLOCKSIZE=w.blocksize,
-        BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         # code2 * absmax2 + offset rounded twice, as bitsandbytes computes it: no fused multiply-add.
         enable_fp_fusion=False)

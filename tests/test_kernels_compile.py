@@ -1,6 +1,6 @@
 """Every Triton kernel launch of the GPU configurations compiles for the cards onelayer targets
 and fits the shared memory one block of each may have. No GPU needed: Triton compiles for a
-named architecture with its bundled ptxas (tests/compile_kernels_for_gpus.py). Under the
+named architecture with its bundled ptxas (benchmarks/compile_kernels.py). Under the
 interpreter (every other kernel test) only the CPU tiles ever run."""
 import json
 import os
@@ -29,8 +29,8 @@ def triton_kernels() -> set[str]:
 
 def test_every_gpu_launch_compiles_and_fits_the_shared_memory_of_each_card():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, str(ROOT / "tests" / "compile_kernels_for_gpus.py"),
-                          *map(str, SHARED_PER_BLOCK)],
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "compile_kernels.py"), "--json",
+                          "--arch", *map(str, SHARED_PER_BLOCK)],
                          capture_output=True, text=True, timeout=900,
                          env={**env, "PYTHONPATH": str(ROOT), "TRITON_DEFAULT_FP_FUSION": "1"})
     assert run.returncode == 0, run.stderr[-3000:]
@@ -47,5 +47,5 @@ def test_every_gpu_launch_compiles_and_fits_the_shared_memory_of_each_card():
     assert loss_tiles == {(gpu.block_t, gpu.block_v, gpu.block_h, ieee) for ieee in (False, True)}
     nf4 = {(c["BLOCK_N"], c["BLOCK_M"], c["WEIGHTS_FIRST"]) for c in
            (launch["constexprs"] for launch in launches if launch["kernel"] == "_nf4_matmul_kernel")}
-    assert {(nf4_matmul._GPU.block_n, m, False) for m in (16, 32, 64)} <= nf4
-    assert (nf4_matmul._GPU.block_n, 64, True) in nf4
+    assert {(nf4_matmul.block_n_for(nf4_matmul._GPU, m), m, False) for m in (16, 32, 64)} <= nf4
+    assert (nf4_matmul.block_n_for(nf4_matmul._GPU, 64), 64, True) in nf4

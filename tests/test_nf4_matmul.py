@@ -14,6 +14,7 @@ from pathlib import Path
 import bitsandbytes as bnb
 import pytest
 import torch
+import triton
 import triton.language as tl
 from bitsandbytes import functional as bnbf
 from triton.runtime.interpreter import InterpretedFunction
@@ -161,6 +162,22 @@ def test_triton_with_the_weights_as_first_operand(monkeypatch, m, n, k, dtype, u
 
 
 @interpreted
+@pytest.mark.parametrize("m, dtype", [(5, torch.bfloat16), (17, torch.float32), (40, torch.bfloat16)])
+def test_triton_narrows_the_weight_tile_for_wide_row_blocks(monkeypatch, m, dtype):
+    """A 64-column tile at <= 16 rows becomes 32 columns at 32 rows and 16 at 64 (the GPU's
+    256 -> 128 -> 64, which keeps it from spilling registers): same result, tile edges inside N."""
+    import onelayer.kernels.nf4_matmul as kernel
+    monkeypatch.setattr(kernel, "_CPU", kernel._CPU._replace(block_n=64))
+    block_m = max(16, triton.next_power_of_2(m))
+    assert kernel.block_n_for(kernel._CPU, block_m) == {16: 64, 32: 32, 64: 16}[block_m]
+    assert kernel.block_n_for(kernel._GPU, block_m) == {16: 256, 32: 128, 64: 64}[block_m]
+    lin = linear4bit(72, 128, seed=m)
+    w = nf4_weight(lin.weight)
+    x = torch.randn(m, 128, generator=torch.Generator().manual_seed(m)).to(dtype)
+    got = nf4_matmul_triton(x, w, lin.bias.to(dtype), splits=2)
+    torch.testing.assert_close(got, nf4_linear_reference(x, w, lin.bias.to(dtype)), **TOL[dtype])
+
+
 def test_triton_strided_input_and_bad_shapes():
     lin = linear4bit(21, 128)
     w = nf4_weight(lin.weight)

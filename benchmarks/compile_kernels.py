@@ -1,21 +1,28 @@
-"""Compiles every Triton kernel launch that onelayer's GPU configurations make, for NVIDIA
-targets, on a machine without a GPU; prints one JSON line a (kernel, launch, architecture).
+"""Every Triton kernel launch of onelayer's GPU configurations, compiled for NVIDIA
+architectures on a machine without a GPU: shared memory, registers and spilled bytes of each.
+
+    python benchmarks/compile_kernels.py                  # sm_80, sm_86, sm_90: a table
+    python benchmarks/compile_kernels.py --arch 89 --json # one JSON line a launch and arch
 
 CI has no GPU, and TRITON_INTERPRET=1 runs the kernels with the CPU tiles, never the GPU ones.
 So the launchers run here on CPU tensors with each module's GPU configuration and the kernels
 replaced by recorders: every launch is kept (arguments, constexprs, warps, stages), not run,
-and then compiled for each architecture by Triton with its bundled ptxas. A kernel that does
-not compile for a card, or that needs more shared memory than one block of it may have (99 KiB
-on the RTX 30x0 / 40x0 cards), fails at its first launch on that card; the test
-(tests/test_kernels_compile.py) catches both here.
-
-Run without TRITON_INTERPRET: python tests/compile_kernels_for_gpus.py 80 86 90
+and then compiled for each architecture by Triton with its bundled ptxas; its bundled
+cuobjdump reads registers and stack (spills) from the binary. A kernel that does not compile
+for a card, or needs more shared memory than one block of it may have (99 KiB on RTX 30x0 /
+40x0 cards), fails at its first launch there: tests/test_kernels_compile.py runs this with
+--json. Registers and spills are what the compiler chose, not timings: they say where a tile
+is too large for the registers, and bench_nf4_matmul.py --tune on a GPU says what is fastest.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import re
+import subprocess
 import sys
+import tempfile
 
 if os.environ.get("TRITON_INTERPRET"):
     sys.exit("run without TRITON_INTERPRET: the interpreter's kernels cannot be compiled")
@@ -105,8 +112,24 @@ def run_launchers() -> None:
                                 step_traj=torch.tensor([0, 0, 1, 1, 2, 2, 2, 3, 3, 3]))
 
 
-def main(archs: list[int]) -> None:
-    recorders = []
+def resources(cubin: bytes) -> dict[str, int | None]:
+    """Registers a thread and stack bytes (spills) of a cubin, by the cuobjdump beside Triton's
+    ptxas (None where there is none)."""
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not os.access(tool, os.X_OK):
+        return dict(registers=None, stack=None)
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
+    found = re.search(r"REG:(\d+) STACK:(\d+)", out)
+    return dict(registers=int(found[1]), stack=int(found[2])) if found else dict(registers=None, stack=None)
+
+
+def compiled_launches(archs: list[int]) -> list[dict]:
+    """One record a distinct launch and architecture: kernel, arch, signature, constexprs,
+    options, and shared / registers / stack, or error."""
+    recorders, records = [], []
     policy_loss._config = lambda device: policy_loss._GPU
     nf4_matmul._config = lambda device: nf4_matmul._GPU
     for module in (policy_loss, nf4_matmul, advantages):
@@ -129,15 +152,56 @@ def main(archs: list[int]) -> None:
                 continue
             seen.add(key)
             for arch in archs:
-                line = dict(kernel=recorder.kernel.__name__, arch=arch, signature=src.signature,
-                            constexprs=constexprs, options=options)
+                record = dict(kernel=recorder.kernel.__name__, arch=arch, signature=src.signature,
+                              constexprs=constexprs, options=options)
                 try:
                     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
-                    line["shared"] = compiled.metadata.shared
-                except Exception as exc:  # the test names the launch that failed
-                    line["error"] = f"{type(exc).__name__}: {str(exc)[:500]}"
-                print(json.dumps(line, default=str), flush=True)
+                    record.update(shared=compiled.metadata.shared, **resources(compiled.asm["cubin"]))
+                except Exception as exc:  # the record names the launch that failed
+                    record["error"] = f"{type(exc).__name__}: {str(exc)[:500]}"
+                records.append(record)
+    return records
+
+
+def describe(record: dict) -> str:
+    """The launch in a few words: dtype of the first pointer, the tile and the switches on."""
+    dtype = next(t for t in record["signature"].values() if t.startswith("*"))[1:]
+    c = record["constexprs"]
+    tile = " x ".join(f"{k.removeprefix('BLOCK_')} {v}" for k, v in c.items() if k.startswith("BLOCK_"))
+    flags = [k.lower() for k, v in c.items() if v is True and k not in ("IEEE", "UPCAST")]
+    return ", ".join([dtype, tile, *flags, f"{record['options'].get('num_warps', 4)} warps"])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", type=int, nargs="+", default=[80, 86, 90],
+                        help="compute capabilities x 10 (80: A100, 86: RTX 30x0, 89: RTX 40x0, 90: H100)")
+    parser.add_argument("--json", action="store_true", help="one JSON line a launch and architecture")
+    args = parser.parse_args()
+    records = compiled_launches(args.arch)
+    if args.json:
+        for record in records:
+            print(json.dumps(record, default=str))
+        return
+    # Launches that differ only in what the table does not show (an int's width, a pointer's
+    # dtype) share a row: an error if one of them failed, else the largest figures.
+    rows: dict[tuple, dict] = {}
+    for r in records:
+        key = (r["kernel"], describe(r), r["arch"])
+        rows[key] = worst(rows[key], r) if key in rows else r
+    print("| kernel | launch | arch | shared KiB | registers | spilled (stack) bytes |")
+    print("|---|---|---|---:|---:|---:|")
+    for (kernel, launch, arch), r in rows.items():
+        cells = ([f"error: {r['error'][:80]}", "", ""] if "error" in r else
+                 [f"{r['shared'] / 1024:.0f}", str(r["registers"]), str(r["stack"])])
+        print(f"| {kernel} | {launch} | sm_{arch} | " + " | ".join(cells) + " |")
+
+
+def worst(a: dict, b: dict) -> dict:
+    if "error" in a or "error" in b:
+        return a if "error" in a else b
+    return {k: max(a[k], b[k]) if None not in (a[k], b[k]) else a[k] for k in ("shared", "registers", "stack")}
 
 
 if __name__ == "__main__":
-    main([int(a) for a in sys.argv[1:]])
+    main()
