@@ -34,7 +34,7 @@ FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
 
 @pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
 def test_documented_flags_are_cli_options(doc):
-    known = {"--help"} | {opt for command in cli.commands.values() for param in command.params
+    known = {"--help"} | {opt for command in (cli, *cli.commands.values()) for param in command.params
                           for opt in (*param.opts, *param.secondary_opts)}
     flags = set(FLAG.findall(SCRIPT.sub("", LAUNCHER.sub("", text(doc)))))
     unbuilt = set(FLAG.findall(not_built_yet()))
