@@ -3,6 +3,7 @@ dynamic-cache loop; its stops, truncation, and the graph bookkeeping run on CPU 
 replaced by a stand-in (the same step function, replayed eagerly)."""
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM, GenerationConfig
 
 from conftest import make_tiny_model
@@ -202,6 +203,68 @@ def test_graph_bookkeeping_on_cpu(models, tok, monkeypatch):
     finally:
         lm.lm_head.weight = head
         decoder.release(lm)
+
+
+# What a captured decode step must not do. The host waits for the device (a value read back, or
+# an output whose size depends on the data): a CUDA graph capture fails there, and the decoder
+# falls back to eager steps. A random draw: it would replay the same numbers; the sampler's noise
+# is drawn before each step, outside the graph.
+HOST_WAITS = {"_local_scalar_dense", "is_nonzero", "item", "equal", "allclose", "nonzero", "masked_select",
+              "_unique", "_unique2", "unique_dim", "unique_consecutive", "bincount", "histc"}
+RANDOM = {"multinomial", "exponential", "exponential_", "uniform", "uniform_", "normal", "normal_",
+          "bernoulli", "bernoulli_", "random_", "randint", "rand", "randn", "randperm", "rand_like",
+          "randn_like", "randint_like"}
+
+
+class StepOps(TorchDispatchMode):
+    """The aten ops a piece of code runs, with the two data-dependent ones that hide behind an
+    ordinary name: indexing by a bool mask and repeat_interleave without its output size."""
+
+    def __init__(self, seen: set):
+        super().__init__()
+        self.seen = seen
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func.overloadpacket.__name__
+        if func.overloadpacket is torch.ops.aten.index and any(
+                isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1] if i is not None):
+            name = "index by a bool mask"
+        if func is torch.ops.aten.repeat_interleave.Tensor and kwargs.get("output_size") is None:
+            name = "repeat_interleave without output_size"
+        self.seen.add(name)
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "qwen2", "llama", "mistral"])
+def test_the_captured_step_never_waits_for_the_device_nor_draws(models, tok, monkeypatch, arch):
+    """Every op of the decode step that a CUDA graph captures, recorded on CPU (replay stands in
+    for the graph), greedy and sampled with top-k / top-p, 20 stop ids: none that waits for the
+    device or draws random numbers. What waits on CUDA only (torch.isin's sort past a dozen ids)
+    shows on a GPU alone: check_kernels_gpu.py captures the real step."""
+    seen: set[str] = set()
+
+    def recorded_capture(run, device, pool):
+        def replay():
+            with StepOps(seen):
+                run()
+        return replay, pool
+
+    monkeypatch.setattr(decoder, "graph_mode", lambda device: "manual")
+    monkeypatch.setattr(decoder, "capture", recorded_capture)
+    monkeypatch.setattr(decoder, "run_on_side_stream", lambda run, device: run())
+    lm = models[arch]
+    decoder.release(lm)
+    ids, mask = encode(tok)
+    try:
+        for params in (SamplingParams(12, greedy=True), SamplingParams(12, temperature=0.9, top_k=7, top_p=0.8)):
+            decoder.decode(lm, ids, mask, params, stop_ids=list(range(200, 220)), stop_strings=StopStrings(tok, ()),
+                           pad_id=0, generator=torch.Generator().manual_seed(0))
+    finally:
+        decoder.release(lm)
+    assert {"index_copy_", "argmax", "_log_softmax", "topk", "sort"} <= seen   # the steps, both samplers
+    waits = seen & (HOST_WAITS | {"index by a bool mask", "repeat_interleave without output_size"})
+    assert not waits and not seen & RANDOM, sorted(waits | (seen & RANDOM))
 
 
 @pytest.mark.parametrize("arch", ["qwen3", "mistral"])   # mistral: sliding window 8
