@@ -267,6 +267,33 @@ def test_the_captured_step_never_waits_for_the_device_nor_draws(models, tok, mon
     assert not waits and not seen & RANDOM, sorted(waits | (seen & RANDOM))
 
 
+@pytest.mark.parametrize("arch", ["qwen3", "llama", "mistral"])
+def test_the_decode_step_traces_as_one_graph(models, tok, monkeypatch, arch):
+    """GRAPH_MODE "compile" (torch.compile, reduce-overhead) makes a CUDA graph of each graph
+    dynamo traces: a graph break would split the step and run Python between the pieces. The
+    step of each family, sampled with top-k / top-p, traces whole (dynamo on CPU, no compile)."""
+    explained = []
+
+    def explaining_capture(run, device, pool):
+        explained.append(torch._dynamo.explain(run)())
+        return run, pool
+
+    monkeypatch.setattr(decoder, "graph_mode", lambda device: "manual")
+    monkeypatch.setattr(decoder, "capture", explaining_capture)
+    monkeypatch.setattr(decoder, "run_on_side_stream", lambda run, device: run())
+    lm = models[arch]
+    decoder.release(lm)
+    ids, mask = encode(tok, PROMPTS[:3])
+    try:
+        decoder.decode(lm, ids, mask, SamplingParams(4, temperature=0.9, top_k=7, top_p=0.8), stop_ids=[5],
+                       stop_strings=StopStrings(tok, ()), pad_id=0, generator=torch.Generator().manual_seed(0))
+    finally:
+        decoder.release(lm)
+        torch._dynamo.reset()
+    assert len(explained) == 1
+    assert (explained[0].graph_count, explained[0].graph_break_count) == (1, 0), explained[0].break_reasons
+
+
 @pytest.mark.parametrize("arch", ["qwen3", "mistral"])   # mistral: sliding window 8
 def test_steps_attend_the_written_columns_in_doubling_buckets(models, tok, monkeypatch, arch):
     """ATTEND_MIN 16: prompts of at most 14 tokens and 40 new tokens attend 16, 32, then 64 of
