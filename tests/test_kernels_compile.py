@@ -1,7 +1,8 @@
 """Every Triton kernel launch of the GPU configurations compiles for the cards onelayer targets
 and fits the shared memory one block of each may have. No GPU needed: Triton compiles for a
 named architecture with its bundled ptxas (benchmarks/compile_kernels.py). Under the
-interpreter (every other kernel test) only the CPU tiles ever run."""
+interpreter (every other kernel test) only the CPU tiles ever run, and nothing is type-checked
+as the compiler does (loop-carried types, constexpr branches, dot shapes)."""
 import json
 import os
 import re
