@@ -7,7 +7,9 @@ A step is a sequence of moments (phases); at each, a known set of tensors is ali
     log-probs                  + h_L cache [B, S, H]; a micro-batch through layer L, the suffix, the head
     update: forward / loss bwd + checkpointed block inputs (layer L and the suffix), loss buffers
     update: suffix bwd         + one suffix block recomputed (checkpointing) and its backward
-    update: layer bwd          + layer L recomputed, its backward, fp32 gradients arriving
+    update: layer bwd, MLP     + layer L recomputed, its MLP's backward (the down projection's
+                               gradient, or the minibatch's so far)
+    update: layer bwd, attention + the rest of its backward beside every fp32 gradient
     optimizer                  + AdamW temporaries
 
 Each phase's bytes are the sum of its parts; the peak is the largest phase. The counts of saved

@@ -104,14 +104,26 @@ def plan_onelayer(dims: ModelDims, w: Workload) -> Plan:
     # last backward; it lives beside the whole local gradient until the optimizer step ends.
     slices = ([Part(f"zero1: 1/{w.optimizer_shards} of the summed gradient (fp32)",
                     -(-4 * n // w.optimizer_shards), "state")] if w.optimizer_shards > 1 else [])
-    # At its MLP's backward, where the block's gradients peak, the down projection's saved input
-    # ([I]) has been used and freed.
-    at_layer = [Part(f"layer {w.layer}: saved activations{', recomputed' if recomputed else ''} ({tok} tokens), "
-                     "less the down projection's input", layer_saved - tok * c * dims.intermediate, "activations")]
-    if recomputed:
-        at_layer.append(Part(f"layer {w.layer}: checkpointed input", tok * dims.hidden * c, "activations"))
-    phases.append(Phase("update: layer bwd", (
-        *state, grad, *slices, *base, block_grads, *at_layer,
+    # Layer L's backward, at two moments. At its MLP's product, where the activation gradients
+    # peak: the saved activations less the down projection's input (used and freed), and of the
+    # parameters' gradients only the down projection's when this micro-batch begins the
+    # minibatch (the hook of TrainableLayer.policy_params creates each as the backward reaches
+    # it; its compute-dtype gradient is freed once added), else the whole accumulated one.
+    # After the MLP: every gradient, beside at most the attention half's saved activations, the
+    # gradients flowing in and out of the block, and one weight gradient in the compute dtype.
+    labelled = f"layer {w.layer}: saved activations{', recomputed' if recomputed else ''} ({tok} tokens)"
+    down_grad = Part(f"layer {w.layer}: the down projection's gradient (fp32)", 4 * dims.hidden * dims.intermediate,
+                     "state", True)
+    checkpointed_input = ([Part(f"layer {w.layer}: checkpointed input", tok * dims.hidden * c, "activations")]
+                          if recomputed else [])
+    phases.append(Phase("update: layer bwd, MLP", (
+        *state, grad if grad_in_backward else down_grad, *slices, *base, block_grads, *checkpointed_input,
+        Part(f"{labelled}, less the down projection's input", layer_saved - tok * c * dims.intermediate,
+             "activations"))))
+    phases.append(Phase("update: layer bwd, attention", (
+        *state, grad, *slices, *base, *checkpointed_input,
+        Part(f"{labelled}, less the MLP's", layer_saved - 4 * tok * c * dims.intermediate, "activations"),
+        Part("gradients into and out of the block", 2 * tok * dims.hidden * c, "activations"),
         Part(f"a weight gradient in {w.compute}", largest_weight(dims) * c, "activations"))))
     phases.append(Phase("optimizer", (*state, grad, *slices, *kept, _adamw_part(dims, w))))
     return Plan(f"onelayer (layer {w.layer}, {w.frozen} frozen)", n, tuple(phases), w.device)

@@ -286,9 +286,10 @@ def saved_per_token(dims: ModelDims, c: int, seq: int, masked: bool, kind: str) 
 
 
 def block_backward_per_token(dims: ModelDims, c: int) -> int:
-    """Gradients alive at once inside one block's backward: at the MLP, dL/d(product) and the
-    gradients of both factors ([I] each), plus the gradient flowing in and the one being formed."""
-    return 3 * c * dims.intermediate + 2 * c * dims.hidden
+    """Gradients alive at once inside one block's backward, at its peak, the MLP's product:
+    dL/d(product) and the gradients of both factors ([I] each), and the gradient flowing into
+    the block ([H]); the MLP's input gradient is formed after those are freed."""
+    return 3 * c * dims.intermediate + c * dims.hidden
 
 
 def forward_per_token(dims: ModelDims, c: int, seq: int, masked: bool) -> int:
