@@ -328,6 +328,10 @@ FULL = [
     Case("wide", "fp32", 16, 64), Case("wide", "nf4", 8, 128), Case("wide", "nf4", 16, 192, layer=1, beta=0.1),
     Case("narrow", "nf4", 8, 32, prompt_tokens=128, micro_batch=3), Case("wide", "fp32", 8, 32, beta=0.1, micro_batch=8),
     *QUICK[4:], Case("narrow", "bf16", 4, 32), Case("wide", "bf16", 8, 64, beta=0.1),
+    # One prompt: every micro-batch is rows of one group, whose prompt runs once (common prefix).
+    Case("narrow", "fp32", 8, 32, prompts=1, prompt_tokens=160, padded=False, micro_batch=4),
+    Case("narrow", "nf4", 8, 32, prompts=1, prompt_tokens=128, padded=False, micro_batch=2),
+    Case("wide", "bf16", 8, 32, prompts=1, prompt_tokens=96, padded=False, beta=0.1),
 ]
 
 # The workload of benchmarks/RESULTS.md's first GPU figures (1 prompt of 48 tokens x 8 x 512,

@@ -240,6 +240,19 @@ def test_planner_is_within_15_percent_of_real_cpu_steps(tmp_path):
             assert abs(result.error(stage)) < 0.15, (case, stage, result)
 
 
+def test_rows_that_share_their_prompt_are_planned_as_the_engine_runs_them(tmp_path):
+    """A micro-batch of one group's rows runs their prompt once, as a row whose blocks keep their
+    activations (update.common_prefix_of): with 2 rows of a 128-token prompt that is more than
+    their own copies would take. The planner's update stage covers the real one, closely."""
+    validation = load_validation()
+    case = validation.Case("narrow", "nf4", 8, 32, prompts=1, prompt_tokens=128, padded=False, micro_batch=2)
+    result = validation.measure(case, str(tmp_path))
+    assert 0 <= result.error("update") < 0.05, result
+    shared = [p.name for p in plan_onelayer(DIMS, Workload(prompts=1, micro_batch=8)).phases]
+    assert "update: forward, 8 rows sharing a 255-token prompt" in shared
+    assert not any("sharing" in n for n in (p.name for p in plan_onelayer(DIMS, Workload(micro_batch=9)).phases))
+
+
 def test_plan_command_reads_only_config_json(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(QWEN3_8B))  # no weights, no tokenizer
     text = plan_command({"model": str(tmp_path), "layer": "16"}, gpu_memory="80GiB")

@@ -55,55 +55,95 @@ def _logprob_phase(dims: ModelDims, w: Workload, steady: list[Part], cache: Part
 
 def plan_onelayer(dims: ModelDims, w: Workload) -> Plan:
     w.check(dims)
-    c, mb, tok, tokens = w.c, w.mb, w.mb * w.seq, w.mb * w.new_tokens
+    c = w.c
     state, update_only, grad, n = _onelayer_state(dims, w)
     # --offload-optimizer: what only the update reads waits in host memory during rollouts (on
     # CUDA; on a CPU run nothing moves).
     offloaded = w.offload_optimizer and w.device == "cuda"
     rollout_state = [p for p in state if p not in update_only] if offloaded else state
-    suffix = dims.layers - 1 - w.layer
     cache = Part(f"h_L cache ({w.rows} x {w.seq} x {dims.hidden}, {w.compute})",
                  w.rows * w.seq * dims.hidden * c, "activations")
-    # h_L and the rollout stay to the optimizer step; every update moment also keeps the masks
-    # and rotary tables (checkpointing keeps its arguments), and until the loss's backward has
-    # run, the completion states it was given. Layer L computes with its compute copy
-    # (TrainableLayer.policy_params): no second copy of its weights. Every block from L on is
-    # checkpointed but a last one (SplitModel.recomputed): layer L's activations exist only
-    # during its own backward, or, when it is the last block, from its forward on.
+    # h_L and the rollout stay to the optimizer step.
     kept = [cache, rollout_part(w)]
-    base = [*kept, context_part(dims, w, mb, w.seq, "micro-batch")]
-    completion = Part(f"completion hidden states ({tokens} x {dims.hidden})", tokens * dims.hidden * c,
-                      "activations")
-    recomputed = suffix > 0
-    layer_saved = tok * saved_per_token(dims, c, w.seq, w.padded, "trained")
-    saved_from_forward = ([] if recomputed else
-                          [Part(f"layer {w.layer}: saved activations ({tok} tokens)", layer_saved, "activations")])
-    checkpointed = ([Part(f"checkpointed block inputs (layer {w.layer} and the {suffix} after it)",
-                          (suffix + 1) * tok * dims.hidden * c, "activations")] if recomputed else [])
-    norm_saved = Part("final norm: saved fp32 input", tok * (4 * dims.hidden + 4), "activations")
-    block_grads = Part("block backward gradients", tok * block_backward_per_token(dims, c), "activations")
-    # The forward ends with the micro-batch's h_L rows and the final norm's output beside the
-    # states it selects, or with the loss's forward buffers.
-    head = max(2 * tok * dims.hidden * c, loss_parts(dims, w, tokens, "forward")[0].bytes)
-    # The engine frees the gradient after each optimizer step; with several micro-batches per
-    # minibatch, the one accumulated so far is alive while the next micro-batch runs.
-    grad_in_backward = [grad] if mb < w.minibatch_rows else []
-    phases = [*decoder_phases(dims, w, rollout_state),
-              _logprob_phase(dims, w, state, cache),
-              Phase("update: forward", (*state, *grad_in_backward, *base, *saved_from_forward, *checkpointed,
-                                        norm_saved, completion,
-                                        Part("head: h_L rows + norm output, or loss buffers", head, "activations"))),
-              Phase("update: loss bwd", (*state, *grad_in_backward, *base, *saved_from_forward, *checkpointed,
-                                         norm_saved, completion, *loss_parts(dims, w, tokens, "backward")))]
-    if suffix:
-        phases.append(Phase("update: suffix bwd", (
-            *state, *grad_in_backward, *base, *checkpointed, block_grads, *dequant_part(dims, w),
-            Part("suffix block recomputed: saved activations",
-                 tok * saved_per_token(dims, c, w.seq, w.padded, "frozen"), "activations"))))
     # zero1: the reduce-scatter delivers this process's slice of the summed gradient during the
     # last backward; it lives beside the whole local gradient until the optimizer step ends.
     slices = ([Part(f"zero1: 1/{w.optimizer_shards} of the summed gradient (fp32)",
                     -(-4 * n // w.optimizer_shards), "state")] if w.optimizer_shards > 1 else [])
+    phases = [*decoder_phases(dims, w, rollout_state), _logprob_phase(dims, w, state, cache),
+              *_update_phases(dims, w, state, grad, slices, kept, shared=0)]
+    # Minibatch rows come in a random order, so a micro-batch of at most G rows may hold one
+    # group alone: its prompt then runs once (update.common_prefix_of: all of it but the last
+    # token, when it is long enough to be worth it), which needs more memory than the rows' own
+    # copies when there are few rows.
+    if 2 <= w.mb <= w.group_size and w.prompt_tokens > 1:
+        phases += _update_phases(dims, w, state, grad, slices, kept, shared=w.prompt_tokens - 1)
+    phases.append(Phase("optimizer", (*state, grad, *slices, *kept, _adamw_part(dims, w))))
+    return Plan(f"onelayer (layer {w.layer}, {w.frozen} frozen)", n, tuple(phases), w.device)
+
+
+def _update_phases(dims: ModelDims, w: Workload, state: list[Part], grad: Part, slices: list[Part],
+                   kept: list[Part], *, shared: int) -> list[Phase]:
+    """The moments of one micro-batch's forward and backward from layer L. shared: the tokens
+    every row of the micro-batch begins with, run once as a row of their own whose blocks keep
+    their activations (SplitModel.from_layer_shared); 0 when the rows share none.
+
+    Every moment keeps the masks and rotary tables (checkpointing keeps its arguments), and
+    until the loss's backward has run, the completion states it was given. Layer L computes with
+    its compute copy (TrainableLayer.policy_params): no second copy of its weights. Every block
+    from L on is checkpointed but a last one (SplitModel.recomputed): layer L's activations exist
+    only during its own backward, or, when it is the last block, from its forward on."""
+    c, mb, h, tokens = w.c, w.mb, dims.hidden, w.mb * w.new_tokens
+    own = w.seq - shared                      # each row's own tokens
+    tok = mb * own
+    suffix = dims.layers - 1 - w.layer
+    recomputed = suffix > 0
+    # The rows' own tokens attend to the shared ones through an explicit mask, always.
+    masked = w.padded or shared > 0
+    sharing = f", {mb} rows sharing a {shared}-token prompt" if shared else ""
+    if shared:
+        # The rows' masks over every key [mb, 1, own, seq] are views of the whole [mb, 1, seq, seq];
+        # the shared row's positions and rotary tables are its own.
+        context = Part("positions, rotary, mask (micro-batch: the rows' own tokens, the shared ones)",
+                       mb * own * (8 + 2 * dims.head_dim * c) + mb * w.seq * w.seq
+                       + shared * (8 + 2 * dims.head_dim * c), "activations")
+        # Each recomputed block's attention repeats the shared keys and values for every row
+        # (and, with the mask, to every query head).
+        shared_keys = [Part("the shared tokens' keys and values, repeated for every row", 2 * c * dims.q_dim * mb * shared,
+                            "activations")]
+        shared_saved = [Part(f"the shared row's saved activations (layer {w.layer} and the {suffix} after it, "
+                             f"{shared} tokens)", shared * (saved_per_token(dims, c, shared, False, "trained")
+                                                           + suffix * saved_per_token(dims, c, shared, False, "frozen")),
+                             "activations")]
+        shared_at_layer = [Part(f"the shared row's saved activations (layer {w.layer}, {shared} tokens)",
+                                shared * saved_per_token(dims, c, shared, False, "trained"), "activations")]
+    else:
+        context = context_part(dims, w, mb, w.seq, "micro-batch")
+        shared_keys, shared_saved, shared_at_layer = [], [], []
+    base = [*kept, context]
+    completion = Part(f"completion hidden states ({tokens} x {h})", tokens * h * c, "activations")
+    layer_saved = tok * saved_per_token(dims, c, w.seq, masked, "trained")
+    saved_from_forward = ([] if recomputed else
+                          [Part(f"layer {w.layer}: saved activations ({tok} tokens)", layer_saved, "activations")])
+    checkpointed = ([Part(f"checkpointed block inputs (layer {w.layer} and the {suffix} after it)",
+                          (suffix + 1) * tok * h * c, "activations")] if recomputed else [])
+    norm_saved = Part("final norm: saved fp32 input", tok * (4 * h + 4), "activations")
+    block_grads = Part("block backward gradients", tok * block_backward_per_token(dims, c), "activations")
+    # The forward ends with the micro-batch's h_L rows and the final norm's output beside the
+    # states it selects, or with the loss's forward buffers.
+    head = max(2 * tok * h * c, loss_parts(dims, w, tokens, "forward")[0].bytes)
+    # The engine frees the gradient after each optimizer step; with several micro-batches per
+    # minibatch, the one accumulated so far is alive while the next micro-batch runs.
+    grad_in_backward = [grad] if mb < w.minibatch_rows else []
+    until_loss_bwd = (*state, *grad_in_backward, *base, *saved_from_forward, *checkpointed, *shared_saved,
+                      norm_saved, completion)
+    phases = [Phase(f"update: forward{sharing}", (
+                  *until_loss_bwd, Part("head: h_L rows + norm output, or loss buffers", head, "activations"))),
+              Phase(f"update: loss bwd{sharing}", (*until_loss_bwd, *loss_parts(dims, w, tokens, "backward")))]
+    if suffix:
+        phases.append(Phase(f"update: suffix bwd{sharing}", (
+            *state, *grad_in_backward, *base, *checkpointed, *shared_saved, block_grads, *dequant_part(dims, w),
+            *shared_keys, Part("suffix block recomputed: saved activations",
+                               tok * saved_per_token(dims, c, w.seq, masked, "frozen"), "activations"))))
     # Layer L's backward, at two moments. At its MLP's product, where the activation gradients
     # peak: the saved activations less the down projection's input (used and freed), and of the
     # parameters' gradients only the down projection's when this micro-batch begins the
@@ -111,22 +151,23 @@ def plan_onelayer(dims: ModelDims, w: Workload) -> Plan:
     # it; its compute-dtype gradient is freed once added), else the whole accumulated one.
     # After the MLP: every gradient, beside at most the attention half's saved activations, the
     # gradients flowing in and out of the block, and one weight gradient in the compute dtype.
+    # The shared row's later blocks have had their backward by then.
     labelled = f"layer {w.layer}: saved activations{', recomputed' if recomputed else ''} ({tok} tokens)"
-    down_grad = Part(f"layer {w.layer}: the down projection's gradient (fp32)", 4 * dims.hidden * dims.intermediate,
+    down_grad = Part(f"layer {w.layer}: the down projection's gradient (fp32)", 4 * h * dims.intermediate,
                      "state", True)
-    checkpointed_input = ([Part(f"layer {w.layer}: checkpointed input", tok * dims.hidden * c, "activations")]
+    checkpointed_input = ([Part(f"layer {w.layer}: checkpointed input", tok * h * c, "activations")]
                           if recomputed else [])
-    phases.append(Phase("update: layer bwd, MLP", (
-        *state, grad if grad_in_backward else down_grad, *slices, *base, block_grads, *checkpointed_input,
+    at_layer = (*base, *checkpointed_input, *shared_at_layer, *shared_keys)
+    phases.append(Phase(f"update: layer bwd, MLP{sharing}", (
+        *state, grad if grad_in_backward else down_grad, *slices, *at_layer, block_grads,
         Part(f"{labelled}, less the down projection's input", layer_saved - tok * c * dims.intermediate,
              "activations"))))
-    phases.append(Phase("update: layer bwd, attention", (
-        *state, grad, *slices, *base, *checkpointed_input,
+    phases.append(Phase(f"update: layer bwd, attention{sharing}", (
+        *state, grad, *slices, *at_layer,
         Part(f"{labelled}, less the MLP's", layer_saved - 4 * tok * c * dims.intermediate, "activations"),
-        Part("gradients into and out of the block", 2 * tok * dims.hidden * c, "activations"),
+        Part("gradients into and out of the block", 2 * tok * h * c, "activations"),
         Part(f"a weight gradient in {w.compute}", largest_weight(dims) * c, "activations"))))
-    phases.append(Phase("optimizer", (*state, grad, *slices, *kept, _adamw_part(dims, w))))
-    return Plan(f"onelayer (layer {w.layer}, {w.frozen} frozen)", n, tuple(phases), w.device)
+    return phases
 
 
 def _adamw_part(dims: ModelDims, w: Workload) -> Part:
