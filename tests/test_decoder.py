@@ -154,6 +154,14 @@ def test_truncation_flags_and_one_token(models, tok):
     assert torch.equal(many.tokens, out.tokens)
 
 
+def manual_graphs(monkeypatch, capture) -> None:
+    """The decoder's CUDA-graph path on CPU: `capture(run, device, pool)` stands in for the
+    capture and returns (replay, pool); warmup steps run on the current stream."""
+    monkeypatch.setattr(decoder, "graph_mode", lambda device: "manual")
+    monkeypatch.setattr(decoder, "capture", capture)
+    monkeypatch.setattr(decoder, "run_on_side_stream", lambda run, device: run())
+
+
 def test_graph_bookkeeping_on_cpu(models, tok, monkeypatch):
     """The manual CUDA-graph path with capture replaced by the step itself: warmup, capture once
     per key, replay; buffers reused by a smaller batch; grown and re-captured for a longer one."""
@@ -166,9 +174,7 @@ def test_graph_bookkeeping_on_cpu(models, tok, monkeypatch):
         pools.append(pool)
         return run, pool or f"pool-{len(captured)}"   # "replay" re-runs the closure captured
 
-    monkeypatch.setattr(decoder, "graph_mode", lambda device: "manual")
-    monkeypatch.setattr(decoder, "capture", fake_capture)
-    monkeypatch.setattr(decoder, "run_on_side_stream", lambda run, device: run())
+    manual_graphs(monkeypatch, fake_capture)
     lm = models["qwen2"]
     decoder.release(lm)
     greedy = SamplingParams(8, greedy=True)
@@ -250,9 +256,7 @@ def test_the_captured_step_never_waits_for_the_device_nor_draws(models, tok, mon
                 run()
         return replay, pool
 
-    monkeypatch.setattr(decoder, "graph_mode", lambda device: "manual")
-    monkeypatch.setattr(decoder, "capture", recorded_capture)
-    monkeypatch.setattr(decoder, "run_on_side_stream", lambda run, device: run())
+    manual_graphs(monkeypatch, recorded_capture)
     lm = models[arch]
     decoder.release(lm)
     ids, mask = encode(tok)
@@ -278,9 +282,7 @@ def test_the_decode_step_traces_as_one_graph(models, tok, monkeypatch, arch):
         explained.append(torch._dynamo.explain(run)())
         return run, pool
 
-    monkeypatch.setattr(decoder, "graph_mode", lambda device: "manual")
-    monkeypatch.setattr(decoder, "capture", explaining_capture)
-    monkeypatch.setattr(decoder, "run_on_side_stream", lambda run, device: run())
+    manual_graphs(monkeypatch, explaining_capture)
     lm = models[arch]
     decoder.release(lm)
     ids, mask = encode(tok, PROMPTS[:3])
@@ -306,9 +308,7 @@ def test_steps_attend_the_written_columns_in_doubling_buckets(models, tok, monke
         return run, "pool"
 
     monkeypatch.setattr(decoder, "ATTEND_MIN", 16)
-    monkeypatch.setattr(decoder, "graph_mode", lambda device: "manual")
-    monkeypatch.setattr(decoder, "capture", fake_capture)
-    monkeypatch.setattr(decoder, "run_on_side_stream", lambda run, device: run())
+    manual_graphs(monkeypatch, fake_capture)
     lm = models[arch]
     decoder.release(lm)
     try:
