@@ -39,12 +39,13 @@ def _onelayer_state(dims: ModelDims, w: Workload) -> tuple[list[Part], list[Part
 
 def _logprob_phase(dims: ModelDims, w: Workload, steady: list[Part], cache: Part) -> Phase:
     """Prefix pass (inference mode, into the h_L cache) and the old / reference log-prob passes,
-    a micro-batch at a time. The largest of three moments: a block's forward beside the micro-
-    batch's copy of h_L rows; the final norm's output beside the completion states [T, H] it
-    selects; those states beside the log-prob buffers."""
+    a micro-batch at a time. The largest of three moments: a block's forward (the micro-batch's
+    copy of h_L rows is the first block's input, and the callee's alone: it goes when the next
+    block's output replaces it); the final norm's output beside the completion states [T, H]
+    it selects; those states beside the log-prob buffers."""
     mb, tok, tokens, c, h = w.mb, w.mb * w.seq, w.mb * w.new_tokens, w.c, dims.hidden
     rows_copy = tok * h * c
-    moments = {"blocks": rows_copy + tok * max(forward_per_token(dims, c, w.seq, w.padded), norm_per_token(dims, c)),
+    moments = {"blocks": tok * max(forward_per_token(dims, c, w.seq, w.padded), norm_per_token(dims, c)),
                "head": rows_copy + tokens * h * c,
                "log-probs": tokens * h * c + loss_parts(dims, w, tokens, "logprobs")[0].bytes}
     label = max(moments, key=moments.get)
