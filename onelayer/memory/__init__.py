@@ -7,9 +7,12 @@ A step is a sequence of moments (phases); at each, a known set of tensors is ali
     log-probs                  + h_L cache [B, S, H]; a micro-batch through layer L, the suffix, the head
     update: forward / loss bwd + checkpointed block inputs (layer L and the suffix), loss buffers
     update: suffix bwd         + one suffix block recomputed (checkpointing) and its backward
-    update: layer bwd, MLP     + layer L recomputed, its MLP's backward (the down projection's
-                               gradient, or the minibatch's so far)
-    update: layer bwd, attention + the rest of its backward beside every fp32 gradient
+    update: layer bwd, MLP     + layer L recomputed, its MLP's backward (of the fp32 gradients,
+                               the down projection's alone in a minibatch's first micro-batch)
+    update: layer bwd, attention
+                               + the rest of its backward, beside every fp32 gradient
+    update: ..., rows sharing  the same moments for a micro-batch of one group's rows, whose
+                               prompt runs once as a row that keeps its activations
     optimizer                  + AdamW temporaries
 
 Each phase's bytes are the sum of its parts; the peak is the largest phase. The counts of saved
