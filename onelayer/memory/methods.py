@@ -42,16 +42,19 @@ def _logprob_phase(dims: ModelDims, w: Workload, steady: list[Part], cache: Part
     a micro-batch at a time. The largest of three moments: a block's forward (the micro-batch's
     copy of h_L rows is the first block's input, and the callee's alone: it goes when the next
     block's output replaces it); the final norm's output beside the completion states [T, H]
-    it selects; those states beside the log-prob buffers."""
-    mb, tok, tokens, c, h = w.mb, w.mb * w.seq, w.mb * w.new_tokens, w.c, dims.hidden
-    rows_copy = tok * h * c
-    moments = {"blocks": tok * max(forward_per_token(dims, c, w.seq, w.padded), norm_per_token(dims, c)),
-               "head": rows_copy + tokens * h * c,
-               "log-probs": tokens * h * c + loss_parts(dims, w, tokens, "logprobs")[0].bytes}
-    label = max(moments, key=moments.get)
-    return Phase("log-probs", (*steady, cache, rollout_part(w), context_part(dims, w, mb, w.seq, "micro-batch"),
-                               Part(f"pass working set (largest moment: {label})", moments[label], "activations"),
-                               *dequant_part(dims, w)))
+    it selects; those states beside the log-prob buffers. The masks and rotary tables live
+    through the first two, not the third (the pass that made them has returned); an NF4 weight
+    is dequantised in the first alone."""
+    tok, tokens, c, h = w.mb * w.seq, w.mb * w.new_tokens, w.c, dims.hidden
+    context = context_part(dims, w, w.mb, w.seq, "micro-batch")
+    moments = {"blocks": ([context, *dequant_part(dims, w)],
+                          tok * max(forward_per_token(dims, c, w.seq, w.padded), norm_per_token(dims, c))),
+               "head": ([context], tok * h * c + tokens * h * c),
+               "log-probs": ([], tokens * h * c + loss_parts(dims, w, tokens, "logprobs")[0].bytes)}
+    label = max(moments, key=lambda k: sum(p.bytes for p in moments[k][0]) + moments[k][1])
+    beside, working_set = moments[label]
+    return Phase("log-probs", (*steady, cache, rollout_part(w), *beside,
+                               Part(f"pass working set (largest moment: {label})", working_set, "activations")))
 
 
 def plan_onelayer(dims: ModelDims, w: Workload) -> Plan:
