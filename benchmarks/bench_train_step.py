@@ -12,7 +12,9 @@ On CUDA a first RESULT ("partial": true) comes right after the training steps, s
 cut short by gpu_check.sh's timeout keeps them, and the full RESULT after the timings below
 (benchmarks/gpu_summary.py reads the last). The RESULT holds the rollout decoder's
 graph status in the last training step (decode_graph, recorded before the step releases the
-decoder); on CUDA also, for each graph mode of --decode-modes, ms per decode step of
+decoder), the seconds of that step's prefix pass (prefix_s) and of its CUDA graph captures
+(capture_s, captures: what is spent again each step because the decoder is released before
+the update); on CUDA also, for each graph mode of --decode-modes, ms per decode step of
 generate_completions (G rows x --mode-tokens, one prefill included) and whether its greedy
 tokens equal eager's. With --decode-compile, a DECODE line after the RESULT times
 torch.compile(mode="reduce-overhead") too (printed last: a slow compile loses nothing else).
@@ -125,35 +127,45 @@ def graph_status(lm) -> str:
 def run_steps(policy, optimizer, task, cfg, objective, steps: int) -> tuple[list[dict], list[str]]:
     """`steps` rl_steps, each with the decoder's graph status at the end of its generation
     (rl_step releases the decoder before its update, so it is recorded just before that) and
-    `prefix_s`, the seconds of the update's prefix pass (layers 0..L-1 over every row): the
-    most that keeping h_L from the rollout, instead of recomputing it, could save a step."""
-    statuses, prefix_s = [], []
-    release, prefix_cache = single_turn.release_decoder, update_module.prefix_cache
+    two timings inside it: `prefix_s`, the seconds of the update's prefix pass (layers 0..L-1
+    over every row), the most that keeping h_L from the rollout, instead of recomputing it,
+    could save a step; `capture_s`, the seconds of the decoder's CUDA graph captures (0 unless
+    GRAPH_MODE is manual on CUDA), the most that keeping the decoder's graphs from one step to
+    the next, instead of releasing them for the update, could save a step."""
+    statuses = []
+    timings = {"prefix_s": [], "capture_s": []}
+    release = single_turn.release_decoder
+    prefix_cache, capture = update_module.prefix_cache, decoder.capture
 
     def record_then_release(lm) -> None:
         statuses.append(graph_status(lm))
         release(lm)
 
-    def timed_prefix_cache(*args, **kwargs):
-        update_module.sync_device(policy.device)
-        t0 = time.perf_counter()
-        h = prefix_cache(*args, **kwargs)
-        update_module.sync_device(policy.device)
-        prefix_s.append(time.perf_counter() - t0)
-        return h
+    def timed(function, name: str):
+        def run(*args, **kwargs):
+            update_module.sync_device(policy.device)
+            t0 = time.perf_counter()
+            out = function(*args, **kwargs)
+            update_module.sync_device(policy.device)
+            timings[name].append(time.perf_counter() - t0)
+            return out
+        return run
 
     single_turn.release_decoder = record_then_release
-    update_module.prefix_cache = timed_prefix_cache
+    update_module.prefix_cache = timed(prefix_cache, "prefix_s")
+    decoder.capture = timed(capture, "capture_s")
     try:
         steps_out = []
         for _ in range(steps):
-            prefix_s.clear()
+            for seconds in timings.values():
+                seconds.clear()
             step = rl_step(policy, optimizer, task, [task.train[0]], cfg, objective)
-            steps_out.append({**step, "prefix_s": sum(prefix_s)})
+            steps_out.append({**step, **{k: sum(v) for k, v in timings.items()},
+                              "captures": len(timings["capture_s"])})
         return steps_out, statuses
     finally:
         single_turn.release_decoder = release
-        update_module.prefix_cache = prefix_cache
+        update_module.prefix_cache, decoder.capture = prefix_cache, capture
 
 
 def time_decode(policy, prompt: str, mode: str, rows: int, new_tokens: int, gqa: str = "fold"):
@@ -240,7 +252,8 @@ def main() -> None:
                   completion_len=last["completion_len"], checkpoint_s=round(checkpoint_s, 1),
                   load_s=round(load_s, 1), step_s=[round(s["step_s"], 2) for s in steps],
                   gen_s=round(last["gen_s"], 2), update_s=round(last["update_s"], 2),
-                  prefix_s=round(last["prefix_s"], 3),
+                  prefix_s=round(last["prefix_s"], 3), capture_s=round(last["capture_s"], 3),
+                  captures=last["captures"],
                   decode_tokens_per_s=round(a.group_size * decode_steps / last["gen_s"], 1),
                   decode_ms_per_step=round(1e3 * last["gen_s"] / decode_steps, 2),
                   decode_graph=statuses[-1] if statuses else "?",

@@ -44,6 +44,8 @@ def main(folder: Path) -> None:
             ("s/step (each step)", ", ".join(f"{s:.1f}" for s in r["step_s"])),
             ("last step: generation + update", f"{r['gen_s']:.1f} + {r['update_s']:.1f} s"
                                                + (f" (prefix pass {r['prefix_s']:.2f} s)" if "prefix_s" in r else "")),
+            ("last step: decode graph captures", f"{r['captures']} in {r['capture_s']:.2f} s"
+                                                 if "captures" in r else "?"),
             ("decode", f"{r['decode_tokens_per_s']:.0f} tokens/s, {r['decode_ms_per_step']:.1f} ms a step"),
             ("decode weight-read limit", f"{r.get('decode_limit_ms', '?')} ms a step ({r.get('decode_weight_gib', '?')} GiB "
                                          f"at {r.get('copy_bandwidth_tb_s', '?')} TB/s copy bandwidth): "

@@ -59,6 +59,7 @@ def test_train_step_benchmark_on_cpu_feeds_the_table(tmp_path):
     assert rows["sampler vs engine log-probs (last step)"].startswith(
         f"mean abs gap {result['sampler_logprob_gap']}")
     assert rows["decoder graph (training steps)"] == "off: eager"
+    assert rows["last step: decode graph captures"] == "0 in 0.00 s"    # CPU decodes eagerly
     assert rows["NF4 matmul routes measured by the decoder"] == "none"   # CPU: no NF4 kernels
     assert "decode modes and GQA timings" not in rows      # on CPU the one RESULT is the full one
 
@@ -70,6 +71,7 @@ EARLY = dict(config="8b", layer=16, frozen="nf4", group=8, new_tokens=512, beta=
              torch="2.11.0+cu130", peak_mem_gib=9.5, peak_alloc_gib=8.25, decode_weight_gib=4.8,
              copy_bandwidth_tb_s=2.9, decode_limit_ms=3.56, decode_share_of_limit=0.174,
              sampler_logprob_gap=0.002, sampler_kl=1e-05, decode_graph="manual: graph", partial=True,
+             captures=3, capture_s=0.4213,
              nf4_routes=["NVIDIA H100 80GB HBM3, bfloat16: rows 1-2 bnb, 3-16 cuda mma, more bnb"])
 FULL = {**{k: v for k, v in EARLY.items() if k != "partial"}, "mode_tokens": 128,
         "decode_ms_by_mode": {"manual": dict(ms=19.5, status="manual: graph", same_as_eager=True),
@@ -85,6 +87,7 @@ def test_a_train_step_cut_short_after_its_steps_keeps_them(tmp_path):
     assert rows["workload"] == "Qwen3 8b config, random weights, nf4 frozen, layer 16, G = 8 x 512 new tokens, beta 0.0"
     assert rows["s/step (each step)"] == "30.5, 12.2"
     assert rows["decoder graph (training steps)"] == "manual: graph"
+    assert rows["last step: decode graph captures"] == "3 in 0.42 s"
     assert rows["NF4 matmul routes measured by the decoder"] == EARLY["nf4_routes"][0]
     assert rows["decode weight-read limit"].endswith("17.4% of the limit")
     assert rows["decode modes and GQA timings"] == "did not finish: see train_step.log"
@@ -126,6 +129,35 @@ def test_kernel_check_reports_the_kernels_when_the_decoder_check_fails(monkeypat
     assert check.main() == 1
     lines = capsys.readouterr().out.splitlines()
     assert lines[-3:] == ["FAIL decoder: RuntimeError: no model", "DECODER 0/1 ok", "KERNELS 1/2 ok"]
+
+
+def test_train_step_benchmark_times_the_decoders_captures(tmp_path, monkeypatch, capsys):
+    """The CUDA-graph path on CPU, with a capture that takes 0.2 s and replays the step: the
+    step's captures are counted and timed (one here: 48 + 8 columns stay in one attended
+    length), so a GPU run says what releasing the graphs before each update costs."""
+    import time
+
+    from onelayer.rollout import decoder
+    spec = importlib.util.spec_from_file_location("bench_train_step", ROOT / "benchmarks" / "bench_train_step.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+
+    def slow_capture(run, device, pool):
+        time.sleep(0.2)
+        return run, pool
+
+    monkeypatch.setattr(decoder, "graph_mode", lambda device: "manual")
+    monkeypatch.setattr(decoder, "capture", slow_capture)
+    monkeypatch.setattr(decoder, "run_on_side_stream", lambda run, device: run())
+    monkeypatch.setattr(sys, "argv", ["bench_train_step.py", "--config", "tiny", "--layer", "1", "--steps", "1",
+                                      "--new-tokens", "8", "--root", str(tmp_path / "models")])
+    bench.main()
+    result = json.loads(next(line for line in capsys.readouterr().out.splitlines()
+                             if line.startswith("RESULT "))[len("RESULT "):])
+    assert result["decode_graph"] == "manual: graph"
+    assert result["captures"] == 1
+    assert 0.2 <= result["capture_s"] < result["gen_s"]
+    assert decoder.capture is slow_capture      # the benchmark put back what it timed
 
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="no bash")
