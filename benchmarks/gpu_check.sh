@@ -14,8 +14,12 @@
 # Wheels the machine lacks (bitsandbytes; transformers when older than our floor) are installed
 # from .whl/ when it exists (benchmarks/README.md: prepare_side_by_side.sh). Logs go to $OUT (or
 # /tmp/onelayer-gpu-check). Copy the table into benchmarks/RESULTS.md with the command.
+# Each part has its own timeout, cut to what is left of BUDGET seconds (default 560, under the
+# device tool's 600 s a command), so that the table is always written.
 set -u
 cd "$(dirname "$0")/.."
+START=$(date +%s)
+BUDGET=${BUDGET:-560}
 LOGS=${OUT:-/tmp/onelayer-gpu-check}
 mkdir -p "$LOGS"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -34,24 +38,30 @@ python3 -c "import torch, triton, transformers, bitsandbytes as b; print('torch'
 
 # Progress bars of loading and saving are noise in a log.
 strip_bars() { grep -av -e 'it/s]' -e 's/it]' ; }
-echo "== kernels"
-timeout 120 python3 benchmarks/check_kernels_gpu.py 2>&1 | tee "$LOGS/kernels.log"
-echo "== fused policy loss"
-timeout 100 python3 benchmarks/bench_policy_loss.py --shapes 32768x4096x151936 --reps 5 --warmup 1 \
-  2>&1 | tee "$LOGS/policy_loss.log"
+# part NAME LOG CAP CMD...: CMD's output into $LOGS/LOG under `timeout min(CAP, seconds left of
+# BUDGET but 10 for the table)`; returns CMD's exit status.
+part() {
+  local name=$1 log=$2 cap=$3; shift 3
+  local t=$(( START + BUDGET - 10 - $(date +%s) ))
+  [ "$t" -gt "$cap" ] && t=$cap
+  echo "== $name (timeout ${t} s; $(( $(date +%s) - START )) s so far)"
+  if [ "$t" -lt 5 ]; then echo "SKIPPED: no time left of BUDGET=${BUDGET} s" | tee "$LOGS/$log"; return 1; fi
+  timeout --kill-after=10 "$t" "$@" 2>&1 | strip_bars | tee "$LOGS/$log"
+  return "${PIPESTATUS[0]}"
+}
+part kernels kernels.log 120 python3 benchmarks/check_kernels_gpu.py
+part "fused policy loss" policy_loss.log 100 \
+  python3 benchmarks/bench_policy_loss.py --shapes 32768x4096x151936 --reps 5 --warmup 1
 # The NF4 matmuls against their reference, in a process of their own: the decoder measures and
 # routes between them at its start, so a kernel that faults must not reach the train step.
-echo "== NF4 matmul kernels"
-timeout 150 python3 benchmarks/bench_nf4_matmul.py --check-only 2>&1 | tee "$LOGS/nf4.log"
-if [ "${PIPESTATUS[0]}" != 0 ]; then
+if ! part "NF4 matmul kernels" nf4.log 150 python3 benchmarks/bench_nf4_matmul.py --check-only; then
   export ONELAYER_NF4_ROUTES=table
   echo "the NF4 kernel check failed: the train step routes by the H100 table (ONELAYER_NF4_ROUTES=table)" \
     | tee -a "$LOGS/nf4.log"
 fi
 # Last, being the longest: its figures come as soon as its steps end (a first RESULT line), the
 # decode-mode timings after, the torch.compile one last; a timeout loses only what was left.
-echo "== train step (Qwen3-8B config, random weights)"
-timeout 300 python3 benchmarks/bench_train_step.py --config 8b --layer 16 --decode-compile --gqa-context 1024 2>&1 | strip_bars \
-  | tee "$LOGS/train_step.log"
-echo "== summary"
+part "train step (Qwen3-8B config, random weights)" train_step.log 300 \
+  python3 benchmarks/bench_train_step.py --config 8b --layer 16 --decode-compile --gqa-context 1024
+echo "== summary ($(( $(date +%s) - START )) s so far)"
 python3 benchmarks/gpu_summary.py "$LOGS" | tee "$LOGS/summary.md"

@@ -163,3 +163,21 @@ def test_train_step_benchmark_times_the_decoders_captures(tmp_path, monkeypatch,
 @pytest.mark.skipif(shutil.which("bash") is None, reason="no bash")
 def test_gpu_check_script_parses():
     subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / "gpu_check.sh")], check=True)
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="no bash")
+def test_gpu_check_writes_its_table_when_its_budget_is_spent(tmp_path):
+    """BUDGET too short for any part: each is skipped, none runs past the budget, and the
+    table still comes, saying what did not finish. (A copy of the two scripts it needs, away
+    from a checkout's .whl/, which it would install.)"""
+    copy = tmp_path / "repo" / "benchmarks"
+    copy.mkdir(parents=True)
+    for name in ("gpu_check.sh", "gpu_summary.py"):
+        shutil.copy(ROOT / "benchmarks" / name, copy / name)
+    run = subprocess.run(["bash", str(copy / "gpu_check.sh")], capture_output=True, text=True,
+                         env={**ENV, "OUT": str(tmp_path), "BUDGET": "14"}, timeout=120)
+    assert run.stdout.count("SKIPPED: no time left of BUDGET=14 s") == 4, run.stdout + run.stderr
+    assert (tmp_path / "summary.md").is_file()
+    rows = summary(tmp_path)
+    assert rows["train step (Qwen3-8B config)"] == "did not finish: see train_step.log"
+    assert (tmp_path / "nf4.log").read_text().endswith("(ONELAYER_NF4_ROUTES=table)\n")
