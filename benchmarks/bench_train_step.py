@@ -14,7 +14,8 @@ cut short by gpu_check.sh's timeout keeps them, and the full RESULT after the ti
 graph status in the last training step (decode_graph, recorded before the step releases the
 decoder), the seconds of that step's prefix pass (prefix_s) and of its CUDA graph captures
 (capture_s, captures: what is spent again each step because the decoder is released before
-the update); on CUDA also, for each graph mode of --decode-modes, ms per decode step of
+the update); on CUDA also, for each graph mode of --decode-modes (":unfused": without the
+fused element-wise kernels of onelayer/rollout/fusion.py), ms per decode step of
 generate_completions (G rows x --mode-tokens, one prefill included) and whether its greedy
 tokens equal eager's. With --decode-compile, a DECODE line after the RESULT times
 torch.compile(mode="reduce-overhead") too (printed last: a slow compile loses nothing else).
@@ -37,7 +38,7 @@ from onelayer import nf4_dispatch, single_turn
 from onelayer import update as update_module
 from onelayer.config import build_config
 from onelayer.model import load_policy
-from onelayer.rollout import SamplingParams, attention, decoder, generate_completions
+from onelayer.rollout import SamplingParams, attention, decoder, fusion, generate_completions
 from onelayer.tasks import Task
 from onelayer.single_turn import rl_step
 from onelayer.train import memory_gib
@@ -117,11 +118,13 @@ def copy_bandwidth(gib: float = 2.0) -> float:
 
 def graph_status(lm) -> str:
     """The graph mode of the model's decoder (GRAPH_MODE on CUDA, off elsewhere; GRAPH_MODE when
-    it has none) and what each of its keys ran as (graph / eager / failed)."""
+    it has none), what each of its keys ran as (graph / eager / failed), and what it fused."""
     state = decoder._DECODERS.get(lm)
     seen = sorted({"failed" if e.failed else "graph" if e.replay is not None else "eager"
                    for e in state.graphs.values()}) if state else ["none"]
-    return f"{state.mode if state else decoder.GRAPH_MODE}: {','.join(seen)}"
+    fused = fusion._FUSIONS.get(lm) if state and fusion.wanted(state.device, state.mode) else None
+    return (f"{state.mode if state else decoder.GRAPH_MODE}: {','.join(seen)}"
+            + (f"; fused {fused.summary()}" if fused else ""))
 
 
 def run_steps(policy, optimizer, task, cfg, objective, steps: int) -> tuple[list[dict], list[str]]:
@@ -172,8 +175,9 @@ def time_decode(policy, prompt: str, mode: str, rows: int, new_tokens: int, gqa:
     """(ms per decode step, greedy tokens, graph status) of generate_completions in graph mode
     `mode` and grouped-query mode `gqa`: one call to capture, one timed."""
     lm, tok = policy.split.lm, policy.tokenizer
-    saved, saved_gqa = decoder.GRAPH_MODE, attention.GQA_MODE
-    decoder.GRAPH_MODE, attention.GQA_MODE = mode, gqa
+    saved, saved_gqa, saved_fused = decoder.GRAPH_MODE, attention.GQA_MODE, fusion.FUSED
+    decoder.GRAPH_MODE, attention.GQA_MODE = mode.split(":")[0], gqa
+    fusion.FUSED = "off" if mode.endswith(":unfused") else "on"
     decoder.release(lm)
     try:
         params = SamplingParams(new_tokens, greedy=True)
@@ -185,7 +189,7 @@ def time_decode(policy, prompt: str, mode: str, rows: int, new_tokens: int, gqa:
         seconds = time.perf_counter() - t0
         return 1e3 * seconds / out.completion_mask.shape[1], out.completion_ids.cpu(), graph_status(lm)
     finally:
-        decoder.GRAPH_MODE, attention.GQA_MODE = saved, saved_gqa
+        decoder.GRAPH_MODE, attention.GQA_MODE, fusion.FUSED = saved, saved_gqa, saved_fused
         decoder.release(lm)
 
 
@@ -216,7 +220,8 @@ def main() -> None:
     ap.add_argument("--beta", type=float, default=0.0)
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--root", default="/tmp/onelayer-bench")
-    ap.add_argument("--decode-modes", default="manual,off", help="graph modes to time (CUDA)")
+    ap.add_argument("--decode-modes", default="manual,manual:unfused,off",
+                    help="graph modes to time (CUDA); ':unfused' without the fused element-wise kernels")
     ap.add_argument("--mode-tokens", type=int, default=128)
     ap.add_argument("--decode-compile", action="store_true", help="also time mode 'compile'")
     ap.add_argument("--gqa-context", type=int, default=0,

@@ -8,11 +8,13 @@ the kernels run with small interpreter tiles; this script runs the real GPU tile
 code: loss value, metrics and hidden-state gradient (grad_output != 1) of the fused linear
 policy loss, the no-grad log-probs, and the advantage kernels, in fp32 and bf16, on shapes that
 are not multiples of the tiles, with masked tokens, a fully masked sequence, bias and no bias,
-token and sequence (GSPO) ratios.
+token and sequence (GSPO) ratios; the decoder's fused RMSNorm, rotary and SiLU-gate kernels.
 Then the rollout decoder (onelayer/rollout/decoder.py) on the GPU: greedy tokens of the static
 decoder, in each graph mode, identical to Hugging Face `generate` and to the dynamic-cache loop
 (tiny fp32 Qwen3 and Mistral with a window of 8, left-padded rows stopping at different times),
-and sampled tokens identical across graph modes from the same generator seed.
+and sampled tokens identical across graph modes from the same generator seed (modes "manual"
+and "off" with the fused element-wise kernels swapped in, as the decoder runs on CUDA;
+"manual:unfused" without them).
 Prints one line per case, `DECODER <passed>/<total> ok` and a last line
 `KERNELS <passed>/<total> ok` (all checks); exits 1 on a mismatch.
 """
@@ -35,6 +37,8 @@ from onelayer.algos import (
 # are compared relative to the largest reference entry (their scale depends on the aggregation).
 VALUE_TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.bfloat16: dict(atol=2e-3, rtol=2e-3)}
 GRAD_REL_TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
+# The decoder's element-wise kernels against theirs: a few ulps of fp32, one of bf16 (2^-8).
+ROUNDING_TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=1e-5, rtol=1.6e-2)}
 SMOKE_CASES = [  # --smoke: the script's own logic on CPU under TRITON_INTERPRET=1
     (torch.float32, (37, 45, 173), "token-mean", 0.04, 0.7, True),
     (torch.bfloat16, (19, 17, 71), "seq-mean-token-sum-norm", 0.0, 1.0, False, "sequence"),
@@ -153,11 +157,47 @@ def check_advantages() -> list[bool]:
     return results
 
 
+def check_decode_ops() -> list[bool]:
+    """The decoder's fused element-wise kernels against their references: within rounding, and
+    in bf16 bit-equal in almost every entry (each rounds where torch rounds; only a sum's order
+    differs)."""
+    from onelayer.kernels.decode_ops import rms_norm_triton, rotary_triton, silu_mul_triton
+    from onelayer.rollout.fusion import rms_norm_reference, rotary_reference, silu_mul_reference
+
+    results = []
+    g = torch.Generator(device=DEV).manual_seed(3)
+    big = DEV != "cpu"
+    norm_shapes = [(8, 4096), (256, 128), (37, 1000)] if big else [(5, 100)]
+    rotary_shapes = [(8, 32, 8, 1, 128), (2, 32, 8, 48, 128), (3, 12, 2, 5, 64)] if big else [(2, 4, 2, 3, 16)]
+    for dtype in (torch.float32, torch.bfloat16):
+        rand = lambda *shape: torch.randn(*shape, device=DEV, generator=g).to(dtype)  # noqa: E731
+        cases = [(f"rms_norm {rows}x{width}", rms_norm_triton, rms_norm_reference,
+                  (3 * rand(rows, width), rand(width), 1e-6)) for rows, width in norm_shapes]
+        cases += [(f"rotary B={b} Hq={hq} Hk={hk} S={s} D={d}", rotary_triton, rotary_reference,
+                   (rand(b, s, hq, d).transpose(1, 2), rand(b, s, hk, d).transpose(1, 2), rand(b, s, d), rand(b, s, d)))
+                  for b, hq, hk, s, d in rotary_shapes]
+        cases += [(f"silu_mul {n}", silu_mul_triton, silu_mul_reference, (4 * rand(n), rand(n)))
+                  for n in ([8 * 12288, 5 * 1001] if big else [1001])]
+        for name, kernel, reference, args in cases:
+            try:
+                out, want = kernel(*args), reference(*args)
+                pairs = list(zip(out, want)) if isinstance(out, tuple) else [(out, want)]
+                ok = all(torch.allclose(a.float(), b.float(), **ROUNDING_TOL[dtype]) for a, b in pairs)
+                same = min(float((a == b).float().mean()) for a, b in pairs)
+                ok = ok and (dtype != torch.bfloat16 or same >= 0.99)
+                print(f"{'ok  ' if ok else 'FAIL'} {name} {str(dtype)[6:]}: {100 * same:.1f}% of entries equal")
+            except Exception as exc:  # a compile or launch failure is a failed check
+                ok = False
+                print(f"FAIL {name} {str(dtype)[6:]}: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}")
+            results.append(ok)
+    return results
+
+
 def check_decoder() -> list[bool]:
     from transformers import (GenerationConfig, MistralConfig, MistralForCausalLM, Qwen3Config,
                               Qwen3ForCausalLM)
 
-    from onelayer.rollout import SamplingParams, decoder
+    from onelayer.rollout import SamplingParams, decoder, fusion
     from onelayer.rollout.generate import StopStrings, sample_dynamic
 
     common = dict(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
@@ -169,8 +209,8 @@ def check_decoder() -> list[bool]:
     mask = (torch.arange(P)[None] >= P - lengths[:, None]).long()
     ids = (torch.randint(2, 256, (8, P), generator=g) * mask).to(DEV)
     mask = mask.to(DEV)
-    modes = ("off",) if DEV == "cpu" else ("manual", "off")
-    results, saved = [], decoder.GRAPH_MODE
+    modes = ("off",) if DEV == "cpu" else ("manual", "manual:unfused", "off")
+    results, saved, saved_fused = [], decoder.GRAPH_MODE, fusion.FUSED
     for name, config_cls, model_cls, extra in [("qwen3", Qwen3Config, Qwen3ForCausalLM, dict(head_dim=32)),
                                                 ("mistral", MistralConfig, MistralForCausalLM, dict(sliding_window=8))]:
         torch.manual_seed(0)
@@ -186,7 +226,8 @@ def check_decoder() -> list[bool]:
             do_sample=False, max_new_tokens=new, eos_token_id=stop, pad_token_id=0))[:, P:]
         draws = {}
         for mode in modes:
-            decoder.GRAPH_MODE = mode
+            decoder.GRAPH_MODE, unfused = mode.split(":")[0], mode.endswith(":unfused")
+            fusion.FUSED = "off" if unfused else "on"
             decoder.release(lm)
             try:
                 run(decoder.decode, greedy, [stop])     # the first call captures
@@ -197,7 +238,7 @@ def check_decoder() -> list[bool]:
                 ok = (torch.equal(ours.tokens, reference.tokens) and torch.equal(ours.tokens, hf)
                       and torch.equal(ours.mask, reference.mask))
                 # A failed capture decodes eagerly and gets the same tokens: manual must capture.
-                ok = ok and (mode != "manual" or status == {"graph"})
+                ok = ok and (not mode.startswith("manual") or status == {"graph"})
                 lengths_seen = sorted(set(ours.mask.sum(1).tolist()))
                 print(f"{'ok  ' if ok else 'FAIL'} decoder {name} {mode} ({','.join(sorted(status))}): greedy "
                       f"tokens == HF generate == dynamic loop, row lengths {lengths_seen}", flush=True)
@@ -211,7 +252,7 @@ def check_decoder() -> list[bool]:
             print(f"{'ok  ' if ok else 'FAIL'} decoder {name} sampled tokens equal across {', '.join(draws)}")
             results.append(ok)
         decoder.release(lm)
-    decoder.GRAPH_MODE = saved
+    decoder.GRAPH_MODE, fusion.FUSED = saved, saved_fused
     print(f"DECODER {sum(results)}/{len(results)} ok", flush=True)
     return results
 
@@ -237,6 +278,7 @@ def main() -> int:
             results.append(False)
         torch.cuda.empty_cache()
     results += check_advantages()
+    results += check_decode_ops()
     try:
         results += check_decoder()
     except Exception as exc:  # outside its per-mode checks (a model, HF generate): keep the rest

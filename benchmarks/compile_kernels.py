@@ -32,7 +32,7 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 
-from onelayer.kernels import advantages, nf4_matmul, policy_loss  # noqa: E402
+from onelayer.kernels import advantages, decode_ops, nf4_matmul, policy_loss  # noqa: E402
 from onelayer.nf4 import nf4_weight  # noqa: E402
 
 POINTEE = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int64: "i64",
@@ -105,6 +105,12 @@ def run_launchers() -> None:
     plain = nf4_linear(96, 512, nested=False)   # absmax in fp32, not double-quantised
     nf4_matmul.nf4_matmul_triton(torch.randn(1, 512).bfloat16(), nf4_weight(plain.weight))
     nf4_matmul.nf4_matmul_triton(torch.randn(1, 512).half(), nf4_weight(lin.weight))
+    for dtype in (torch.bfloat16, torch.float32):   # the decoder's element-wise kernels
+        for rows, width in ((8 * 32, 128), (8, 4096)):   # 8 rows' query norms (a head each), a layer's
+            decode_ops.rms_norm_triton(torch.randn(rows, width).to(dtype), torch.randn(width).to(dtype), 1e-6)
+        q, k = torch.randn(8, 32, 1, 128).to(dtype), torch.randn(8, 8, 1, 128).to(dtype)
+        decode_ops.rotary_triton(q, k, torch.randn(8, 1, 128).to(dtype), torch.randn(8, 1, 128).to(dtype))
+        decode_ops.silu_mul_triton(torch.randn(8, 12288).to(dtype), torch.randn(8, 12288).to(dtype))
     rewards, groups = torch.rand(24), torch.arange(24) // 8
     advantages.group_advantages(rewards, groups, "grpo")
     advantages.group_advantages(torch.rand(10), torch.tensor([1, 2, 1, 3, 2, 1, 3, 3, 2, 1]), "gigpo",
@@ -132,7 +138,8 @@ def compiled_launches(archs: list[int]) -> list[dict]:
     recorders, records = [], []
     policy_loss._config = lambda device: policy_loss._GPU
     nf4_matmul._config = lambda device: nf4_matmul._GPU
-    for module in (policy_loss, nf4_matmul, advantages):
+    decode_ops._by_bits = lambda device: False
+    for module in (policy_loss, nf4_matmul, advantages, decode_ops):
         for name, value in vars(module).copy().items():
             if isinstance(value, triton.runtime.jit.JITFunction) and name.endswith("_kernel"):
                 recorders.append(recorder := Recorder(value))
@@ -167,7 +174,7 @@ def describe(record: dict) -> str:
     """The launch in a few words: dtype of the first pointer, the tile and the switches on."""
     dtype = next(t for t in record["signature"].values() if t.startswith("*"))[1:]
     c = record["constexprs"]
-    tile = " x ".join(f"{k.removeprefix('BLOCK_')} {v}" for k, v in c.items() if k.startswith("BLOCK_"))
+    tile = " x ".join(f"{k.removeprefix('BLOCK_')} {v}" for k, v in c.items() if k.startswith("BLOCK"))
     flags = [k.lower() for k, v in c.items() if v is True and k not in ("IEEE", "UPCAST")]
     return ", ".join([dtype, tile, *flags, f"{record['options'].get('num_warps', 4)} warps"])
 

@@ -124,11 +124,12 @@ def test_kernel_check_reports_the_kernels_when_the_decoder_check_fails(monkeypat
 
     monkeypatch.setattr(check, "SMOKE_CASES", [])
     monkeypatch.setattr(check, "check_advantages", lambda: [True])
+    monkeypatch.setattr(check, "check_decode_ops", lambda: [True])
     monkeypatch.setattr(check, "check_decoder", no_model)
     monkeypatch.setattr(sys, "argv", ["check_kernels_gpu.py", "--smoke"])
     assert check.main() == 1
     lines = capsys.readouterr().out.splitlines()
-    assert lines[-3:] == ["FAIL decoder: RuntimeError: no model", "DECODER 0/1 ok", "KERNELS 1/2 ok"]
+    assert lines[-3:] == ["FAIL decoder: RuntimeError: no model", "DECODER 0/1 ok", "KERNELS 2/3 ok"]
 
 
 def test_train_step_benchmark_times_the_decoders_captures(tmp_path, monkeypatch, capsys):

@@ -63,6 +63,12 @@ transformers 5.20-5.22, and makes the step the same on every version. The prefil
 tokens) keeps transformers' path: one copy of the prompt's keys and values a layer.
 ONELAYER_DECODE_GQA=repeat copies instead of folding, to time the two (gpu_check.sh does); the
 speed-up on a GPU is not measured yet.
+
+Element-wise ops (fusion.py): at 8 rows a decode step is a few kilobytes of activations a
+layer, so each of the ~60 ops a layer runs costs a kernel launch, graph or not. On CUDA
+(graph modes manual and off) every RMSNorm, the rotary embedding and the SiLU gate run as one
+Triton kernel each while the decoder runs, checked once per model against the model's own
+forward; ONELAYER_DECODE_FUSED=off keeps the model's ops (to time the two).
 """
 from __future__ import annotations
 
@@ -80,6 +86,7 @@ from torch import Tensor
 from transformers import Cache
 
 from ..model.split import layer_types, positions
+from . import fusion
 from .attention import attention_implementation, decode_attention
 
 log = logging.getLogger("onelayer")
@@ -491,9 +498,11 @@ class StaticDecoder:
             self.done[row] = True
 
     def run(self, lm, input_ids: Tensor, prompt_mask: Tensor, params, **kwargs) -> Samples:
-        """`complete` under the decoder's attention implementation (prefill, every decode step
-        and every capture), the model's own restored after it, on an error too."""
-        with attention_implementation(lm.config, self.spec.attention):
+        """`complete` under the decoder's attention implementation and fused element-wise
+        kernels (fusion.py; prefill, every decode step and every capture), the model's own
+        restored after it, on an error too."""
+        with attention_implementation(lm.config, self.spec.attention), \
+                fusion.swapped(lm, fusion.wanted(self.device, self.mode)):
             return self.complete(lm, input_ids, prompt_mask, params, **kwargs)
 
     def complete(self, lm, input_ids: Tensor, prompt_mask: Tensor, params, *, stop_ids: list[int],
