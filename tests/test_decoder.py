@@ -451,3 +451,23 @@ def test_decode_attends_each_key_value_head_once(tmp_path, tok, monkeypatch):
         lm(input_ids=ids[:, :1], attention_mask=mask[:, :1])
     assert calls["fold"] == 0
     decoder.release(lm)
+
+
+def test_attention_gets_an_additive_mask_in_the_activations_dtype(models, tok, monkeypatch):
+    """SDPA turns a bool mask into an additive one in every layer (three launches on CUDA); the
+    decoder passes one built once a step, in the dtype of the queries."""
+    seen = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def recording(query, key, value, attn_mask=None, **kwargs):
+        seen.append((attn_mask.dtype if attn_mask is not None else None, query.dtype))
+        return sdpa(query, key, value, attn_mask=attn_mask, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording)
+    lm = models["mistral"]                     # full and sliding-window layers' masks alike
+    decoder.release(lm)
+    ours, dynamic = both(lm, tok, SamplingParams(6, greedy=True), [3])
+    decoder.release(lm)
+    assert_same(ours, dynamic)
+    decoded = seen[:lm.config.num_hidden_layers * 6]        # the decoder ran first
+    assert decoded and all(mask == query for mask, query in decoded)

@@ -265,14 +265,13 @@ def _cache_kwarg(model_class: type) -> str:
 
 class _Spec:
     """What the decoder needs to know of a model, read once: its attention types, window,
-    mask layout (bool for sdpa, additive in `eager` dtype for eager), cache keyword and the
-    attention implementation it decodes with (attention.decode_attention: None keeps the model's)."""
+    mask dtype (the activations'), cache keyword and the attention implementation it decodes
+    with (attention.decode_attention: None keeps the model's)."""
 
     def __init__(self, lm):
         self.kinds = sorted(set(layer_types(lm.config)))
         self.window = getattr(lm.config, "sliding_window", None)
-        eager = lm.config._attn_implementation == "eager"
-        self.eager = lm.get_input_embeddings().weight.dtype if eager else None
+        self.mask_dtype = lm.get_input_embeddings().weight.dtype
         self.as_dict = _takes_mask_dict(lm)
         self.cache_kwarg = _cache_kwarg(type(lm))
         self.attention = decode_attention(lm)
@@ -355,8 +354,10 @@ class StaticDecoder:
 
     def masks(self, valid: Tensor, query: Tensor):
         """The attention mask argument for attendable columns valid [B, K] and query columns
-        query [Q]: per attention type [B, 1, Q, K], causal, windowed for sliding layers, bool
-        (sdpa) or additive (eager); a dict, or the one mask for forwards that take one. A query
+        query [Q]: per attention type [B, 1, Q, K], causal, windowed for sliding layers,
+        additive in the activations' dtype (0 or its lowest value), so that SDPA does not turn
+        a bool mask into one in every layer (three launches a layer on CUDA); a dict, or the
+        one mask for forwards that take one. A query
         always sees its own column, so no row is fully masked: a left-pad query would give NaN
         under some kernels, and NaN keys reach the cache (masked weights are 0, 0 x NaN is not)."""
         cols = self.columns[:valid.shape[1]]
@@ -367,11 +368,9 @@ class StaticDecoder:
             if kind == "sliding_attention":
                 allowed = allowed & (cols > q - self.spec.window)
             mask = (valid[:, None, None, :] & allowed) | (cols == q)     # [B, 1, Q, K]
-            if self.spec.eager is not None:
-                dtype = self.spec.eager
-                mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(
-                    ~mask, torch.finfo(dtype).min)
-            out[kind] = mask
+            dtype = self.spec.mask_dtype
+            out[kind] = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(
+                ~mask, torch.finfo(dtype).min)
         return out if self.spec.as_dict else out[self.spec.kinds[0]]
 
     def forward(self, lm, input_ids: Tensor, mask, position_ids: Tensor) -> Tensor:
