@@ -283,3 +283,16 @@ def test_a_model_the_checks_cannot_read_decodes_with_its_own_ops(tiny_models, mo
         fusions = fusion.fusions_for(lm)
     assert not (fusions.norms or fusions.mlps or fusions.rotary)
     assert "not fusing this model (ZeroDivisionError" in caplog.text
+
+
+def test_a_swap_that_fails_to_launch_is_left_out(tiny_models, monkeypatch, caplog):
+    lm = AutoModelForCausalLM.from_pretrained(tiny_models["qwen2"], attn_implementation="sdpa").eval()
+
+    def no_launch(module, x):
+        raise RuntimeError("out of resources: shared memory")
+
+    monkeypatch.setattr(fusion, "fused_mlp", no_launch)
+    with caplog.at_level(logging.WARNING, logger="onelayer"):
+        fusions = fusion.fusions_for(lm)
+    assert not fusions.mlps and fusions.norms and fusions.rotary
+    assert fusions.left_out == ["Qwen2MLP (RuntimeError: out of resources: shared memory)"]

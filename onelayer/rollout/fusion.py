@@ -131,9 +131,16 @@ def fusions_for(lm: nn.Module) -> Fusions:
 
 
 def _agrees(name: str, fused, own, inputs, left_out: list[str]) -> bool:
+    """Whether `fused` computes what `own` does on `inputs`, to within rounding: 4 ulps of the
+    dtype at the output's largest value. (Not per entry: one input rounded the other way moves
+    every output of a matmul after it, and outputs near 0 by far more than their ulps.) A
+    different formula, such as a norm by 1 + weight, misses by the output's own size."""
     try:
         with torch.no_grad():
-            torch.testing.assert_close(fused(*inputs), own(*inputs))
+            got, want = fused(*inputs), own(*inputs)
+        for a, b in zip(*((got, want) if isinstance(want, tuple) else ((got,), (want,)))):
+            scale = float(b.abs().max()) if b.numel() else 0.0
+            torch.testing.assert_close(a, b, rtol=0, atol=4 * torch.finfo(b.dtype).eps * scale)
         return True
     except Exception as exc:  # a launch failure or a different result: that part stays the model's own
         left_out.append(f"{name} ({type(exc).__name__}: {str(exc).strip().splitlines()[0][:160] if str(exc) else ''})")
