@@ -357,9 +357,9 @@ class StaticDecoder:
         query [Q]: per attention type [B, 1, Q, K], causal, windowed for sliding layers,
         additive in the activations' dtype (0 or its lowest value), so that SDPA does not turn
         a bool mask into one in every layer (three launches a layer on CUDA); a dict, or the
-        one mask for forwards that take one. A query
-        always sees its own column, so no row is fully masked: a left-pad query would give NaN
-        under some kernels, and NaN keys reach the cache (masked weights are 0, 0 x NaN is not)."""
+        one mask for forwards that take one. A query always sees its own column, so no row is
+        fully masked: a left-pad query would give NaN under some kernels, and NaN keys reach
+        the cache (masked weights are 0, 0 x NaN is not)."""
         cols = self.columns[:valid.shape[1]]
         q = query[:, None]                                               # [Q, 1]
         out = {}

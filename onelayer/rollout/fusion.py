@@ -13,8 +13,8 @@ Qwen2, Llama and Mistral write them alike):
 
 Why: a decode step is launch-bound in these ops (kernels/decode_ops.py counts them). The
 forward of every module and the global are restored when the decoder returns, on an error too:
-training forwards never see them, and no graph mode but "compile" (where inductor fuses these
-ops itself, and would have to trace the launchers) runs without them on CUDA.
+training forwards never see them. On CUDA the graph modes manual and off use them; compile does
+not (inductor fuses these ops itself, and would have to trace the launchers).
 
 Before a model first decodes with them, each swap runs beside the model's own forward on random
 inputs of the model's shapes and dtype (one module per class and width); one that raises or
