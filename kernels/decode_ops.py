@@ -54,7 +54,7 @@ def rms_norm_triton(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     `weight * normed.to(input_dtype)` promotes). Narrow rows (a head's query or key norm) go
     several to a program, up to 4,096 values."""
     n = x.shape[-1]
-    rows = x.reshape(-1, n)
+    rows, weight = x.reshape(-1, n), weight.contiguous()
     if rows.stride(-1) != 1:
         rows = rows.contiguous()
     out = torch.empty(rows.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
