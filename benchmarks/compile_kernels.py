@@ -1,5 +1,6 @@
 """Every Triton kernel launch of onelayer's GPU configurations, compiled for NVIDIA
-architectures on a machine without a GPU: shared memory, registers and spilled bytes of each.
+architectures on a machine without a GPU: shared memory, registers, spilled bytes, and what a
+pass of the innermost loop executes (instructions, barriers, loads, tensor-core instructions).
 
     python benchmarks/compile_kernels.py                  # sm_80, sm_86, sm_90: a table
     python benchmarks/compile_kernels.py --arch 89 --json # one JSON line a launch and arch
@@ -7,12 +8,14 @@ architectures on a machine without a GPU: shared memory, registers and spilled b
 CI has no GPU, and TRITON_INTERPRET=1 runs the kernels with the CPU tiles, never the GPU ones.
 So the launchers run here on CPU tensors with each module's GPU configuration and the kernels
 replaced by recorders: every launch is kept (arguments, constexprs, warps, stages), not run,
-and then compiled for each architecture by Triton with its bundled ptxas; its bundled
-cuobjdump reads registers and stack (spills) from the binary. A kernel that does not compile
-for a card, or needs more shared memory than one block of it may have (99 KiB on RTX 30x0 /
-40x0 cards), fails at its first launch there: tests/test_kernels_compile.py runs this with
---json. Registers and spills are what the compiler chose, not timings: they say where a tile
-is too large for the registers, and bench_nf4_matmul.py --tune on a GPU says what is fastest.
+specialised on its arguments as Triton's JIT would (16-byte alignment, integers equal to 1),
+and compiled for each architecture by Triton with its bundled ptxas; its bundled cuobjdump
+reads registers, stack (spills) and the machine code from the binary. A kernel that does not
+compile for a card, or needs more shared memory than one block of it may have (99 KiB on RTX
+30x0 / 40x0 cards), fails at its first launch there: tests/test_kernels_compile.py runs this
+with --json. These are what the compiler chose, not timings: they say where a tile is too
+large for the registers or a loop waits on barriers, and bench_nf4_matmul.py --tune on a GPU
+says what is fastest.
 """
 from __future__ import annotations
 
@@ -30,13 +33,12 @@ if os.environ.get("TRITON_INTERPRET"):
 import bitsandbytes as bnb  # noqa: E402
 import torch  # noqa: E402
 import triton  # noqa: E402
+from triton._C.libtriton import native_specialize_impl  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.backends.nvidia.compiler import CUDABackend  # noqa: E402
 
 from onelayer.kernels import advantages, decode_ops, nf4_matmul, policy_loss  # noqa: E402
 from onelayer.nf4 import nf4_weight  # noqa: E402
-
-POINTEE = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int64: "i64",
-           torch.int32: "i32", torch.uint8: "u8", torch.bool: "i1"}
 
 
 class Recorder:
@@ -49,30 +51,28 @@ class Recorder:
         return lambda *args, **kwargs: self.launches.append((args, kwargs))
 
 
-def argument_type(value) -> str:
-    if isinstance(value, torch.Tensor):
-        return "*" + POINTEE[value.dtype]
-    if isinstance(value, bool):
-        return "i1"
-    if isinstance(value, int):
-        return "i32" if -2**31 <= value < 2**31 else "i64"
-    if isinstance(value, float):
-        return "fp32"
-    raise TypeError(f"no Triton type for {type(value).__name__}")
-
-
 def source_and_options(kernel, args: tuple, kwargs: dict):
-    """The kernel's source specialised to one launch's constexprs, and the launch's options."""
+    """The kernel's source specialised as Triton's JIT specialises it at this launch, and the
+    launch's options. The JIT's own rule (`native_specialize_impl`) types each argument and
+    marks pointers whose address, and integers whose value, divide by 16 (`tt.divisibility`):
+    that is what lets the compiler load 16 bytes at a time. An integer equal to 1 becomes a
+    constant. Without the marks the compiler loads byte by byte and keeps twice the registers."""
     names = [p.name for p in kernel.params]
     bound = dict(zip(names, args)) | {k: v for k, v in kwargs.items() if k in names}
-    signature, constexprs = {}, {}
-    for p in kernel.params:
+    signature, constexprs, attrs = {}, {}, {}
+    for i, p in enumerate(kernel.params):
         if p.is_constexpr:
             signature[p.name], constexprs[p.name] = "constexpr", bound[p.name]
-        else:
-            signature[p.name] = argument_type(bound[p.name])
+            continue
+        kind, attr = native_specialize_impl(CUDABackend, bound[p.name], p.is_const, True, True)
+        signature[p.name] = kind
+        if kind == "constexpr":
+            constexprs[p.name] = attr
+        elif isinstance(attr, str) and attr:
+            attrs[(i,)] = CUDABackend.parse_attr(attr)
     options = {k: v for k, v in kwargs.items() if k not in names}
-    return triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs), options, constexprs
+    return triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs), \
+        options, constexprs
 
 
 def nf4_linear(n: int, k: int, nested: bool) -> bnb.nn.Linear4bit:
@@ -118,23 +118,47 @@ def run_launchers() -> None:
                                 step_traj=torch.tensor([0, 0, 1, 1, 2, 2, 2, 3, 3, 3]))
 
 
-def resources(cubin: bytes) -> dict[str, int | None]:
-    """Registers a thread and stack bytes (spills) of a cubin, by the cuobjdump beside Triton's
-    ptxas (None where there is none)."""
+def resources(cubin: bytes) -> dict:
+    """Registers a thread, stack bytes (spills) and the innermost loop's instruction mix
+    (`loop_profile`) of a cubin, by the cuobjdump beside Triton's ptxas (None where there is
+    none)."""
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     if not os.access(tool, os.X_OK):
-        return dict(registers=None, stack=None)
+        return dict(registers=None, stack=None, loop=None)
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        out = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
+        out = subprocess.run([tool, "-res-usage", "-sass", f.name], capture_output=True, text=True).stdout
     found = re.search(r"REG:(\d+) STACK:(\d+)", out)
-    return dict(registers=int(found[1]), stack=int(found[2])) if found else dict(registers=None, stack=None)
+    return dict(registers=int(found[1]) if found else None, stack=int(found[2]) if found else None,
+                loop=loop_profile(out))
+
+
+SASS_LINE = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*)(\S*)([^;]*)")
+
+
+def loop_profile(sass: str) -> dict[str, int] | None:
+    """What one pass of the kernel's largest innermost loop executes, a thread: instructions,
+    block-wide barriers, global loads (and those of 8 or 16 bytes), shared-memory stores and loads,
+    tensor-core instructions. A loop is a backward branch and the instructions it jumps back
+    over; None for a kernel without one. Read from SASS: what the card runs, not a timing."""
+    code = [(int(m[1], 16), m[2], m[3], m[4]) for m in map(SASS_LINE.match, sass.splitlines()) if m]
+    loops = [(int(t[1], 16), at) for at, op, _, operands in code if op == "BRA"
+             for t in [re.search(r"0x([0-9a-f]+)", operands)] if t and int(t[1], 16) < at]
+    inner = [(lo, hi) for lo, hi in loops if not any(lo <= a < b <= hi and (a, b) != (lo, hi) for a, b in loops)]
+    if not inner:
+        return None
+    lo, hi = max(inner, key=lambda span: span[1] - span[0])
+    body = [(op, suffix) for at, op, suffix, _ in code if lo <= at <= hi]
+    count = lambda *ops: sum(op.startswith(ops) for op, _ in body)  # noqa: E731
+    return dict(instructions=len(body), barriers=count("BAR"), global_loads=count("LDG"),
+                vector_loads=sum(op == "LDG" and (".64" in suffix or ".128" in suffix) for op, suffix in body),
+                shared=count("STS", "LDS", "STSM", "LDSM"), mma=count("HMMA", "HGMMA", "IMMA"))
 
 
 def compiled_launches(archs: list[int]) -> list[dict]:
     """One record a distinct launch and architecture: kernel, arch, signature, constexprs,
-    options, and shared / registers / stack, or error."""
+    options, and shared / registers / stack / loop, or error."""
     recorders, records = [], []
     policy_loss._config = lambda device: policy_loss._GPU
     nf4_matmul._config = lambda device: nf4_matmul._GPU
@@ -154,7 +178,8 @@ def compiled_launches(archs: list[int]) -> list[dict]:
         seen = set()
         for args, kwargs in recorder.launches:
             src, options, constexprs = source_and_options(recorder.kernel, args, kwargs)
-            key = (tuple(src.signature.items()), tuple(constexprs.items()), tuple(options.items()))
+            key = (tuple(src.signature.items()), tuple(constexprs.items()), str(src.attrs),
+                   tuple(options.items()))
             if key in seen:
                 continue
             seen.add(key)
@@ -196,18 +221,29 @@ def main() -> None:
     for r in records:
         key = (r["kernel"], describe(r), r["arch"])
         rows[key] = worst(rows[key], r) if key in rows else r
-    print("| kernel | launch | arch | shared KiB | registers | spilled (stack) bytes |")
-    print("|---|---|---|---:|---:|---:|")
+    print("| kernel | launch | arch | shared KiB | registers | spilled (stack) bytes "
+          "| inner loop a pass: instructions / barriers / global loads (of 8-16 bytes) / shared / mma |")
+    print("|---|---|---|---:|---:|---:|---|")
     for (kernel, launch, arch), r in rows.items():
-        cells = ([f"error: {r['error'][:80]}", "", ""] if "error" in r else
-                 [f"{r['shared'] / 1024:.0f}", str(r["registers"]), str(r["stack"])])
+        cells = ([f"error: {r['error'][:80]}", "", "", ""] if "error" in r else
+                 [f"{r['shared'] / 1024:.0f}", str(r["registers"]), str(r["stack"]), loop_cell(r.get("loop"))])
         print(f"| {kernel} | {launch} | sm_{arch} | " + " | ".join(cells) + " |")
 
 
+def loop_cell(loop: dict | None) -> str:
+    if not loop:
+        return "no loop"
+    return (f"{loop['instructions']} / {loop['barriers']} / {loop['global_loads']} ({loop['vector_loads']})"
+            f" / {loop['shared']} / {loop['mma']}")
+
+
 def worst(a: dict, b: dict) -> dict:
+    """The larger figures of two launches sharing a row (its loop: the longer one's)."""
     if "error" in a or "error" in b:
         return a if "error" in a else b
-    return {k: max(a[k], b[k]) if None not in (a[k], b[k]) else a[k] for k in ("shared", "registers", "stack")}
+    loops = [r["loop"] for r in (a, b) if r.get("loop")]
+    return {**{k: max(a[k], b[k]) if None not in (a[k], b[k]) else a[k] for k in ("shared", "registers", "stack")},
+            "loop": max(loops, key=lambda loop: loop["instructions"]) if loops else None}
 
 
 if __name__ == "__main__":

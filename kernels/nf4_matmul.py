@@ -27,12 +27,23 @@ left between this kernel (~400 GB/s) and the bandwidth: per weight one load from
 table.
 
 BLOCK_N is the tile at M <= 16. Wider row blocks take proportionally narrower tiles
-(`block_n_for`): with 256 columns the 8-warp kernel fills its 255 registers a thread and spills
-at 32 and 64 rows (benchmarks/compile_kernels.py, bf16: 24-32 bytes a thread at 32 rows on
-sm_80/86, 104-184 at 64 rows on sm_80-90), the H100 run above took 413 us at M = 32 and 819 at
-M = 64 (twice the time at 16 rows), and lost those rows to bitsandbytes. With 128 columns at 32
-rows and 64 at 64 rows nothing spills (194-199 and 127-173 registers). Whether that wins back
-those rows is for a GPU to measure (`--tune`; the decoder measures its routes at its start).
+(`block_n_for`), so that the accumulator stays BLOCK_N x 16. The H100 run above took 413 us at
+M = 32 and 819 at M = 64 with 256 columns (twice the time at 16 rows) and gave those rows to
+bitsandbytes; whether the narrower tiles win them back is for a GPU to measure (`--tune`; the
+decoder measures its routes at its start). Compiled as a launch specialises it
+(benchmarks/compile_kernels.py, bf16), 256 columns take 167-172 registers a thread at 32 rows
+and 254-255 at 64, without spilling; 128 and 64 columns take 80-106 and 74-82.
+
+What a pass of the K loop executes, read from the machine code (compile_kernels.py, bf16, 8
+rows): ~20 instructions a thread per weight byte in every tile tried (64-256 columns, 2-8 warps,
+either operand order), most of them the table lookups (an address and a load per weight) and
+the scaling; and with 256 columns, 36 block-wide barriers, where the dequantised tile goes
+through a 4 KiB shared-memory scratch in pieces to reach the tensor cores' layout (9-10 with
+the weights as first operand, 2 with 128 columns). An estimate from those counts: at ~0.6 warp
+instructions per weight byte, issuing 4 a clock on each of an H100's 132 SMs at 1.755 GHz
+caps the kernel near 1.5 TB/s, half the card's bandwidth; the measured ~400 GB/s suggests
+most of the rest is waiting (barriers, one tile of loads in flight). Not timings: the decoder
+times both operand orders (`onelayer.nf4_dispatch.route_candidates`).
 """
 from __future__ import annotations
 
@@ -202,9 +213,11 @@ def block_n_for(cfg: _Config, block_m: int) -> int:
     return max(16, cfg.block_n * 16 // max(16, block_m))
 
 
-def nf4_matmul_triton(x: Tensor, w: NF4Weight, bias: Tensor | None = None, *, splits: int | None = None) -> Tensor:
+def nf4_matmul_triton(x: Tensor, w: NF4Weight, bias: Tensor | None = None, *, splits: int | None = None,
+                      weights_first: bool | None = None) -> Tensor:
     """x [M, K] @ W^T (+ bias) -> [M, N] in x's dtype, as `nf4_linear_reference`. CUDA tensors,
-    or CPU tensors under TRITON_INTERPRET=1 (tests). `splits` overrides the split-K heuristic."""
+    or CPU tensors under TRITON_INTERPRET=1 (tests). `splits` overrides the split-K heuristic,
+    `weights_first` the configuration's operand order (`_Config.weights_first`)."""
     n, k = w.shape
     if x.dim() != 2 or x.shape[1] != k:
         raise ValueError(f"x {tuple(x.shape)} must be [M, {k}] for a [{n}, {k}] weight")
@@ -216,6 +229,8 @@ def nf4_matmul_triton(x: Tensor, w: NF4Weight, bias: Tensor | None = None, *, sp
     if m == 0:
         return x.new_empty(0, n)
     cfg = _config(x.device)
+    if weights_first is not None:
+        cfg = cfg._replace(weights_first=weights_first)
     block_k = min(cfg.block_k, w.blocksize)
     block_m = max(16, min(64, triton.next_power_of_2(m)))
     block_n = block_n_for(cfg, block_m)

@@ -50,3 +50,10 @@ def test_every_gpu_launch_compiles_and_fits_the_shared_memory_of_each_card():
            (launch["constexprs"] for launch in launches if launch["kernel"] == "_nf4_matmul_kernel")}
     assert {(nf4_matmul.block_n_for(nf4_matmul._GPU, m), m, False) for m in (16, 32, 64)} <= nf4
     assert (nf4_matmul.block_n_for(nf4_matmul._GPU, 64), 64, True) in nf4
+    # Specialised as the JIT specialises a launch (16-byte aligned tensors): the NF4 kernel's K
+    # loop loads its weight bytes 8 or 16 at a time, not one by one, and in 16-bit dtypes
+    # multiplies on the tensor cores.
+    nf4_launches = [launch for launch in launches if launch["kernel"] == "_nf4_matmul_kernel"]
+    assert all(launch["loop"]["vector_loads"] >= 1 for launch in nf4_launches), \
+        [launch["loop"] for launch in nf4_launches]
+    assert all(launch["loop"]["mma"] >= 1 for launch in nf4_launches if launch["signature"]["x_ptr"] != "*fp32")

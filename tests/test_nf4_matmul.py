@@ -149,16 +149,35 @@ def test_triton_other_layouts(m, n, k, nested, blocksize, dtype, splits):
     (17, 21, 128, torch.bfloat16, True, 1),     # no split: bias and rounding in the main kernel
     (65, 19, 256, torch.float32, False, 1),     # two row blocks of 64
 ])
-def test_triton_with_the_weights_as_first_operand(monkeypatch, m, n, k, dtype, use_bias, splits):
-    """The tile variant that computes out^T = W x^T (a --tune candidate) gives the same result."""
-    import onelayer.kernels.nf4_matmul as kernel
-    monkeypatch.setattr(kernel, "_CPU", kernel._CPU._replace(weights_first=True))
+def test_triton_with_the_weights_as_first_operand(m, n, k, dtype, use_bias, splits):
+    """The variant that computes out^T = W x^T (a candidate the decoder times) gives the same
+    result."""
     lin = linear4bit(n, k, bias=use_bias, seed=m)
     w = nf4_weight(lin.weight)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(k)).to(dtype)
     bias = lin.bias.to(dtype) if use_bias else None
-    got = nf4_matmul_triton(x, w, bias, splits=splits)
+    got = nf4_matmul_triton(x, w, bias, splits=splits, weights_first=True)
     torch.testing.assert_close(got, nf4_linear_reference(x, w, bias), **TOL[dtype])
+
+
+def test_candidates_include_both_operand_orders(monkeypatch):
+    """Without the CUDA C++ extension the decoder times bitsandbytes and the Triton kernel in
+    both operand orders; the weights-first one launches with WEIGHTS_FIRST set."""
+    import onelayer.kernels.nf4_matmul as kernel
+    monkeypatch.setattr(dispatch, "native_extension", lambda: (None, "nvcc not found"))
+    candidates = dispatch.route_candidates(torch.device("cuda"), torch.bfloat16)
+    assert list(candidates) == ["bnb", "triton", "triton weights-first"] and candidates["bnb"] is None
+    launched = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launched.append(kwargs.get("WEIGHTS_FIRST", "sum"))
+    monkeypatch.setattr(kernel, "_nf4_matmul_kernel", Recorder())
+    monkeypatch.setattr(kernel, "_sum_splits_kernel", Recorder())
+    w = nf4_weight(linear4bit(21, 128).weight)
+    for name in ("triton", "triton weights-first"):
+        candidates[name](torch.zeros(3, 128), w, None)
+    assert [flag for flag in launched if flag != "sum"] == [False, True]
 
 
 @interpreted
@@ -450,5 +469,5 @@ def test_benchmark_script_runs_on_cpu():
     run = subprocess.run([sys.executable, str(script), "--smoke"], capture_output=True, text=True, env=env,
                          timeout=300)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
-    assert "CHECKS 2/2 ok" in run.stdout and "fastest over a layer, by M:" in run.stdout
+    assert "CHECKS 4/4 ok" in run.stdout and "fastest over a layer, by M:" in run.stdout
 
