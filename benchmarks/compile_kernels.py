@@ -56,7 +56,8 @@ def source_and_options(kernel, args: tuple, kwargs: dict):
     launch's options. The JIT's own rule (`native_specialize_impl`) types each argument and
     marks pointers whose address, and integers whose value, divide by 16 (`tt.divisibility`):
     that is what lets the compiler load 16 bytes at a time. An integer equal to 1 becomes a
-    constant. Without the marks the compiler loads byte by byte and keeps twice the registers."""
+    constant. (Without the marks the NF4 kernel compiled to byte-by-byte loads of its weights,
+    with twice the registers a GPU launch takes.)"""
     names = [p.name for p in kernel.params]
     bound = dict(zip(names, args)) | {k: v for k, v in kwargs.items() if k in names}
     signature, constexprs, attrs = {}, {}, {}

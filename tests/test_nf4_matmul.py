@@ -184,7 +184,7 @@ def test_candidates_include_both_operand_orders(monkeypatch):
 @pytest.mark.parametrize("m, dtype", [(5, torch.bfloat16), (17, torch.float32), (40, torch.bfloat16)])
 def test_triton_narrows_the_weight_tile_for_wide_row_blocks(monkeypatch, m, dtype):
     """A 64-column tile at <= 16 rows becomes 32 columns at 32 rows and 16 at 64 (the GPU's
-    256 -> 128 -> 64, which keeps it from spilling registers): same result, tile edges inside N."""
+    256 -> 128 -> 64): same result, tile edges inside N."""
     import onelayer.kernels.nf4_matmul as kernel
     monkeypatch.setattr(kernel, "_CPU", kernel._CPU._replace(block_n=64))
     block_m = max(16, triton.next_power_of_2(m))
