@@ -213,8 +213,8 @@ def variant_agrees(fn: Callable, device: str, dtype: torch.dtype) -> bool:
 
 
 def tune(device: str, reps: int, dtype: torch.dtype) -> None:
-    """Time Triton tile variants (BLOCK_N, warps, stages) on every shape and M: one Qwen3-8B
-    layer's sum."""
+    """Time Triton tile variants (BLOCK_N, warps, stages, operand order, the next pass's loads
+    issued early or not) on every shape and M: one Qwen3-8B layer's sum."""
     import onelayer.kernels.nf4_matmul as nf4mod
     from onelayer.nf4 import nf4_weight
     weights = {}
@@ -237,12 +237,16 @@ def tune(device: str, reps: int, dtype: torch.dtype) -> None:
     print("|---|" + "---|" * (len(ROWS) + 1))
     base = nf4mod._GPU
     try:
-        for bn, wp, st, first in [(64, 4, 1, False), (128, 4, 1, False), (128, 8, 1, False), (256, 4, 1, False),
-                                  (256, 8, 1, False), (64, 4, 2, False), (128, 4, 1, True), (128, 8, 1, True),
-                                  (256, 8, 1, True)]:
-            nf4mod._GPU = base._replace(block_n=bn, num_warps=wp, num_stages=st, weights_first=first)
+        for bn, wp, st, first, prefetch in [
+                (64, 4, 1, False, True), (128, 4, 1, False, True), (128, 8, 1, False, True),
+                (256, 4, 1, False, True), (256, 8, 1, False, True), (64, 4, 2, False, True),
+                (128, 4, 1, True, True), (128, 8, 1, True, True), (256, 8, 1, True, True),
+                (128, 8, 1, False, False), (256, 8, 1, False, False), (256, 8, 1, True, False)]:
+            nf4mod._GPU = base._replace(block_n=bn, num_warps=wp, num_stages=st, weights_first=first,
+                                        prefetch=prefetch)
             # BLOCK_N at <= 16 rows; wider row blocks narrow it (nf4_matmul.block_n_for).
-            label = f"triton BLOCK_N {bn}, {wp} warps, {st} stages{', weights first' if first else ''}"
+            label = (f"triton BLOCK_N {bn}, {wp} warps, {st} stages{', weights first' if first else ''}"
+                     f"{'' if prefetch else ', no prefetch'}")
             if not variant_agrees(nf4mod.nf4_matmul_triton, device, dtype):
                 print(f"| {label} | differs from the torch reference: not timed |")
                 continue

@@ -4,6 +4,7 @@ pass of the innermost loop executes (instructions, barriers, loads, tensor-core 
 
     python benchmarks/compile_kernels.py                  # sm_80, sm_86, sm_90: a table
     python benchmarks/compile_kernels.py --arch 89 --json # one JSON line a launch and arch
+    python benchmarks/compile_kernels.py --csrc $(which nvcc)   # csrc/'s CUDA C++ kernels
 
 CI has no GPU, and TRITON_INTERPRET=1 runs the kernels with the CPU tiles, never the GPU ones.
 So the launchers run here on CPU tensors with each module's GPU configuration and the kernels
@@ -14,8 +15,9 @@ reads registers, stack (spills) and the machine code from the binary. A kernel t
 compile for a card, or needs more shared memory than one block of it may have (99 KiB on RTX
 30x0 / 40x0 cards), fails at its first launch there: tests/test_kernels_compile.py runs this
 with --json. These are what the compiler chose, not timings: they say where a tile is too
-large for the registers or a loop waits on barriers, and bench_nf4_matmul.py --tune on a GPU
-says what is fastest.
+large for the registers or a loop waits on barriers or on its loads, and bench_nf4_matmul.py
+--tune on a GPU says what is fastest. With --csrc the same figures come for every template
+instance of csrc/nf4_matmul.cu, compiled by the nvcc named (tests/test_nf4_matmul.py).
 """
 from __future__ import annotations
 
@@ -119,20 +121,32 @@ def run_launchers() -> None:
                                 step_traj=torch.tensor([0, 0, 1, 1, 2, 2, 2, 3, 3, 3]))
 
 
+CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+
+
+def function_resources(cubin_path: str) -> dict[str, dict]:
+    """For each function of a cubin (mangled name): registers a thread, stack bytes (spills),
+    static shared bytes and its innermost loop's instruction mix (`loop_profile`), by the
+    cuobjdump beside Triton's ptxas (empty where there is none)."""
+    if not os.access(CUOBJDUMP, os.X_OK):
+        return {}
+    out = subprocess.run([CUOBJDUMP, "-res-usage", "-sass", cubin_path], capture_output=True, text=True).stdout
+    usage = {name: dict(registers=int(reg), stack=int(stack), shared=int(shared)) for name, reg, stack, shared in
+             re.findall(r"Function (\S+):\s+REG:(\d+) STACK:(\d+) SHARED:(\d+)", out)}
+    sections = re.split(r"\n\s*Function : (\S+)\n", out)
+    for name, sass in zip(sections[1::2], sections[2::2]):
+        usage.setdefault(name, dict(registers=None, stack=None, shared=None))["loop"] = loop_profile(sass)
+    return usage
+
+
 def resources(cubin: bytes) -> dict:
-    """Registers a thread, stack bytes (spills) and the innermost loop's instruction mix
-    (`loop_profile`) of a cubin, by the cuobjdump beside Triton's ptxas (None where there is
-    none)."""
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    if not os.access(tool, os.X_OK):
-        return dict(registers=None, stack=None, loop=None)
+    """Registers, stack bytes and the innermost loop of a Triton kernel's cubin (one function;
+    None each where cuobjdump is missing)."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        out = subprocess.run([tool, "-res-usage", "-sass", f.name], capture_output=True, text=True).stdout
-    found = re.search(r"REG:(\d+) STACK:(\d+)", out)
-    return dict(registers=int(found[1]) if found else None, stack=int(found[2]) if found else None,
-                loop=loop_profile(out))
+        found = next(iter(function_resources(f.name).values()), {})
+    return dict(registers=found.get("registers"), stack=found.get("stack"), loop=found.get("loop"))
 
 
 SASS_LINE = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*)(\S*)([^;]*)")
@@ -150,11 +164,39 @@ def loop_profile(sass: str) -> dict[str, int] | None:
     if not inner:
         return None
     lo, hi = max(inner, key=lambda span: span[1] - span[0])
-    body = [(op, suffix) for at, op, suffix, _ in code if lo <= at <= hi]
-    count = lambda *ops: sum(op.startswith(ops) for op, _ in body)  # noqa: E731
+    body = [(op, suffix, operands) for at, op, suffix, operands in code if lo <= at <= hi]
+    count = lambda *ops: sum(op.startswith(ops) for op, _, _ in body)  # noqa: E731
     return dict(instructions=len(body), barriers=count("BAR"), global_loads=count("LDG"),
-                vector_loads=sum(op == "LDG" and (".64" in suffix or ".128" in suffix) for op, suffix in body),
-                shared=count("STS", "LDS", "STSM", "LDSM"), mma=count("HMMA", "HGMMA", "IMMA"))
+                vector_loads=sum(op == "LDG" and (".64" in suffix or ".128" in suffix) for op, suffix, _ in body),
+                shared=count("STS", "LDS", "STSM", "LDSM"), mma=count("HMMA", "HGMMA", "IMMA"),
+                load_lead=load_lead(body))
+
+
+def load_lead(body: list[tuple[str, str, str]]) -> int | None:
+    """Instructions a loop issues between one of its widest global loads (8 or 16 bytes; the
+    weights, in the NF4 kernels) and the first instruction that reads what it loaded (going
+    round the loop), the least over those loads: how much work hides their latency. A few: the
+    pass waits for DRAM; about a pass: the load was issued for the next pass. None for a loop
+    without 8-16 byte loads."""
+    def registers(text: str) -> set[int]:
+        return {int(r) for r in re.findall(r"\bR(\d+)\b", text)}
+
+    def words(op: str, suffix: str) -> int:  # 4-byte registers a load fills, 8-16 byte loads only
+        return 0 if op != "LDG" else 4 if ".128" in suffix else 2 if ".64" in suffix else 0
+    widest = max((words(op, suffix) for op, suffix, _ in body), default=0)
+    leads = []
+    for i, (op, suffix, operands) in enumerate(body):
+        first = re.match(r"\s*R(\d+)", operands)
+        if not widest or words(op, suffix) != widest or not first:
+            continue
+        loaded = set(range(int(first[1]), int(first[1]) + widest))
+        for step in range(1, len(body) + 1):
+            reader_op, _, reader_operands = body[(i + step) % len(body)]
+            read = reader_operands if reader_op.startswith(("ST", "RED", "ATOM")) else reader_operands.partition(",")[2]
+            if registers(read) & loaded:
+                leads.append(step)
+                break
+    return min(leads) if leads else None
 
 
 def compiled_launches(archs: list[int]) -> list[dict]:
@@ -196,8 +238,38 @@ def compiled_launches(archs: list[int]) -> list[dict]:
     return records
 
 
+CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc", "nf4_matmul.cu")
+TEMPLATE_PARAMS = {"nf4_matmul_kernel": ("MT", "NC", "THREADS"), "nf4_mma_kernel": ("NT", "MB", "WARPS")}
+CUDA_TYPES = {"13__nv_bfloat16": "bf16", "6__half": "fp16", "f": "fp32"}
+
+
+def csrc_kernels(archs: list[int], nvcc: str) -> list[dict]:
+    """Every kernel instance of csrc/nf4_matmul.cu compiled by `nvcc` for each arch: one record
+    each (kernel, arch, launch: dtype and template arguments, shared / registers / stack /
+    loop), or one error record per arch."""
+    records = []
+    for arch in archs:
+        with tempfile.TemporaryDirectory() as tmp:
+            cubin = os.path.join(tmp, "nf4_matmul.cubin")
+            run = subprocess.run([nvcc, "-cubin", f"-arch=sm_{arch}", "-std=c++17", "-O3", CSRC, "-o", cubin],
+                                 capture_output=True, text=True)
+            if run.returncode:
+                records.append(dict(kernel="csrc/nf4_matmul.cu", arch=arch, error=run.stderr[-500:]))
+                continue
+            for mangled, found in function_resources(cubin).items():
+                name = re.search(rf"({'|'.join(TEMPLATE_PARAMS)})I(\d*\w+?)((?:Li\d+E)+)EEv", mangled)
+                params = TEMPLATE_PARAMS.get(name[1], ()) if name else ()
+                values = re.findall(r"Li(\d+)E", name[3]) if name else []
+                launch = ", ".join([CUDA_TYPES.get(name[2], name[2]) if name else mangled,
+                                    *(f"{p} {v}" for p, v in zip(params, values))])
+                records.append(dict(kernel=name[1] if name else mangled, arch=arch, launch=launch, **found))
+    return records
+
+
 def describe(record: dict) -> str:
     """The launch in a few words: dtype of the first pointer, the tile and the switches on."""
+    if "launch" in record:  # a csrc kernel
+        return record["launch"]
     dtype = next(t for t in record["signature"].values() if t.startswith("*"))[1:]
     c = record["constexprs"]
     tile = " x ".join(f"{k.removeprefix('BLOCK_')} {v}" for k, v in c.items() if k.startswith("BLOCK"))
@@ -210,8 +282,11 @@ def main() -> None:
     parser.add_argument("--arch", type=int, nargs="+", default=[80, 86, 90],
                         help="compute capabilities x 10 (80: A100, 86: RTX 30x0, 89: RTX 40x0, 90: H100)")
     parser.add_argument("--json", action="store_true", help="one JSON line a launch and architecture")
+    parser.add_argument("--csrc", metavar="NVCC",
+                        help="csrc/nf4_matmul.cu's kernels instead, compiled by this nvcc (pip install "
+                             "nvidia-cuda-nvcc)")
     args = parser.parse_args()
-    records = compiled_launches(args.arch)
+    records = csrc_kernels(args.arch, args.csrc) if args.csrc else compiled_launches(args.arch)
     if args.json:
         for record in records:
             print(json.dumps(record, default=str))
@@ -223,7 +298,8 @@ def main() -> None:
         key = (r["kernel"], describe(r), r["arch"])
         rows[key] = worst(rows[key], r) if key in rows else r
     print("| kernel | launch | arch | shared KiB | registers | spilled (stack) bytes "
-          "| inner loop a pass: instructions / barriers / global loads (of 8-16 bytes) / shared / mma |")
+          "| inner loop a pass: instructions / barriers / global loads (of 8-16 bytes) / shared / mma "
+          "/ wide-load lead |")
     print("|---|---|---|---:|---:|---:|---|")
     for (kernel, launch, arch), r in rows.items():
         cells = ([f"error: {r['error'][:80]}", "", "", ""] if "error" in r else
@@ -234,8 +310,9 @@ def main() -> None:
 def loop_cell(loop: dict | None) -> str:
     if not loop:
         return "no loop"
+    lead = "-" if loop.get("load_lead") is None else loop["load_lead"]
     return (f"{loop['instructions']} / {loop['barriers']} / {loop['global_loads']} ({loop['vector_loads']})"
-            f" / {loop['shared']} / {loop['mma']}")
+            f" / {loop['shared']} / {loop['mma']} / {lead}")
 
 
 def worst(a: dict, b: dict) -> dict:

@@ -219,7 +219,9 @@ cudaError_t launch(const void* x, int64_t stride_xm, const uint8_t* packed, Scal
 // k = kc + 32 t + 4 s + {2, 3} (byte 2s + 1). A and B read the same permutation, and over s
 // and t it covers the chunk's 128 k once, so the sum is the dot product. 32 aligned k lie in
 // one quantisation block (blocksize a multiple of 32), so each row takes one scale a chunk.
-// The NF4 values come from a 16-entry table in shared memory (16 banks: no conflicts).
+// The NF4 values come from a 16-entry table in shared memory (16 banks: no conflicts). Up to
+// 32 rows a warp issues the next chunk's loads (ChunkLoads) before this chunk's lookups and
+// MMAs, so that DRAM latency overlaps them.
 //
 // Not yet run on a GPU. Rollouts use it only at the row counts where, timed on the card at
 // start, it matches the torch reference and is the fastest (onelayer/nf4_dispatch.py,
@@ -254,14 +256,47 @@ __device__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, ui
 
 constexpr int kChunk = 128;  // k per warp step: 4 lanes x 32
 
-// The scale of weight row n at column k: the double-quantised absmax undone (no FMA, as
-// bitsandbytes rounds it), or the plain fp32 absmax.
-__device__ __forceinline__ float row_scale(const Scales& sc, float offset, int64_t n, int k, int blocks_per_row,
-                                           int blocksize) {
-  const int64_t blk = n * blocks_per_row + k / blocksize;
-  if (sc.absmax2 == nullptr) return __ldg(static_cast<const float*>(sc.absmax) + blk);
-  return __fadd_rn(__fmul_rn(__ldg(sc.code2 + __ldg(static_cast<const uint8_t*>(sc.absmax) + blk)),
-                             __ldg(sc.absmax2 + blk / 256)), offset);
+// What one lane reads from DRAM for a chunk: 16 bytes of weight rows g and g + 8 of each of
+// its NT tiles at column k, and each row's absmax as stored.
+template <int NT>
+struct ChunkLoads {
+  uint32_t w[NT][2][4];
+  int code[NT][2];      // nested: the row's absmax code into code2; -1: a row or k past the weight
+  float second[NT][2];  // nested: the second-level absmax of that code; plain: the fp32 absmax
+};
+
+template <int NT>
+__device__ __forceinline__ void load_chunk(ChunkLoads<NT>& c, const uint8_t* __restrict__ packed, const Scales& sc,
+                                           int n0, int N, int K, int k, int g, int blocks_per_row, int blocksize) {
+  const int64_t row_bytes = K / 2;
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int64_t n = n0 + 16 * nt + g + 8 * h;
+      uint4 q = make_uint4(0, 0, 0, 0);
+      c.code[nt][h] = -1;
+      c.second[nt][h] = 0.f;
+      if (n < N && k < K) {  // past K (K % 128 != 0) the columns count as zeros
+        q = __ldg(reinterpret_cast<const uint4*>(packed + n * row_bytes + k / 2));
+        const int64_t blk = n * blocks_per_row + k / blocksize;
+        if (sc.absmax2 == nullptr) {
+          c.second[nt][h] = __ldg(static_cast<const float*>(sc.absmax) + blk);
+        } else {
+          c.code[nt][h] = __ldg(static_cast<const uint8_t*>(sc.absmax) + blk);
+          c.second[nt][h] = __ldg(sc.absmax2 + blk / 256);
+        }
+      }
+      c.w[nt][h][0] = q.x; c.w[nt][h][1] = q.y; c.w[nt][h][2] = q.z; c.w[nt][h][3] = q.w;
+    }
+}
+
+// A row's scale from its loads: the double-quantised absmax undone (no FMA, as bitsandbytes
+// rounds it), the plain fp32 absmax, or 0 past the weight.
+__device__ __forceinline__ float chunk_scale(const Scales& sc, float offset, int code, float second) {
+  if (sc.absmax2 == nullptr) return second;
+  if (code < 0) return 0.f;
+  return __fadd_rn(__fmul_rn(__ldg(sc.code2 + code), second), offset);
 }
 
 template <typename T, int NT, int MB, int WARPS>
@@ -279,7 +314,6 @@ nf4_mma_kernel(const T* __restrict__ x, int64_t stride_xm, const uint8_t* __rest
   const int n0 = blockIdx.x * 16 * NT;
   const float offset = sc.absmax2 != nullptr ? __ldg(sc.offset) : 0.f;
   const int blocks_per_row = K / blocksize;
-  const int64_t row_bytes = K / 2;
 
   float acc[NT][MB][4];
 #pragma unroll
@@ -289,24 +323,26 @@ nf4_mma_kernel(const T* __restrict__ x, int64_t stride_xm, const uint8_t* __rest
 #pragma unroll
       for (int c = 0; c < 4; ++c) acc[i][j][c] = 0.f;
 
+  // The next chunk's loads are issued before this chunk's work, except with 8 row blocks
+  // (33-64 rows), where holding two chunks' loads spills registers (benchmarks/compile_kernels.py).
+  constexpr bool kAhead = MB <= 4;
+  ChunkLoads<NT> chunk;  // this lane's 32 columns k = kc + 32 t .. + 31 of the chunk kc
+  if (kAhead) load_chunk(chunk, packed, sc, n0, N, K, warp * kChunk + 32 * t, g, blocks_per_row, blocksize);
   for (int kc = warp * kChunk; kc < K; kc += WARPS * kChunk) {
-    const int k = kc + 32 * t;  // this lane's 32 columns; past K (K % 128 != 0) they count as zeros
+    const int k = kc + 32 * t;
     const bool k_ok = k < K;
-    uint32_t w[NT][2][4];  // 16 bytes of weight rows g and g + 8 of each tile
+    if (!kAhead) load_chunk(chunk, packed, sc, n0, N, K, k, g, blocks_per_row, blocksize);
+    uint32_t w[NT][2][4];
     float scale[NT][2];
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        const int n = n0 + 16 * nt + g + 8 * h;
-        uint4 q = make_uint4(0, 0, 0, 0);
-        scale[nt][h] = 0.f;
-        if (n < N && k_ok) {
-          q = __ldg(reinterpret_cast<const uint4*>(packed + n * row_bytes + k / 2));
-          scale[nt][h] = row_scale(sc, offset, n, k, blocks_per_row, blocksize);
-        }
-        w[nt][h][0] = q.x; w[nt][h][1] = q.y; w[nt][h][2] = q.z; w[nt][h][3] = q.w;
+        scale[nt][h] = chunk_scale(sc, offset, chunk.code[nt][h], chunk.second[nt][h]);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) w[nt][h][i] = chunk.w[nt][h][i];
       }
+    if (kAhead) load_chunk(chunk, packed, sc, n0, N, K, k + WARPS * kChunk, g, blocks_per_row, blocksize);
 #pragma unroll
     for (int s = 0; s < 8; ++s) {
       uint2 b[MB];  // x[g + 8 mb, k + 4s .. k + 4s + 3]: b0 and b1 of step s

@@ -22,9 +22,12 @@ Measured on an H100 (2026-11-27, benchmarks/bench_nf4_matmul.py --tune, one Qwen
 7 projections): BLOCK_N = 256 with 8 warps is the fastest of the tiles tried (255 us at M = 1,
 268 at M = 8, 290 at M = 16; BLOCK_N = 64 / 4 warps: 290, 325, 376), and num_stages must
 stay 1: with 2 or more Triton pipelines the NF4 table lookups (gathers) through cp.async and
-shared memory, and the kernel runs 6-8x slower (2,139 us at M = 1). The lookups are what is
-left between this kernel (~400 GB/s) and the bandwidth: per weight one load from the 16-entry
-table.
+shared memory, and the kernel runs 6-8x slower (2,139 us at M = 1). So the pipelining is done
+by hand (`_Config.prefetch`, since 2026-12-08, after those timings): each pass of the K loop
+first issues the next pass's weight and scale loads, then does its own lookups and dots, so
+DRAM latency overlaps work instead of stalling it. In the machine code (compile_kernels.py,
+"wide-load lead", bf16) the weight bytes are first read 72-494 instructions after their load, against
+3-22 when each pass loaded its own tile; not yet timed (--tune compares both).
 
 BLOCK_N is the tile at M <= 16. Wider row blocks take proportionally narrower tiles
 (`block_n_for`), so that the accumulator stays BLOCK_N x 16. The H100 run above took 413 us at
@@ -32,7 +35,8 @@ M = 32 and 819 at M = 64 with 256 columns (twice the time at 16 rows) and gave t
 bitsandbytes; whether the narrower tiles win them back is for a GPU to measure (`--tune`; the
 decoder measures its routes at its start). Compiled as a launch specialises it
 (benchmarks/compile_kernels.py, bf16), 256 columns take 167-172 registers a thread at 32 rows
-and 254-255 at 64, without spilling; 128 and 64 columns take 80-106 and 74-82.
+and 254-255 at 64, without spilling; 128 and 64 columns take 80-109 and 78-90 (with the
+prefetch; 80-106 and 74-82 without).
 
 What a pass of the K loop executes, read from the machine code (compile_kernels.py, bf16, 8
 rows): ~20 instructions a thread per weight byte in every tile tried (64-256 columns, 2-8 warps,
@@ -43,7 +47,8 @@ the weights as first operand, 2 with 128 columns). An estimate from those counts
 instructions per weight byte, issuing 4 a clock on each of an H100's 132 SMs at 1.755 GHz
 caps the kernel near 1.5 TB/s, half the card's bandwidth; the measured ~400 GB/s suggests
 most of the rest is waiting (barriers, one tile of loads in flight). Not timings: the decoder
-times both operand orders (`onelayer.nf4_dispatch.route_candidates`).
+times both operand orders (`onelayer.nf4_dispatch.route_candidates`). (Counts from before the
+prefetch; with it, 556-580 instructions at 16 rows.)
 """
 from __future__ import annotations
 
@@ -69,6 +74,9 @@ class _Config(NamedTuple):
                       # no transpose of the [BLOCK_N, BLOCK_K] tile, and on Hopper wgmma may
                       # read it from registers (its first operand only). Not yet timed on a GPU:
                       # benchmarks/bench_nf4_matmul.py --tune compares both
+    prefetch: bool = True  # each pass of the K loop issues the next pass's weight and scale
+                      # loads before its own lookups and dots (software pipelining by hand:
+                      # num_stages must stay 1). Not yet timed on a GPU: --tune compares both
 
 
 # GPU: measured (module docstring). CPU (TRITON_INTERPRET=1, tests only): small tiles and up
@@ -122,6 +130,24 @@ def _dot_tile(acc, x, w, IEEE: tl.constexpr, WEIGHTS_FIRST: tl.constexpr):
 
 
 @triton.jit
+def _tile_loads(w_rows, half, col_ok, absmax_ptr, absmax2_ptr, blk_rows, b0, b_end,
+                NESTED: tl.constexpr, BLOCKSIZE: tl.constexpr):
+    """What a pass of the K loop reads from DRAM for the tile at byte b0 of its rows: the packed
+    bytes, and each row's absmax as stored (NESTED: its uint8 code into code2 and the
+    second-level scale; else the fp32 scale, twice). Zeros from b_end on: the split's end."""
+    ok = tl.where(b0 < b_end, col_ok, False)  # (col_ok & (b0 < b_end) is no mask to the interpreter)
+    q = tl.load(w_rows + (b0 + half)[None, :], mask=ok[:, None], other=0)
+    blk = blk_rows + 2 * b0 // BLOCKSIZE  # one quantisation block per tile row (BLOCK_K | BLOCKSIZE)
+    if NESTED:
+        absmax = tl.load(absmax_ptr + blk, mask=ok, other=0).to(tl.int32)
+        absmax2 = tl.load(absmax2_ptr + blk // 256, mask=ok, other=0.0)
+    else:
+        absmax = tl.load(absmax_ptr + blk, mask=ok, other=0.0)
+        absmax2 = absmax
+    return q, absmax, absmax2
+
+
+@triton.jit
 def _nf4_matmul_kernel(
     x_ptr,                      # [M, K] activations, unit column stride
     packed_ptr,                 # uint8 [N * K / 2]: W [N, K] row-major, high nibble first
@@ -136,7 +162,7 @@ def _nf4_matmul_kernel(
                                 # by 16 and loads the weight bytes 16 at a time
     bytes_per_split,            # weight bytes of a row per split, a multiple of BLOCK_K // 2
     NESTED: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr,
-    UPCAST: tl.constexpr, WEIGHTS_FIRST: tl.constexpr, BLOCKSIZE: tl.constexpr,
+    UPCAST: tl.constexpr, WEIGHTS_FIRST: tl.constexpr, PREFETCH: tl.constexpr, BLOCKSIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Program (j, s, i): out[i*BLOCK_M : +BLOCK_M, j*BLOCK_N : +BLOCK_N] over split s of K."""
@@ -158,15 +184,17 @@ def _nf4_matmul_kernel(
         acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     b_start = pid_s * bytes_per_split
     b_end = tl.minimum(b_start + bytes_per_split, row_bytes)
+    q, absmax, absmax2 = _tile_loads(w_rows, half, col_ok, absmax_ptr, absmax2_ptr, blk_rows, b_start, b_end,
+                                     NESTED, BLOCKSIZE)
     for b0 in range(b_start, b_end, BLOCK_K // 2):  # b0: byte of the row, k0 = 2 b0 its first column
-        q = tl.load(w_rows + (b0 + half)[None, :], mask=col_ok[:, None], other=0)
-        k0 = 2 * b0
-        blk = blk_rows + k0 // BLOCKSIZE  # one quantisation block per tile row (BLOCK_K | BLOCKSIZE)
+        if PREFETCH:  # the next pass's loads, in flight while this pass computes
+            q_next, absmax_next, absmax2_next = _tile_loads(w_rows, half, col_ok, absmax_ptr, absmax2_ptr, blk_rows,
+                                                            b0 + BLOCK_K // 2, b_end, NESTED, BLOCKSIZE)
         if NESTED:
-            a8 = tl.load(absmax_ptr + blk, mask=col_ok, other=0).to(tl.int32)
-            scale = tl.load(code2_ptr + a8) * tl.load(absmax2_ptr + blk // 256, mask=col_ok, other=0.0) + offset
+            scale = tl.load(code2_ptr + absmax) * absmax2 + offset
         else:
-            scale = tl.load(absmax_ptr + blk, mask=col_ok, other=0.0)
+            scale = absmax
+        k0 = 2 * b0
         w_even = _round(tl.load(code_ptr + (q >> 4).to(tl.int32)) * scale[:, None], x_ptr.dtype.element_ty, UPCAST)
         w_odd = _round(tl.load(code_ptr + (q & 0xF).to(tl.int32)) * scale[:, None], x_ptr.dtype.element_ty, UPCAST)
         x_even = tl.load(x_rows + (k0 + 2 * half)[None, :], mask=row_ok[:, None], other=0.0)
@@ -176,6 +204,11 @@ def _nf4_matmul_kernel(
             x_even, x_odd = x_even.to(tl.float32), x_odd.to(tl.float32)
         acc = _dot_tile(acc, x_even, w_even, IEEE, WEIGHTS_FIRST)
         acc = _dot_tile(acc, x_odd, w_odd, IEEE, WEIGHTS_FIRST)
+        if PREFETCH:
+            q, absmax, absmax2 = q_next, absmax_next, absmax2_next
+        else:
+            q, absmax, absmax2 = _tile_loads(w_rows, half, col_ok, absmax_ptr, absmax2_ptr, blk_rows,
+                                             b0 + BLOCK_K // 2, b_end, NESTED, BLOCKSIZE)
     if WEIGHTS_FIRST:
         acc = tl.trans(acc)  # once per program: [BLOCK_M, BLOCK_N] for the epilogue
     at = rows[:, None] * N + cols[None, :]
@@ -248,7 +281,7 @@ def nf4_matmul_triton(x: Tensor, w: NF4Weight, bias: Tensor | None = None, *, sp
         x, w.packed, w.absmax, w.absmax2 if nested else w.absmax, w.code2 if nested else w.code,
         w.offset if nested else w.code, w.code, bias_arg, target, m, n, k, x.stride(0), k // 2, k_per_split // 2,
         NESTED=nested, HAS_BIAS=bias is not None, SPLIT=splits > 1, IEEE=x.dtype == torch.float32,
-        UPCAST=cfg.upcast, WEIGHTS_FIRST=cfg.weights_first, BLOCKSIZE=w.blocksize,
+        UPCAST=cfg.upcast, WEIGHTS_FIRST=cfg.weights_first, PREFETCH=cfg.prefetch, BLOCKSIZE=w.blocksize,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         # code2 * absmax2 + offset rounded twice, as bitsandbytes computes it: no fused multiply-add.

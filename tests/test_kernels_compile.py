@@ -57,3 +57,8 @@ def test_every_gpu_launch_compiles_and_fits_the_shared_memory_of_each_card():
     assert all(launch["loop"]["vector_loads"] >= 1 for launch in nf4_launches), \
         [launch["loop"] for launch in nf4_launches]
     assert all(launch["loop"]["mma"] >= 1 for launch in nf4_launches if launch["signature"]["x_ptr"] != "*fp32")
+    # The next pass's weight bytes are loaded a pass ahead: dozens of instructions (the lookups
+    # and dots of this pass) run before the loop reads them. (Loaded in the pass that used them,
+    # the first read came 3-22 instructions after the load.)
+    assert all(launch["loop"]["load_lead"] >= 50 for launch in nf4_launches), \
+        [(launch["arch"], launch["loop"]) for launch in nf4_launches]

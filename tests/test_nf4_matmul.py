@@ -4,8 +4,10 @@ fallbacks, swapping the kernels into Linear4bit modules, and a compile check of 
 
 On a GPU the kernels are checked and timed by benchmarks/bench_nf4_matmul.py.
 """
+import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -158,6 +160,24 @@ def test_triton_with_the_weights_as_first_operand(m, n, k, dtype, use_bias, spli
     bias = lin.bias.to(dtype) if use_bias else None
     got = nf4_matmul_triton(x, w, bias, splits=splits, weights_first=True)
     torch.testing.assert_close(got, nf4_linear_reference(x, w, bias), **TOL[dtype])
+
+
+@interpreted
+@pytest.mark.parametrize("m, n, k, dtype, use_bias, splits", [
+    (3, 77, 320, torch.bfloat16, True, None),   # K split 3 ways: each split loads from its own start
+    (17, 21, 128, torch.float32, False, 1),
+])
+def test_triton_without_prefetch(monkeypatch, m, n, k, dtype, use_bias, splits):
+    """The --tune variant that loads each pass's tile in that pass (prefetch off) gives the same
+    result as the default, which loads the next pass's tile first."""
+    import onelayer.kernels.nf4_matmul as kernel
+    monkeypatch.setattr(kernel, "_CPU", kernel._CPU._replace(prefetch=False))
+    lin = linear4bit(n, k, bias=use_bias, seed=m)
+    w = nf4_weight(lin.weight)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(k)).to(dtype)
+    bias = lin.bias.to(dtype) if use_bias else None
+    torch.testing.assert_close(nf4_matmul_triton(x, w, bias, splits=splits), nf4_linear_reference(x, w, bias),
+                               **TOL[dtype])
 
 
 def test_candidates_include_both_operand_orders(monkeypatch):
@@ -413,16 +433,29 @@ def find_nvcc() -> str | None:
     return next((str(p) for root in nvidia.__path__ for p in sorted(Path(root).glob("cu*/bin/nvcc"))), None)
 
 
-def test_cuda_source_compiles_for_ampere_ada_hopper(tmp_path):
+def test_cuda_source_compiles_for_ampere_ada_hopper():
+    """Every kernel of csrc/nf4_matmul.cu compiles for sm_80 / 89 / 90 (benchmarks/compile_kernels.py
+    --csrc, from its machine code); the tensor-core kernel spills no registers, and up to 32 rows
+    issues the next chunk's weight loads before this chunk's lookups and MMAs (hundreds of
+    instructions between a load and the first read of it; 52-137 when each chunk loaded its own)."""
     nvcc = find_nvcc()
     if nvcc is None:
         pytest.skip("no nvcc (pip install nvidia-cuda-nvcc nvidia-cuda-cccl)")
-    archs = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in (80, 89, 90)]
-    obj = tmp_path / "nf4_matmul.o"
-    run = subprocess.run([nvcc, "-c", str(dispatch.CSRC / "nf4_matmul.cu"), "-o", str(obj), "-std=c++17", "-O3",
-                          *archs], capture_output=True, text=True, timeout=300)
+    root = Path(__file__).resolve().parent.parent
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, str(root / "benchmarks" / "compile_kernels.py"), "--json", "--arch", "80",
+                          "89", "90", "--csrc", nvcc], capture_output=True, text=True, timeout=600,
+                         env={**env, "PYTHONPATH": str(root)})
     assert run.returncode == 0, run.stderr[-3000:]
-    assert obj.stat().st_size > 0
+    records = [json.loads(line) for line in run.stdout.splitlines()]
+    assert not [r for r in records if "error" in r], [r for r in records if "error" in r][:1]
+    assert {(r["kernel"], r["arch"]) for r in records} == {(k, a) for k in ("nf4_matmul_kernel", "nf4_mma_kernel")
+                                                          for a in (80, 89, 90)}
+    mma = [r for r in records if r["kernel"] == "nf4_mma_kernel"]
+    assert all(r["stack"] == 0 for r in mma), [(r["arch"], r["launch"], r["stack"]) for r in mma]
+    ahead = [r for r in mma if int(re.search(r"MB (\d+)", r["launch"])[1]) <= 4]
+    assert len(ahead) == 3 * 2 * 5  # archs x dtypes x (NT, MB) instances up to 32 rows
+    assert all(r["loop"]["load_lead"] >= 200 for r in ahead), [(r["launch"], r["loop"]) for r in ahead]
 
 
 def find_cuda_runtime_header() -> Path | None:
