@@ -51,7 +51,7 @@ CHECKS = [  # (M, N, K, dtype, bias, nested, blocksize): tails of every tile, bo
     (1, 257, 512, torch.float32, True, True, 64), (8, 257, 512, torch.float32, False, False, 32),
     (4, 500, 1024, torch.bfloat16, True, True, 128),
 ]
-KERNELS = ("bnb", "triton", "triton weights-first", "cuda", "cuda mma")  # the NF4 matmuls compared
+KERNELS = ("bnb", "triton", "triton weights-first", "triton no prefetch", "cuda", "cuda mma")  # the NF4 matmuls compared
 SMOKE_CHECKS = [(1, 48, 128, torch.float32, True, True, 64), (3, 21, 128, torch.bfloat16, False, True, 64)]
 L2_FLUSH_BYTES = 256 * 2**20  # weight copies per timed pass: > 4x the L2 of an H100 / H200
 
@@ -86,7 +86,8 @@ def backends(device: str, native: bool) -> dict[str, Callable]:
     from onelayer.kernels.nf4_matmul import nf4_matmul_triton
     from onelayer.nf4_dispatch import MMA_MAX_ROWS, native_extension, nf4_matmul_native, nf4_matmul_native_mma
     out = {"triton": nf4_matmul_triton,
-           "triton weights-first": lambda x, w, b: nf4_matmul_triton(x, w, b, weights_first=True)}
+           "triton weights-first": lambda x, w, b: nf4_matmul_triton(x, w, b, weights_first=True),
+           "triton no prefetch": lambda x, w, b: nf4_matmul_triton(x, w, b, prefetch=False)}
     if device == "cuda" and native:
         t0 = time.perf_counter()
         ext, why = native_extension()

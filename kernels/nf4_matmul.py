@@ -26,8 +26,9 @@ shared memory, and the kernel runs 6-8x slower (2,139 us at M = 1). So the pipel
 by hand (`_Config.prefetch`, since 2026-12-08, after those timings): each pass of the K loop
 first issues the next pass's weight and scale loads, then does its own lookups and dots, so
 DRAM latency overlaps work instead of stalling it. In the machine code (compile_kernels.py,
-"wide-load lead", bf16) the weight bytes are first read 72-494 instructions after their load, against
-3-22 when each pass loaded its own tile; not yet timed (--tune compares both).
+"wide-load lead", bf16) the weight bytes are first read 72-494 instructions after their load,
+against 3-22 when each pass loaded its own tile. Not yet timed: the decoder times the kernel
+with and without it (`onelayer.nf4_dispatch.route_candidates`).
 
 BLOCK_N is the tile at M <= 16. Wider row blocks take proportionally narrower tiles
 (`block_n_for`), so that the accumulator stays BLOCK_N x 16. The H100 run above took 413 us at
@@ -76,7 +77,8 @@ class _Config(NamedTuple):
                       # benchmarks/bench_nf4_matmul.py --tune compares both
     prefetch: bool = True  # each pass of the K loop issues the next pass's weight and scale
                       # loads before its own lookups and dots (software pipelining by hand:
-                      # num_stages must stay 1). Not yet timed on a GPU: --tune compares both
+                      # num_stages must stay 1). Not yet timed on a GPU: the decoder times
+                      # both at its start (nf4_dispatch.route_candidates), as does --tune
 
 
 # GPU: measured (module docstring). CPU (TRITON_INTERPRET=1, tests only): small tiles and up
@@ -247,10 +249,10 @@ def block_n_for(cfg: _Config, block_m: int) -> int:
 
 
 def nf4_matmul_triton(x: Tensor, w: NF4Weight, bias: Tensor | None = None, *, splits: int | None = None,
-                      weights_first: bool | None = None) -> Tensor:
+                      weights_first: bool | None = None, prefetch: bool | None = None) -> Tensor:
     """x [M, K] @ W^T (+ bias) -> [M, N] in x's dtype, as `nf4_linear_reference`. CUDA tensors,
     or CPU tensors under TRITON_INTERPRET=1 (tests). `splits` overrides the split-K heuristic,
-    `weights_first` the configuration's operand order (`_Config.weights_first`)."""
+    `weights_first` and `prefetch` the configuration's (`_Config`)."""
     n, k = w.shape
     if x.dim() != 2 or x.shape[1] != k:
         raise ValueError(f"x {tuple(x.shape)} must be [M, {k}] for a [{n}, {k}] weight")
@@ -264,6 +266,8 @@ def nf4_matmul_triton(x: Tensor, w: NF4Weight, bias: Tensor | None = None, *, sp
     cfg = _config(x.device)
     if weights_first is not None:
         cfg = cfg._replace(weights_first=weights_first)
+    if prefetch is not None:
+        cfg = cfg._replace(prefetch=prefetch)
     block_k = min(cfg.block_k, w.blocksize)
     block_m = max(16, min(64, triton.next_power_of_2(m)))
     block_n = block_n_for(cfg, block_m)

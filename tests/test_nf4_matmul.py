@@ -167,37 +167,37 @@ def test_triton_with_the_weights_as_first_operand(m, n, k, dtype, use_bias, spli
     (3, 77, 320, torch.bfloat16, True, None),   # K split 3 ways: each split loads from its own start
     (17, 21, 128, torch.float32, False, 1),
 ])
-def test_triton_without_prefetch(monkeypatch, m, n, k, dtype, use_bias, splits):
-    """The --tune variant that loads each pass's tile in that pass (prefetch off) gives the same
-    result as the default, which loads the next pass's tile first."""
-    import onelayer.kernels.nf4_matmul as kernel
-    monkeypatch.setattr(kernel, "_CPU", kernel._CPU._replace(prefetch=False))
+def test_triton_without_prefetch(m, n, k, dtype, use_bias, splits):
+    """The variant that loads each pass's tile in that pass (a candidate the decoder times) gives
+    the same result as the default, which loads the next pass's tile first."""
     lin = linear4bit(n, k, bias=use_bias, seed=m)
     w = nf4_weight(lin.weight)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(k)).to(dtype)
     bias = lin.bias.to(dtype) if use_bias else None
-    torch.testing.assert_close(nf4_matmul_triton(x, w, bias, splits=splits), nf4_linear_reference(x, w, bias),
-                               **TOL[dtype])
+    got = nf4_matmul_triton(x, w, bias, splits=splits, prefetch=False)
+    torch.testing.assert_close(got, nf4_linear_reference(x, w, bias), **TOL[dtype])
 
 
-def test_candidates_include_both_operand_orders(monkeypatch):
+def test_candidates_include_the_triton_variants(monkeypatch):
     """Without the CUDA C++ extension the decoder times bitsandbytes and the Triton kernel in
-    both operand orders; the weights-first one launches with WEIGHTS_FIRST set."""
+    both operand orders and without its prefetch; each launches with its switches."""
     import onelayer.kernels.nf4_matmul as kernel
     monkeypatch.setattr(dispatch, "native_extension", lambda: (None, "nvcc not found"))
     candidates = dispatch.route_candidates(torch.device("cuda"), torch.bfloat16)
-    assert list(candidates) == ["bnb", "triton", "triton weights-first"] and candidates["bnb"] is None
+    assert list(candidates) == ["bnb", "triton", "triton weights-first", "triton no prefetch"]
+    assert candidates["bnb"] is None
     launched = []
 
     class Recorder:
         def __getitem__(self, grid):
-            return lambda *args, **kwargs: launched.append(kwargs.get("WEIGHTS_FIRST", "sum"))
+            return lambda *args, **kwargs: launched.append(
+                (kwargs["WEIGHTS_FIRST"], kwargs["PREFETCH"]) if "PREFETCH" in kwargs else "sum")
     monkeypatch.setattr(kernel, "_nf4_matmul_kernel", Recorder())
     monkeypatch.setattr(kernel, "_sum_splits_kernel", Recorder())
     w = nf4_weight(linear4bit(21, 128).weight)
-    for name in ("triton", "triton weights-first"):
+    for name in ("triton", "triton weights-first", "triton no prefetch"):
         candidates[name](torch.zeros(3, 128), w, None)
-    assert [flag for flag in launched if flag != "sum"] == [False, True]
+    assert [flags for flags in launched if flags != "sum"] == [(False, True), (True, True), (False, False)]
 
 
 @interpreted
@@ -502,5 +502,5 @@ def test_benchmark_script_runs_on_cpu():
     run = subprocess.run([sys.executable, str(script), "--smoke"], capture_output=True, text=True, env=env,
                          timeout=300)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
-    assert "CHECKS 4/4 ok" in run.stdout and "fastest over a layer, by M:" in run.stdout
+    assert "CHECKS 6/6 ok" in run.stdout and "fastest over a layer, by M:" in run.stdout
 
