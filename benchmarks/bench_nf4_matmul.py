@@ -28,6 +28,7 @@ if "--smoke" in sys.argv:  # before anything imports triton
     os.environ["TRITON_INTERPRET"] = "1"
 
 import argparse
+import functools
 import math
 import statistics
 import time
@@ -51,7 +52,8 @@ CHECKS = [  # (M, N, K, dtype, bias, nested, blocksize): tails of every tile, bo
     (1, 257, 512, torch.float32, True, True, 64), (8, 257, 512, torch.float32, False, False, 32),
     (4, 500, 1024, torch.bfloat16, True, True, 128),
 ]
-KERNELS = ("bnb", "triton", "triton weights-first", "triton no prefetch", "cuda", "cuda mma")  # the NF4 matmuls compared
+KERNELS = ("bnb", "triton", "triton weights-first", "triton no prefetch", "triton 128 columns", "cuda",
+           "cuda mma")  # the NF4 matmuls compared
 SMOKE_CHECKS = [(1, 48, 128, torch.float32, True, True, 64), (3, 21, 128, torch.bfloat16, False, True, 64)]
 L2_FLUSH_BYTES = 256 * 2**20  # weight copies per timed pass: > 4x the L2 of an H100 / H200
 
@@ -83,11 +85,9 @@ class NotApplicable(Exception):
 
 def backends(device: str, native: bool) -> dict[str, Callable]:
     """name -> f(x, NF4Weight, bias); the CUDA C++ ones only where they build."""
-    from onelayer.kernels.nf4_matmul import nf4_matmul_triton
+    from onelayer.kernels.nf4_matmul import VARIANTS, nf4_matmul_triton
     from onelayer.nf4_dispatch import MMA_MAX_ROWS, native_extension, nf4_matmul_native, nf4_matmul_native_mma
-    out = {"triton": nf4_matmul_triton,
-           "triton weights-first": lambda x, w, b: nf4_matmul_triton(x, w, b, weights_first=True),
-           "triton no prefetch": lambda x, w, b: nf4_matmul_triton(x, w, b, prefetch=False)}
+    out = {name: functools.partial(nf4_matmul_triton, **config) for name, config in VARIANTS.items()}
     if device == "cuda" and native:
         t0 = time.perf_counter()
         ext, why = native_extension()
@@ -213,9 +213,20 @@ def variant_agrees(fn: Callable, device: str, dtype: torch.dtype) -> bool:
     return True
 
 
+# The Triton tile sweep of --tune, as `_Config` fields over the GPU configuration. block_n is
+# the tile at <= 16 rows (wider row blocks narrow it: nf4_matmul.block_n_for); block_k 32 halves
+# the registers and takes 2 barriers a pass where 64 with 256 columns takes 36 (compile_kernels.py).
+TUNE_VARIANTS = [dict(block_n=bn, num_warps=wp, block_k=bk) for bn, wp, bk in
+                 ((64, 4, 64), (128, 4, 64), (128, 8, 64), (256, 4, 64), (256, 8, 64),
+                  (128, 4, 32), (128, 8, 32), (256, 4, 32), (256, 8, 32))]
+TUNE_VARIANTS += [dict(block_n=64, num_warps=4, num_stages=2), dict(block_n=128, num_warps=8, weights_first=True),
+                  dict(block_n=256, num_warps=8, weights_first=True), dict(block_n=256, num_warps=8, prefetch=False),
+                  dict(block_n=128, num_warps=8, prefetch=False)]
+
+
 def tune(device: str, reps: int, dtype: torch.dtype) -> None:
-    """Time Triton tile variants (BLOCK_N, warps, stages, operand order, the next pass's loads
-    issued early or not) on every shape and M: one Qwen3-8B layer's sum."""
+    """Time the Triton tile variants of TUNE_VARIANTS on every shape and M: one Qwen3-8B layer's
+    sum."""
     import onelayer.kernels.nf4_matmul as nf4mod
     from onelayer.nf4 import nf4_weight
     weights = {}
@@ -238,16 +249,9 @@ def tune(device: str, reps: int, dtype: torch.dtype) -> None:
     print("|---|" + "---|" * (len(ROWS) + 1))
     base = nf4mod._GPU
     try:
-        for bn, wp, st, first, prefetch in [
-                (64, 4, 1, False, True), (128, 4, 1, False, True), (128, 8, 1, False, True),
-                (256, 4, 1, False, True), (256, 8, 1, False, True), (64, 4, 2, False, True),
-                (128, 4, 1, True, True), (128, 8, 1, True, True), (256, 8, 1, True, True),
-                (128, 8, 1, False, False), (256, 8, 1, False, False), (256, 8, 1, True, False)]:
-            nf4mod._GPU = base._replace(block_n=bn, num_warps=wp, num_stages=st, weights_first=first,
-                                        prefetch=prefetch)
-            # BLOCK_N at <= 16 rows; wider row blocks narrow it (nf4_matmul.block_n_for).
-            label = (f"triton BLOCK_N {bn}, {wp} warps, {st} stages{', weights first' if first else ''}"
-                     f"{'' if prefetch else ', no prefetch'}")
+        for variant in TUNE_VARIANTS:
+            nf4mod._GPU = base._replace(**variant)
+            label = "triton " + ", ".join(f"{k} {v}" for k, v in variant.items())
             if not variant_agrees(nf4mod.nf4_matmul_triton, device, dtype):
                 print(f"| {label} | differs from the torch reference: not timed |")
                 continue

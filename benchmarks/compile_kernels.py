@@ -212,11 +212,11 @@ def compiled_launches(archs: list[int]) -> list[dict]:
                 recorders.append(recorder := Recorder(value))
                 setattr(module, name, recorder)
     run_launchers()
-    # The --tune variant that computes out^T = W x^T (benchmarks/bench_nf4_matmul.py).
-    nf4_matmul._GPU = nf4_matmul._GPU._replace(weights_first=True)
+    # The NF4 kernel's variants the decoder times (nf4_matmul.VARIANTS).
     lin = nf4_linear(96, 512, True)
-    for rows in (1, 64):
-        nf4_matmul.nf4_matmul_triton(torch.randn(rows, 512).bfloat16(), nf4_weight(lin.weight))
+    for config in nf4_matmul.VARIANTS.values():
+        for rows in (1, 64):
+            nf4_matmul.nf4_matmul_triton(torch.randn(rows, 512).bfloat16(), nf4_weight(lin.weight), **config)
     for recorder in recorders:
         seen = set()
         for args, kwargs in recorder.launches:

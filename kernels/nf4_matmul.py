@@ -91,6 +91,15 @@ def _config(device: torch.device) -> _Config:
     return _GPU if device.type == "cuda" else _CPU
 
 
+# What the decoder times at its start besides the configuration above, as `_Config` fields
+# (onelayer.nf4_dispatch.route_candidates; benchmarks/bench_nf4_matmul.py has a column each):
+# the choices that no GPU has timed yet. 128 columns at up to 16 rows, against 256: 80
+# registers a thread, not 146, and a ninth of the barriers a weight byte, for the same
+# instructions a weight byte (sm_90, benchmarks/compile_kernels.py).
+VARIANTS = {"triton": {}, "triton weights-first": dict(weights_first=True),
+            "triton no prefetch": dict(prefetch=False), "triton 128 columns": dict(block_n=128)}
+
+
 def supports(w: NF4Weight) -> str | None:
     """None if the kernels can read this weight, else why not."""
     n, k = w.shape
@@ -249,10 +258,10 @@ def block_n_for(cfg: _Config, block_m: int) -> int:
 
 
 def nf4_matmul_triton(x: Tensor, w: NF4Weight, bias: Tensor | None = None, *, splits: int | None = None,
-                      weights_first: bool | None = None, prefetch: bool | None = None) -> Tensor:
+                      **config) -> Tensor:
     """x [M, K] @ W^T (+ bias) -> [M, N] in x's dtype, as `nf4_linear_reference`. CUDA tensors,
     or CPU tensors under TRITON_INTERPRET=1 (tests). `splits` overrides the split-K heuristic,
-    `weights_first` and `prefetch` the configuration's (`_Config`)."""
+    `config` fields of the device's `_Config` (VARIANTS)."""
     n, k = w.shape
     if x.dim() != 2 or x.shape[1] != k:
         raise ValueError(f"x {tuple(x.shape)} must be [M, {k}] for a [{n}, {k}] weight")
@@ -263,11 +272,7 @@ def nf4_matmul_triton(x: Tensor, w: NF4Weight, bias: Tensor | None = None, *, sp
     m = x.shape[0]
     if m == 0:
         return x.new_empty(0, n)
-    cfg = _config(x.device)
-    if weights_first is not None:
-        cfg = cfg._replace(weights_first=weights_first)
-    if prefetch is not None:
-        cfg = cfg._replace(prefetch=prefetch)
+    cfg = _config(x.device)._replace(**config)
     block_k = min(cfg.block_k, w.blocksize)
     block_m = max(16, min(64, triton.next_power_of_2(m)))
     block_n = block_n_for(cfg, block_m)

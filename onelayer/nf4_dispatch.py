@@ -2,8 +2,8 @@
 
 Rollouts on CUDA (`nf4_kernels`, prefer "measure") time the candidates on the model's first NF4
 linears at 1, 2, 4, ..., 64 rows, once per process (`measure_routes`): bitsandbytes, the Triton
-kernel in both operand orders and without its prefetch, the CUDA C++ kernel and its tensor-core
-variant (bf16 / fp16, sm_80+). Each row count takes the fastest that matches the torch reference, the table's below
+kernel and its variants (kernels/nf4_matmul.py: VARIANTS), the CUDA C++ kernel and its
+tensor-core variant (bf16 / fp16, sm_80+). Each row count takes the fastest that matches the torch reference, the table's below
 unless another is over 10% faster. A card other than an H100 gets its own routes, and a kernel
 that computes wrong is never used. More than 64 rows (prefill): bitsandbytes. The table
 measured on an H100 (ROUTES) is what `nf4_linear`, prefer "auto" and ONELAYER_NF4_ROUTES=table
@@ -35,6 +35,7 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
+from onelayer.kernels.nf4_matmul import VARIANTS as TRITON_VARIANTS
 from onelayer.kernels.nf4_matmul import nf4_matmul_triton, supports
 from onelayer.nf4 import NF4Weight, nf4_weight
 
@@ -156,9 +157,8 @@ def cuda_clock(name: str, rows: int, one_pass: Callable[[], object], reps: int =
 def route_candidates(device: torch.device, dtype: torch.dtype) -> dict[str, Matmul | None]:
     """The matmuls `measure_routes` compares on `device` for inputs of `dtype` (None:
     bitsandbytes); builds the CUDA C++ extension on first use."""
-    out: dict[str, Matmul | None] = {"bnb": None, "triton": nf4_matmul_triton,
-                                     "triton weights-first": functools.partial(nf4_matmul_triton, weights_first=True),
-                                     "triton no prefetch": functools.partial(nf4_matmul_triton, prefetch=False)}
+    out: dict[str, Matmul | None] = {"bnb": None}
+    out |= {name: functools.partial(nf4_matmul_triton, **config) for name, config in TRITON_VARIANTS.items()}
     ext, why = native_extension()
     if ext is None:
         _log_fallback(why)

@@ -41,7 +41,7 @@ def test_every_gpu_launch_compiles_and_fits_the_shared_memory_of_each_card():
     failed = [launch for launch in launches
               if "error" in launch or launch["shared"] > SHARED_PER_BLOCK[launch["arch"]]]
     assert not failed, json.dumps(failed[:3], indent=1)
-    # With the GPU tiles, in both dtypes and both operand orders of the NF4 kernel.
+    # With the GPU tiles, in both dtypes, and the NF4 kernel's variants that the decoder times.
     loss_tiles = {(c["BLOCK_T"], c["BLOCK_V"], c["BLOCK_H"], c["IEEE"]) for c in
                   (launch["constexprs"] for launch in launches if launch["kernel"] == "_lse_partial_kernel")}
     gpu = policy_loss._GPU
@@ -50,15 +50,23 @@ def test_every_gpu_launch_compiles_and_fits_the_shared_memory_of_each_card():
            (launch["constexprs"] for launch in launches if launch["kernel"] == "_nf4_matmul_kernel")}
     assert {(nf4_matmul.block_n_for(nf4_matmul._GPU, m), m, False) for m in (16, 32, 64)} <= nf4
     assert (nf4_matmul.block_n_for(nf4_matmul._GPU, 64), 64, True) in nf4
+    timed = {(cfg.block_n, cfg.weights_first, cfg.prefetch) for cfg in
+             (nf4_matmul._GPU._replace(**config) for config in nf4_matmul.VARIANTS.values())}
+    assert timed <= {(c["BLOCK_N"], c["WEIGHTS_FIRST"], c["PREFETCH"]) for c in
+                     (launch["constexprs"] for launch in launches if launch["kernel"] == "_nf4_matmul_kernel")
+                     if c["BLOCK_M"] == 16}
     # Specialised as the JIT specialises a launch (16-byte aligned tensors): the NF4 kernel's K
-    # loop loads its weight bytes 8 or 16 at a time, not one by one, and in 16-bit dtypes
-    # multiplies on the tensor cores.
+    # loop loads its weight bytes 8 or 16 at a time, not one by one (where a thread has 8 bytes
+    # of a tile: not with the 32 columns that 128-column variant narrows to at 64 rows), and in
+    # 16-bit dtypes multiplies on the tensor cores.
     nf4_launches = [launch for launch in launches if launch["kernel"] == "_nf4_matmul_kernel"]
-    assert all(launch["loop"]["vector_loads"] >= 1 for launch in nf4_launches), \
-        [launch["loop"] for launch in nf4_launches]
+    wide = [launch for launch in nf4_launches if launch["constexprs"]["BLOCK_N"] * launch["constexprs"]["BLOCK_K"] // 2
+            >= 8 * 32 * launch["options"]["num_warps"]]
+    assert len(wide) >= len(nf4_launches) - 2 * len(SHARED_PER_BLOCK)
+    assert all(launch["loop"]["vector_loads"] >= 1 for launch in wide), [launch["loop"] for launch in wide]
     assert all(launch["loop"]["mma"] >= 1 for launch in nf4_launches if launch["signature"]["x_ptr"] != "*fp32")
     # The next pass's weight bytes are loaded a pass ahead: dozens of instructions (the lookups
     # and dots of this pass) run before the loop reads them. (Loaded in the pass that used them,
     # the first read came 3-22 instructions after the load.)
-    assert all(launch["loop"]["load_lead"] >= 50 for launch in nf4_launches), \
-        [(launch["arch"], launch["loop"]) for launch in nf4_launches]
+    ahead = [launch for launch in wide if launch["constexprs"]["PREFETCH"]]
+    assert all(launch["loop"]["load_lead"] >= 50 for launch in ahead), [(launch["arch"], launch["loop"]) for launch in ahead]

@@ -21,6 +21,7 @@ import triton.language as tl
 from bitsandbytes import functional as bnbf
 from triton.runtime.interpreter import InterpretedFunction
 
+import onelayer.kernels.nf4_matmul as kernel_module
 import onelayer.nf4_dispatch as dispatch
 from onelayer.kernels.nf4_matmul import nf4_matmul_triton, supports
 from onelayer.nf4 import block_scales, dequantize_nf4_reference, nf4_linear_reference, nf4_weight
@@ -163,41 +164,43 @@ def test_triton_with_the_weights_as_first_operand(m, n, k, dtype, use_bias, spli
 
 
 @interpreted
+@pytest.mark.parametrize("name", [name for name in kernel_module.VARIANTS if name != "triton"])
 @pytest.mark.parametrize("m, n, k, dtype, use_bias, splits", [
     (3, 77, 320, torch.bfloat16, True, None),   # K split 3 ways: each split loads from its own start
     (17, 21, 128, torch.float32, False, 1),
 ])
-def test_triton_without_prefetch(m, n, k, dtype, use_bias, splits):
-    """The variant that loads each pass's tile in that pass (a candidate the decoder times) gives
-    the same result as the default, which loads the next pass's tile first."""
+def test_triton_variants(name, m, n, k, dtype, use_bias, splits):
+    """Each variant the decoder times (its loads not issued a pass ahead, 128 columns, ...) gives
+    the reference's result."""
     lin = linear4bit(n, k, bias=use_bias, seed=m)
     w = nf4_weight(lin.weight)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(k)).to(dtype)
     bias = lin.bias.to(dtype) if use_bias else None
-    got = nf4_matmul_triton(x, w, bias, splits=splits, prefetch=False)
+    got = nf4_matmul_triton(x, w, bias, splits=splits, **kernel_module.VARIANTS[name])
     torch.testing.assert_close(got, nf4_linear_reference(x, w, bias), **TOL[dtype])
 
 
 def test_candidates_include_the_triton_variants(monkeypatch):
-    """Without the CUDA C++ extension the decoder times bitsandbytes and the Triton kernel in
-    both operand orders and without its prefetch; each launches with its switches."""
-    import onelayer.kernels.nf4_matmul as kernel
+    """Without the CUDA C++ extension the decoder times bitsandbytes, the Triton kernel and each
+    of its VARIANTS, each launching with its switches."""
     monkeypatch.setattr(dispatch, "native_extension", lambda: (None, "nvcc not found"))
     candidates = dispatch.route_candidates(torch.device("cuda"), torch.bfloat16)
-    assert list(candidates) == ["bnb", "triton", "triton weights-first", "triton no prefetch"]
+    assert list(candidates) == ["bnb", "triton", "triton weights-first", "triton no prefetch", "triton 128 columns"]
     assert candidates["bnb"] is None
     launched = []
 
     class Recorder:
         def __getitem__(self, grid):
             return lambda *args, **kwargs: launched.append(
-                (kwargs["WEIGHTS_FIRST"], kwargs["PREFETCH"]) if "PREFETCH" in kwargs else "sum")
-    monkeypatch.setattr(kernel, "_nf4_matmul_kernel", Recorder())
-    monkeypatch.setattr(kernel, "_sum_splits_kernel", Recorder())
+                (kwargs["BLOCK_N"], kwargs["WEIGHTS_FIRST"], kwargs["PREFETCH"]) if "PREFETCH" in kwargs else "sum")
+    monkeypatch.setattr(kernel_module, "_nf4_matmul_kernel", Recorder())
+    monkeypatch.setattr(kernel_module, "_sum_splits_kernel", Recorder())
+    monkeypatch.setattr(kernel_module, "_CPU", kernel_module._GPU)  # CPU tensors, the GPU tiles
     w = nf4_weight(linear4bit(21, 128).weight)
-    for name in ("triton", "triton weights-first", "triton no prefetch"):
+    for name in list(candidates)[1:]:
         candidates[name](torch.zeros(3, 128), w, None)
-    assert [flags for flags in launched if flags != "sum"] == [(False, True), (True, True), (False, False)]
+    assert [flags for flags in launched if flags != "sum"] == [(256, False, True), (256, True, True),
+                                                               (256, False, False), (128, False, True)]
 
 
 @interpreted
@@ -502,5 +505,5 @@ def test_benchmark_script_runs_on_cpu():
     run = subprocess.run([sys.executable, str(script), "--smoke"], capture_output=True, text=True, env=env,
                          timeout=300)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
-    assert "CHECKS 6/6 ok" in run.stdout and "fastest over a layer, by M:" in run.stdout
+    assert "CHECKS 8/8 ok" in run.stdout and "fastest over a layer, by M:" in run.stdout
 
