@@ -307,8 +307,9 @@ def main() -> int:
         from onelayer.nf4_dispatch import measure_routes, route_candidates
         layer_linears = [make_linear(n, k, bias=False, nested=True, blocksize=64, dtype=dtype, device=device, seed=i)
                          for i, (k, n, count) in enumerate(SHAPES.values()) for _ in range(count)]
-        _, line = measure_routes(layer_linears, route_candidates(torch.device(device), dtype), dtype=dtype)
-        print(f"routes the decoder measures at start (onelayer.nf4_dispatch.measure_routes, one layer): {line}")
+        measured = measure_routes(layer_linears, route_candidates(torch.device(device), dtype), dtype=dtype)
+        print(f"routes the decoder measures at start (onelayer.nf4_dispatch.measure_routes, one layer): "
+              f"{measured.summary}\n  timings by rows: {measured.timings()}")
     if args.tune and device == "cuda":
         tune(device, args.reps, dtype)
     print(f"\nwall {time.perf_counter() - t0:.0f} s")

@@ -262,7 +262,7 @@ def main() -> None:
                   decode_tokens_per_s=round(a.group_size * decode_steps / last["gen_s"], 1),
                   decode_ms_per_step=round(1e3 * last["gen_s"] / decode_steps, 2),
                   decode_graph=statuses[-1] if statuses else "?",
-                  nf4_routes=nf4_dispatch.measured_summaries(),
+                  nf4_routes=nf4_dispatch.measured_summaries(), nf4_route_timings=nf4_dispatch.measured_timings(),
                   device=torch.cuda.get_device_name() if cuda else "cpu",
                   torch=torch.__version__, **{k: round(v, 2) for k, v in memory_gib(policy.device).items()})
     # How far the rollout path (decoder, CUDA graph, NF4 decode kernels) is from the engine's.

@@ -52,6 +52,8 @@ def main(folder: Path) -> None:
                                          f"{100 * r.get('decode_share_of_limit', 0):.1f}% of the limit"),
             ("decoder graph (training steps)", r.get("decode_graph", "?")),
             ("NF4 matmul routes measured by the decoder", "; ".join(r.get("nf4_routes", [])) or "none"),
+            ("NF4 route timings (us a pass over the first linears, by rows)",
+             " | ".join(r.get("nf4_route_timings", [])) or "none"),
             ("sampler vs engine log-probs (last step)",
              f"mean abs gap {r.get('sampler_logprob_gap', '?')}, KL {r.get('sampler_kl', '?')}"),
             *[(f"decode, mode {m}, {r.get('mode_tokens', '?')} greedy tokens",

@@ -32,6 +32,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
+from typing import NamedTuple
 import torch
 from torch import Tensor
 
@@ -187,8 +188,19 @@ def table_choice(rows: int) -> str:
     return next((name for limit, name in ROUTES if rows <= limit), "bnb")
 
 
+class Measured(NamedTuple):
+    routes: Routes
+    summary: str                            # "rows 1-2 bnb, 3-8 triton, ..., more bnb"
+    seconds: dict[int, dict[str, float]]    # rows -> candidate -> seconds a pass over the modules
+
+    def timings(self) -> str:
+        """Each bucket's timings: "1: bnb 61, triton 120 us; 2: ..." (microseconds a pass)."""
+        return "; ".join(f"{rows}: " + ", ".join(f"{name} {1e6 * s:.0f}" for name, s in by_name.items()) + " us"
+                         for rows, by_name in self.seconds.items())
+
+
 def measure_routes(modules: list, candidates: dict[str, Matmul | None], *, dtype: torch.dtype,
-                   clock: Clock = cuda_clock) -> tuple[Routes, str]:
+                   clock: Clock = cuda_clock) -> Measured:
     """For each row count of BUCKETS, the fastest of `candidates` (name -> matmul, None:
     bitsandbytes' own forward) on `modules` (bitsandbytes Linear4bit) with inputs of `dtype`;
     the H100 table's kernel unless another is more than MARGIN times faster, so that timing
@@ -196,12 +208,12 @@ def measure_routes(modules: list, candidates: dict[str, Matmul | None], *, dtype
     A kernel whose output differs from the torch reference (relative error above 5e-3 in
     16-bit dtypes, 1e-5 in fp32), or that raises, is never chosen, with a warning: it is a
     bug, not a speed.
-    Returns the routes and a line that says what was chosen."""
+    Returns the routes, a line that says what was chosen, and every candidate's timings."""
     from onelayer.nf4 import nf4_linear_reference
     weights = [nf4_weight(m.weight) for m in modules]
     device = weights[0].packed.device
     tolerance = 1e-5 if dtype == torch.float32 else 5e-3
-    chosen = []
+    chosen, timed = [], {}
     generator = torch.Generator(device=device).manual_seed(0)
     with torch.no_grad():
         for rows in BUCKETS:
@@ -223,6 +235,7 @@ def measure_routes(modules: list, candidates: dict[str, Matmul | None], *, dtype
                         continue
                     one_pass = lambda f=matmul: [f(xs[w.shape[1]], w, None) for w in weights]  # noqa: E731
                 seconds[name] = clock(name, rows, one_pass)
+            timed[rows] = seconds
             fastest, usual = min(seconds, key=seconds.get), table_choice(rows)
             keep = usual in seconds and seconds[usual] <= MARGIN * seconds[fastest]
             chosen.append((rows, usual if keep else fastest))
@@ -233,8 +246,8 @@ def measure_routes(modules: list, candidates: dict[str, Matmul | None], *, dtype
     for rows, name in merged:
         spans.append(f"{low}-{rows} {name}" if rows > low else f"{rows} {name}")
         low = rows + 1
-    return (tuple((rows, candidates[name]) for rows, name in merged),
-            f"rows {', '.join(spans)}, more bnb")
+    return Measured(tuple((rows, candidates[name]) for rows, name in merged), f"rows {', '.join(spans)}, more bnb",
+                    timed)
 
 
 _DISAGREED: set[str] = set()  # kernels already reported as not used
@@ -247,6 +260,7 @@ def _log_disagreement(name: str, rows: int, why: str) -> None:
 
 
 _MEASURED: dict[tuple, tuple[Routes, str]] = {}  # (device, dtype, shapes) -> routes, what they are
+_TIMINGS: dict[tuple, str] = {}  # the same keys -> every candidate's timings (Measured.timings)
 
 
 def measured_routes(readable: list[tuple[torch.nn.Module, NF4Weight]], device: torch.device,
@@ -257,16 +271,23 @@ def measured_routes(readable: list[tuple[torch.nn.Module, NF4Weight]], device: t
     sample = readable[:MEASURED_MODULES]
     key = (str(device), dtype, tuple(w.shape for _, w in sample))
     if key not in _MEASURED:
-        routes, line = measure_routes([m for m, _ in sample], route_candidates(device, dtype), dtype=dtype)
-        line = f"{torch.cuda.get_device_name(device)}, {str(dtype).removeprefix('torch.')}: {line}"
-        log.info("NF4 matmul routes measured on %s", line)
-        _MEASURED[key] = routes, line
+        measured = measure_routes([m for m, _ in sample], route_candidates(device, dtype), dtype=dtype)
+        where = f"{torch.cuda.get_device_name(device)}, {str(dtype).removeprefix('torch.')}"
+        log.info("NF4 matmul routes measured on %s: %s", where, measured.summary)
+        log.debug("NF4 matmul timings on %s: %s", where, measured.timings())
+        _MEASURED[key] = measured.routes, f"{where}: {measured.summary}"
+        _TIMINGS[key] = f"{where}: {measured.timings()}"
     return _MEASURED[key][0]
 
 
 def measured_summaries() -> list[str]:
     """What each measurement of this process chose: "card, dtype: rows 1-2 bnb, ...". """
     return [line for _, line in _MEASURED.values()]
+
+
+def measured_timings() -> list[str]:
+    """What each measurement of this process timed: "card, dtype: 1: bnb 61, triton 120 us; ...". """
+    return list(_TIMINGS.values())
 
 
 def _route(routes: Routes, rows: int) -> Matmul | None:

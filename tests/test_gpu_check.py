@@ -72,7 +72,8 @@ EARLY = dict(config="8b", layer=16, frozen="nf4", group=8, new_tokens=512, beta=
              copy_bandwidth_tb_s=2.9, decode_limit_ms=3.56, decode_share_of_limit=0.174,
              sampler_logprob_gap=0.002, sampler_kl=1e-05, decode_graph="manual: graph", partial=True,
              captures=3, capture_s=0.4213,
-             nf4_routes=["NVIDIA H100 80GB HBM3, bfloat16: rows 1-2 bnb, 3-16 cuda mma, more bnb"])
+             nf4_routes=["NVIDIA H100 80GB HBM3, bfloat16: rows 1-2 bnb, 3-16 cuda mma, more bnb"],
+             nf4_route_timings=["NVIDIA H100 80GB HBM3, bfloat16: 1: bnb 61, triton 120 us; 2: bnb 70, triton 121 us"])
 FULL = {**{k: v for k, v in EARLY.items() if k != "partial"}, "mode_tokens": 128,
         "decode_ms_by_mode": {"manual": dict(ms=19.5, status="manual: graph", same_as_eager=True),
                               "off": dict(ms=60.25, status="off: eager", same_as_eager=True)}}
@@ -89,6 +90,7 @@ def test_a_train_step_cut_short_after_its_steps_keeps_them(tmp_path):
     assert rows["decoder graph (training steps)"] == "manual: graph"
     assert rows["last step: decode graph captures"] == "3 in 0.42 s"
     assert rows["NF4 matmul routes measured by the decoder"] == EARLY["nf4_routes"][0]
+    assert rows["NF4 route timings (us a pass over the first linears, by rows)"] == EARLY["nf4_route_timings"][0]
     assert rows["decode weight-read limit"].endswith("17.4% of the limit")
     assert rows["decode modes and GQA timings"] == "did not finish: see train_step.log"
     assert not any(key.startswith("decode, mode") for key in rows)

@@ -342,7 +342,7 @@ def test_measured_routes_take_the_fastest_kernel_that_agrees(caplog):
     dispatch._DISAGREED.clear()
     candidates = {"bnb": None, "triton": nf4_matmul_triton, "wrong": wrong, "other": other, "broken": broken}
     with caplog.at_level(logging.WARNING, logger="onelayer"):
-        routes, line = dispatch.measure_routes(modules, candidates, dtype=torch.float32, clock=clock)
+        routes, line, seconds = dispatch.measure_routes(modules, candidates, dtype=torch.float32, clock=clock)
     # 1-2: bnb, the table's and the fastest; 3-4: the table's "cuda" is not a candidate, so the
     # fastest; 5-8: the table's triton, 4% slower than "other"; 9-32: "other", 2.5x faster than
     # triton (16) and bnb (32); 33-64: bnb, the table's and the fastest.
@@ -351,6 +351,9 @@ def test_measured_routes_take_the_fastest_kernel_that_agrees(caplog):
     assert [dispatch._route(routes, r) for r in (1, 3, 5, 9, 32, 33, 65)] == [None, other, nf4_matmul_triton,
                                                                                other, other, None, None]
     assert {name for name, _ in timed} == {"bnb", "triton", "other"}
+    assert seconds[16] == {"bnb": 9.0, "triton": 5.0, "other": 2.0} and list(seconds) == list(dispatch.BUCKETS)
+    assert dispatch.Measured(routes, line, {1: {"bnb": 3e-6, "triton": 5e-6}, 2: {"bnb": 1e-5}}).timings() == \
+        "1: bnb 3, triton 5 us; 2: bnb 10 us"
     warnings = [r.getMessage() for r in caplog.records if r.name == "onelayer"]
     assert warnings == ["NF4 matmul: wrong is not used: at 1 rows, against the torch reference, relative error 1.0e-02",
                         "NF4 matmul: broken is not used: at 1 rows, against the torch reference, failed: "
