@@ -3,8 +3,8 @@
 Rollouts on CUDA (`nf4_kernels`, prefer "measure") time the candidates on the model's first NF4
 linears at 1, 2, 4, ..., 64 rows, once per process (`measure_routes`): bitsandbytes, the Triton
 kernel and its variants (kernels/nf4_matmul.py: VARIANTS), the CUDA C++ kernel and its
-tensor-core variant (bf16 / fp16, sm_80+). Each row count takes the fastest that matches the torch reference, the table's below
-unless another is over 10% faster. A card other than an H100 gets its own routes, and a kernel
+tensor-core variant (bf16 / fp16, sm_80+). Each row count takes the fastest that matches the
+torch reference, the table's below unless another is over 10% faster. A card other than an H100 gets its own routes, and a kernel
 that computes wrong is never used. More than 64 rows (prefill): bitsandbytes. The table
 measured on an H100 (ROUTES) is what `nf4_linear`, prefer "auto" and ONELAYER_NF4_ROUTES=table
 use:
@@ -189,6 +189,7 @@ def table_choice(rows: int) -> str:
 
 
 class Measured(NamedTuple):
+    """What `measure_routes` found on one card."""
     routes: Routes
     summary: str                            # "rows 1-2 bnb, 3-8 triton, ..., more bnb"
     seconds: dict[int, dict[str, float]]    # rows -> candidate -> seconds a pass over the modules
