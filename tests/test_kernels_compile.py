@@ -70,3 +70,8 @@ def test_every_gpu_launch_compiles_and_fits_the_shared_memory_of_each_card():
     # the first read came 3-22 instructions after the load.)
     ahead = [launch for launch in wide if launch["constexprs"]["PREFETCH"]]
     assert all(launch["loop"]["load_lead"] >= 50 for launch in ahead), [(launch["arch"], launch["loop"]) for launch in ahead]
+    # The configuration's own tiles (no variant) keep the next pass's loads in registers without spilling.
+    configured = [launch for launch in ahead if not launch["constexprs"]["WEIGHTS_FIRST"] and launch["constexprs"]["BLOCK_N"]
+                  == nf4_matmul.block_n_for(nf4_matmul._GPU, launch["constexprs"]["BLOCK_M"])]
+    assert configured and all(launch["stack"] == 0 for launch in configured), \
+        [(launch["arch"], launch["constexprs"], launch["stack"]) for launch in configured if launch["stack"]]
