@@ -57,7 +57,7 @@ def test_every_gpu_launch_compiles_and_fits_the_shared_memory_of_each_card():
                      if c["BLOCK_M"] == 16}
     # Specialised as the JIT specialises a launch (16-byte aligned tensors): the NF4 kernel's K
     # loop loads its weight bytes 8 or 16 at a time, not one by one (where a thread has 8 bytes
-    # of a tile: not with the 32 columns that 128-column variant narrows to at 64 rows), and in
+    # of a tile: not in the 32 columns the 128-column variant narrows to at 64 rows), and in
     # 16-bit dtypes multiplies on the tensor cores.
     nf4_launches = [launch for launch in launches if launch["kernel"] == "_nf4_matmul_kernel"]
     wide = [launch for launch in nf4_launches if launch["constexprs"]["BLOCK_N"] * launch["constexprs"]["BLOCK_K"] // 2

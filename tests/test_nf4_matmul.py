@@ -208,11 +208,10 @@ def test_candidates_include_the_triton_variants(monkeypatch):
 def test_triton_narrows_the_weight_tile_for_wide_row_blocks(monkeypatch, m, dtype):
     """A 64-column tile at <= 16 rows becomes 32 columns at 32 rows and 16 at 64 (the GPU's
     256 -> 128 -> 64): same result, tile edges inside N."""
-    import onelayer.kernels.nf4_matmul as kernel
-    monkeypatch.setattr(kernel, "_CPU", kernel._CPU._replace(block_n=64))
+    monkeypatch.setattr(kernel_module, "_CPU", kernel_module._CPU._replace(block_n=64))
     block_m = max(16, triton.next_power_of_2(m))
-    assert kernel.block_n_for(kernel._CPU, block_m) == {16: 64, 32: 32, 64: 16}[block_m]
-    assert kernel.block_n_for(kernel._GPU, block_m) == {16: 256, 32: 128, 64: 64}[block_m]
+    assert kernel_module.block_n_for(kernel_module._CPU, block_m) == {16: 64, 32: 32, 64: 16}[block_m]
+    assert kernel_module.block_n_for(kernel_module._GPU, block_m) == {16: 256, 32: 128, 64: 64}[block_m]
     lin = linear4bit(72, 128, seed=m)
     w = nf4_weight(lin.weight)
     x = torch.randn(m, 128, generator=torch.Generator().manual_seed(m)).to(dtype)
