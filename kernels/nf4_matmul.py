@@ -272,7 +272,9 @@ def nf4_matmul_triton(x: Tensor, w: NF4Weight, bias: Tensor | None = None, *, sp
     m = x.shape[0]
     if m == 0:
         return x.new_empty(0, n)
-    cfg = _config(x.device)._replace(**config)
+    cfg = _config(x.device)
+    if config:  # (not on every call: this is the decode loop's launcher)
+        cfg = cfg._replace(**config)
     block_k = min(cfg.block_k, w.blocksize)
     block_m = max(16, min(64, triton.next_power_of_2(m)))
     block_n = block_n_for(cfg, block_m)
