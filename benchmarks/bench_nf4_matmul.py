@@ -36,6 +36,8 @@ from collections.abc import Callable
 
 import torch
 
+from onelayer.kernels.nf4_matmul import VARIANTS
+
 # Qwen3-8B: hidden 4096, 32 query heads and 8 key/value heads of 128, MLP 12288.
 SHAPES = {  # name: (K, N, how many of them a decoder layer has)
     "q/o 4096->4096": (4096, 4096, 2),
@@ -52,8 +54,7 @@ CHECKS = [  # (M, N, K, dtype, bias, nested, blocksize): tails of every tile, bo
     (1, 257, 512, torch.float32, True, True, 64), (8, 257, 512, torch.float32, False, False, 32),
     (4, 500, 1024, torch.bfloat16, True, True, 128),
 ]
-KERNELS = ("bnb", "triton", "triton weights-first", "triton no prefetch", "triton 128 columns", "cuda",
-           "cuda mma")  # the NF4 matmuls compared
+KERNELS = ("bnb", *VARIANTS, "cuda", "cuda mma")  # the NF4 matmuls compared
 SMOKE_CHECKS = [(1, 48, 128, torch.float32, True, True, 64), (3, 21, 128, torch.bfloat16, False, True, 64)]
 L2_FLUSH_BYTES = 256 * 2**20  # weight copies per timed pass: > 4x the L2 of an H100 / H200
 
@@ -85,7 +86,7 @@ class NotApplicable(Exception):
 
 def backends(device: str, native: bool) -> dict[str, Callable]:
     """name -> f(x, NF4Weight, bias); the CUDA C++ ones only where they build."""
-    from onelayer.kernels.nf4_matmul import VARIANTS, nf4_matmul_triton
+    from onelayer.kernels.nf4_matmul import nf4_matmul_triton
     from onelayer.nf4_dispatch import MMA_MAX_ROWS, native_extension, nf4_matmul_native, nf4_matmul_native_mma
     out = {name: functools.partial(nf4_matmul_triton, **config) for name, config in VARIANTS.items()}
     if device == "cuda" and native:
@@ -221,7 +222,9 @@ TUNE_VARIANTS = [dict(block_n=bn, num_warps=wp, block_k=bk) for bn, wp, bk in
                   (128, 4, 32), (128, 8, 32), (256, 4, 32), (256, 8, 32))]
 TUNE_VARIANTS += [dict(block_n=64, num_warps=4, num_stages=2), dict(block_n=128, num_warps=8, weights_first=True),
                   dict(block_n=256, num_warps=8, weights_first=True), dict(block_n=256, num_warps=8, prefetch=False),
-                  dict(block_n=128, num_warps=8, prefetch=False)]
+                  dict(block_n=128, num_warps=8, prefetch=False), dict(block_n=256, num_warps=8, registers=True),
+                  dict(block_n=128, num_warps=8, registers=True), dict(block_n=128, num_warps=4, registers=True),
+                  dict(block_n=256, num_warps=8, registers=True, weights_first=True)]
 
 
 def tune(device: str, reps: int, dtype: torch.dtype) -> None:

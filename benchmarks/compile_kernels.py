@@ -217,6 +217,8 @@ def compiled_launches(archs: list[int]) -> list[dict]:
     for config in nf4_matmul.VARIANTS.values():
         for rows in (1, 64):
             nf4_matmul.nf4_matmul_triton(torch.randn(rows, 512).bfloat16(), nf4_weight(lin.weight), **config)
+    # and the fp16 register tables (their conversion differs)
+    nf4_matmul.nf4_matmul_triton(torch.randn(1, 512).half(), nf4_weight(lin.weight), registers=True)
     for recorder in recorders:
         seen = set()
         for args, kwargs in recorder.launches:
@@ -231,11 +233,27 @@ def compiled_launches(archs: list[int]) -> list[dict]:
                               constexprs=constexprs, options=options)
                 try:
                     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
-                    record.update(shared=compiled.metadata.shared, **resources(compiled.asm["cubin"]))
+                    record.update(shared=compiled.metadata.shared, **resources(compiled.asm["cubin"]),
+                                  inline_asm=inline_asm_calls(compiled.asm["llir"]))
                 except Exception as exc:  # the record names the launch that failed
                     record["error"] = f"{type(exc).__name__}: {str(exc)[:500]}"
                 records.append(record)
     return records
+
+
+def inline_asm_calls(llir: str) -> list[str]:
+    """How the compiler hands its operands to each distinct PTX block the kernels write
+    themselves (tl.inline_asm_elementwise; a block opening with `.reg`, unlike Triton's own
+    loads and stores): "result <- operands", operands as "type vN", N numbering the distinct
+    values in order, e.g. "{ <2 x i16>, <2 x i16> } <- <4 x i8> v0, i32 v1, i32 v1". What the
+    assembly assumes of the packing (tl.inline_asm_elementwise's `pack`) is checked on it."""
+    calls = set()
+    for result, operands in re.findall(r'tail call (\{[^}]*\}|\S+) asm "\{\\0A\.reg[^"]*", "[^"]*"\(([^)]*)\)', llir):
+        names: dict[str, int] = {}
+        typed = [operand.rpartition(" ") for operand in operands.split(", ")]
+        calls.add(f"{result} <- " + ", ".join(f"{kind} v{names.setdefault(value, len(names))}"
+                                             for kind, _, value in typed))
+    return sorted(calls)
 
 
 CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc", "nf4_matmul.cu")

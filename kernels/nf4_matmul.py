@@ -79,6 +79,10 @@ class _Config(NamedTuple):
                       # loads before its own lookups and dots (software pipelining by hand:
                       # num_stages must stay 1). Not yet timed on a GPU: the decoder times
                       # both at its start (nf4_dispatch.route_candidates), as does --tune
+    registers: bool = False  # 16-bit x on a GPU: the NF4 lookups from a per-row table of the 16
+                      # scaled weights in registers, by byte permutes (_table_asm, _lookup_asm),
+                      # not from memory. Not yet timed on a GPU (the interpreter cannot run PTX:
+                      # there this switch changes nothing)
 
 
 # GPU: measured (module docstring). CPU (TRITON_INTERPRET=1, tests only): small tiles and up
@@ -95,9 +99,72 @@ def _config(device: torch.device) -> _Config:
 # (onelayer.nf4_dispatch.route_candidates; benchmarks/bench_nf4_matmul.py has a column each):
 # the choices that no GPU has timed yet. 128 columns at up to 16 rows, against 256: 80
 # registers a thread, not 146, and a ninth of the barriers a weight byte, for the same
-# instructions a weight byte (sm_90, benchmarks/compile_kernels.py).
+# instructions a weight byte (sm_90, benchmarks/compile_kernels.py). Register tables: below.
 VARIANTS = {"triton": {}, "triton weights-first": dict(weights_first=True),
-            "triton no prefetch": dict(prefetch=False), "triton 128 columns": dict(block_n=128)}
+            "triton no prefetch": dict(prefetch=False), "triton 128 columns": dict(block_n=128),
+            "triton register table": dict(registers=True),
+            "triton 128 columns register table": dict(block_n=128, registers=True)}
+
+
+# The register-table lookups (_Config.registers). A pass of the gather path spends, a weight,
+# a table load from memory, its address, a multiply by the row's scale and half a conversion
+# (~6 instructions and a load a weight in its machine code, benchmarks/RESULTS.md). Here each
+# row's 16 possible weights of the pass, code[i] * scale rounded to x's dtype exactly as the
+# gather path rounds them, are made once a row and pass and held as two byte planes in 8
+# registers (_table_asm, ~1 instruction a weight: two threads hold a row's 64), and a weight is
+# picked by `prmt` byte permutes (_lookup_asm, 22 integer instructions for 8 weights), with
+# no memory access. Values are bit for bit the gather path's. Checked on CPU by a model of
+# these PTX instructions (tests/test_nf4_matmul.py) and compiled for sm_80-90 with Triton's
+# operand packing pinned (tests/test_kernels_compile.py).
+#
+# prmt.b32 d, a, b, c: byte i of d is byte (nibble i of c) & 7 of the 8 bytes {b, a} (a's
+# bytes 0-3, b's 4-7); bit 3 of the nibble replaces the byte by its sign bit, replicated.
+_PLANES = "lo0 lo1 lo2 lo3 hi0 hi1 hi2 hi3".split()  # lo1: low bytes of entries 4-7, ...
+
+
+def _table_asm(convert: str) -> str:
+    """Outputs $0-$7: the byte planes of the 16 entries round(code[i] * scale) (convert: the
+    PTX conversion of two fp32 to a 16-bit pair); inputs $8: the row's scale, $9-$24: code."""
+    lines = [f"mul.rn.f32 p{i}, ${9 + i}, $8;" for i in range(16)]
+    lines += [f"{convert} w{i}, p{2 * i + 1}, p{2 * i};" for i in range(8)]  # w_i: entries 2i | 2i+1 << 16
+    lines += [f"prmt.b32 ${j}, w{2 * j}, w{2 * j + 1}, 0x6420;" for j in range(4)]      # low bytes
+    lines += [f"prmt.b32 ${4 + j}, w{2 * j}, w{2 * j + 1}, 0x7531;" for j in range(4)]  # high bytes
+    return "{\n.reg .f32 p<16>;\n.reg .b32 w<8>;\n" + "\n".join(lines) + "\n}"
+
+
+def _lookup_half(half: int, plane) -> list[str]:
+    """The lookups of 4 weights, the nibbles of packed bytes 2 half and 2 half + 1 (odd, even,
+    odd, even weight) -> even pair e{half} and odd pair o{half}, in x's 16-bit dtype."""
+    lo, hi = plane("lo"), plane("hi")
+    return [
+        "mov.b32 r, $4;" if half == 0 else "shr.b32 r, $4, 16;",  # its nibbles: selectors 0-3
+        "and.b32 s, r, 0x7777;",                      # entry within its half of the table
+        f"prmt.b32 la, {lo(0)}, {lo(1)}, s;", f"prmt.b32 lb, {lo(2)}, {lo(3)}, s;",
+        f"prmt.b32 ha, {hi(0)}, {hi(1)}, s;", f"prmt.b32 hb, {hi(2)}, {hi(3)}, s;",
+        # m: byte i 0xFF where nibble i is 8 or more, the sign bit of its byte replicated: a
+        # high nibble's bit 3 is its byte's sign bit in $4, a low nibble's in $4 << 4.
+        f"prmt.b32 m, $4, up, {'0x9D8C' if half == 0 else '0xBFAE'};",
+        "xor.b32 t, la, lb;", "and.b32 t, t, m;", "xor.b32 la, la, t;",  # low bytes: lb where m,
+        "xor.b32 t, ha, hb;", "and.b32 t, t, m;", "xor.b32 ha, ha, t;",  # else la (one LOP3)
+        f"prmt.b32 e{half}, la, ha, 0x7351;",         # bytes 1 and 3: the even weights
+        f"prmt.b32 o{half}, la, ha, 0x6240;",         # bytes 0 and 2: the odd weights
+    ]
+
+
+def _lookup_asm() -> str:
+    """Outputs $0-$1: even weights (2 a register), $2-$3: odd weights; inputs $4: 4 packed bytes,
+    then the 8 byte planes, 4 registers each (pack=4 repeats a 32-bit operand; the first is
+    read)."""
+    def plane(kind):
+        return lambda j: f"${5 + 4 * _PLANES.index(f'{kind}{j}')}"
+    lines = ["shl.b32 up, $4, 4;"] + _lookup_half(0, plane) + _lookup_half(1, plane)
+    lines += ["mov.b32 $0, e0;", "mov.b32 $1, e1;", "mov.b32 $2, o0;", "mov.b32 $3, o1;"]  # after every read
+    return "{\n.reg .b32 r, s, m, t, up, la, lb, ha, hb, e0, e1, o0, o1;\n" + "\n".join(lines) + "\n}"
+
+
+_BF16_TABLE_ASM = tl.constexpr(_table_asm("cvt.rn.bf16x2.f32"))
+_FP16_TABLE_ASM = tl.constexpr(_table_asm("cvt.rn.f16x2.f32"))
+_LOOKUP_ASM = tl.constexpr(_lookup_asm())
 
 
 def supports(w: NF4Weight) -> str | None:
@@ -141,6 +208,32 @@ def _dot_tile(acc, x, w, IEEE: tl.constexpr, WEIGHTS_FIRST: tl.constexpr):
 
 
 @triton.jit
+def _codes(code_ptr):
+    """The 16 NF4 values, as scalars (registers of every thread)."""
+    return (tl.load(code_ptr + 0), tl.load(code_ptr + 1), tl.load(code_ptr + 2), tl.load(code_ptr + 3),
+            tl.load(code_ptr + 4), tl.load(code_ptr + 5), tl.load(code_ptr + 6), tl.load(code_ptr + 7),
+            tl.load(code_ptr + 8), tl.load(code_ptr + 9), tl.load(code_ptr + 10), tl.load(code_ptr + 11),
+            tl.load(code_ptr + 12), tl.load(code_ptr + 13), tl.load(code_ptr + 14), tl.load(code_ptr + 15))
+
+
+@triton.jit
+def _register_lookups(q, scale, c, dtype: tl.constexpr):
+    """(even, odd) weights of the packed bytes q [BLOCK_N, BLOCK_K // 2]: round(code[nibble] *
+    scale[row]) in dtype (bf16 or fp16), by a table in registers (_Config.registers)."""
+    # scale [BLOCK_N, 1]: each table made where its row's bytes are, not exchanged through
+    # shared memory (14 barriers a pass instead of 18 at 256 columns, sm_90)
+    planes = tl.inline_asm_elementwise(
+        _FP16_TABLE_ASM if dtype == tl.float16 else _BF16_TABLE_ASM, "=r,=r,=r,=r,=r,=r,=r,=r," + ",".join(["r"] * 17),
+        [scale[:, None], c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7], c[8], c[9], c[10], c[11], c[12], c[13],
+         c[14], c[15]], dtype=(tl.int32,) * 8, is_pure=True, pack=1)
+    even, odd = tl.inline_asm_elementwise(
+        _LOOKUP_ASM, "=r,=r,=r,=r," + ",".join(["r"] * 33),
+        [q, planes[0], planes[1], planes[2], planes[3], planes[4], planes[5], planes[6], planes[7]],
+        dtype=(tl.int16, tl.int16), is_pure=True, pack=4)
+    return even.to(dtype, bitcast=True), odd.to(dtype, bitcast=True)
+
+
+@triton.jit
 def _tile_loads(w_rows, half, col_ok, absmax_ptr, absmax2_ptr, blk_rows, b0, b_end,
                 NESTED: tl.constexpr, BLOCKSIZE: tl.constexpr):
     """What a pass of the K loop reads from DRAM for the tile at byte b0 of its rows: the packed
@@ -175,6 +268,7 @@ def _nf4_matmul_kernel(
     NESTED: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr,
     UPCAST: tl.constexpr, WEIGHTS_FIRST: tl.constexpr, PREFETCH: tl.constexpr, BLOCKSIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    REGISTERS: tl.constexpr,   # lookups from a table in registers (_Config.registers)
 ):
     """Program (j, s, i): out[i*BLOCK_M : +BLOCK_M, j*BLOCK_N : +BLOCK_N] over split s of K."""
     pid_n, pid_s, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -189,6 +283,8 @@ def _nf4_matmul_kernel(
     blk_rows = cols.to(tl.int64) * (K // BLOCKSIZE)
     if NESTED:
         offset = tl.load(offset_ptr)
+    if REGISTERS:
+        codes = _codes(code_ptr)
     if WEIGHTS_FIRST:
         acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)  # out^T
     else:
@@ -206,8 +302,13 @@ def _nf4_matmul_kernel(
         else:
             scale = absmax
         k0 = 2 * b0
-        w_even = _round(tl.load(code_ptr + (q >> 4).to(tl.int32)) * scale[:, None], x_ptr.dtype.element_ty, UPCAST)
-        w_odd = _round(tl.load(code_ptr + (q & 0xF).to(tl.int32)) * scale[:, None], x_ptr.dtype.element_ty, UPCAST)
+        if REGISTERS:
+            w_even, w_odd = _register_lookups(q, scale, codes, x_ptr.dtype.element_ty)
+        else:
+            w_even = _round(tl.load(code_ptr + (q >> 4).to(tl.int32)) * scale[:, None], x_ptr.dtype.element_ty,
+                            UPCAST)
+            w_odd = _round(tl.load(code_ptr + (q & 0xF).to(tl.int32)) * scale[:, None], x_ptr.dtype.element_ty,
+                           UPCAST)
         x_even = tl.load(x_rows + (k0 + 2 * half)[None, :], mask=row_ok[:, None], other=0.0)
         x_odd = tl.load(x_rows + (k0 + 2 * half + 1)[None, :], mask=row_ok[:, None], other=0.0)
         if UPCAST:
@@ -294,6 +395,8 @@ def nf4_matmul_triton(x: Tensor, w: NF4Weight, bias: Tensor | None = None, *, sp
         NESTED=nested, HAS_BIAS=bias is not None, SPLIT=splits > 1, IEEE=x.dtype == torch.float32,
         UPCAST=cfg.upcast, WEIGHTS_FIRST=cfg.weights_first, PREFETCH=cfg.prefetch, BLOCKSIZE=w.blocksize,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        # register tables: 16-bit x and the GPU's tiles (the interpreter cannot run PTX)
+        REGISTERS=cfg.registers and not cfg.upcast and x.dtype in (torch.bfloat16, torch.float16),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         # code2 * absmax2 + offset rounded twice, as bitsandbytes computes it: no fused multiply-add.
         enable_fp_fusion=False)

@@ -75,3 +75,23 @@ def test_every_gpu_launch_compiles_and_fits_the_shared_memory_of_each_card():
                   == nf4_matmul.block_n_for(nf4_matmul._GPU, launch["constexprs"]["BLOCK_M"])]
     assert configured and all(launch["stack"] == 0 for launch in configured), \
         [(launch["arch"], launch["constexprs"], launch["stack"]) for launch in configured if launch["stack"]]
+    # Register tables (bf16 and fp16, every card): of the gather path's loads a pass, exactly its
+    # two table lookups a weight byte are gone; no spills; and the operands packed as the
+    # assembly reads them: 4 weight bytes in one register, two 16-bit weights a result
+    # register, each plane's register repeated (pack=4).
+    tables = [launch for launch in nf4_launches if launch["constexprs"].get("REGISTERS")]
+    assert {(launch["arch"], launch["signature"]["x_ptr"]) for launch in tables} == \
+        {(arch, dtype) for arch in SHARED_PER_BLOCK for dtype in ("*bf16", "*fp16")}
+    assert all(launch["stack"] == 0 for launch in tables)
+    planes = ", ".join(f"i32 v{plane}, i32 v{plane}, i32 v{plane}, i32 v{plane}" for plane in range(1, 9))
+    lookup = f"{{ <2 x i16>, <2 x i16>, <2 x i16>, <2 x i16> }} <- <4 x i8> v0, {planes}"
+    table = "{ i32, i32, i32, i32, i32, i32, i32, i32 } <- " + ", ".join(f"float v{i}" for i in range(17))
+    assert all(launch["inline_asm"] == [lookup, table] for launch in tables), tables[0]["inline_asm"]
+    for launch in tables:
+        gather = next(other for other in nf4_launches if other["arch"] == launch["arch"]
+                      and other["signature"]["x_ptr"] == launch["signature"]["x_ptr"]
+                      and other["constexprs"] == {**launch["constexprs"], "REGISTERS": False})
+        c = launch["constexprs"]
+        bytes_a_thread = c["BLOCK_N"] * c["BLOCK_K"] // 2 // (32 * launch["options"]["num_warps"])
+        assert gather["loop"]["global_loads"] - launch["loop"]["global_loads"] == 2 * bytes_a_thread, \
+            (c, launch["loop"], gather["loop"])

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import bitsandbytes as bnb
+import numpy as np
 import pytest
 import torch
 import triton
@@ -180,27 +181,92 @@ def test_triton_variants(name, m, n, k, dtype, use_bias, splits):
     torch.testing.assert_close(got, nf4_linear_reference(x, w, bias), **TOL[dtype])
 
 
+def run_ptx(asm: str, operands: dict[int, int]) -> dict[str, int]:
+    """Executes, on 32-bit values, the PTX instructions the register-table blocks use (PTX ISA:
+    prmt's default mode, cvt.rn.{bf16x2,f16x2}.f32 putting its first source in the upper
+    half); `operands`: $N -> value. Returns every register after the block."""
+    f32 = lambda bits: np.array([bits], np.uint32).view(np.float32)  # noqa: E731
+    half_bits = {"bf16x2": lambda v: torch.from_numpy(v).to(torch.bfloat16).view(torch.int16).item() & 0xFFFF,
+                 "f16x2": lambda v: int(v.astype(np.float16).view(np.uint16)[0])}
+
+    def prmt(a: int, b: int, c: int) -> int:
+        source = [(a >> 8 * i) & 0xFF for i in range(4)] + [(b >> 8 * i) & 0xFF for i in range(4)]
+        out = 0
+        for i in range(4):
+            select = (c >> 4 * i) & 0xF
+            byte = source[select & 7]
+            out |= ((0xFF if byte & 0x80 else 0) if select & 8 else byte) << 8 * i
+        return out
+
+    ops = {"mov.b32": lambda a: a, "and.b32": lambda a, b: a & b, "or.b32": lambda a, b: a | b,
+           "xor.b32": lambda a, b: a ^ b, "shl.b32": lambda a, b: a << b, "shr.b32": lambda a, b: a >> b,
+           "prmt.b32": prmt, "mul.rn.f32": lambda a, b: int((f32(a) * f32(b)).view(np.uint32)[0])}
+    ops |= {f"cvt.rn.{kind}.f32": lambda a, b, bits=bits: bits(f32(a)) << 16 | bits(f32(b))
+            for kind, bits in half_bits.items()}
+    regs = {f"${n}": value for n, value in operands.items()}
+    for line in asm.splitlines():
+        if line in ("{", "}") or line.startswith(".reg"):
+            continue
+        op, _, rest = line.rstrip(";").partition(" ")
+        dest, *sources = rest.split(", ")
+        regs[dest] = ops[op](*(regs[t] if t in regs else int(t, 0) for t in sources)) & 0xFFFFFFFF
+    return regs
+
+
+@pytest.mark.parametrize("dtype, name", [(torch.bfloat16, "_BF16_TABLE_ASM"), (torch.float16, "_FP16_TABLE_ASM")])
+def test_register_table_assembly_picks_the_gather_paths_weights(dtype, name):
+    """The register-table PTX (_Config.registers; GPU only: the interpreter cannot run it),
+    executed instruction by instruction: for every byte and scales across the range, the even
+    and odd weights are round(code[nibble] * scale), bit for bit what the gather path makes,
+    in the registers Triton reads (4 bytes in $4, 16-bit pairs low element first: $0-$1 even,
+    $2-$3 odd; each table plane's first of 4 repeated registers)."""
+    code = nf4_weight(linear4bit(8, 64).weight).code
+    bits = lambda t: t.view(torch.int32).item() & 0xFFFFFFFF  # noqa: E731
+    g = torch.Generator().manual_seed(0)
+    scales = torch.cat([torch.tensor([1.0, 0.0, 1e-30, 3e4, -0.7]), torch.rand(4, generator=g) * 2])
+    for scale in scales:
+        table = run_ptx(getattr(kernel_module, name).value,
+                        {8: bits(scale)} | {9 + i: bits(c) for i, c in enumerate(code)})
+        planes = {5 + 4 * p: table[f"${p}"] for p in range(8)}  # the first of each plane's 4 registers
+        want = (code[:, None] * scale).to(dtype).view(torch.int16).int() & 0xFFFF  # [nibble] -> bits
+        for word in range(0, 256, 4):
+            packed = sum(((word + j) * 37 % 256) << 8 * j for j in range(4))  # all 256 bytes, shuffled
+            noise = {5 + 4 * p + r: (p * 7919 + r * 104729) & 0xFFFFFFFF for p in range(8) for r in range(1, 4)}
+            got = run_ptx(kernel_module._LOOKUP_ASM.value, {4: packed} | planes | noise)
+            byte = [(packed >> 8 * j) & 0xFF for j in range(4)]
+            even = [int(want[b >> 4]) for b in byte]
+            odd = [int(want[b & 0xF]) for b in byte]
+            assert [got[f"${i}"] for i in range(4)] == [even[0] | even[1] << 16, even[2] | even[3] << 16,
+                                                        odd[0] | odd[1] << 16, odd[2] | odd[3] << 16]
+
+
 def test_candidates_include_the_triton_variants(monkeypatch):
     """Without the CUDA C++ extension the decoder times bitsandbytes, the Triton kernel and each
     of its VARIANTS, each launching with its switches."""
     monkeypatch.setattr(dispatch, "native_extension", lambda: (None, "nvcc not found"))
     candidates = dispatch.route_candidates(torch.device("cuda"), torch.bfloat16)
-    assert list(candidates) == ["bnb", "triton", "triton weights-first", "triton no prefetch", "triton 128 columns"]
+    assert list(candidates) == ["bnb", "triton", "triton weights-first", "triton no prefetch", "triton 128 columns",
+                                "triton register table", "triton 128 columns register table"]
     assert candidates["bnb"] is None
     launched = []
 
     class Recorder:
         def __getitem__(self, grid):
             return lambda *args, **kwargs: launched.append(
-                (kwargs["BLOCK_N"], kwargs["WEIGHTS_FIRST"], kwargs["PREFETCH"]) if "PREFETCH" in kwargs else "sum")
+                (kwargs["BLOCK_N"], kwargs["WEIGHTS_FIRST"], kwargs["PREFETCH"], kwargs["REGISTERS"])
+                if "PREFETCH" in kwargs else "sum")
     monkeypatch.setattr(kernel_module, "_nf4_matmul_kernel", Recorder())
     monkeypatch.setattr(kernel_module, "_sum_splits_kernel", Recorder())
     monkeypatch.setattr(kernel_module, "_CPU", kernel_module._GPU)  # CPU tensors, the GPU tiles
     w = nf4_weight(linear4bit(21, 128).weight)
     for name in list(candidates)[1:]:
-        candidates[name](torch.zeros(3, 128), w, None)
-    assert [flags for flags in launched if flags != "sum"] == [(256, False, True), (256, True, True),
-                                                               (256, False, False), (128, False, True)]
+        candidates[name](torch.zeros(3, 128, dtype=torch.bfloat16), w, None)
+    assert [flags for flags in launched if flags != "sum"] == [
+        (256, False, True, False), (256, True, True, False), (256, False, False, False), (128, False, True, False),
+        (256, False, True, True), (128, False, True, True)]
+    launched.clear()
+    candidates["triton register table"](torch.zeros(3, 128), w, None)  # fp32 x: no 16-bit table
+    assert launched[0] == (256, False, True, False)
 
 
 @interpreted
@@ -507,5 +573,6 @@ def test_benchmark_script_runs_on_cpu():
     run = subprocess.run([sys.executable, str(script), "--smoke"], capture_output=True, text=True, env=env,
                          timeout=300)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
-    assert "CHECKS 8/8 ok" in run.stdout and "fastest over a layer, by M:" in run.stdout
+    checks = 2 * len(kernel_module.VARIANTS)  # two shapes a Triton variant on CPU
+    assert f"CHECKS {checks}/{checks} ok" in run.stdout and "fastest over a layer, by M:" in run.stdout
 
