@@ -49,7 +49,8 @@ instructions per weight byte, issuing 4 a clock on each of an H100's 132 SMs at 
 caps the kernel near 1.5 TB/s, half the card's bandwidth; the measured ~400 GB/s suggests
 most of the rest is waiting (barriers, one tile of loads in flight). Not timings: the decoder
 times both operand orders (`onelayer.nf4_dispatch.route_candidates`). (Counts from before the
-prefetch; with it, 556-580 instructions at 16 rows.)
+prefetch; with it, 556-580 instructions at 16 rows; with the lookups from a table in registers
+instead of memory, `_Config.registers`, 470-475, 14 barriers and no table loads.)
 """
 from __future__ import annotations
 
@@ -358,6 +359,15 @@ def block_n_for(cfg: _Config, block_m: int) -> int:
     return max(16, cfg.block_n * 16 // max(16, block_m))
 
 
+def _tables_fit(cfg: _Config, dtype: torch.dtype, block_n: int, block_k: int) -> bool:
+    """Whether a launch can take register tables: a 16-bit x, the GPU's tiles (the interpreter
+    cannot run PTX), and at least 4 weight bytes of a tile a thread, which Triton then holds
+    as consecutive bytes of one row, as _lookup_asm reads them (pack=4). With 2 (32 x 32
+    tiles: 64 rows, blocksize 32, 128 columns) it packs bytes of two rows into one register."""
+    return (dtype in (torch.bfloat16, torch.float16) and not cfg.upcast
+            and block_n * block_k // 2 >= 4 * 32 * cfg.num_warps)
+
+
 def nf4_matmul_triton(x: Tensor, w: NF4Weight, bias: Tensor | None = None, *, splits: int | None = None,
                       **config) -> Tensor:
     """x [M, K] @ W^T (+ bias) -> [M, N] in x's dtype, as `nf4_linear_reference`. CUDA tensors,
@@ -395,8 +405,7 @@ def nf4_matmul_triton(x: Tensor, w: NF4Weight, bias: Tensor | None = None, *, sp
         NESTED=nested, HAS_BIAS=bias is not None, SPLIT=splits > 1, IEEE=x.dtype == torch.float32,
         UPCAST=cfg.upcast, WEIGHTS_FIRST=cfg.weights_first, PREFETCH=cfg.prefetch, BLOCKSIZE=w.blocksize,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        # register tables: 16-bit x and the GPU's tiles (the interpreter cannot run PTX)
-        REGISTERS=cfg.registers and not cfg.upcast and x.dtype in (torch.bfloat16, torch.float16),
+        REGISTERS=cfg.registers and _tables_fit(cfg, x.dtype, block_n, block_k),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         # code2 * absmax2 + offset rounded twice, as bitsandbytes computes it: no fused multiply-add.
         enable_fp_fusion=False)

@@ -240,6 +240,19 @@ def test_register_table_assembly_picks_the_gather_paths_weights(dtype, name):
                                                         odd[0] | odd[1] << 16, odd[2] | odd[3] << 16]
 
 
+def test_register_tables_only_where_a_thread_holds_four_bytes_of_a_row():
+    """The register tables read 4 bytes of one row a register; where a thread holds fewer
+    bytes of a tile (32 x 32 at 64 rows, blocksize 32), Triton would pack two rows' bytes into
+    one, so those launches keep the gather path; so do fp32 and the interpreter."""
+    gpu = kernel_module._GPU._replace(registers=True)
+    fits = kernel_module._tables_fit
+    assert fits(gpu, torch.bfloat16, 256, 64) and fits(gpu, torch.float16, 32, 64)  # 32 and 4 bytes a thread
+    assert not fits(gpu, torch.bfloat16, 32, 32)                                   # 2 bytes a thread
+    assert fits(gpu._replace(num_warps=4), torch.bfloat16, 16, 64)
+    assert not fits(gpu, torch.float32, 256, 64)
+    assert not fits(kernel_module._CPU._replace(registers=True), torch.bfloat16, 256, 64)
+
+
 def test_candidates_include_the_triton_variants(monkeypatch):
     """Without the CUDA C++ extension the decoder times bitsandbytes, the Triton kernel and each
     of its VARIANTS, each launching with its switches."""
