@@ -1,9 +1,10 @@
 """Which NF4 matmul runs, and swapping it into the bitsandbytes Linear4bit modules of a model.
 
 Rollouts on CUDA (`nf4_kernels`, prefer "measure") time the candidates on the model's first NF4
-linears at 1, 2, 4, ..., 64 rows, once per process (`measure_routes`): bitsandbytes, the Triton
-kernel and its variants (kernels/nf4_matmul.py: VARIANTS), the CUDA C++ kernel and its
-tensor-core variant (bf16 / fp16, sm_80+). Each row count takes the fastest that matches the
+linears at 1, 2, 4, ..., 64 rows, once per process, as replays of a CUDA graph like the decode
+step's (`measure_routes`, `cuda_graph_clock`): bitsandbytes, the Triton kernel and its variants
+(kernels/nf4_matmul.py: VARIANTS), the CUDA C++ kernel and its tensor-core variant (bf16 /
+fp16, sm_80+). Each row count takes the fastest that matches the
 torch reference, the table's below unless another is over 10% faster. A card other than an
 H100 gets its own routes, and a kernel that computes wrong is never used. More than 64 rows
 (prefill): bitsandbytes. The table measured on an H100 (ROUTES) is what `nf4_linear`, prefer
@@ -143,6 +144,33 @@ MEASURED_MODULES = 14        # the first 14 NF4 linears: two blocks of a Llama-l
 Clock = Callable[[str, int, Callable[[], object]], float]  # (kernel, rows, one pass) -> seconds
 
 
+def captured(one_pass: Callable[[], object]) -> Callable[[], object] | None:
+    """`one_pass` as a CUDA graph's replay, or None where it cannot be captured. The pass runs
+    once first on a side stream, so that Triton's compiles and first allocations stay out of
+    the capture."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        one_pass()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            one_pass()
+    except Exception as exc:  # the caller times the pass eagerly
+        log.debug("NF4 matmul: no CUDA graph of a timed pass (%s: %s)", type(exc).__name__, exc)
+        return None
+    return graph.replay
+
+
+def cuda_graph_clock(name: str, rows: int, one_pass: Callable[[], object]) -> float:
+    """Seconds a pass as the decoder runs it: replays of a CUDA graph of the pass (its decode
+    step is one), so that the host's cost of a launch, which differs between the candidates
+    (Triton's launcher, a torch op, the extension's call) and is no part of a graph's replay,
+    does not decide between them; eager passes where the pass cannot be captured."""
+    return cuda_clock(name, rows, captured(one_pass) or one_pass)
+
+
 def cuda_clock(name: str, rows: int, one_pass: Callable[[], object], reps: int = 3) -> float:
     """Seconds a pass, by CUDA events over `reps` passes (after one unrecorded pass)."""
     one_pass()
@@ -201,7 +229,7 @@ class Measured(NamedTuple):
 
 
 def measure_routes(modules: list, candidates: dict[str, Matmul | None], *, dtype: torch.dtype,
-                   clock: Clock = cuda_clock) -> Measured:
+                   clock: Clock = cuda_graph_clock) -> Measured:
     """For each row count of BUCKETS, the fastest of `candidates` (name -> matmul, None:
     bitsandbytes' own forward) on `modules` (bitsandbytes Linear4bit) with inputs of `dtype`;
     the H100 table's kernel unless another is more than MARGIN times faster, so that timing

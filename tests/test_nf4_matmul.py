@@ -4,6 +4,8 @@ fallbacks, swapping the kernels into Linear4bit modules, and a compile check of 
 
 On a GPU the kernels are checked and timed by benchmarks/bench_nf4_matmul.py.
 """
+import contextlib
+import inspect
 import json
 import logging
 import os
@@ -436,6 +438,45 @@ def test_measured_routes_take_the_fastest_kernel_that_agrees(caplog):
     assert warnings == ["NF4 matmul: wrong is not used: at 1 rows, against the torch reference, relative error 1.0e-02",
                         "NF4 matmul: broken is not used: at 1 rows, against the torch reference, failed: "
                         "RuntimeError: nf4_matmul_mma: needs compute capability 8.0"]
+
+
+@pytest.mark.parametrize("capturable", [True, False])
+def test_routes_are_timed_as_graph_replays(monkeypatch, capturable):
+    """The decoder's routes are timed as its decode step runs them, replays of a CUDA graph: the
+    pass runs once on a side stream (compiles and first allocations), then is captured and its
+    replay timed; a pass that cannot be captured is timed eagerly. (Fakes of torch.cuda: CI
+    has no GPU; gpu_check.sh runs the real one.)"""
+    events = []
+
+    class Stream:
+        def wait_stream(self, other):
+            events.append("wait")
+
+    @contextlib.contextmanager
+    def on_stream(stream):
+        events.append("side stream")
+        yield
+        events.append("main stream")
+
+    class Graph:
+        def replay(self):
+            events.append("replay")
+
+    @contextlib.contextmanager
+    def capture(graph):
+        events.append("capture")
+        yield
+        if not capturable:
+            raise RuntimeError("operation not permitted when stream is capturing")
+
+    for name, fake in dict(Stream=Stream, stream=on_stream, current_stream=Stream, CUDAGraph=Graph,
+                           graph=capture).items():
+        monkeypatch.setattr(torch.cuda, name, fake)
+    monkeypatch.setattr(dispatch, "cuda_clock", lambda name, rows, one_pass: [one_pass() for _ in range(4)] and 7.0)
+    assert dispatch.cuda_graph_clock("triton", 8, lambda: events.append("pass")) == 7.0
+    assert events[:6] == ["wait", "side stream", "pass", "main stream", "wait", "capture"]
+    assert events[6:] == (["pass"] + ["replay"] * 4 if capturable else ["pass"] * 5)
+    assert inspect.signature(dispatch.measure_routes).parameters["clock"].default is dispatch.cuda_graph_clock
 
 
 def test_nf4_linear_on_cpu_is_bitsandbytes():
