@@ -166,6 +166,8 @@ def _lookup_asm() -> str:
 _BF16_TABLE_ASM = tl.constexpr(_table_asm("cvt.rn.bf16x2.f32"))
 _FP16_TABLE_ASM = tl.constexpr(_table_asm("cvt.rn.f16x2.f32"))
 _LOOKUP_ASM = tl.constexpr(_lookup_asm())
+_TABLE_OPERANDS = tl.constexpr(",".join(["=r"] * 8 + ["r"] * 17))   # 8 planes <- scale, code
+_LOOKUP_OPERANDS = tl.constexpr(",".join(["=r"] * 4 + ["r"] * 33))  # 4 pairs <- bytes, 8 planes x 4
 
 
 def supports(w: NF4Weight) -> str | None:
@@ -224,11 +226,11 @@ def _register_lookups(q, scale, c, dtype: tl.constexpr):
     # scale [BLOCK_N, 1]: each table made where its row's bytes are, not exchanged through
     # shared memory (14 barriers a pass instead of 18 at 256 columns, sm_90)
     planes = tl.inline_asm_elementwise(
-        _FP16_TABLE_ASM if dtype == tl.float16 else _BF16_TABLE_ASM, "=r,=r,=r,=r,=r,=r,=r,=r," + ",".join(["r"] * 17),
+        _FP16_TABLE_ASM if dtype == tl.float16 else _BF16_TABLE_ASM, _TABLE_OPERANDS,
         [scale[:, None], c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7], c[8], c[9], c[10], c[11], c[12], c[13],
          c[14], c[15]], dtype=(tl.int32,) * 8, is_pure=True, pack=1)
     even, odd = tl.inline_asm_elementwise(
-        _LOOKUP_ASM, "=r,=r,=r,=r," + ",".join(["r"] * 33),
+        _LOOKUP_ASM, _LOOKUP_OPERANDS,
         [q, planes[0], planes[1], planes[2], planes[3], planes[4], planes[5], planes[6], planes[7]],
         dtype=(tl.int16, tl.int16), is_pure=True, pack=4)
     return even.to(dtype, bitcast=True), odd.to(dtype, bitcast=True)

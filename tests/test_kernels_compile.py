@@ -70,10 +70,13 @@ def test_every_gpu_launch_compiles_and_fits_the_shared_memory_of_each_card():
     # the first read came 3-22 instructions after the load.)
     ahead = [launch for launch in wide if launch["constexprs"]["PREFETCH"]]
     assert all(launch["loop"]["load_lead"] >= 50 for launch in ahead), [(launch["arch"], launch["loop"]) for launch in ahead]
-    # The configuration's own tiles (no variant) keep the next pass's loads in registers without spilling.
+    # The configuration's own tiles (no variant) keep the next pass's loads in registers without
+    # spilling at decode's up to 16 rows; at 32-64 rows triton 3.6 (our floor, and the lent GPUs'
+    # version) spills 8 bytes on sm_80 / 86 where 3.9 spills none.
     configured = [launch for launch in ahead if not launch["constexprs"]["WEIGHTS_FIRST"] and launch["constexprs"]["BLOCK_N"]
                   == nf4_matmul.block_n_for(nf4_matmul._GPU, launch["constexprs"]["BLOCK_M"])]
-    assert configured and all(launch["stack"] == 0 for launch in configured), \
+    assert configured and all(launch["stack"] <= (0 if launch["constexprs"]["BLOCK_M"] == 16 else 8)
+                              for launch in configured), \
         [(launch["arch"], launch["constexprs"], launch["stack"]) for launch in configured if launch["stack"]]
     # Register tables (bf16 and fp16, every card): of the gather path's loads a pass, exactly its
     # two table lookups a weight byte are gone; no spills; and the operands packed as the
