@@ -109,7 +109,7 @@ def check_launches(launches: list[dict], archs) -> None:
     # two table lookups a weight byte are gone; no spills; and the operands packed as the
     # assembly reads them: 4 weight bytes in one register, two 16-bit weights a result
     # register, each plane's register repeated (pack=4).
-    tables = [launch for launch in nf4_launches if launch["constexprs"].get("REGISTERS")]
+    tables = [launch for launch in nf4_launches if launch["constexprs"]["REGISTERS"]]
     assert {(launch["arch"], launch["signature"]["x_ptr"]) for launch in tables} == \
         {(arch, dtype) for arch in archs for dtype in ("*bf16", "*fp16")}
     assert all(launch["stack"] == 0 for launch in tables)
