@@ -37,6 +37,7 @@ from collections.abc import Callable
 import torch
 
 from onelayer.kernels.nf4_matmul import VARIANTS
+from onelayer.nf4_dispatch import MMA_VARIANTS
 
 # Qwen3-8B: hidden 4096, 32 query heads and 8 key/value heads of 128, MLP 12288.
 SHAPES = {  # name: (K, N, how many of them a decoder layer has)
@@ -54,7 +55,7 @@ CHECKS = [  # (M, N, K, dtype, bias, nested, blocksize): tails of every tile, bo
     (1, 257, 512, torch.float32, True, True, 64), (8, 257, 512, torch.float32, False, False, 32),
     (4, 500, 1024, torch.bfloat16, True, True, 128),
 ]
-KERNELS = ("bnb", *VARIANTS, "cuda", "cuda mma")  # the NF4 matmuls compared
+KERNELS = ("bnb", *VARIANTS, "cuda", *MMA_VARIANTS)  # the NF4 matmuls compared
 SMOKE_CHECKS = [(1, 48, 128, torch.float32, True, True, 64), (3, 21, 128, torch.bfloat16, False, True, 64)]
 L2_FLUSH_BYTES = 256 * 2**20  # weight copies per timed pass: > 4x the L2 of an H100 / H200
 
@@ -98,11 +99,11 @@ def backends(device: str, native: bool) -> dict[str, Callable]:
             print(f"CUDA C++ kernel ready in {time.perf_counter() - t0:.1f} s (build or load)")
             out["cuda"] = lambda x, w, b: nf4_matmul_native(ext, x, w, b)
 
-            def mma(x, w, b):
+            def mma(x, w, b, **config):
                 if x.dtype == torch.float32 or x.shape[0] > MMA_MAX_ROWS:
                     raise NotApplicable
-                return nf4_matmul_native_mma(ext, x, w, b)
-            out["cuda mma"] = mma
+                return nf4_matmul_native_mma(ext, x, w, b, **config)
+            out |= {name: functools.partial(mma, **config) for name, config in MMA_VARIANTS.items()}
     return out
 
 

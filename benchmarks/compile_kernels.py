@@ -149,27 +149,49 @@ def resources(cubin: bytes) -> dict:
     return dict(registers=found.get("registers"), stack=found.get("stack"), loop=found.get("loop"))
 
 
-SASS_LINE = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*)(\S*)([^;]*)")
+SASS_LINE = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*)(\S*)([^;]*)")
 
 
 def loop_profile(sass: str) -> dict[str, int] | None:
     """What one pass of the kernel's largest innermost loop executes, a thread: instructions,
     block-wide barriers, global loads (and those of 8 or 16 bytes), shared-memory stores and loads,
-    tensor-core instructions. A loop is a backward branch and the instructions it jumps back
-    over; None for a kernel without one. Read from SASS: what the card runs, not a timing."""
-    code = [(int(m[1], 16), m[2], m[3], m[4]) for m in map(SASS_LINE.match, sass.splitlines()) if m]
-    loops = [(int(t[1], 16), at) for at, op, _, operands in code if op == "BRA"
+    tensor-core instructions, local-memory (spill) accesses. A loop is a backward branch and the
+    instructions it jumps back over; where branches inside it part ways, a pass is the longest
+    way through (ptxas copies code into each side of a branch on a uniform flag: only one side
+    runs). None for a kernel without a loop. Read from SASS: what the card runs, not a timing."""
+    code = [(int(m[1], 16), bool(m[2]), m[3], m[4], m[5]) for m in map(SASS_LINE.match, sass.splitlines()) if m]
+    loops = [(int(t[1], 16), at) for at, _, op, _, operands in code if op == "BRA"
              for t in [re.search(r"0x([0-9a-f]+)", operands)] if t and int(t[1], 16) < at]
     inner = [(lo, hi) for lo, hi in loops if not any(lo <= a < b <= hi and (a, b) != (lo, hi) for a, b in loops)]
     if not inner:
         return None
     lo, hi = max(inner, key=lambda span: span[1] - span[0])
-    body = [(op, suffix, operands) for at, op, suffix, operands in code if lo <= at <= hi]
-    count = lambda *ops: sum(op.startswith(ops) for op, _, _ in body)  # noqa: E731
-    return dict(instructions=len(body), barriers=count("BAR"), global_loads=count("LDG"),
-                vector_loads=sum(op == "LDG" and (".64" in suffix or ".128" in suffix) for op, suffix, _ in body),
+    loop = [line for line in code if lo <= line[0] <= hi]
+    body = [(op, suffix, operands) for _, _, op, suffix, operands in loop]
+    path = [body[i] for i in longest_pass(loop)]
+    count = lambda *ops: sum(op.startswith(ops) for op, _, _ in path)  # noqa: E731
+    return dict(instructions=len(path), barriers=count("BAR"), global_loads=count("LDG"),
+                vector_loads=sum(op == "LDG" and (".64" in suffix or ".128" in suffix) for op, suffix, _ in path),
                 shared=count("STS", "LDS", "STSM", "LDSM"), mma=count("HMMA", "HGMMA", "IMMA"),
-                load_lead=load_lead(body))
+                local=count("LDL", "STL"), load_lead=load_lead(body))
+
+
+def longest_pass(loop: list[tuple]) -> list[int]:
+    """The indices into `loop` (address, predicated, op, suffix, operands; its last line the
+    backward branch) of the longest way from its first instruction to its last, along forward
+    branches inside it: taken or not when predicated, taken when not."""
+    index = {at: i for i, (at, *_) in enumerate(loop)}
+    best: list[list[int] | None] = [None] * len(loop)  # the longest way from i to the end
+    best[-1] = [len(loop) - 1]
+    for i in range(len(loop) - 2, -1, -1):
+        _, predicated, op, _, operands = loop[i]
+        target = re.search(r"0x([0-9a-f]+)", operands) if op == "BRA" else None
+        nexts = [i + 1] if op != "BRA" or predicated or not target else []
+        if target and index.get(int(target[1], 16), -1) > i:
+            nexts.append(index[int(target[1], 16)])
+        ways = [best[j] for j in nexts if best[j] is not None]  # None: a way out of the loop
+        best[i] = [i] + max(ways, key=len) if ways else None
+    return best[0] or list(range(len(loop)))
 
 
 def load_lead(body: list[tuple[str, str, str]]) -> int | None:
@@ -257,7 +279,8 @@ def inline_asm_calls(llir: str) -> list[str]:
 
 
 CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc", "nf4_matmul.cu")
-TEMPLATE_PARAMS = {"nf4_matmul_kernel": ("MT", "NC", "THREADS"), "nf4_mma_kernel": ("NT", "MB", "WARPS")}
+TEMPLATE_PARAMS = {"nf4_matmul_kernel": ("MT", "NC", "THREADS"),
+                   "nf4_mma_kernel": ("NT", "MB", "WARPS", "REGISTERS")}
 CUDA_TYPES = {"13__nv_bfloat16": "bf16", "6__half": "fp16", "f": "fp32"}
 
 
@@ -275,9 +298,9 @@ def csrc_kernels(archs: list[int], nvcc: str) -> list[dict]:
                 records.append(dict(kernel="csrc/nf4_matmul.cu", arch=arch, error=run.stderr[-500:]))
                 continue
             for mangled, found in function_resources(cubin).items():
-                name = re.search(rf"({'|'.join(TEMPLATE_PARAMS)})I(\d*\w+?)((?:Li\d+E)+)EEv", mangled)
+                name = re.search(rf"({'|'.join(TEMPLATE_PARAMS)})I(\d*\w+?)((?:L[ib]\d+E)+)EEv", mangled)
                 params = TEMPLATE_PARAMS.get(name[1], ()) if name else ()
-                values = re.findall(r"Li(\d+)E", name[3]) if name else []
+                values = re.findall(r"L[ib](\d+)E", name[3]) if name else []
                 launch = ", ".join([CUDA_TYPES.get(name[2], name[2]) if name else mangled,
                                     *(f"{p} {v}" for p, v in zip(params, values))])
                 records.append(dict(kernel=name[1] if name else mangled, arch=arch, launch=launch, **found))

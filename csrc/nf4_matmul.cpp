@@ -16,6 +16,10 @@ extern "C" cudaError_t onelayer_nf4_matmul_mma(int dtype, const void* x, int64_t
                                                const void* absmax, const float* absmax2, const float* code2,
                                                const float* offset, const float* code, const void* bias, void* out,
                                                int M, int N, int K, int blocksize, cudaStream_t stream);
+extern "C" cudaError_t onelayer_nf4_matmul_mma_registers(
+    int dtype, const void* x, int64_t stride_xm, const uint8_t* packed, const void* absmax, const float* absmax2,
+    const float* code2, const float* offset, const float* code, const void* bias, void* out, int M, int N, int K,
+    int blocksize, cudaStream_t stream);
 
 namespace {
 
@@ -36,8 +40,9 @@ at::Tensor run(Entry entry, const at::Tensor& x, const at::Tensor& packed, const
                const std::optional<at::Tensor>& bias, int64_t n, int64_t blocksize) {
   TORCH_CHECK(x.is_cuda() && x.dim() == 2, "nf4_matmul: x must be a 2-D CUDA tensor");
   const int64_t m = x.size(0), k = x.size(1);
-  TORCH_CHECK(blocksize >= 32 && k % blocksize == 0 && k % 32 == 0,
-              "nf4_matmul: K = ", k, " must be a multiple of 32 and of the blocksize ", blocksize, " (>= 32)");
+  TORCH_CHECK(blocksize >= 32 && (blocksize & (blocksize - 1)) == 0,
+              "nf4_matmul: the blocksize ", blocksize, " must be a power of two >= 32");
+  TORCH_CHECK(k % blocksize == 0, "nf4_matmul: K = ", k, " must be a multiple of the blocksize ", blocksize);
   TORCH_CHECK(packed.device() == x.device() && packed.scalar_type() == at::kByte && packed.is_contiguous()
                   && packed.numel() == n * k / 2 && aligned16(packed),
               "nf4_matmul: packed must be n * K / 2 contiguous, 16-byte aligned uint8 on x's device");
@@ -104,17 +109,19 @@ int capability_major(int device) {
   return known[device];
 }
 
-// The tensor-core kernel: bf16 / fp16 x of 1..64 rows on a device of compute capability >= 8.0.
+// The tensor-core kernel: bf16 / fp16 x of 1..64 rows on a device of compute capability >= 8.0;
+// `registers`: its variant that looks weights up from a table in registers.
 at::Tensor nf4_matmul_mma(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
                           const std::optional<at::Tensor>& absmax2, const std::optional<at::Tensor>& code2,
                           const std::optional<at::Tensor>& offset, const at::Tensor& code,
-                          const std::optional<at::Tensor>& bias, int64_t n, int64_t blocksize) {
+                          const std::optional<at::Tensor>& bias, int64_t n, int64_t blocksize, bool registers) {
   TORCH_CHECK(x.is_cuda() && x.dim() == 2 && x.size(0) <= 64
                   && (x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf),
               "nf4_matmul_mma: x must be bf16 or fp16 [M, K] on CUDA with M <= 64");
   TORCH_CHECK(capability_major(x.device().index()) >= 8,
               "nf4_matmul_mma: needs compute capability 8.0 or more (mma.sync with bf16)");
-  return run(onelayer_nf4_matmul_mma, x, packed, absmax, absmax2, code2, offset, code, bias, n, blocksize);
+  return run(registers ? onelayer_nf4_matmul_mma_registers : onelayer_nf4_matmul_mma, x, packed, absmax, absmax2,
+             code2, offset, code, bias, n, blocksize);
 }
 
 }  // namespace
@@ -127,5 +134,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("nf4_matmul_mma", &nf4_matmul_mma, "the same by tensor cores: bf16 / fp16, M <= 64, sm_80+",
           pybind11::arg("x"), pybind11::arg("packed"), pybind11::arg("absmax"), pybind11::arg("absmax2"),
           pybind11::arg("code2"), pybind11::arg("offset"), pybind11::arg("code"), pybind11::arg("bias"),
-          pybind11::arg("n"), pybind11::arg("blocksize"));
+          pybind11::arg("n"), pybind11::arg("blocksize"), pybind11::arg("registers") = false);
 }

@@ -12,8 +12,8 @@
 // A block of THREADS threads owns NC adjacent output columns (NC weight rows of K/2 bytes
 // each) and the MT rows of x of its row tile. Thread t reads, from each of its NC weight rows,
 // 16 bytes = 32 weights at k = 32 (t + THREADS i): contiguous rows, every weight byte read
-// once per launch. 32 consecutive weights lie in one quantisation block (blocksize >= 32,
-// K % blocksize == 0), so the double-quantised absmax is undone once per 32 weights. The
+// once per launch. 32 consecutive weights lie in one quantisation block (blocksize a power of
+// two >= 32, K % blocksize == 0), so the double-quantised absmax is undone once per 32 weights. The
 // 32 x NC weights are kept rounded to x's dtype in packed pairs; then for each row of x the
 // thread loads the same 32 columns of x (x is small: L1/L2) and accumulates NC fp32 sums:
 // each x load serves NC weight rows. Splitting K over the block (not one warp a column)
@@ -25,12 +25,15 @@
 // (NC, threads) in {(4, 128), (4, 64), (8, 128), (2, 128), (8, 64)} at M = 2..4 (229 us at
 // M = 4 against bitsandbytes' 273); FMA on CUDA cores loses to the tensor cores of the Triton
 // kernel from M = 8 (406 vs 271 us) and to bitsandbytes' GEMV at M = 1 (158 vs 114 us).
+// (Timed before the blocksize division became a shift: 2-13% fewer instructions a pass.)
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <stdint.h>
 
 #include <type_traits>
+
+#include "nf4_lookup.cuh"
 
 namespace {
 
@@ -115,6 +118,7 @@ nf4_matmul_kernel(const T* __restrict__ x, int64_t stride_xm, const uint8_t* __r
   const bool nested = sc.absmax2 != nullptr;
   const float offset = nested ? __ldg(sc.offset) : 0.f;
   const int blocks_per_row = K / blocksize;
+  const int block_shift = __ffs(blocksize) - 1;  // a power of two (the binding checks): no division
 
   float acc[NC][MT];
 #pragma unroll
@@ -129,7 +133,7 @@ nf4_matmul_kernel(const T* __restrict__ x, int64_t stride_xm, const uint8_t* __r
       if (c < cols) {
         const int64_t n = n0 + c;
         const uint4 q = __ldg(reinterpret_cast<const uint4*>(packed + n * (K / 2) + k / 2));
-        const int64_t blk = n * blocks_per_row + k / blocksize;
+        const int64_t blk = n * blocks_per_row + (k >> block_shift);
         // Rounded after the product and after the sum, as bitsandbytes computes it (no FMA).
         const float scale = nested
             ? __fadd_rn(__fmul_rn(__ldg(sc.code2 + __ldg(static_cast<const uint8_t*>(sc.absmax) + blk)),
@@ -183,25 +187,36 @@ nf4_matmul_kernel(const T* __restrict__ x, int64_t stride_xm, const uint8_t* __r
   }
 }
 
+// What a launch needs besides the kernel and its tile: the C entry points' arguments.
+struct Launch {
+  const void* x;
+  int64_t stride_xm;
+  const uint8_t* packed;
+  Scales sc;
+  const float* code;
+  const void* bias;
+  void* out;
+  int M, N, K, blocksize;
+  cudaStream_t stream;
+};
+
 template <typename T, int MT, int NC, int THREADS>
-cudaError_t launch_tile(const void* x, int64_t stride_xm, const uint8_t* packed, Scales sc, const float* code,
-                        const void* bias, void* out, int M, int N, int K, int blocksize, cudaStream_t stream) {
-  dim3 grid((N + NC - 1) / NC, (M + MT - 1) / MT);
-  nf4_matmul_kernel<T, MT, NC, THREADS><<<grid, THREADS, 0, stream>>>(
-      static_cast<const T*>(x), stride_xm, packed, sc, code, static_cast<const T*>(bias), static_cast<T*>(out),
-      M, N, K, blocksize);
+cudaError_t launch_tile(const Launch& a) {
+  dim3 grid((a.N + NC - 1) / NC, (a.M + MT - 1) / MT);
+  nf4_matmul_kernel<T, MT, NC, THREADS><<<grid, THREADS, 0, a.stream>>>(
+      static_cast<const T*>(a.x), a.stride_xm, a.packed, a.sc, a.code, static_cast<const T*>(a.bias),
+      static_cast<T*>(a.out), a.M, a.N, a.K, a.blocksize);
   return cudaGetLastError();
 }
 
 template <typename T>
-cudaError_t launch(const void* x, int64_t stride_xm, const uint8_t* packed, Scales sc, const float* code,
-                   const void* bias, void* out, int M, int N, int K, int blocksize, cudaStream_t stream) {
+cudaError_t launch(const Launch& a) {
   // The smallest row tile that holds M (one pass over W), up to 8 rows a pass.
   constexpr int NC = Io<T>::kCols, TH = Io<T>::kThreads;
-  if (M <= 1) return launch_tile<T, 1, NC, TH>(x, stride_xm, packed, sc, code, bias, out, M, N, K, blocksize, stream);
-  if (M <= 2) return launch_tile<T, 2, NC, TH>(x, stride_xm, packed, sc, code, bias, out, M, N, K, blocksize, stream);
-  if (M <= 4) return launch_tile<T, 4, NC, TH>(x, stride_xm, packed, sc, code, bias, out, M, N, K, blocksize, stream);
-  return launch_tile<T, 8, NC, TH>(x, stride_xm, packed, sc, code, bias, out, M, N, K, blocksize, stream);
+  if (a.M <= 1) return launch_tile<T, 1, NC, TH>(a);
+  if (a.M <= 2) return launch_tile<T, 2, NC, TH>(a);
+  if (a.M <= 4) return launch_tile<T, 4, NC, TH>(a);
+  return launch_tile<T, 8, NC, TH>(a);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -223,16 +238,17 @@ cudaError_t launch(const void* x, int64_t stride_xm, const uint8_t* packed, Scal
 // 32 rows a warp issues the next chunk's loads (ChunkLoads) before this chunk's lookups and
 // MMAs, so that DRAM latency overlaps them.
 //
+// REGISTERS (up to 16 rows): each row's 16 possible weights of the chunk are made once and
+// held in registers, and the weights picked from them by byte permutes (csrc/nf4_lookup.cuh):
+// no shared-memory loads, half the conversions, and, a weight byte, 7-21% fewer instructions
+// on sm_90 and from 1% more to 13% fewer on sm_80-89 than the shared table (nvcc 13.0 and
+// 13.5; benchmarks/RESULTS.md), for more registers (64-101 a thread against 51-64) and one
+// tile a warp (two spill at 16 rows).
+//
 // Not yet run on a GPU. Rollouts use it only at the row counts where, timed on the card at
 // start, it matches the torch reference and is the fastest (onelayer/nf4_dispatch.py,
-// measure_routes); benchmarks/bench_nf4_matmul.py checks and times it as "cuda mma".
-
-// Two 16-bit values of T packed in a register, the first in the low half (as mma.sync reads).
-template <typename T>
-__device__ uint32_t pack_pair(float lo, float hi) {
-  const typename Io<T>::Pair v = Io<T>::pack(lo, hi);
-  return *reinterpret_cast<const uint32_t*>(&v);
-}
+// measure_routes); benchmarks/bench_nf4_matmul.py checks and times it as "cuda mma" and
+// "cuda mma register table".
 
 // d += a b: mma.sync m16n8k16 with T (bf16 or fp16) operands and fp32 accumulators.
 #define ONELAYER_MMA_16816(TYPE)                                                                      \
@@ -267,7 +283,7 @@ struct ChunkLoads {
 
 template <int NT>
 __device__ __forceinline__ void load_chunk(ChunkLoads<NT>& c, const uint8_t* __restrict__ packed, const Scales& sc,
-                                           int n0, int N, int K, int k, int g, int blocks_per_row, int blocksize) {
+                                           int n0, int N, int K, int k, int g, int blocks_per_row, int block_shift) {
   const int64_t row_bytes = K / 2;
 #pragma unroll
   for (int nt = 0; nt < NT; ++nt)
@@ -279,7 +295,7 @@ __device__ __forceinline__ void load_chunk(ChunkLoads<NT>& c, const uint8_t* __r
       c.second[nt][h] = 0.f;
       if (n < N && k < K) {  // past K (K % 128 != 0) the columns count as zeros
         q = __ldg(reinterpret_cast<const uint4*>(packed + n * row_bytes + k / 2));
-        const int64_t blk = n * blocks_per_row + k / blocksize;
+        const int64_t blk = n * blocks_per_row + (k >> block_shift);
         if (sc.absmax2 == nullptr) {
           c.second[nt][h] = __ldg(static_cast<const float*>(sc.absmax) + blk);
         } else {
@@ -299,21 +315,24 @@ __device__ __forceinline__ float chunk_scale(const Scales& sc, float offset, int
   return __fadd_rn(__fmul_rn(__ldg(sc.code2 + code), second), offset);
 }
 
-template <typename T, int NT, int MB, int WARPS>
+template <typename T, int NT, int MB, int WARPS, bool REGISTERS>
 __global__ void __launch_bounds__(WARPS * 32)
 nf4_mma_kernel(const T* __restrict__ x, int64_t stride_xm, const uint8_t* __restrict__ packed, Scales sc,
                const float* __restrict__ code, const T* __restrict__ bias, T* __restrict__ out,
                int M, int N, int K, int blocksize) {
   __shared__ float table[16];
   __shared__ float partial[WARPS][NT * MB * 4][32];  // each warp's accumulators, lane-minor
-  if (threadIdx.x < 16) table[threadIdx.x] = code[threadIdx.x];
-  __syncthreads();
+  if constexpr (!REGISTERS) {  // REGISTERS makes each row's table from onelayer::nf4_code
+    if (threadIdx.x < 16) table[threadIdx.x] = code[threadIdx.x];
+    __syncthreads();
+  }
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;
   const int n0 = blockIdx.x * 16 * NT;
   const float offset = sc.absmax2 != nullptr ? __ldg(sc.offset) : 0.f;
   const int blocks_per_row = K / blocksize;
+  const int block_shift = __ffs(blocksize) - 1;  // a power of two (the binding checks): no division
 
   float acc[NT][MB][4];
 #pragma unroll
@@ -327,22 +346,24 @@ nf4_mma_kernel(const T* __restrict__ x, int64_t stride_xm, const uint8_t* __rest
   // (33-64 rows), where holding two chunks' loads spills registers (benchmarks/compile_kernels.py).
   constexpr bool kAhead = MB <= 4;
   ChunkLoads<NT> chunk;  // this lane's 32 columns k = kc + 32 t .. + 31 of the chunk kc
-  if (kAhead) load_chunk(chunk, packed, sc, n0, N, K, warp * kChunk + 32 * t, g, blocks_per_row, blocksize);
+  if (kAhead) load_chunk(chunk, packed, sc, n0, N, K, warp * kChunk + 32 * t, g, blocks_per_row, block_shift);
   for (int kc = warp * kChunk; kc < K; kc += WARPS * kChunk) {
     const int k = kc + 32 * t;
     const bool k_ok = k < K;
-    if (!kAhead) load_chunk(chunk, packed, sc, n0, N, K, k, g, blocks_per_row, blocksize);
+    if (!kAhead) load_chunk(chunk, packed, sc, n0, N, K, k, g, blocks_per_row, block_shift);
     uint32_t w[NT][2][4];
     float scale[NT][2];
+    onelayer::Table tables[REGISTERS ? NT : 1][2];
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         scale[nt][h] = chunk_scale(sc, offset, chunk.code[nt][h], chunk.second[nt][h]);
+        if constexpr (REGISTERS) tables[nt][h] = onelayer::make_table<T>(scale[nt][h]);
 #pragma unroll
         for (int i = 0; i < 4; ++i) w[nt][h][i] = chunk.w[nt][h][i];
       }
-    if (kAhead) load_chunk(chunk, packed, sc, n0, N, K, k + WARPS * kChunk, g, blocks_per_row, blocksize);
+    if (kAhead) load_chunk(chunk, packed, sc, n0, N, K, k + WARPS * kChunk, g, blocks_per_row, block_shift);
 #pragma unroll
     for (int s = 0; s < 8; ++s) {
       uint2 b[MB];  // x[g + 8 mb, k + 4s .. k + 4s + 3]: b0 and b1 of step s
@@ -354,12 +375,21 @@ nf4_mma_kernel(const T* __restrict__ x, int64_t stride_xm, const uint8_t* __rest
       }
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
-        uint32_t a[4];
+        uint32_t a[4];  // a0: row g, byte 2s; a1: row g + 8, byte 2s; a2, a3: byte 2s + 1
+        if constexpr (REGISTERS) {
 #pragma unroll
-        for (int r = 0; r < 4; ++r) {  // a0: row g, byte 2s; a1: row g + 8, byte 2s; a2, a3: byte 2s + 1
-          const int h = r & 1, byte = 2 * s + (r >> 1);
-          const uint32_t v = (w[nt][h][byte / 4] >> (8 * (byte % 4))) & 0xFF;
-          a[r] = pack_pair<T>(table[v >> 4] * scale[nt][h], table[v & 15] * scale[nt][h]);
+          for (int h = 0; h < 2; ++h) {
+            const uint2 pairs = onelayer::lookup_pairs(tables[nt][h], w[nt][h][s / 2], s % 2);
+            a[h] = pairs.x;
+            a[2 + h] = pairs.y;
+          }
+        } else {
+#pragma unroll
+          for (int r = 0; r < 4; ++r) {
+            const int h = r & 1, byte = 2 * s + (r >> 1);
+            const uint32_t v = (w[nt][h][byte / 4] >> (8 * (byte % 4))) & 0xFF;
+            a[r] = onelayer::pack_rounded<T>(table[v >> 4] * scale[nt][h], table[v & 15] * scale[nt][h]);
+          }
         }
 #pragma unroll
         for (int mb = 0; mb < MB; ++mb) mma_16816<T>(acc[nt][mb], a, b[mb].x, b[mb].y);
@@ -387,54 +417,68 @@ nf4_mma_kernel(const T* __restrict__ x, int64_t stride_xm, const uint8_t* __rest
   }
 }
 
-template <typename T, int NT, int MB, int WARPS>
-cudaError_t launch_mma_tile(const void* x, int64_t stride_xm, const uint8_t* packed, Scales sc, const float* code,
-                            const void* bias, void* out, int M, int N, int K, int blocksize, cudaStream_t stream) {
-  const dim3 grid((N + 16 * NT - 1) / (16 * NT));
-  nf4_mma_kernel<T, NT, MB, WARPS><<<grid, WARPS * 32, 0, stream>>>(
-      static_cast<const T*>(x), stride_xm, packed, sc, code, static_cast<const T*>(bias), static_cast<T*>(out),
-      M, N, K, blocksize);
+template <typename T, int NT, int MB, int WARPS, bool REGISTERS>
+cudaError_t launch_mma_tile(const Launch& a) {
+  const dim3 grid((a.N + 16 * NT - 1) / (16 * NT));
+  nf4_mma_kernel<T, NT, MB, WARPS, REGISTERS><<<grid, WARPS * 32, 0, a.stream>>>(
+      static_cast<const T*>(a.x), a.stride_xm, a.packed, a.sc, a.code, static_cast<const T*>(a.bias),
+      static_cast<T*>(a.out), a.M, a.N, a.K, a.blocksize);
   return cudaGetLastError();
 }
 
-template <typename T, int MB>
-cudaError_t launch_mma_rows(const void* x, int64_t stride_xm, const uint8_t* packed, Scales sc, const float* code,
-                            const void* bias, void* out, int M, int N, int K, int blocksize, cudaStream_t stream) {
+template <typename T, int MB, bool REGISTERS>
+cudaError_t launch_mma_rows(const Launch& a) {
   // Up to 16 rows, two tiles a warp halve the reads of x per weight byte, and narrow weights
   // (the k / v projections) take one tile and more warps splitting K, so that ~1,000 warps
   // stream the weight; more rows: one tile and 8 warps (the block's sums fit shared memory).
-  if constexpr (MB <= 2) {
-    if (N >= 4096)
-      return launch_mma_tile<T, 2, MB, 8>(x, stride_xm, packed, sc, code, bias, out, M, N, K, blocksize, stream);
-    return launch_mma_tile<T, 1, MB, 16>(x, stride_xm, packed, sc, code, bias, out, M, N, K, blocksize, stream);
+  // Tables in registers: one tile a warp (two spill at 16 rows on sm_90).
+  if constexpr (REGISTERS) {
+    static_assert(MB <= 2, "tables in registers up to 16 rows");
+    return launch_mma_tile<T, 1, MB, 16, true>(a);
+  } else if constexpr (MB <= 2) {
+    if (a.N >= 4096) return launch_mma_tile<T, 2, MB, 8, false>(a);
+    return launch_mma_tile<T, 1, MB, 16, false>(a);
   } else {
-    return launch_mma_tile<T, 1, MB, 8>(x, stride_xm, packed, sc, code, bias, out, M, N, K, blocksize, stream);
+    return launch_mma_tile<T, 1, MB, 8, false>(a);
   }
 }
 
-template <typename T>
-cudaError_t launch_mma(const void* x, int64_t stride_xm, const uint8_t* packed, Scales sc, const float* code,
-                       const void* bias, void* out, int M, int N, int K, int blocksize, cudaStream_t stream) {
-  if (M <= 8) return launch_mma_rows<T, 1>(x, stride_xm, packed, sc, code, bias, out, M, N, K, blocksize, stream);
-  if (M <= 16) return launch_mma_rows<T, 2>(x, stride_xm, packed, sc, code, bias, out, M, N, K, blocksize, stream);
-  if (M <= 32) return launch_mma_rows<T, 4>(x, stride_xm, packed, sc, code, bias, out, M, N, K, blocksize, stream);
-  return launch_mma_rows<T, 8>(x, stride_xm, packed, sc, code, bias, out, M, N, K, blocksize, stream);
+// From 17 rows the tables in registers cost more instructions than they save (more rows a
+// weight byte amortise its lookup), and at 33-64 they spill: those rows take the shared table.
+template <typename T, bool REGISTERS>
+cudaError_t launch_mma(const Launch& a) {
+  if (a.M <= 8) return launch_mma_rows<T, 1, REGISTERS>(a);
+  if (a.M <= 16) return launch_mma_rows<T, 2, REGISTERS>(a);
+  if (a.M <= 32) return launch_mma_rows<T, 4, false>(a);
+  return launch_mma_rows<T, 8, false>(a);
+}
+
+// The tensor-core kernel's C entry points, with or without REGISTERS.
+template <bool REGISTERS>
+cudaError_t mma_entry(int dtype, const Launch& a) {
+  if (a.M < 1 || a.M > 64) return cudaErrorInvalidValue;
+  switch (dtype) {
+    case 1: return launch_mma<__half, REGISTERS>(a);
+    case 2: return launch_mma<__nv_bfloat16, REGISTERS>(a);
+    default: return cudaErrorInvalidValue;
+  }
 }
 
 }  // namespace
 
 // dtype: 0 fp32, 1 fp16, 2 bf16. Pointers are device pointers; x rows and `packed` must be
-// 16-byte aligned, K % 32 == 0, K % blocksize == 0, blocksize >= 32 (the binding checks).
-// absmax2 == nullptr selects plain fp32 absmax. bias may be nullptr. out is [M, N] contiguous.
+// 16-byte aligned, K % 32 == 0, K % blocksize == 0, blocksize a power of two >= 32 (the
+// binding checks). absmax2 == nullptr selects plain fp32 absmax. bias may be nullptr. out is
+// [M, N] contiguous.
 extern "C" cudaError_t onelayer_nf4_matmul(int dtype, const void* x, int64_t stride_xm, const uint8_t* packed,
                                            const void* absmax, const float* absmax2, const float* code2,
                                            const float* offset, const float* code, const void* bias, void* out,
                                            int M, int N, int K, int blocksize, cudaStream_t stream) {
-  const Scales sc{absmax, absmax2, code2, offset};
+  const Launch a{x, stride_xm, packed, {absmax, absmax2, code2, offset}, code, bias, out, M, N, K, blocksize, stream};
   switch (dtype) {
-    case 0: return launch<float>(x, stride_xm, packed, sc, code, bias, out, M, N, K, blocksize, stream);
-    case 1: return launch<__half>(x, stride_xm, packed, sc, code, bias, out, M, N, K, blocksize, stream);
-    case 2: return launch<__nv_bfloat16>(x, stride_xm, packed, sc, code, bias, out, M, N, K, blocksize, stream);
+    case 0: return launch<float>(a);
+    case 1: return launch<__half>(a);
+    case 2: return launch<__nv_bfloat16>(a);
     default: return cudaErrorInvalidValue;
   }
 }
@@ -445,11 +489,15 @@ extern "C" cudaError_t onelayer_nf4_matmul_mma(int dtype, const void* x, int64_t
                                                const void* absmax, const float* absmax2, const float* code2,
                                                const float* offset, const float* code, const void* bias, void* out,
                                                int M, int N, int K, int blocksize, cudaStream_t stream) {
-  const Scales sc{absmax, absmax2, code2, offset};
-  if (M < 1 || M > 64) return cudaErrorInvalidValue;
-  switch (dtype) {
-    case 1: return launch_mma<__half>(x, stride_xm, packed, sc, code, bias, out, M, N, K, blocksize, stream);
-    case 2: return launch_mma<__nv_bfloat16>(x, stride_xm, packed, sc, code, bias, out, M, N, K, blocksize, stream);
-    default: return cudaErrorInvalidValue;
-  }
+  return mma_entry<false>(dtype, {x, stride_xm, packed, {absmax, absmax2, code2, offset}, code, bias, out, M, N, K,
+                                  blocksize, stream});
+}
+
+// The same with each row's weights looked up from a table in registers (REGISTERS).
+extern "C" cudaError_t onelayer_nf4_matmul_mma_registers(
+    int dtype, const void* x, int64_t stride_xm, const uint8_t* packed, const void* absmax, const float* absmax2,
+    const float* code2, const float* offset, const float* code, const void* bias, void* out, int M, int N, int K,
+    int blocksize, cudaStream_t stream) {
+  return mma_entry<true>(dtype, {x, stride_xm, packed, {absmax, absmax2, code2, offset}, code, bias, out, M, N, K,
+                                 blocksize, stream});
 }

@@ -3,8 +3,8 @@
 Rollouts on CUDA (`nf4_kernels`, prefer "measure") time the candidates on the model's first NF4
 linears at 1, 2, 4, ..., 64 rows, once per process, as replays of a CUDA graph like the decode
 step's (`measure_routes`, `cuda_graph_clock`): bitsandbytes, the Triton kernel and its variants
-(kernels/nf4_matmul.py: VARIANTS), the CUDA C++ kernel and its tensor-core variant (bf16 /
-fp16, sm_80+). Each row count takes the fastest that matches the torch reference, the table's
+(kernels/nf4_matmul.py: VARIANTS), the CUDA C++ kernel and its tensor-core variants (bf16 /
+fp16, sm_80+: MMA_VARIANTS). Each row count takes the fastest that matches the torch reference, the table's
 below unless another is over 10% faster. A card other than an H100 gets its own routes, and a
 kernel that computes wrong is never used. More than 64 rows (prefill): bitsandbytes. The table
 measured on an H100 (ROUTES) is what `nf4_linear`, prefer "auto" and ONELAYER_NF4_ROUTES=table
@@ -97,12 +97,18 @@ def nf4_matmul_native(ext: ModuleType, x: Tensor, w: NF4Weight, bias: Tensor | N
 MMA_MAX_ROWS = 64  # rows the tensor-core kernel takes
 
 
-def nf4_matmul_native_mma(ext: ModuleType, x: Tensor, w: NF4Weight, bias: Tensor | None = None) -> Tensor:
+def nf4_matmul_native_mma(ext: ModuleType, x: Tensor, w: NF4Weight, bias: Tensor | None = None, *,
+                          registers: bool = False) -> Tensor:
     """The same by the CUDA C++ tensor-core kernel: bf16 / fp16 x of 1..MMA_MAX_ROWS rows, compute
-    capability 8.0 or more. Only measured routes take it (`measure_routes`), where it matches
-    the reference and is the fastest."""
+    capability 8.0 or more; `registers`: up to 16 rows, each row's weights looked up from a
+    table in registers (csrc/nf4_lookup.cuh). Only measured routes take it (`measure_routes`),
+    where it matches the reference and is the fastest."""
     return ext.nf4_matmul_mma(x, w.packed, w.absmax, w.absmax2, w.code2, w.offset, w.code, bias, w.shape[0],
-                              w.blocksize)
+                              w.blocksize, registers)
+
+
+# The tensor-core kernel's variants that the decoder times (bf16 / fp16 inputs, sm_80+).
+MMA_VARIANTS = {"cuda mma": {}, "cuda mma register table": dict(registers=True)}
 
 
 Routes = tuple[tuple[int, "Matmul | None"], ...]  # (rows up to, matmul or None = bitsandbytes)
@@ -194,7 +200,7 @@ def route_candidates(device: torch.device, dtype: torch.dtype) -> dict[str, Matm
         return out
     out["cuda"] = functools.partial(nf4_matmul_native, ext)
     if dtype != torch.float32 and torch.cuda.get_device_capability(device)[0] >= 8:
-        out["cuda mma"] = functools.partial(nf4_matmul_native_mma, ext)
+        out |= {name: functools.partial(nf4_matmul_native_mma, ext, **config) for name, config in MMA_VARIANTS.items()}
     return out
 
 

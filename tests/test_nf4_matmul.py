@@ -284,6 +284,29 @@ def test_candidates_include_the_triton_variants(monkeypatch):
     assert launched[0] == (256, False, True, False)
 
 
+def test_candidates_include_the_tensor_core_variants_where_they_run(monkeypatch):
+    """With the CUDA C++ extension: its FMA kernel for every dtype, and on sm_80+ for 16-bit
+    inputs the tensor-core kernel twice, the second with its tables in registers."""
+    calls = []
+
+    class FakeExt:
+        @staticmethod
+        def nf4_matmul_mma(*args):
+            calls.append(args[-1])
+    monkeypatch.setattr(dispatch, "native_extension", lambda: (FakeExt, ""))
+    for major, dtype, mma in [(8, torch.bfloat16, True), (9, torch.float16, True), (7, torch.bfloat16, False),
+                              (9, torch.float32, False)]:
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device, major=major: (major, 0))
+        names = list(dispatch.route_candidates(torch.device("cuda"), dtype))
+        tail = ["cuda", "cuda mma", "cuda mma register table"] if mma else ["triton 128 columns register table", "cuda"]
+        assert names[-len(tail):] == tail
+    w = nf4_weight(linear4bit(21, 128).weight)
+    candidates = dispatch.route_candidates(torch.device("cuda"), torch.bfloat16)
+    for name in dispatch.MMA_VARIANTS:
+        candidates[name](torch.zeros(3, 128, dtype=torch.bfloat16), w, None)
+    assert calls == [False, True]  # the binding's `registers`
+
+
 @interpreted
 @pytest.mark.parametrize("m, dtype", [(5, torch.bfloat16), (17, torch.float32), (40, torch.bfloat16)])
 def test_triton_narrows_the_weight_tile_for_wide_row_blocks(monkeypatch, m, dtype):
@@ -353,6 +376,10 @@ def test_native_loader_says_why_not(monkeypatch, tmp_path):
 
 
 def test_sources_are_packaged_links():
+    """The build reads csrc/ through the package's links (package data): every source, and
+    every header they include."""
+    repository = Path(__file__).resolve().parent.parent / "csrc"
+    assert sorted(p.name for p in dispatch.CSRC.iterdir()) == sorted(p.name for p in repository.iterdir())
     for name in dispatch.SOURCES:
         assert (dispatch.CSRC / name).is_file()
 
@@ -560,8 +587,9 @@ def find_nvcc() -> str | None:
 
 def test_cuda_source_compiles_for_ampere_ada_hopper():
     """Every kernel of csrc/nf4_matmul.cu compiles for sm_80 / 89 / 90 (benchmarks/compile_kernels.py
-    --csrc, from its machine code); the tensor-core kernel spills no registers, and up to 32 rows
-    issues the next chunk's weight loads before this chunk's lookups and MMAs (hundreds of
+    --csrc, from its machine code); the tensor-core kernel spills no registers (its tables in
+    registers only up to 16 rows, one tile a warp: there they fit), and up to 32 rows issues
+    the next chunk's weight loads before this chunk's lookups and MMAs (hundreds of
     instructions between a load and the first read of it; 52-137 when each chunk loaded its own)."""
     nvcc = find_nvcc()
     if nvcc is None:
@@ -578,8 +606,10 @@ def test_cuda_source_compiles_for_ampere_ada_hopper():
                                                           for a in (80, 89, 90)}
     mma = [r for r in records if r["kernel"] == "nf4_mma_kernel"]
     assert all(r["stack"] == 0 for r in mma), [(r["arch"], r["launch"], r["stack"]) for r in mma]
+    registers = {re.sub(r"^\w+, ", "", r["launch"]) for r in mma if r["launch"].endswith("REGISTERS 1")}
+    assert registers == {"NT 1, MB 1, WARPS 16, REGISTERS 1", "NT 1, MB 2, WARPS 16, REGISTERS 1"}
     ahead = [r for r in mma if int(re.search(r"MB (\d+)", r["launch"])[1]) <= 4]
-    assert len(ahead) == 3 * 2 * 5  # archs x dtypes x (NT, MB) instances up to 32 rows
+    assert len(ahead) == 3 * 2 * (5 + 2)  # archs x dtypes x (NT, MB) instances up to 32 rows, + 2 with registers
     assert all(r["loop"]["load_lead"] >= 200 for r in ahead), [(r["launch"], r["loop"]) for r in ahead]
 
 
@@ -596,6 +626,38 @@ def find_cuda_runtime_header() -> Path | None:
         roots.append(str(Path(nvcc).resolve().parent.parent))
     return next((Path(r) / "include" / "cuda_runtime.h" for r in roots
                  if r and (Path(r) / "include" / "cuda_runtime.h").is_file()), None)
+
+
+@pytest.mark.parametrize("dtype, flag", [(torch.float16, 1), (torch.bfloat16, 2)])
+def test_cuda_register_table_lookups_give_the_references_weights(tmp_path, dtype, flag):
+    """csrc/nf4_lookup.cuh (the tensor-core kernel's REGISTERS variant), compiled for the CPU
+    with prmt emulated (tests/nf4_lookup_host.cpp): for every byte at every position of a word
+    and scales across the range, the A-operand registers hold (weight of the high nibble, of
+    the low nibble), each round(code[nibble] * scale) bit for bit as the torch reference makes
+    it from bitsandbytes' NF4 code (which the header's constants must equal)."""
+    cxx = shutil.which("g++") or shutil.which("c++")
+    runtime = find_cuda_runtime_header()
+    if cxx is None or runtime is None:
+        pytest.skip("no C++ compiler or no CUDA headers (pip install nvidia-cuda-nvcc)")
+    exe = tmp_path / "lookups"
+    build = subprocess.run([cxx, "-std=c++17", "-O1", f"-I{dispatch.CSRC}", f"-I{runtime.parent}",
+                            str(Path(__file__).with_name("nf4_lookup_host.cpp")), "-o", str(exe)],
+                           capture_output=True, text=True, timeout=300)
+    assert build.returncode == 0, build.stderr[-3000:]
+    code = nf4_weight(linear4bit(8, 64).weight).code
+    g = torch.Generator().manual_seed(0)
+    scales = torch.cat([torch.tensor([1.0, 0.0, 1e-30, 3e4, -0.7]), torch.rand(4, generator=g) * 2])
+    bits = scales.view(torch.int32).tolist()
+    run = subprocess.run([str(exe)], input=" ".join(map(str, [flag] + [b & 0xFFFFFFFF for b in bits])),
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    printed = torch.tensor([int(v) for v in run.stdout.split()])
+    assert printed[:16].tolist() == [b & 0xFFFFFFFF for b in code.view(torch.int32).tolist()]  # nf4_code
+    got = printed[16:].reshape(len(scales), 256, 4)
+    byte = (torch.arange(256)[:, None] + torch.arange(4)) % 256               # [word, position]
+    for scale, lookups in zip(scales, got):
+        want = (code * scale).to(dtype).view(torch.int16).long() & 0xFFFF     # [nibble] -> bits
+        assert torch.equal(lookups, want[byte >> 4] | want[byte & 15] << 16), float(scale)
 
 
 def test_torch_binding_compiles_against_torch_headers(tmp_path):

@@ -1,0 +1,1 @@
+../../csrc/nf4_lookup.cuh
