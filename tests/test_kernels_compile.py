@@ -125,3 +125,30 @@ def check_launches(launches: list[dict], archs) -> None:
         bytes_a_thread = c["BLOCK_N"] * c["BLOCK_K"] // 2 // (32 * launch["options"]["num_warps"])
         assert gather["loop"]["global_loads"] - launch["loop"]["global_loads"] == 2 * bytes_a_thread, \
             (c, launch["loop"], gather["loop"])
+
+
+def test_a_pass_is_the_longest_way_through_the_loops_branches(monkeypatch):
+    """compile_kernels.loop_profile on a hand-written loop: a uniform branch with two sides of 3
+    and 2 instructions (ptxas copies code into both; one runs a pass), and a branch out of the
+    loop: a pass counts the longer side and what both share, not every instruction."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import compile_kernels
+    sass = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+        /*0010*/              @P0 BRA 0x50 ;
+        /*0020*/                   FMUL R2, R2, R3 ;
+        /*0030*/                   FMUL R2, R2, R3 ;
+        /*0040*/                   BRA 0x70 ;
+        /*0050*/                   LDG.E.128 R4, desc[UR4][R6.64] ;
+        /*0060*/                   FADD R2, R2, R4 ;
+        /*0070*/              @P1 BRA 0xa0 ;
+        /*0080*/                   HMMA.16816.F32.BF16 R8, R4, R6, R8 ;
+        /*0090*/              @P2 BRA 0x10 ;
+        /*00a0*/                   EXIT ;
+    """
+    loop = compile_kernels.loop_profile(sass)
+    assert (loop["instructions"], loop["global_loads"], loop["mma"]) == (7, 0, 1)  # 0x10-0x40, 0x70-0x90
+    one_side = "\n".join(line for line in sass.splitlines() if "FMUL" not in line)
+    assert compile_kernels.loop_profile(one_side)["instructions"] == 6  # now the load's side is longer
+    assert compile_kernels.loop_profile(one_side)["global_loads"] == 1
