@@ -4,11 +4,11 @@ Rollouts on CUDA (`nf4_kernels`, prefer "measure") time the candidates on the mo
 linears at 1, 2, 4, ..., 64 rows, once per process, as replays of a CUDA graph like the decode
 step's (`measure_routes`, `cuda_graph_clock`): bitsandbytes, the Triton kernel and its variants
 (kernels/nf4_matmul.py: VARIANTS), the CUDA C++ kernel and its tensor-core variants (bf16 /
-fp16, sm_80+: MMA_VARIANTS). Each row count takes the fastest that matches the torch reference, the table's
-below unless another is over 10% faster. A card other than an H100 gets its own routes, and a
-kernel that computes wrong is never used. More than 64 rows (prefill): bitsandbytes. The table
-measured on an H100 (ROUTES) is what `nf4_linear`, prefer "auto" and ONELAYER_NF4_ROUTES=table
-use:
+fp16, sm_80+: MMA_VARIANTS). Each row count takes the fastest that matches the torch
+reference, the table's below unless another is over 10% faster. A card other than an H100
+gets its own routes, and a kernel that computes wrong is never used. More than 64 rows
+(prefill): bitsandbytes. The table measured on an H100 (ROUTES) is what `nf4_linear`, prefer
+"auto" and ONELAYER_NF4_ROUTES=table use:
 
     rows of x (M)   CUDA input (ROUTES, measured)                      CPU input
     1-2             bitsandbytes (its fused 4-bit GEMV)                bitsandbytes
